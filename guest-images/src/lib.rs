@@ -1,0 +1,1 @@
+//! Guest images for hvpatch's tests and demo.

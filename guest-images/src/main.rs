@@ -1,0 +1,3 @@
+//! `hvpatch-images`: fetch and build guest images.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! hvpatch-vmm: the KVM VMM, the QEMU attach backend, the API server and the CLI.

@@ -1,0 +1,5 @@
+//! The `hvpatch` command.
+
+fn main() {
+    println!("hvpatch");
+}
