@@ -72,4 +72,10 @@ pub trait GuestControl: Send {
     /// Resumes if paused and waits up to `timeout` for the next event. `Ok(None)` on timeout
     /// (the guest keeps running).
     fn wait_event(&mut self, timeout: Duration) -> Result<Option<GuestEvent>, GuestError>;
+    /// Guest-physical range `(start, len)` that the host reserved for patch code and data (our
+    /// VMM's e820-reserved arena). `None` when the host has none (QEMU attach): the patcher then
+    /// finds guest pages the kernel reserved and never allocates.
+    fn patch_arena(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
