@@ -1,5 +1,33 @@
 //! The `hvpatch` command.
 
-fn main() {
-    println!("hvpatch");
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::{Cli, CliError, Command};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HVPATCH_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => vmm::commands::run(args),
+        Command::Attach(args) => vmm::commands::attach(args),
+        Command::Build(args) => vmm::commands::build(args),
+        other => match &cli.api_socket {
+            Some(sock) => vmm::cli::run_client(sock, other),
+            None => Err(CliError::NoSocket),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hvpatch: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,11 @@
+//! The hvpatch API: wire protocol, server, client and the session that runs requests
+//! against a guest. Both hosts (our KVM VMM and QEMU attach) serve the same API.
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+pub mod session;
+
+pub use protocol::{InspectWhat, Request, Response};
+pub use server::{Handler, Server, ServerError};
+pub use session::Session;

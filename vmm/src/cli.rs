@@ -1,0 +1,358 @@
+//! The `hvpatch` command line: servers (`run`, `attach`), the patch compiler (`build`) and the
+//! API client commands (`vm`, `inspect`, `patch`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::api::client::{self, ClientError};
+use crate::api::protocol::{InspectWhat, Request};
+
+/// Live-patch guest Linux kernels from the hypervisor.
+#[derive(Debug, Parser)]
+#[command(name = "hvpatch", version, about)]
+pub struct Cli {
+    /// API socket of a running `hvpatch run` / `hvpatch attach` server (client commands).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest in the hvpatch KVM VMM and serve the API.
+    Run(RunArgs),
+    /// Attach to a running QEMU VM through its gdbstub and serve the API.
+    Attach(AttachArgs),
+    /// Compile a patch source file into a patch object with the guest kernel's flags.
+    Build(BuildArgs),
+    /// VM control: status, pause, resume.
+    Vm {
+        /// Operation.
+        #[command(subcommand)]
+        op: VmOp,
+    },
+    /// Introspect the guest kernel.
+    Inspect {
+        /// What to show.
+        what: InspectWhat,
+        /// Symbol name (for `symbol`).
+        name: Option<String>,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load, unload and list patches.
+    Patch {
+        /// Operation.
+        #[command(subcommand)]
+        op: PatchOp,
+    },
+}
+
+/// `hvpatch run` arguments.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Kernel: bzImage or vmlinux ELF.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory (e.g. 512M, 2G).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Where the serial console goes: `stdio` or a file path.
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
+    /// Size of the e820-reserved patch arena (e.g. 2M).
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    pub patch_arena: u64,
+    /// API socket to serve.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+}
+
+/// `hvpatch attach` arguments.
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// QEMU's gdbstub Unix socket (`-chardev socket,id=gdb0,path=SOCKET,server=on,wait=off -gdb chardev:gdb0`).
+    #[arg(long)]
+    pub qemu_gdb: PathBuf,
+    /// QEMU's guest RAM file (`-object memory-backend-file,mem-path=FILE,share=on`).
+    #[arg(long)]
+    pub qemu_mem: PathBuf,
+    /// API socket to serve.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+}
+
+/// `hvpatch build` arguments.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Patch source (C).
+    pub source: PathBuf,
+    /// Output object.
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+    /// Guest kernel release the patch is for (recorded in the object; load refuses others).
+    #[arg(long)]
+    pub kernel_release: Option<String>,
+    /// C compiler.
+    #[arg(long, default_value = "gcc")]
+    pub cc: String,
+    /// Extra include directories.
+    #[arg(short = 'I')]
+    pub include: Vec<PathBuf>,
+}
+
+/// `hvpatch vm` operations.
+#[derive(Debug, Subcommand)]
+pub enum VmOp {
+    /// Host, vCPUs, running or paused.
+    Status {
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause all vCPUs.
+    Pause,
+    /// Resume all vCPUs.
+    Resume,
+}
+
+/// `hvpatch patch` operations.
+#[derive(Debug, Subcommand)]
+pub enum PatchOp {
+    /// Load (enable) a patch object.
+    Load {
+        /// Patch object built by `hvpatch build`.
+        file: PathBuf,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unload (disable) a patch.
+    Unload {
+        /// Patch name.
+        name: String,
+    },
+    /// List loaded patches.
+    List {
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one patch.
+    Info {
+        /// Patch name.
+        name: String,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Errors of the CLI.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// A client command without `--api-socket`.
+    #[error("this command talks to a server: give --api-socket PATH (before the command)")]
+    NoSocket,
+    /// Talking to the server failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The server refused the request.
+    #[error("{kind}: {message}")]
+    Api {
+        /// Error kind.
+        kind: String,
+        /// Message.
+        message: String,
+    },
+    /// Reading an input file failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Anything else, with its message.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Parses sizes like `512M`, `2G`, `4096`, `64K`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M or G)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+/// How long a client waits for the server (patch loads under TCG can take a while).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Sends `req` and returns the result value, or the server's error.
+pub fn request(socket: &Path, req: &Request) -> Result<Value, CliError> {
+    let resp = client::call(socket, req, CLIENT_TIMEOUT)?;
+    if resp.ok {
+        Ok(resp.result.unwrap_or(Value::Null))
+    } else {
+        let e = resp
+            .error
+            .unwrap_or_else(|| crate::api::protocol::ApiError {
+                kind: "unknown".into(),
+                message: "the server gave no error details".into(),
+            });
+        Err(CliError::Api {
+            kind: e.kind,
+            message: e.message,
+        })
+    }
+}
+
+/// Runs a client command (`vm`, `inspect`, `patch`) against the server at `socket`.
+pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
+    match command {
+        Command::Vm { op } => {
+            let (req, json) = match op {
+                VmOp::Status { json } => (Request::Status {}, *json),
+                VmOp::Pause => (Request::Pause {}, false),
+                VmOp::Resume => (Request::Resume {}, false),
+            };
+            print_result(&request(socket, &req)?, json, crate::format::status);
+        }
+        Command::Inspect { what, name, json } => {
+            if *what == InspectWhat::Symbol && name.is_none() {
+                return Err(CliError::Other("inspect symbol needs a NAME".into()));
+            }
+            let v = request(
+                socket,
+                &Request::Inspect {
+                    what: *what,
+                    name: name.clone(),
+                },
+            )?;
+            let f = match what {
+                InspectWhat::Kernel => crate::format::kernel,
+                InspectWhat::Symbols | InspectWhat::Symbol => crate::format::symbols,
+                InspectWhat::Tasks => crate::format::tasks,
+                InspectWhat::Stacks => crate::format::stacks,
+                InspectWhat::Vcpus => crate::format::vcpus,
+            };
+            print_result(&v, *json, f);
+        }
+        Command::Patch { op } => match op {
+            PatchOp::Load { file, json } => {
+                let bytes = std::fs::read(file).map_err(|source| CliError::Read {
+                    path: file.clone(),
+                    source,
+                })?;
+                let file_name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let req = Request::PatchLoad {
+                    object_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+                    file_name,
+                };
+                print_result(&request(socket, &req)?, *json, crate::format::patch);
+            }
+            PatchOp::Unload { name } => {
+                let v = request(socket, &Request::PatchUnload { name: name.clone() })?;
+                print_result(&v, false, crate::format::patch);
+            }
+            PatchOp::List { json } => print_result(
+                &request(socket, &Request::PatchList {})?,
+                *json,
+                crate::format::patch_list,
+            ),
+            PatchOp::Info { name, json } => {
+                let v = request(socket, &Request::PatchInfo { name: name.clone() })?;
+                print_result(&v, *json, crate::format::patch);
+            }
+        },
+        Command::Run(_) | Command::Attach(_) | Command::Build(_) => {
+            return Err(CliError::Other("not a client command".into()))
+        }
+    }
+    Ok(())
+}
+
+fn print_result(v: &Value, json: bool, human: fn(&Value) -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        print!("{}", human(v));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn command_line_shapes() {
+        Cli::try_parse_from([
+            "hvpatch",
+            "--api-socket",
+            "/s",
+            "inspect",
+            "symbol",
+            "foo",
+            "--json",
+        ])
+        .unwrap();
+        Cli::try_parse_from(["hvpatch", "--api-socket", "/s", "patch", "load", "p.o"]).unwrap();
+        Cli::try_parse_from(["hvpatch", "--api-socket", "/s", "vm", "pause"]).unwrap();
+        Cli::try_parse_from([
+            "hvpatch",
+            "run",
+            "--kernel",
+            "k",
+            "--api-socket",
+            "/s",
+            "--memory",
+            "1G",
+        ])
+        .unwrap();
+        assert!(Cli::try_parse_from(["hvpatch", "inspect", "bogus"]).is_err());
+    }
+}
