@@ -2,10 +2,26 @@
 //! vCPU registers alone — no System.map, no vmlinux, no debuginfo, no agent.
 //!
 //! The crate is pure: it never touches KVM or QEMU. Hosts hand it a [`PhysMemory`] and
-//! [`VcpuRegs`].
+//! [`VcpuRegs`]; [`Kernel::open`] finds kallsyms, the KASLR slide and the kernel paging root.
 
+pub mod btf;
+pub mod error;
+pub mod kallsyms;
+pub mod kernel;
 pub mod memory;
+pub mod model;
+pub mod orc;
+pub mod paging;
 pub mod regs;
+pub mod slide;
+pub mod stack;
+pub mod symbols;
+pub mod tasks;
+pub mod unwind;
 
+pub use error::{KallsymsError, KernelError, PagingError, SlideError, SymbolError};
+pub use kernel::{Kernel, KernelInfo};
 pub use memory::{MemError, PhysMemory, SliceMemory, SliceRegion};
+pub use paging::{PageRoot, Walk, WalkEntry};
 pub use regs::VcpuRegs;
+pub use symbols::{Symbol, SymbolRef, Symbols};

@@ -1,0 +1,279 @@
+//! [`Kernel`]: the model of one guest kernel, built once from memory + registers (drgn's
+//! `Program` for a live guest). It holds only derived data; methods that read live memory take
+//! the guest's [`PhysMemory`] per call.
+
+use serde::Serialize;
+
+use crate::error::{KallsymsError, KernelError, PagingError, SymbolError};
+use crate::kallsyms::{self, KallsymsLayout};
+use crate::memory::PhysMemory;
+use crate::paging::{self, PageRoot, VirtReadError, Walk};
+use crate::regs::VcpuRegs;
+use crate::slide::{self, SlideReport};
+use crate::symbols::{SymbolRef, Symbols};
+
+/// CR0.PG.
+const CR0_PG: u64 = 1 << 31;
+/// EFER.LMA.
+const EFER_LMA: u64 = 1 << 10;
+/// Longest banner read.
+const BANNER_MAX: usize = 512;
+
+/// Summary facts about the guest kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KernelInfo {
+    /// `uname -r`, from `linux_banner` ("Linux version <release> ...").
+    pub release: Option<String>,
+    /// The whole `linux_banner` line.
+    pub banner: Option<String>,
+    /// Runtime `_text`.
+    pub text: u64,
+    /// KASLR slide (`text - 0xffffffff81000000`).
+    pub slide: u64,
+    /// Guest-physical address of `_text`.
+    pub text_pa: u64,
+    /// The kernel's `phys_base`.
+    pub phys_base: u64,
+    /// Paging levels (4 or 5).
+    pub paging_levels: u8,
+    /// Kernel PGD used for translations.
+    pub pgd_pa: u64,
+    /// Page-table isolation active (the user half of the PGD pair maps the kernel entry text).
+    pub pti: bool,
+    /// Number of core-kernel symbols.
+    pub num_syms: usize,
+    /// Where the kallsyms tables are.
+    pub kallsyms: KallsymsLayout,
+    /// The slide and its cross-checks.
+    pub slide_report: SlideReport,
+}
+
+/// Lazily computed parts owned by other modules of this crate.
+///
+/// NOTE for the BTF/ORC/tasks modules (btf.rs, orc.rs, tasks.rs, unwind.rs, stack.rs): add
+/// your fields here, e.g. `pub(crate) btf: OnceLock<Result<Btf, BtfError>>` and
+/// `pub(crate) orc: OnceLock<Result<Orc, OrcError>>`, fill them on first use from your own
+/// `impl Kernel { pub fn btf(&self, mem: &dyn PhysMemory) -> ... }` block in your file (use
+/// [`Kernel::extras`]); keep `Default` derivable. Do not store guest memory here, only derived
+/// data.
+#[derive(Debug, Default)]
+pub struct Extras {}
+
+/// A guest kernel: symbols, KASLR, paging root. Build with [`Kernel::open`].
+#[derive(Debug)]
+pub struct Kernel {
+    info: KernelInfo,
+    symbols: Symbols,
+    root: PageRoot,
+    extras: Extras,
+}
+
+/// Candidate kernel roots from the vCPUs (distinct, long-mode vCPUs only).
+fn roots(vcpus: &[VcpuRegs]) -> Vec<PageRoot> {
+    let mut out = Vec::new();
+    for v in vcpus {
+        if v.cr0 & CR0_PG == 0 || v.efer & EFER_LMA == 0 {
+            continue;
+        }
+        let r = PageRoot::from_regs(v);
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+impl Kernel {
+    /// Finds the kernel: scans RAM for kallsyms, decodes it, and accepts the first candidate
+    /// whose KASLR slide agrees with the page tables (and LSTAR / IDT when available) of a
+    /// kernel-mode paging root taken from the vCPUs.
+    pub fn open(mem: &dyn PhysMemory, vcpus: &[VcpuRegs]) -> Result<Kernel, KernelError> {
+        let roots = roots(vcpus);
+        if roots.is_empty() {
+            return Err(KernelError::NoLongModeVcpu);
+        }
+        let candidates = kallsyms::scan_token_tables(mem);
+        if candidates.is_empty() {
+            return Err(KallsymsError::NoTokenTable.into());
+        }
+        let mut last: Option<KernelError> = None;
+        for tt in candidates {
+            let ks = match kallsyms::decode_at(mem, tt) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::debug!("kallsyms candidate at {tt:#x} rejected: {e}");
+                    last = Some(e.into());
+                    continue;
+                }
+            };
+            for &root in &roots {
+                match slide::compute(mem, root, &ks.layout, &ks.symbols, vcpus) {
+                    Ok(report) => return Ok(Self::build(mem, root, ks.layout, ks.symbols, report)),
+                    Err(e) => {
+                        tracing::debug!("kallsyms candidate at {tt:#x}, root {:#x}: {e}", root.pgd_pa);
+                        last = Some(e.into());
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or(KallsymsError::NoTokenTable.into()))
+    }
+
+    fn build(
+        mem: &dyn PhysMemory,
+        root: PageRoot,
+        layout: KallsymsLayout,
+        symbols: Symbols,
+        report: SlideReport,
+    ) -> Kernel {
+        let banner = symbols
+            .lookup("linux_banner", None)
+            .ok()
+            .and_then(|va| read_cstr(mem, root, va, BANNER_MAX));
+        let release = banner
+            .as_deref()
+            .and_then(|b| b.strip_prefix("Linux version "))
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_string);
+        let pti = detect_pti(mem, root, report.text);
+        let info = KernelInfo {
+            release,
+            banner,
+            text: report.text,
+            slide: report.slide,
+            text_pa: report.text_pa,
+            phys_base: report.phys_base,
+            paging_levels: root.levels,
+            pgd_pa: root.pgd_pa,
+            pti,
+            num_syms: symbols.len(),
+            kallsyms: layout,
+            slide_report: report,
+        };
+        Kernel { info, symbols, root, extras: Extras::default() }
+    }
+
+    /// Summary facts.
+    pub fn info(&self) -> &KernelInfo {
+        &self.info
+    }
+
+    /// The symbol table.
+    pub fn symbols(&self) -> &Symbols {
+        &self.symbols
+    }
+
+    /// Address of a symbol (livepatch `sympos` semantics, see [`Symbols::lookup`]).
+    pub fn lookup(&self, name: &str, sympos: Option<u32>) -> Result<u64, SymbolError> {
+        self.symbols.lookup(name, sympos)
+    }
+
+    /// `name+off/size` for an address in the kernel image (see [`Symbols::symbolize`]).
+    pub fn symbolize(&self, addr: u64) -> Option<SymbolRef<'_>> {
+        self.symbols.symbolize(addr)
+    }
+
+    /// The kernel paging root used for translations.
+    pub fn page_root(&self) -> PageRoot {
+        self.root
+    }
+
+    /// Runtime `_text`.
+    pub fn text(&self) -> u64 {
+        self.info.text
+    }
+
+    /// Guest-physical address of a kernel-image VA by the linear `phys_base` formula (no walk).
+    /// `None` outside `[_text, _end)`.
+    pub fn image_pa(&self, va: u64) -> Option<u64> {
+        let (_, end) = self.symbols.ksym_range();
+        if va < self.info.text || va >= end {
+            return None;
+        }
+        Some(va.wrapping_sub(slide::START_KERNEL_MAP).wrapping_add(self.info.phys_base))
+    }
+
+    /// Translates a virtual address through the kernel page tables.
+    pub fn translate(&self, mem: &dyn PhysMemory, va: u64) -> Result<u64, PagingError> {
+        paging::translate(mem, self.root, va)
+    }
+
+    /// The full page walk of `va` (entries, leaf size, permissions).
+    pub fn walk(&self, mem: &dyn PhysMemory, va: u64) -> Result<Walk, PagingError> {
+        paging::walk(mem, self.root, va)
+    }
+
+    /// Reads kernel virtual memory (may cross pages).
+    pub fn read_virt(&self, mem: &dyn PhysMemory, va: u64, buf: &mut [u8]) -> Result<(), KernelError> {
+        paging::read_virt(mem, self.root, va, buf).map_err(|e| match e {
+            VirtReadError::Paging(p) => KernelError::Paging(p),
+            VirtReadError::Mem(m) => KernelError::Mem(m),
+        })
+    }
+
+    /// Reads a little-endian u64 at a kernel VA.
+    pub fn read_u64_virt(&self, mem: &dyn PhysMemory, va: u64) -> Result<u64, KernelError> {
+        let mut b = [0u8; 8];
+        self.read_virt(mem, va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads a little-endian u32 at a kernel VA.
+    pub fn read_u32_virt(&self, mem: &dyn PhysMemory, va: u64) -> Result<u32, KernelError> {
+        let mut b = [0u8; 4];
+        self.read_virt(mem, va, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Reads a NUL-terminated string of at most `max` bytes at a kernel VA (lossy UTF-8).
+    pub fn read_cstr(&self, mem: &dyn PhysMemory, va: u64, max: usize) -> Option<String> {
+        read_cstr(mem, self.root, va, max)
+    }
+
+    /// Lazily computed parts owned by the BTF/ORC/tasks modules (see [`Extras`]).
+    pub fn extras(&self) -> &Extras {
+        &self.extras
+    }
+}
+
+/// Reads a C string, page by page, stopping at NUL or `max` bytes.
+fn read_cstr(mem: &dyn PhysMemory, root: PageRoot, va: u64, max: usize) -> Option<String> {
+    let mut out = Vec::new();
+    let mut cur = va;
+    while out.len() < max {
+        let in_page = (0x1000 - (cur & 0xfff)) as usize;
+        let n = in_page.min(max - out.len());
+        let mut buf = vec![0u8; n];
+        if paging::read_virt(mem, root, cur, &mut buf).is_err() {
+            break;
+        }
+        if let Some(z) = memchr::memchr(0, &buf) {
+            out.extend_from_slice(&buf[..z]);
+            return Some(String::from_utf8_lossy(&out).into_owned());
+        }
+        out.extend_from_slice(&buf);
+        cur = cur.wrapping_add(n as u64);
+    }
+    if out.is_empty() {
+        None
+    } else {
+        Some(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// PTI is active when the user PGD of the kernel PGD pair maps the kernel image's top-level
+/// slot (the entry text must stay reachable from user CR3). Without PTI that page is unused.
+fn detect_pti(mem: &dyn PhysMemory, root: PageRoot, text: u64) -> bool {
+    let user = PageRoot { pgd_pa: root.user_pgd_pa(), levels: root.levels };
+    let idx = paging::table_index(text, root.levels) as u64;
+    matches!(mem.read_u64(user.pgd_pa + 8 * idx), Ok(v) if v & paging::PTE_PRESENT != 0)
+}
+
+impl From<VirtReadError> for KernelError {
+    fn from(e: VirtReadError) -> Self {
+        match e {
+            VirtReadError::Paging(p) => KernelError::Paging(p),
+            VirtReadError::Mem(m) => KernelError::Mem(m),
+        }
+    }
+}

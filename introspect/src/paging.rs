@@ -1,0 +1,394 @@
+//! x86-64 page-table walks (4- and 5-level long mode) over guest-physical memory.
+//!
+//! A walk is bounded by construction (at most 5 levels), but guest entries can point anywhere:
+//! every table read is bounds-checked and every failure is a [`PagingError`].
+
+use serde::Serialize;
+
+use crate::error::PagingError;
+use crate::memory::PhysMemory;
+use crate::regs::VcpuRegs;
+
+/// Mask of the physical-address bits of CR3 that name the top-level table, also clearing
+/// bit 12: with page-table isolation the kernel PGD is the even page of an 8 KiB pair and the
+/// user PGD (CR3 bit 12) the odd one.
+pub const CR3_KERNEL_PGD_MASK: u64 = 0x000f_ffff_ffff_e000;
+/// Physical-address bits of a paging-structure entry (4 KiB frame).
+pub const ENTRY_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Present.
+pub const PTE_PRESENT: u64 = 1 << 0;
+/// Writable.
+pub const PTE_RW: u64 = 1 << 1;
+/// User-accessible.
+pub const PTE_USER: u64 = 1 << 2;
+/// Page size (1 GiB in a PDPTE, 2 MiB in a PDE; PAT in a PTE).
+pub const PTE_PS: u64 = 1 << 7;
+/// Global.
+pub const PTE_GLOBAL: u64 = 1 << 8;
+/// No-execute.
+pub const PTE_NX: u64 = 1 << 63;
+
+/// 4 KiB.
+pub const PAGE_4K: u64 = 1 << 12;
+/// 2 MiB.
+pub const PAGE_2M: u64 = 1 << 21;
+/// 1 GiB.
+pub const PAGE_1G: u64 = 1 << 30;
+
+/// Level number of the root when reporting the root itself in [`PagingError::OutsideRam`].
+pub const ROOT_LEVEL_MARK: u8 = 6;
+
+/// The root of a paging hierarchy: top-level table address and number of levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PageRoot {
+    /// Guest-physical address of the top-level table (PML4 or PML5).
+    pub pgd_pa: u64,
+    /// 4 or 5.
+    pub levels: u8,
+}
+
+impl PageRoot {
+    /// The kernel root from a CR3 value: strips PCID and the PTI user-PGD bit
+    /// (`cr3 & 0x000f_ffff_ffff_e000`). Valid for kernels built with page-table isolation
+    /// (every PGD is then an 8 KiB-aligned pair, even with PTI off at runtime).
+    pub fn from_cr3(cr3: u64, la57: bool) -> Self {
+        Self { pgd_pa: cr3 & CR3_KERNEL_PGD_MASK, levels: if la57 { 5 } else { 4 } }
+    }
+
+    /// The kernel root of a vCPU (see [`PageRoot::from_cr3`]).
+    pub fn from_regs(regs: &VcpuRegs) -> Self {
+        Self::from_cr3(regs.cr3, regs.la57())
+    }
+
+    /// The user PGD of the PTI pair (`pgd_pa + 0x1000`).
+    pub fn user_pgd_pa(&self) -> u64 {
+        self.pgd_pa | 0x1000
+    }
+}
+
+/// One paging-structure entry read during a walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WalkEntry {
+    /// Level (5 = PML5, 4 = PML4, 3 = PDPT, 2 = PD, 1 = PT).
+    pub level: u8,
+    /// Guest-physical address of the entry.
+    pub entry_pa: u64,
+    /// Raw entry value.
+    pub value: u64,
+}
+
+impl WalkEntry {
+    /// Whether the present bit is set.
+    pub fn present(&self) -> bool {
+        self.value & PTE_PRESENT != 0
+    }
+
+    /// Whether this entry maps a page (PS at levels 3/2, or any PTE).
+    pub fn is_leaf(&self) -> bool {
+        self.level == 1 || ((self.level == 2 || self.level == 3) && self.value & PTE_PS != 0)
+    }
+}
+
+/// A complete translation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Walk {
+    /// Entries from the top level down to the leaf.
+    pub entries: Vec<WalkEntry>,
+    /// Translated guest-physical address.
+    pub pa: u64,
+    /// Size of the mapping page (4 KiB, 2 MiB or 1 GiB).
+    pub page_size: u64,
+    /// Writable at every level.
+    pub writable: bool,
+    /// Not executable (NX at any level).
+    pub nx: bool,
+    /// User-accessible at every level.
+    pub user: bool,
+}
+
+impl Walk {
+    /// The leaf entry.
+    pub fn leaf(&self) -> Option<&WalkEntry> {
+        self.entries.last()
+    }
+}
+
+/// A walk that stopped at a non-present entry: where a new mapping would have to be linked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hole {
+    /// Present entries read before the hole, top level first.
+    pub entries: Vec<WalkEntry>,
+    /// The non-present entry.
+    pub missing: WalkEntry,
+}
+
+/// Outcome of [`walk_or_hole`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum WalkOutcome {
+    /// The address is mapped.
+    Mapped(Walk),
+    /// A level is not present.
+    Hole(Hole),
+}
+
+/// Index into the table at `level` (1..=5) for `va`.
+pub fn table_index(va: u64, level: u8) -> usize {
+    let shift = 12 + 9 * (u32::from(level.clamp(1, 5)) - 1);
+    ((va >> shift) & 0x1ff) as usize
+}
+
+/// Size mapped by one entry at `level` (1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB, ...).
+pub fn level_size(level: u8) -> u64 {
+    1u64 << (12 + 9 * (u32::from(level.clamp(1, 5)) - 1))
+}
+
+/// Whether `va` is canonical for `levels`-level paging.
+pub fn is_canonical(va: u64, levels: u8) -> bool {
+    let bits = if levels == 5 { 57 } else { 48 };
+    let shift = 64 - bits;
+    (((va << shift) as i64) >> shift) as u64 == va
+}
+
+/// Walks `va`, returning either the translation or the first non-present entry.
+pub fn walk_or_hole(
+    mem: &dyn PhysMemory,
+    root: PageRoot,
+    va: u64,
+) -> Result<WalkOutcome, PagingError> {
+    if root.levels != 4 && root.levels != 5 {
+        return Err(PagingError::Levels(root.levels));
+    }
+    if !is_canonical(va, root.levels) {
+        return Err(PagingError::NonCanonical { va, levels: root.levels });
+    }
+    let mut table = root.pgd_pa & ENTRY_ADDR_MASK;
+    let mut entries = Vec::with_capacity(usize::from(root.levels));
+    let (mut writable, mut user, mut nx) = (true, true, false);
+    let mut level = root.levels;
+    loop {
+        let entry_pa = table + 8 * table_index(va, level) as u64;
+        let value = mem.read_u64(entry_pa).map_err(|_| PagingError::OutsideRam {
+            va,
+            level: level + 1,
+            value: entries.last().map_or(root.pgd_pa, |e: &WalkEntry| e.value),
+            target: table,
+        })?;
+        let entry = WalkEntry { level, entry_pa, value };
+        if value & PTE_PRESENT == 0 {
+            return Ok(WalkOutcome::Hole(Hole { entries, missing: entry }));
+        }
+        entries.push(entry);
+        writable &= value & PTE_RW != 0;
+        user &= value & PTE_USER != 0;
+        nx |= value & PTE_NX != 0;
+        let ps = value & PTE_PS != 0;
+        if ps && level >= 4 {
+            return Err(PagingError::Reserved { va, level, value });
+        }
+        if level == 1 || ps {
+            let page_size = level_size(level);
+            // Large-page frames: bits 51:30 / 51:21 (bit 12 is PAT there).
+            let frame = value & ENTRY_ADDR_MASK & !(page_size - 1);
+            let pa = frame | (va & (page_size - 1));
+            let mut probe = [0u8; 1];
+            if mem.read_phys(pa, &mut probe).is_err() {
+                return Err(PagingError::OutsideRam { va, level, value, target: pa });
+            }
+            return Ok(WalkOutcome::Mapped(Walk { entries, pa, page_size, writable, nx, user }));
+        }
+        table = value & ENTRY_ADDR_MASK;
+        level -= 1;
+    }
+}
+
+/// Walks `va` through the page tables at `root`. A non-present level is an error.
+pub fn walk(mem: &dyn PhysMemory, root: PageRoot, va: u64) -> Result<Walk, PagingError> {
+    match walk_or_hole(mem, root, va)? {
+        WalkOutcome::Mapped(w) => Ok(w),
+        WalkOutcome::Hole(h) => Err(PagingError::NotPresent {
+            va,
+            level: h.missing.level,
+            entry_pa: h.missing.entry_pa,
+            value: h.missing.value,
+        }),
+    }
+}
+
+/// Translates `va` to a guest-physical address.
+pub fn translate(mem: &dyn PhysMemory, root: PageRoot, va: u64) -> Result<u64, PagingError> {
+    walk(mem, root, va).map(|w| w.pa)
+}
+
+/// Errors of [`read_virt`]: a translation failure or a failed read of a translated page.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VirtReadError {
+    /// Translation failed.
+    #[error(transparent)]
+    Paging(#[from] PagingError),
+    /// Reading the translated physical range failed.
+    #[error(transparent)]
+    Mem(#[from] crate::memory::MemError),
+}
+
+/// Reads `buf.len()` bytes at virtual `va`, translating each page separately (reads may cross
+/// page boundaries and physically discontiguous pages).
+pub fn read_virt(
+    mem: &dyn PhysMemory,
+    root: PageRoot,
+    va: u64,
+    buf: &mut [u8],
+) -> Result<(), VirtReadError> {
+    let len = buf.len() as u64;
+    if len > 0 && va.checked_add(len - 1).is_none() {
+        return Err(PagingError::Wraps { va, len }.into());
+    }
+    let mut done = 0usize;
+    while done < buf.len() {
+        let cur = va + done as u64;
+        let w = walk(mem, root, cur)?;
+        let in_page = w.page_size - (cur & (w.page_size - 1));
+        let n = usize::try_from(in_page).unwrap_or(usize::MAX).min(buf.len() - done);
+        mem.read_phys(w.pa, &mut buf[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::SliceMemory;
+
+    fn put(m: &mut [u8], pa: u64, v: u64) {
+        m[pa as usize..pa as usize + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// 4-level tables at 0x1000 (PML4), 0x2000 (PDPT), 0x3000 (PD), 0x4000 (PT).
+    fn four_level() -> Vec<u8> {
+        let mut m = vec![0u8; 0x40_0000];
+        let va: u64 = 0xffff_ffff_8100_0000;
+        put(&mut m, 0x1000 + 8 * table_index(va, 4) as u64, 0x2000 | 0x63);
+        put(&mut m, 0x2000 + 8 * table_index(va, 3) as u64, 0x3000 | 0x63);
+        // 2 MiB page at 0x20_0000 for va, 4 KiB pages through PT 0x4000 for va + 2 MiB.
+        put(&mut m, 0x3000 + 8 * table_index(va, 2) as u64, 0x20_0000 | 0xe1);
+        put(&mut m, 0x3000 + 8 * table_index(va + PAGE_2M, 2) as u64, 0x4000 | 0x63);
+        put(&mut m, 0x4000, 0x5000 | 0x63 | PTE_NX);
+        put(&mut m, 0x4008, 0x7000 | 0x63);
+        m
+    }
+
+    #[test]
+    fn walks_2m_and_4k() {
+        let m = four_level();
+        let mem = SliceMemory::flat(&m);
+        let root = PageRoot::from_cr3(0x1000 | 0x1000 | 0x5, false);
+        assert_eq!(root.pgd_pa, 0);
+        let root = PageRoot::from_cr3(0x1005, false);
+        // bit 12 is the PTI bit: the kernel PGD is the even page, 0x0 here; use a raw root.
+        assert_eq!(root.pgd_pa, 0);
+        let root = PageRoot { pgd_pa: 0x1000, levels: 4 };
+        let w = walk(&mem, root, 0xffff_ffff_8100_1234).unwrap();
+        assert_eq!(w.pa, 0x20_1234);
+        assert_eq!(w.page_size, PAGE_2M);
+        assert!(!w.writable && !w.nx);
+        assert_eq!(w.entries.len(), 3);
+        let w = walk(&mem, root, 0xffff_ffff_8120_0010).unwrap();
+        assert_eq!((w.pa, w.page_size, w.nx, w.writable), (0x5010, PAGE_4K, true, true));
+        let mut buf = [0u8; 16];
+        // Crossing from the NX page (pa 0x5000) into the next one (pa 0x7000).
+        let m2 = {
+            let mut m = m.clone();
+            m[0x5ff8..0x6000].copy_from_slice(&[1; 8]);
+            m[0x7000..0x7008].copy_from_slice(&[2; 8]);
+            m
+        };
+        let mem2 = SliceMemory::flat(&m2);
+        read_virt(&mem2, root, 0xffff_ffff_8120_0ff8, &mut buf).unwrap();
+        assert_eq!(buf, [1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn holes_and_errors() {
+        let m = four_level();
+        let mem = SliceMemory::flat(&m);
+        let root = PageRoot { pgd_pa: 0x1000, levels: 4 };
+        match walk_or_hole(&mem, root, 0xffff_ffff_8120_2000).unwrap() {
+            WalkOutcome::Hole(h) => {
+                assert_eq!(h.entries.len(), 3);
+                assert_eq!(h.missing.level, 1);
+                assert_eq!(h.missing.entry_pa, 0x4010);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            walk(&mem, root, 0x0000_8000_0000_0000),
+            Err(PagingError::NonCanonical { .. })
+        ));
+        assert!(matches!(
+            walk(&mem, root, 0x1000),
+            Err(PagingError::NotPresent { level: 4, .. })
+        ));
+        assert!(matches!(
+            walk(&mem, PageRoot { pgd_pa: 0x1000, levels: 3 }, 0),
+            Err(PagingError::Levels(3))
+        ));
+    }
+
+    #[test]
+    fn hostile_tables() {
+        let va: u64 = 0xffff_ffff_8100_0000;
+        // PML4 entry pointing at itself: the walk is bounded and ends at level 1 with a
+        // "page" that is the PML4 itself.
+        let mut m = vec![0u8; 0x10000];
+        let slot = 0x1000 + 8 * table_index(va, 4) as u64;
+        put(&mut m, slot, 0x1000 | 0x63);
+        let mem = SliceMemory::flat(&m);
+        let root = PageRoot { pgd_pa: 0x1000, levels: 4 };
+        let r = walk(&mem, root, va);
+        assert!(r.is_err() || r.unwrap().entries.len() == 4);
+        // Entry pointing outside RAM.
+        put(&mut m, slot, 0xdead_0000_0000 | 0x63);
+        let mem = SliceMemory::flat(&m);
+        assert!(matches!(walk(&mem, root, va), Err(PagingError::OutsideRam { level: 4, .. })));
+        // Leaf pointing outside RAM.
+        put(&mut m, slot, 0x2000 | 0x63);
+        put(&mut m, 0x2000 + 8 * table_index(va, 3) as u64, 0x7_c000_0000 | 0xe3);
+        let mem = SliceMemory::flat(&m);
+        assert!(matches!(walk(&mem, root, va), Err(PagingError::OutsideRam { level: 3, .. })));
+        // PS in a PML4 entry is reserved.
+        put(&mut m, slot, 0x2000 | 0xe3);
+        let mem = SliceMemory::flat(&m);
+        assert!(matches!(walk(&mem, root, va), Err(PagingError::Reserved { level: 4, .. })));
+        // Root outside RAM.
+        let far = PageRoot { pgd_pa: 0xffff_f000, levels: 5 };
+        assert!(matches!(walk(&mem, far, va), Err(PagingError::OutsideRam { level: 6, .. })));
+        // A range that wraps.
+        let mut b = [0u8; 16];
+        assert!(read_virt(&mem, root, u64::MAX - 4, &mut b).is_err());
+        // Random tables never panic.
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        for _ in 0..200 {
+            for chunk in m.chunks_mut(8) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                chunk.copy_from_slice(&(seed & 0x8000_0000_0000_ffff | 0x1).to_le_bytes());
+            }
+            let mem = SliceMemory::flat(&m);
+            for levels in [4, 5] {
+                let root = PageRoot { pgd_pa: seed & 0xf000, levels };
+                let _ = walk(&mem, root, va ^ (seed & 0x7fff_f000));
+                let _ = read_virt(&mem, root, va, &mut b);
+            }
+        }
+    }
+
+    #[test]
+    fn canonical() {
+        assert!(is_canonical(0xffff_8000_0000_0000, 4));
+        assert!(!is_canonical(0xff11_0000_0000_0000, 4));
+        assert!(is_canonical(0xff11_0000_0000_0000, 5));
+        assert!(is_canonical(0x7fff_ffff_ffff, 4));
+        assert!(!is_canonical(0x8000_0000_0000, 4));
+    }
+}
