@@ -1,0 +1,270 @@
+//! The BTF-derived layout model used by the task walker and the unwinder, built once per guest
+//! kernel from kallsyms + BTF + ORC read out of guest memory.
+//!
+//! The model talks to the guest through [`GuestAccess`] (virtual reads + symbols), so the
+//! same code runs over a live [`crate::Kernel`] and over test doubles.
+
+use thiserror::Error;
+
+use crate::btf::{Btf, BtfError};
+use crate::orc::{OrcError, OrcFormat, OrcTable};
+use crate::unwind::PtRegsLayout;
+
+/// Largest BTF blob we copy from the guest.
+const MAX_BTF_BYTES: u64 = 64 << 20;
+/// Largest ORC ip table we copy from the guest (bytes).
+const MAX_ORC_IP_BYTES: u64 = 16 << 20;
+/// x86-64 THREAD_SIZE (and IRQ_STACK_SIZE) without KASAN: 16 KiB. Not in BTF; both supported
+/// configs use it (KERNEL-FACTS §0).
+pub const THREAD_SIZE: u64 = 0x4000;
+
+/// What the task walker and unwinder need from the guest.
+pub trait GuestAccess {
+    /// Reads kernel virtual memory.
+    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// Address of a unique symbol (per-cpu `A` symbols give their per-cpu offset).
+    fn symbol(&self, name: &str) -> Option<u64>;
+    /// `(name, offset, size)` of the symbol containing `addr`.
+    fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)>;
+
+    /// Reads a little-endian u64.
+    fn read_u64(&self, va: u64) -> Result<u64, String> {
+        let mut b = [0u8; 8];
+        self.read_virt(va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads a little-endian u32.
+    fn read_u32(&self, va: u64) -> Result<u32, String> {
+        let mut b = [0u8; 4];
+        self.read_virt(va, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+}
+
+/// Errors building the [`Model`].
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ModelError {
+    /// A symbol the model needs is missing.
+    #[error("symbol {0} not found")]
+    MissingSymbol(&'static str),
+    /// Reading guest memory failed.
+    #[error("reading {what}: {err}")]
+    Read {
+        /// What was read.
+        what: &'static str,
+        /// The underlying error.
+        err: String,
+    },
+    /// A section bound is implausible.
+    #[error("{0} has an implausible size")]
+    BadSize(&'static str),
+    /// BTF parse or query failure.
+    #[error("BTF: {0}")]
+    Btf(#[from] BtfError),
+    /// ORC table failure.
+    #[error("ORC: {0}")]
+    Orc(#[from] OrcError),
+}
+
+/// Offsets (bytes) into `struct task_struct` and friends, all from BTF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct TaskLayout {
+    pub size: u64,
+    pub state: u64,
+    pub flags: u64,
+    pub on_cpu: u64,
+    pub cpu: u64,
+    pub stack: u64,
+    pub tasks: u64,
+    pub pid: u64,
+    pub tgid: u64,
+    pub comm: u64,
+    pub comm_len: u64,
+    pub exit_state: u64,
+    pub signal: u64,
+    /// `thread_node` (linked on `signal->thread_head`), if present.
+    pub thread_node: Option<u64>,
+    /// `signal_struct.thread_head`, if present.
+    pub signal_thread_head: Option<u64>,
+    /// `thread_group` (older kernels), if present.
+    pub thread_group: Option<u64>,
+    pub thread_sp: u64,
+    pub patch_state: Option<u64>,
+    pub mm: u64,
+    /// sizeof(struct inactive_task_frame).
+    pub frame_size: u64,
+    pub frame_bp: u64,
+    pub frame_ret_addr: u64,
+}
+
+/// Where the per-CPU variables live (per-cpu offsets, added to a CPU's base).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct PercpuLayout {
+    pub this_cpu_off: u64,
+    pub current_task: u64,
+    pub cpu_number: Option<u64>,
+    pub hardirq_stack_ptr: Option<u64>,
+    pub cea_exception_stacks: Option<u64>,
+    pub cea_exception_stacks_size: u64,
+    pub runqueues: Option<u64>,
+    pub rq_idle: Option<u64>,
+    pub rq_curr: Option<u64>,
+    /// `__per_cpu_offset` array (kernel VA).
+    pub per_cpu_offset: u64,
+    /// `nr_cpu_ids` value.
+    pub nr_cpu_ids: u32,
+}
+
+/// The model: layouts, ORC table and text ranges of one guest kernel.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The parsed BTF.
+    pub btf: Btf,
+    /// task_struct & co.
+    pub task: TaskLayout,
+    /// Per-CPU variables.
+    pub percpu: PercpuLayout,
+    /// pt_regs.
+    pub regs: PtRegsLayout,
+    /// The vmlinux ORC table.
+    pub orc: OrcTable,
+    /// Ranges the vmlinux ORC table covers (`_stext.._etext`, `_sinittext.._einittext`).
+    pub orc_ranges: Vec<(u64, u64)>,
+    /// Kernel text ranges (core + init; module text is not tracked yet).
+    pub text_ranges: Vec<(u64, u64)>,
+    /// `[__sched_text_start, __sched_text_end)` and `[__lock_text_start, __lock_text_end)`.
+    pub sched_ranges: Vec<(u64, u64)>,
+    /// `init_task`.
+    pub init_task: u64,
+    /// `ret_from_fork_asm` (6.12) or `ret_from_fork` (6.1): a never-run task's `ret_addr`.
+    pub ret_from_fork: u64,
+    /// `do_idle` (start, end) for idle detection.
+    pub do_idle: Option<(u64, u64)>,
+}
+
+fn sym(g: &dyn GuestAccess, name: &'static str) -> Result<u64, ModelError> {
+    g.symbol(name).ok_or(ModelError::MissingSymbol(name))
+}
+
+fn read_range(g: &dyn GuestAccess, start: u64, end: u64, cap: u64, what: &'static str) -> Result<Vec<u8>, ModelError> {
+    let len = end.checked_sub(start).filter(|&l| l > 0 && l <= cap).ok_or(ModelError::BadSize(what))?;
+    let mut buf = vec![0u8; len as usize];
+    g.read_virt(start, &mut buf).map_err(|err| ModelError::Read { what, err })?;
+    Ok(buf)
+}
+
+impl Model {
+    /// Builds the model: reads BTF (`__start_BTF..__stop_BTF`) and the ORC sections.
+    pub fn build(g: &dyn GuestAccess) -> Result<Model, ModelError> {
+        let btf_bytes = read_range(g, sym(g, "__start_BTF")?, sym(g, "__stop_BTF")?, MAX_BTF_BYTES, "BTF")?;
+        let btf = Btf::parse(btf_bytes)?;
+        let task = Self::task_layout(&btf)?;
+        let regs = PtRegsLayout::from_btf(&btf)?;
+        let percpu = Self::percpu_layout(g, &btf)?;
+
+        let ip_start = sym(g, "__start_orc_unwind_ip")?;
+        let orc_start = sym(g, "__start_orc_unwind")?;
+        let orc_stop = sym(g, "__stop_orc_unwind")?;
+        let ip_stop = g.symbol("__stop_orc_unwind_ip").unwrap_or(orc_start);
+        let ip_bytes = read_range(g, ip_start, ip_stop, MAX_ORC_IP_BYTES, "orc_unwind_ip")?;
+        let entries = read_range(g, orc_start, orc_stop, MAX_ORC_IP_BYTES * 2, "orc_unwind")?;
+        let format = if g.symbol("__start_orc_header").is_some() { OrcFormat::Current } else { OrcFormat::Legacy };
+        let orc = OrcTable::new(&ip_bytes, ip_start, entries, format)?;
+
+        let stext = sym(g, "_stext")?;
+        let etext = sym(g, "_etext")?;
+        let mut orc_ranges = vec![(stext, etext)];
+        if let (Some(s), Some(e)) = (g.symbol("_sinittext"), g.symbol("_einittext")) {
+            orc_ranges.push((s, e));
+        }
+        let text_ranges = orc_ranges.clone();
+        let mut sched_ranges = Vec::new();
+        for (s, e) in [("__sched_text_start", "__sched_text_end"), ("__lock_text_start", "__lock_text_end")] {
+            if let (Some(s), Some(e)) = (g.symbol(s), g.symbol(e)) {
+                sched_ranges.push((s, e));
+            }
+        }
+        let ret_from_fork = g.symbol("ret_from_fork_asm").or_else(|| g.symbol("ret_from_fork")).ok_or(ModelError::MissingSymbol("ret_from_fork"))?;
+        let do_idle = g.symbol("do_idle").and_then(|a| g.symbolize(a).map(|(_, off, size)| (a - off, a - off + size)));
+        Ok(Model {
+            btf,
+            task,
+            percpu,
+            regs,
+            orc,
+            orc_ranges,
+            text_ranges,
+            sched_ranges,
+            init_task: sym(g, "init_task")?,
+            ret_from_fork,
+            do_idle,
+        })
+    }
+
+    fn task_layout(btf: &Btf) -> Result<TaskLayout, ModelError> {
+        let t = |f: &str| btf.member_offset("task_struct", f);
+        let opt = |s: &str, f: &str| btf.member_offset(s, f).ok();
+        let comm = btf.member("task_struct", "comm")?;
+        Ok(TaskLayout {
+            size: btf.struct_size("task_struct")?,
+            state: t("__state").or_else(|_| t("state"))?,
+            flags: t("flags")?,
+            on_cpu: t("on_cpu")?,
+            cpu: t("thread_info.cpu").or_else(|_| t("cpu"))?,
+            stack: t("stack")?,
+            tasks: t("tasks")?,
+            pid: t("pid")?,
+            tgid: t("tgid")?,
+            comm: comm.offset,
+            comm_len: comm.size.min(64),
+            exit_state: t("exit_state")?,
+            signal: t("signal")?,
+            thread_node: opt("task_struct", "thread_node"),
+            signal_thread_head: opt("signal_struct", "thread_head"),
+            thread_group: opt("task_struct", "thread_group"),
+            thread_sp: t("thread.sp")?,
+            patch_state: opt("task_struct", "patch_state"),
+            mm: t("mm")?,
+            frame_size: btf.struct_size("inactive_task_frame")?,
+            frame_bp: btf.member_offset("inactive_task_frame", "bp")?,
+            frame_ret_addr: btf.member_offset("inactive_task_frame", "ret_addr")?,
+        })
+    }
+
+    fn percpu_layout(g: &dyn GuestAccess, btf: &Btf) -> Result<PercpuLayout, ModelError> {
+        // 6.12: struct pcpu_hot; 6.1: separate per-cpu variables.
+        let hot = g.symbol("pcpu_hot").filter(|_| btf.struct_id("pcpu_hot").is_ok());
+        let field = |hot_field: &str, var: &'static str| -> Option<u64> {
+            match hot {
+                Some(h) => btf.member_offset("pcpu_hot", hot_field).ok().map(|o| h.wrapping_add(o)),
+                None => g.symbol(var),
+            }
+        };
+        let current_task = field("current_task", "current_task").ok_or(ModelError::MissingSymbol("current_task"))?;
+        let nr_cpu_ids = match g.symbol("nr_cpu_ids") {
+            Some(a) => g.read_u32(a).map_err(|err| ModelError::Read { what: "nr_cpu_ids", err })?,
+            None => 1,
+        };
+        Ok(PercpuLayout {
+            this_cpu_off: sym(g, "this_cpu_off")?,
+            current_task,
+            cpu_number: field("cpu_number", "cpu_number"),
+            hardirq_stack_ptr: field("hardirq_stack_ptr", "hardirq_stack_ptr"),
+            cea_exception_stacks: g.symbol("cea_exception_stacks"),
+            cea_exception_stacks_size: btf.struct_size("cea_exception_stacks").unwrap_or(0),
+            runqueues: g.symbol("runqueues"),
+            rq_idle: btf.member_offset("rq", "idle").ok(),
+            rq_curr: btf.member_offset("rq", "curr").ok(),
+            per_cpu_offset: sym(g, "__per_cpu_offset")?,
+            nr_cpu_ids: nr_cpu_ids.min(8192),
+        })
+    }
+
+    /// Whether `addr` is in `__sched` or lock text (filtered from `/proc/PID/stack`).
+    pub fn in_sched_functions(&self, addr: u64) -> bool {
+        self.sched_ranges.iter().any(|&(s, e)| addr >= s && addr < e)
+    }
+}

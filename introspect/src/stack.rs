@@ -1,0 +1,219 @@
+//! Kernel stacks of tasks and vCPUs, their reliability verdict, and the `/proc/PID/stack` view.
+
+use serde::Serialize;
+
+use crate::model::{GuestAccess, Model, THREAD_SIZE};
+use crate::regs::VcpuRegs;
+use crate::tasks::{cpu_base, vcpu_cpus, Task};
+use crate::unwind::{walk, StackRange, StackReader, StackType, UnwindEnv, UnwindStart, WalkEnd};
+
+/// What a stack belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum StackKind {
+    /// A switched-out task (unwound from `thread.sp`).
+    Sleeping,
+    /// A vCPU executing kernel code (not idle).
+    RunningKernel,
+    /// A vCPU in user mode: no kernel frames.
+    User,
+    /// A vCPU in the idle loop (`do_idle` on the stack).
+    Idle,
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// The (return) address.
+    pub addr: u64,
+    /// `(name, offset, size)` as `%pB` prints it (return addresses are looked up at `addr - 1`).
+    pub symbol: Option<(String, u64, u64)>,
+}
+
+impl Frame {
+    /// `name+0xoff/0xsize` (or `0x…` if unknown).
+    pub fn render(&self) -> String {
+        match &self.symbol {
+            Some((n, off, size)) => format!("{n}+{off:#x}/{size:#x}"),
+            None => format!("{:#x}", self.addr),
+        }
+    }
+}
+
+/// An unwound stack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stack {
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+    /// Whether livepatch's `arch_stack_walk_reliable()` would accept this stack.
+    pub reliable: bool,
+    /// Why it is unreliable (or how the walk ended abnormally).
+    pub reason: Option<String>,
+    /// Kind.
+    pub kind: StackKind,
+}
+
+/// Errors producing a stack.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StackError {
+    /// Building the model failed.
+    #[error("kernel model: {0}")]
+    Model(String),
+    /// Reading guest memory failed.
+    #[error("reading {what}: {err}")]
+    Read {
+        /// What.
+        what: &'static str,
+        /// The error.
+        err: String,
+    },
+}
+
+struct Reader<'a>(&'a dyn GuestAccess);
+
+impl StackReader for Reader<'_> {
+    fn read_u64(&self, va: u64) -> Option<u64> {
+        self.0.read_u64(va).ok()
+    }
+}
+
+fn env(m: &Model) -> UnwindEnv<'_> {
+    UnwindEnv { orc: &m.orc, orc_ranges: &m.orc_ranges, text_ranges: &m.text_ranges, regs: m.regs }
+}
+
+/// `%pB`: symbol of `addr - 1`, offset + 1 (return addresses).
+fn sym_pb(g: &dyn GuestAccess, addr: u64) -> Option<(String, u64, u64)> {
+    g.symbolize(addr.wrapping_sub(1)).map(|(n, off, size)| (n, off.wrapping_add(1), size))
+}
+
+fn frames(g: &dyn GuestAccess, ips: &[u64], first_exact: bool) -> Vec<Frame> {
+    ips.iter()
+        .enumerate()
+        .map(|(i, &addr)| Frame {
+            addr,
+            symbol: if i == 0 && first_exact { g.symbolize(addr) } else { sym_pb(g, addr) },
+        })
+        .collect()
+}
+
+/// The unwind of a switched-out task, from `thread.sp` → `inactive_task_frame`.
+pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, StackError> {
+    if task.on_cpu || task.running_on_vcpu.is_some() {
+        let why = match task.running_on_vcpu {
+            Some(v) => format!("task is running on vCPU {v}; unwind the vCPU instead"),
+            None => "task is on a CPU (on_cpu)".to_string(),
+        };
+        return Ok(Stack { frames: vec![], reliable: false, reason: Some(why), kind: StackKind::Sleeping });
+    }
+    if task.stack_base == 0 {
+        // Exited task without a stack: "reliably empty", like stack_trace_save_tsk_reliable.
+        return Ok(Stack { frames: vec![], reliable: true, reason: None, kind: StackKind::Sleeping });
+    }
+    let t = &m.task;
+    let sp = task.thread_sp;
+    let rd = |off: u64, what| g.read_u64(sp.wrapping_add(off)).map_err(|err| StackError::Read { what, err });
+    let ip = rd(t.frame_ret_addr, "inactive_task_frame.ret_addr")?;
+    let bp = rd(t.frame_bp, "inactive_task_frame.bp")?;
+    let start = UnwindStart { ip, sp: sp.wrapping_add(t.frame_size), bp, signal: ip == m.ret_from_fork };
+    let stacks = [StackRange { start: task.stack_base, end: task.stack_base.wrapping_add(THREAD_SIZE), ty: StackType::Task }];
+    let w = walk(env(m), &stacks, &Reader(g), start);
+    Ok(Stack {
+        frames: frames(g, &w.frames, false),
+        reliable: w.unreliable.is_none(),
+        reason: w.unreliable,
+        kind: StackKind::Sleeping,
+    })
+}
+
+/// Stacks a running vCPU may be on: its task stack, IRQ stack and exception stacks.
+fn vcpu_stacks(g: &dyn GuestAccess, m: &Model, base: Option<u64>, task: Option<&Task>) -> Vec<StackRange> {
+    let mut v = Vec::new();
+    if let Some(t) = task.filter(|t| t.stack_base != 0) {
+        v.push(StackRange { start: t.stack_base, end: t.stack_base.wrapping_add(THREAD_SIZE), ty: StackType::Task });
+    }
+    if let Some(base) = base {
+        if let Some(p) = m.percpu.hardirq_stack_ptr.and_then(|o| g.read_u64(base.wrapping_add(o)).ok()) {
+            let end = p.wrapping_add(8);
+            if p != 0 && end > THREAD_SIZE {
+                v.push(StackRange { start: end - THREAD_SIZE, end, ty: StackType::Irq });
+            }
+        }
+        if let Some(p) = m.percpu.cea_exception_stacks.and_then(|o| g.read_u64(base.wrapping_add(o)).ok()) {
+            if p != 0 && m.percpu.cea_exception_stacks_size > 0 {
+                if let Some(end) = p.checked_add(m.percpu.cea_exception_stacks_size) {
+                    v.push(StackRange { start: p, end, ty: StackType::Exception });
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The unwind of a vCPU from its registers.
+pub fn vcpu_stack(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs], vcpu: usize) -> Result<Stack, StackError> {
+    let Some(r) = vcpus.get(vcpu) else {
+        return Err(StackError::Read { what: "vcpu registers", err: format!("no vCPU {vcpu}") });
+    };
+    if r.cpl() == 3 {
+        return Ok(Stack { frames: vec![], reliable: true, reason: None, kind: StackKind::User });
+    }
+    let cpus = vcpu_cpus(g, m, vcpus);
+    let vc = cpus.get(vcpu).copied();
+    let base = vc.and_then(|c| c.percpu_base).or_else(|| vc.and_then(|c| c.cpu).and_then(|c| cpu_base(g, m, c)));
+    let task = vc
+        .and_then(|c| c.current)
+        .and_then(|t| crate::tasks::read_task(g, m, t, &cpus).ok());
+    let stacks = vcpu_stacks(g, m, base, task.as_ref());
+    let start = UnwindStart { ip: r.rip, sp: r.rsp(), bp: r.rbp(), signal: true };
+    let w = walk(env(m), &stacks, &Reader(g), start);
+    let idle = m
+        .do_idle
+        .is_some_and(|(s, e)| w.frames.iter().any(|&a| a > s && a <= e));
+    let kind = if idle { StackKind::Idle } else { StackKind::RunningKernel };
+    let mut reason = w.unreliable;
+    if reason.is_none() && !matches!(w.end, WalkEnd::UserRegs | WalkEnd::EndOfStack) {
+        reason = Some(format!("walk ended with {:?}", w.end));
+    }
+    Ok(Stack { frames: frames(g, &w.frames, true), reliable: reason.is_none(), reason, kind })
+}
+
+/// Renders a stack like `/proc/PID/stack`: frames in `__sched`/lock text are dropped
+/// (`stack_trace_save_tsk` with the `nosched` filter) and each line is `[<0>] name+0xoff/0xsize`.
+pub fn proc_stack_view(m: &Model, stack: &Stack) -> Vec<String> {
+    stack
+        .frames
+        .iter()
+        .filter(|f| !m.in_sched_functions(f.addr))
+        .map(|f| format!("[<0>] {}", f.render()))
+        .collect()
+}
+
+/// Parses a `stacks.txt`-style dump ("== PID COMM" then `/proc/PID/stack` lines) into
+/// `(pid, comm, lines)`.
+pub fn parse_proc_stacks(text: &str) -> Vec<(i32, String, Vec<String>)> {
+    let mut out: Vec<(i32, String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("== ") {
+            let mut it = rest.splitn(2, ' ');
+            let pid = it.next().and_then(|p| p.parse().ok()).unwrap_or(-1);
+            out.push((pid, it.next().unwrap_or("").to_string(), Vec::new()));
+        } else if line.starts_with("[<") {
+            if let Some(last) = out.last_mut() {
+                last.2.push(line.trim_end().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Compares our view of a stack with the guest's `/proc/PID/stack` lines; `Err` describes
+/// the first difference.
+pub fn compare_with_proc(ours: &[String], proc_lines: &[String]) -> Result<(), String> {
+    for i in 0..ours.len().max(proc_lines.len()) {
+        let a = ours.get(i).map(String::as_str).unwrap_or("<missing>");
+        let b = proc_lines.get(i).map(String::as_str).unwrap_or("<missing>");
+        if a != b {
+            return Err(format!("line {i}: ours `{a}` vs /proc `{b}`\nours:\n{}\n/proc:\n{}", ours.join("\n"), proc_lines.join("\n")));
+        }
+    }
+    Ok(())
+}
