@@ -179,9 +179,6 @@ struct TypeRec {
 #[derive(Debug, Clone)]
 pub struct Btf {
     data: Vec<u8>,
-    /// Byte range of the type section within `data`.
-    types_start: usize,
-    types_end: usize,
     /// Byte range of the string section within `data`.
     strs_start: usize,
     strs_end: usize,
@@ -230,8 +227,6 @@ impl Btf {
 
         let mut btf = Btf {
             data,
-            types_start,
-            types_end,
             strs_start,
             strs_end,
             offsets: vec![0],

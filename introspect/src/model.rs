@@ -268,3 +268,42 @@ impl Model {
         self.sched_ranges.iter().any(|&(s, e)| addr >= s && addr < e)
     }
 }
+
+/// [`GuestAccess`] over a [`crate::Kernel`] and guest memory.
+pub struct KernelGuest<'a> {
+    /// The kernel.
+    pub kernel: &'a crate::Kernel,
+    /// Guest-physical memory.
+    pub mem: &'a dyn crate::PhysMemory,
+}
+
+impl GuestAccess for KernelGuest<'_> {
+    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.kernel.read_virt(self.mem, va, buf).map_err(|e| e.to_string())
+    }
+
+    fn symbol(&self, name: &str) -> Option<u64> {
+        self.kernel.lookup(name, None).ok()
+    }
+
+    fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {
+        self.kernel.symbolize(addr).map(|s| (s.name.to_string(), s.offset, s.size))
+    }
+}
+
+impl crate::Kernel {
+    /// The BTF/ORC/per-CPU layout model, built from guest memory on first use and cached.
+    pub fn model(&self, mem: &dyn crate::PhysMemory) -> Result<&Model, ModelError> {
+        let cell = &self.extras().model;
+        if let Some(m) = cell.get() {
+            return Ok(m);
+        }
+        let m = Model::build(&KernelGuest { kernel: self, mem })?;
+        Ok(cell.get_or_init(|| m))
+    }
+
+    /// The guest kernel's BTF (read from `__start_BTF..__stop_BTF`).
+    pub fn btf(&self, mem: &dyn crate::PhysMemory) -> Result<&Btf, ModelError> {
+        Ok(&self.model(mem)?.btf)
+    }
+}

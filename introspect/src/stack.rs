@@ -217,3 +217,25 @@ pub fn compare_with_proc(ours: &[String], proc_lines: &[String]) -> Result<(), S
     }
     Ok(())
 }
+
+impl crate::Kernel {
+    /// The kernel stack of a switched-out task (see [`task_stack`]). A task running on a vCPU
+    /// gives an empty, unreliable stack: unwind it with [`crate::Kernel::vcpu_stack`].
+    pub fn task_stack(&self, mem: &dyn crate::PhysMemory, task: &Task) -> Result<Stack, StackError> {
+        let m = self.model(mem).map_err(|e| StackError::Model(e.to_string()))?;
+        task_stack(&crate::model::KernelGuest { kernel: self, mem }, m, task)
+    }
+
+    /// The kernel stack of vCPU `vcpu` from its registers (all `vcpus` are needed to map vCPUs to
+    /// CPUs).
+    pub fn vcpu_stack(&self, mem: &dyn crate::PhysMemory, vcpus: &[VcpuRegs], vcpu: usize) -> Result<Stack, StackError> {
+        let m = self.model(mem).map_err(|e| StackError::Model(e.to_string()))?;
+        vcpu_stack(&crate::model::KernelGuest { kernel: self, mem }, m, vcpus, vcpu)
+    }
+
+    /// `/proc/PID/stack` rendering of a stack (see [`proc_stack_view`]).
+    pub fn proc_stack_view(&self, mem: &dyn crate::PhysMemory, stack: &Stack) -> Result<Vec<String>, StackError> {
+        let m = self.model(mem).map_err(|e| StackError::Model(e.to_string()))?;
+        Ok(proc_stack_view(m, stack))
+    }
+}

@@ -293,3 +293,63 @@ mod tests {
         assert_eq!(state_letter(0x40, 0), 'P');
     }
 }
+
+impl crate::Kernel {
+    /// All tasks: `init_task`, every thread of every process, and the other CPUs' idle tasks.
+    pub fn tasks(&self, mem: &dyn crate::PhysMemory, vcpus: &[VcpuRegs]) -> Result<Vec<Task>, TaskError> {
+        let m = self.model(mem).map_err(|e| TaskError::Model(e.to_string()))?;
+        list_tasks(&crate::model::KernelGuest { kernel: self, mem }, m, vcpus)
+    }
+
+    /// Linux CPU number, per-CPU base and `current` of each vCPU.
+    pub fn vcpu_cpus(&self, mem: &dyn crate::PhysMemory, vcpus: &[VcpuRegs]) -> Result<Vec<VcpuCpu>, TaskError> {
+        let m = self.model(mem).map_err(|e| TaskError::Model(e.to_string()))?;
+        Ok(vcpu_cpus(&crate::model::KernelGuest { kernel: self, mem }, m, vcpus))
+    }
+}
+
+/// Parses `ps -o pid,comm,stat` output into `(pid, comm, stat)`.
+pub fn parse_ps(text: &str) -> Vec<(i32, String, String)> {
+    text.lines()
+        .skip_while(|l| !l.trim_start().starts_with("PID"))
+        .skip(1)
+        .filter_map(|l| {
+            let t: Vec<&str> = l.split_whitespace().collect();
+            Some((t.first()?.parse().ok()?, (*t.get(1)?).to_string(), t.get(2).copied().unwrap_or("").to_string()))
+        })
+        .collect()
+}
+
+/// Compares our processes (`pid == tgid`, not idle) with `ps -o pid,comm,stat` rows: same pids,
+/// comm equal (or, for workqueue workers, `ps` showing `comm-<workqueue>` truncated to 15
+/// chars), same state letter. Rows whose pid is in `ignore` (e.g. the `ps` process itself,
+/// gone by the time memory is read) are skipped. `Err` lists every difference.
+pub fn compare_with_ps(tasks: &[Task], ps: &[(i32, String, String)], ignore: &[i32]) -> Result<(), String> {
+    let mut errs = Vec::new();
+    let ours: Vec<&Task> = tasks.iter().filter(|t| t.is_process() && !ignore.contains(&t.pid)).collect();
+    for (pid, comm, stat) in ps.iter().filter(|r| !ignore.contains(&r.0)) {
+        match ours.iter().find(|t| t.pid == *pid) {
+            None => errs.push(format!("pid {pid} ({comm}) in ps but not found")),
+            Some(t) => {
+                let wq = format!("{}-", t.comm);
+                let comm_ok = *comm == t.comm || (comm.starts_with(&wq) && comm.len() == 15);
+                if !comm_ok {
+                    errs.push(format!("pid {pid}: comm ps `{comm}` vs ours `{}`", t.comm));
+                }
+                if stat.chars().next() != Some(t.state_char) {
+                    errs.push(format!("pid {pid}: state ps `{stat}` vs ours `{}` ({:#x})", t.state_char, t.state));
+                }
+            }
+        }
+    }
+    for t in &ours {
+        if !ps.iter().any(|r| r.0 == t.pid) {
+            errs.push(format!("pid {} ({}) found but not in ps", t.pid, t.comm));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n"))
+    }
+}

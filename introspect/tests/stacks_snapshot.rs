@@ -1,37 +1,81 @@
-//! Unwinds every task and vCPU of the memory snapshots and compares with the guest's own
-//! /proc/PID/stack and ps output.
+//! Unwinds every task and vCPU of the memory snapshots (/tmp/hvpatch-dumps/<ver>) and compares
+//! with the guest's own /proc/PID/stack.
 
 mod stacks_support;
 
-use introspect::model::Model;
+use introspect::stack::{compare_with_proc, parse_proc_stacks, StackKind};
 use stacks_support::*;
 
-fn check(ver: &str) {
-    let regs = parse_regs(&String::from_utf8(read_dump(ver, "regs.txt")).unwrap());
-    assert_eq!(regs.len(), 2, "regs.txt should have 2 vCPUs");
-    let g = KallsymsGuest::load(ver, &regs);
-    let m = Model::build(&g).unwrap();
-    let tasks = introspect::tasks::list_tasks(&g, &m, &regs).unwrap();
-    for t in &tasks {
-        let s = introspect::stack::task_stack(&g, &m, t).unwrap();
-        println!("{} {} {} {:?} {:?}", t.pid, t.comm, t.state_char, s.reliable, s.reason);
-        for l in introspect::stack::proc_stack_view(&m, &s) {
-            println!("   {l}");
+/// pid 1 is the console shell that ran the capture commands: it was in `do_wait` (waiting for
+/// `cat /proc/*/stack`) when stacks.txt was taken and back at its prompt when RAM was saved.
+const CONSOLE_SHELL: i32 = 1;
+
+fn check_tasks(ver: &'static str) {
+    let s = load(ver);
+    let tasks = s.kernel.tasks(&s.mem, &s.regs).unwrap();
+    let proc_stacks = parse_proc_stacks(&text(ver, "stacks.txt"));
+    let mut compared = 0;
+    let mut errs = Vec::new();
+    for (pid, comm, lines) in &proc_stacks {
+        if *pid == CONSOLE_SHELL {
+            continue;
         }
+        let Some(t) = tasks.iter().find(|t| t.pid == *pid) else {
+            errs.push(format!("pid {pid} ({comm}) has a /proc stack but was not found"));
+            continue;
+        };
+        let st = s.kernel.task_stack(&s.mem, t).unwrap();
+        assert_eq!(st.kind, StackKind::Sleeping);
+        if !st.reliable {
+            errs.push(format!("pid {pid} ({comm}): unreliable: {:?}", st.reason));
+        }
+        let ours = s.kernel.proc_stack_view(&s.mem, &st).unwrap();
+        if let Err(e) = compare_with_proc(&ours, lines) {
+            errs.push(format!("pid {pid} ({comm}): {e}"));
+        }
+        compared += 1;
     }
-    for v in 0..regs.len() {
-        let s = introspect::stack::vcpu_stack(&g, &m, &regs, v).unwrap();
-        println!("vcpu{v} {:?} {:?} {:?}", s.kind, s.reliable, s.reason);
-        for f in &s.frames { println!("   {}", f.render()); }
+    assert!(errs.is_empty(), "{ver}: {} mismatches:\n{}", errs.len(), errs.join("\n"));
+    assert!(compared >= 50, "{ver}: only {compared} stacks compared");
+    // Every sleeping task (including the ones /proc did not list, like idle tasks not running
+    // and the console shell) gives a reliable stack.
+    for t in tasks.iter().filter(|t| t.running_on_vcpu.is_none()) {
+        let st = s.kernel.task_stack(&s.mem, t).unwrap();
+        assert!(st.reliable, "{ver}: pid {} ({}) unreliable: {:?}", t.pid, t.comm, st.reason);
+        assert!(!st.frames.is_empty(), "{ver}: pid {} has no frames", t.pid);
+    }
+}
+
+fn check_vcpus(ver: &'static str, bottom: &str) {
+    let s = load(ver);
+    for v in 0..s.regs.len() {
+        let st = s.kernel.vcpu_stack(&s.mem, &s.regs, v).unwrap();
+        let names: Vec<String> = st.frames.iter().map(|f| f.symbol.as_ref().map(|x| x.0.clone()).unwrap_or_default()).collect();
+        assert_eq!(st.kind, StackKind::Idle, "{ver} vCPU{v}: {names:?}");
+        assert!(st.reliable, "{ver} vCPU{v}: {:?} {names:?}", st.reason);
+        assert_eq!(names.last().map(String::as_str), Some(bottom), "{ver} vCPU{v}: {names:?}");
+        let via = if v == 0 { "rest_init" } else { "start_secondary" };
+        assert!(names.iter().any(|n| n == via), "{ver} vCPU{v}: no {via} in {names:?}");
+        assert!(names.iter().any(|n| n == "do_idle"), "{ver} vCPU{v}: {names:?}");
     }
 }
 
 #[test]
-fn snapshot_6_12() {
-    check("6.12");
+fn stacks_match_proc_6_12() {
+    check_tasks("6.12");
 }
 
 #[test]
-fn snapshot_6_1() {
-    check("6.1");
+fn stacks_match_proc_6_1() {
+    check_tasks("6.1");
+}
+
+#[test]
+fn vcpus_idle_6_12() {
+    check_vcpus("6.12", "common_startup_64");
+}
+
+#[test]
+fn vcpus_idle_6_1() {
+    check_vcpus("6.1", "secondary_startup_64_no_verify");
 }

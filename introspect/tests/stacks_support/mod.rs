@@ -71,98 +71,25 @@ pub fn parse_regs(text: &str) -> Vec<VcpuRegs> {
     out
 }
 
-/// `ps -o pid,comm,stat` rows.
-pub fn parse_ps(text: &str) -> Vec<(i32, String, String)> {
-    text.lines()
-        .skip_while(|l| !l.trim_start().starts_with("PID"))
-        .skip(1)
-        .filter_map(|l| {
-            let t: Vec<&str> = l.split_whitespace().collect();
-            Some((t.first()?.parse().ok()?, t.get(1)?.to_string(), t.get(2).unwrap_or(&"").to_string()))
-        })
-        .collect()
+/// A loaded snapshot: RAM, registers and the opened kernel.
+pub struct Snapshot {
+    pub ver: &'static str,
+    pub mem: introspect::SliceMemory<'static>,
+    pub regs: Vec<VcpuRegs>,
+    pub kernel: introspect::Kernel,
 }
 
-/// A `GuestAccess` over a snapshot using the guest's own /proc/kallsyms (test double used to
-/// check the model independently of the kallsyms decoder).
-pub struct KallsymsGuest {
-    pub ram: &'static [u8],
-    pub root: (u64, u8),
-    /// (addr, name) sorted by address (stable: table order kept for aliases).
-    pub syms: Vec<(u64, String)>,
-    pub by_name: std::collections::HashMap<String, u64>,
+/// Loads `/tmp/hvpatch-dumps/<ver>` and opens the kernel from memory + registers alone.
+pub fn load(ver: &'static str) -> Snapshot {
+    let regs = parse_regs(&String::from_utf8(read_dump(ver, "regs.txt")).unwrap());
+    assert_eq!(regs.len(), 2, "regs.txt should describe 2 vCPUs");
+    let ram: &'static [u8] = Box::leak(read_dump(ver, "ram.bin").into_boxed_slice());
+    let mem = introspect::SliceMemory::flat(ram);
+    let kernel = introspect::Kernel::open(&mem, &regs).expect("Kernel::open on snapshot");
+    Snapshot { ver, mem, regs, kernel }
 }
 
-impl KallsymsGuest {
-    pub fn load(ver: &str, regs: &[VcpuRegs]) -> Self {
-        let ram: &'static [u8] = Box::leak(read_dump(ver, "ram.bin").into_boxed_slice());
-        let text = String::from_utf8(read_dump(ver, "kallsyms.txt")).unwrap();
-        let mut syms = Vec::new();
-        let mut by_name = std::collections::HashMap::new();
-        for l in text.lines() {
-            let t: Vec<&str> = l.split_whitespace().collect();
-            if t.len() < 3 || t.len() > 3 {
-                continue;
-            }
-            let a = u64::from_str_radix(t[0], 16).unwrap();
-            by_name.entry(t[2].to_string()).or_insert(a);
-            if t[1] != "A" && t[1] != "a" {
-                syms.push((a, t[2].to_string()));
-            }
-        }
-        syms.sort_by_key(|s| s.0);
-        KallsymsGuest { ram, root: (regs[0].cr3 & 0x000f_ffff_ffff_e000, if regs[0].la57() { 5 } else { 4 }), syms, by_name }
-    }
-}
-
-impl KallsymsGuest {
-    /// Minimal 4/5-level page walk.
-    fn translate(&self, va: u64) -> Option<u64> {
-        let rd = |pa: u64| -> Option<u64> {
-            let b = self.ram.get(pa as usize..pa as usize + 8)?;
-            Some(u64::from_le_bytes(b.try_into().ok()?))
-        };
-        let mut table = self.root.0;
-        for level in (1..=self.root.1).rev() {
-            let idx = (va >> (12 + 9 * (level as u64 - 1))) & 0x1ff;
-            let e = rd(table + idx * 8)?;
-            if e & 1 == 0 {
-                return None;
-            }
-            let addr = e & 0x000f_ffff_ffff_f000;
-            if level == 1 {
-                return Some(addr | (va & 0xfff));
-            }
-            if (level == 2 || level == 3) && e & 0x80 != 0 {
-                let size = 1u64 << (12 + 9 * (level as u64 - 1));
-                return Some((e & 0x000f_ffff_ffff_f000 & !(size - 1)) | (va & (size - 1)));
-            }
-            table = addr;
-        }
-        None
-    }
-}
-
-impl introspect::model::GuestAccess for KallsymsGuest {
-    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            let v = va.wrapping_add(i as u64);
-            let pa = self.translate(v).ok_or_else(|| format!("{v:#x} unmapped"))?;
-            *b = *self.ram.get(pa as usize).ok_or("outside ram")?;
-        }
-        Ok(())
-    }
-    fn symbol(&self, name: &str) -> Option<u64> {
-        self.by_name.get(name).copied()
-    }
-    fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {
-        let i = self.syms.partition_point(|s| s.0 <= addr).checked_sub(1)?;
-        let a = self.syms[i].0;
-        let mut j = i;
-        while j > 0 && self.syms[j - 1].0 == a {
-            j -= 1;
-        }
-        let next = self.syms[i + 1..].iter().find(|s| s.0 > a)?.0;
-        Some((self.syms[j].1.clone(), addr - a, next - a))
-    }
+/// A snapshot text file.
+pub fn text(ver: &str, name: &str) -> String {
+    String::from_utf8(read_dump(ver, name)).unwrap()
 }
