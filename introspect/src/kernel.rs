@@ -57,7 +57,10 @@ pub struct KernelInfo {
 /// [`Kernel::extras`]); keep `Default` derivable. Do not store guest memory here, only derived
 /// data.
 #[derive(Debug, Default)]
-pub struct Extras {}
+pub struct Extras {
+    /// BTF/ORC/per-CPU layout model (model.rs), built on first use.
+    pub(crate) model: std::sync::OnceLock<crate::model::Model>,
+}
 
 /// A guest kernel: symbols, KASLR, paging root. Build with [`Kernel::open`].
 #[derive(Debug)]
