@@ -208,6 +208,12 @@ impl OrcTable {
         self.entry(idx)
     }
 
+    /// Index of the entry [`OrcTable::find`] would return for `ip`.
+    pub fn index_of(&self, ip: u64) -> Option<usize> {
+        let idx = self.ips.partition_point(|&x| x <= ip).saturating_sub(1);
+        (idx < self.ips.len()).then_some(idx)
+    }
+
     /// Entry number `idx` and its ip.
     pub fn entry_at(&self, idx: usize) -> Option<(u64, OrcEntry)> {
         Some((*self.ips.get(idx)?, self.entry(idx)?))

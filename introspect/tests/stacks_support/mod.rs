@@ -93,3 +93,48 @@ pub fn load(ver: &'static str) -> Snapshot {
 pub fn text(ver: &str, name: &str) -> String {
     String::from_utf8(read_dump(ver, name)).unwrap()
 }
+
+/// A guest view with some bytes overwritten (to simulate a hostile guest without touching RAM).
+pub struct Overlay<'a> {
+    pub inner: introspect::model::KernelGuest<'a>,
+    pub bytes: std::collections::BTreeMap<u64, u8>,
+}
+
+impl<'a> Overlay<'a> {
+    pub fn new(s: &'a Snapshot) -> Self {
+        Overlay { inner: introspect::model::KernelGuest { kernel: &s.kernel, mem: &s.mem }, bytes: Default::default() }
+    }
+    pub fn put_u64(&mut self, va: u64, v: u64) {
+        for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+            self.bytes.insert(va + i as u64, b);
+        }
+    }
+}
+
+impl introspect::model::GuestAccess for Overlay<'_> {
+    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.inner.read_virt(va, buf)?;
+        let end = va.checked_add(buf.len() as u64).ok_or("wrap")?;
+        for (&a, &b) in self.bytes.range(va..end) {
+            buf[(a - va) as usize] = b;
+        }
+        Ok(())
+    }
+    fn symbol(&self, name: &str) -> Option<u64> {
+        self.inner.symbol(name)
+    }
+    fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {
+        self.inner.symbolize(addr)
+    }
+}
+
+/// xorshift64 for reproducible mutations.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
