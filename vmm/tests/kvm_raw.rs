@@ -1,0 +1,343 @@
+//! Raw guests on this machine's /dev/kvm: pause/resume, registers, memory writes, hardware
+//! breakpoints, serial output, i8042 reset, emulation-failure reporting.
+
+mod kvm_common;
+
+use std::time::Duration;
+
+use iced_x86::code_asm::*;
+use kvm_common::*;
+use patcher::{GuestControl, GuestEvent};
+use vmm::kvm::{EntryMode, ExitReason, RawConfig, RawVcpu, SerialOut, Vm, VmError};
+
+fn counter_addr(i: usize) -> u64 {
+    DATA_BASE + i as u64 * 64
+}
+
+/// Every vCPU runs `inc qword [rdi]; jmp` with rdi = its own counter.
+fn counter_vm(n: usize) -> Vm {
+    let (code, _) = assemble(CODE_BASE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(qword_ptr(rdi))?;
+        a.jmp(top)?;
+        Ok(vec![])
+    });
+    let vcpus = (0..n)
+        .map(|i| {
+            let mut gprs = [0u64; 16];
+            gprs[5] = counter_addr(i);
+            gprs[7] = 0x8_0000 - i as u64 * 0x1000;
+            RawVcpu { rip: CODE_BASE, gprs }
+        })
+        .collect();
+    Vm::create_raw(&RawConfig {
+        memory: 16 << 20,
+        code: vec![(CODE_BASE, code)],
+        vcpus,
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 2 << 20,
+    })
+    .expect("create raw VM")
+}
+
+fn counters(c: &impl GuestControl, n: usize) -> Vec<u64> {
+    (0..n).map(|i| c.memory().read_u64(counter_addr(i)).unwrap()).collect()
+}
+
+fn pause_resume(n: usize) {
+    require_kvm();
+    let mut vm = counter_vm(n);
+    vm.start().unwrap();
+    let mut c = vm.control();
+    assert_eq!(c.vcpu_count(), n);
+    // Every vCPU runs.
+    assert!(
+        wait_until(Duration::from_secs(20), || counters(&c, n).iter().all(|&v| v > 1000)),
+        "counters did not start: {:?}",
+        counters(&c, n)
+    );
+    for round in 0..3 {
+        c.pause().unwrap();
+        assert!(c.is_paused());
+        let a = counters(&c, n);
+        std::thread::sleep(Duration::from_millis(100));
+        let b = counters(&c, n);
+        assert_eq!(a, b, "round {round}: counters moved while paused");
+        c.resume().unwrap();
+        assert!(!c.is_paused());
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                counters(&c, n).iter().zip(&b).all(|(x, y)| x > y)
+            }),
+            "round {round}: counters did not move after resume: {b:?} -> {:?}",
+            counters(&c, n)
+        );
+    }
+    vm.stop();
+    assert_eq!(vm.wait_exit().unwrap(), ExitReason::Stopped);
+    assert!(c.pause().is_err(), "pausing a stopped VM must fail");
+}
+
+#[test]
+fn kvm_pause_resume_1_vcpu() {
+    pause_resume(1);
+}
+
+#[test]
+fn kvm_pause_resume_2_vcpus() {
+    pause_resume(2);
+}
+
+#[test]
+fn kvm_pause_resume_4_vcpus() {
+    pause_resume(4);
+}
+
+#[test]
+fn kvm_registers_read_back_as_set() {
+    require_kvm();
+    let (code, labels) = assemble(CODE_BASE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.pause()?;
+        a.jmp(top)?;
+        Ok(vec![top])
+    });
+    let vcpus: Vec<RawVcpu> = (0..2u64)
+        .map(|v| {
+            let mut gprs = [0u64; 16];
+            for (i, g) in gprs.iter_mut().enumerate() {
+                *g = 0x1111_0000_0000_0000 * (v + 1) + i as u64 * 0x101;
+            }
+            gprs[7] = 0x7_0000 + v * 0x1000;
+            RawVcpu { rip: CODE_BASE, gprs }
+        })
+        .collect();
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code)],
+        vcpus: vcpus.clone(),
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 0,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    let mut c = vm.control();
+    assert!(matches!(c.regs(0), Err(patcher::GuestError::NotPaused)));
+    std::thread::sleep(Duration::from_millis(50));
+    c.pause().unwrap();
+    for (i, want) in vcpus.iter().enumerate() {
+        let r = c.regs(i).unwrap();
+        assert_eq!(r.gprs, want.gprs, "vCPU {i} gprs");
+        assert!(r.rip == labels[0] || r.rip == labels[0] + 2, "vCPU {i} rip {:#x}", r.rip);
+        assert_eq!(r.cs, 0x08);
+        assert_eq!(r.ss, 0x10);
+        assert_eq!(r.cr3, 0x9000);
+        assert_ne!(r.cr0 & 0x8000_0001, 0, "paging + protection on");
+        assert_eq!(r.efer & 0x500, 0x500, "LME|LMA");
+        assert_eq!(r.cr4 & 0x20, 0x20, "PAE");
+        assert_eq!(r.lstar, Some(0));
+        assert_eq!(r.idtr_base, Some(0x520));
+        assert_eq!(r.kernel_gs_base, 0);
+    }
+    assert!(matches!(c.regs(2), Err(patcher::GuestError::NoSuchVcpu(2))));
+    c.resume().unwrap();
+    vm.stop();
+    vm.wait_exit().unwrap();
+}
+
+#[test]
+fn kvm_write_while_paused_is_seen_after_resume() {
+    require_kvm();
+    const SRC: u64 = DATA_BASE;
+    const DST: u64 = DATA_BASE + 0x100;
+    const DST2: u64 = DATA_BASE + 0x200;
+    // Loop: copy [SRC] to [DST]; store an immediate (patched below) to [DST2].
+    let (code, labels) = assemble(CODE_BASE, |a| {
+        let mut top = a.create_label();
+        let mut imm = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(rax, qword_ptr(SRC))?;
+        a.mov(qword_ptr(DST), rax)?;
+        a.set_label(&mut imm)?;
+        a.mov(ecx, 0x1111_1111u32)?;
+        a.mov(dword_ptr(DST2), ecx)?;
+        a.jmp(top)?;
+        Ok(vec![top, imm])
+    });
+    let mut gprs = [0u64; 16];
+    gprs[7] = 0x8_0000;
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code.clone())],
+        vcpus: vec![RawVcpu { rip: CODE_BASE, gprs }],
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 0,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    let mut c = vm.control();
+    assert!(wait_until(Duration::from_secs(10), || c.memory().read_u32(DST2).unwrap()
+        == 0x1111_1111));
+    c.pause().unwrap();
+    c.write_phys(SRC, &0xfeed_face_cafe_beefu64.to_le_bytes()).unwrap();
+    // Patch the immediate of `mov ecx, imm32` (opcode b9, imm at +1).
+    let imm_off = (labels[1] - CODE_BASE) as usize;
+    assert_eq!(code[imm_off], 0xb9);
+    c.write_phys(labels[1] + 1, &0x2222_2222u32.to_le_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(c.memory().read_u64(DST).unwrap(), 0, "guest ran while paused");
+    assert!(c.write_phys(0xffff_ffff_0000, &[1]).is_err());
+    c.resume().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || c.memory().read_u64(DST).unwrap()
+            == 0xfeed_face_cafe_beef),
+        "data write not seen by the guest"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || c.memory().read_u32(DST2).unwrap()
+            == 0x2222_2222),
+        "code write not seen by the guest's instruction fetch"
+    );
+    vm.stop();
+    vm.wait_exit().unwrap();
+}
+
+#[test]
+fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
+    require_kvm();
+    // vCPU 0 spins on its counter; vCPU 1 runs a loop with a distinct instruction at `bp`.
+    let (code, labels) = assemble(CODE_BASE, |a| {
+        let mut spin = a.create_label();
+        let mut other = a.create_label();
+        let mut brk = a.create_label();
+        a.set_label(&mut spin)?;
+        a.inc(qword_ptr(rdi))?;
+        a.jmp(spin)?;
+        a.set_label(&mut other)?;
+        a.inc(qword_ptr(rdi))?;
+        a.set_label(&mut brk)?;
+        a.add(qword_ptr(rdi + 8), 1)?;
+        a.jmp(other)?;
+        Ok(vec![spin, other, brk])
+    });
+    let mk = |rip, i| {
+        let mut gprs = [0u64; 16];
+        gprs[5] = counter_addr(i);
+        gprs[7] = 0x8_0000 - i as u64 * 0x1000;
+        RawVcpu { rip, gprs }
+    };
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code)],
+        vcpus: vec![mk(labels[0], 0), mk(labels[1], 1)],
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 0,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    let mut c = vm.control();
+    assert!(wait_until(Duration::from_secs(10), || counters(&c, 2).iter().all(|&v| v > 100)));
+    assert!(matches!(
+        c.set_breakpoints(&[1, 2, 3, 4, 5]),
+        Err(patcher::GuestError::TooManyBreakpoints(5))
+    ));
+    c.set_breakpoints(&[labels[2]]).unwrap();
+    let ev = c.wait_event(Duration::from_secs(20)).unwrap();
+    assert_eq!(ev, Some(GuestEvent::Breakpoint { vcpu: 1, rip: labels[2] }));
+    assert!(c.is_paused(), "a breakpoint pauses all vCPUs");
+    let r = c.regs(1).unwrap();
+    assert_eq!(r.rip, labels[2]);
+    let a = counters(&c, 2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(a, counters(&c, 2));
+    // Hit it again: resuming steps over the breakpoint and the loop comes back to it.
+    let ev = c.wait_event(Duration::from_secs(20)).unwrap();
+    assert_eq!(ev, Some(GuestEvent::Breakpoint { vcpu: 1, rip: labels[2] }));
+    let before = counters(&c, 2);
+    assert_eq!(before[1], a[1] + 1, "exactly one loop iteration between two hits");
+    c.set_breakpoints(&[]).unwrap();
+    assert_eq!(c.wait_event(Duration::from_millis(300)).unwrap(), None);
+    let after = counters(&c, 2);
+    assert!(after[1] > before[1] + 10 && after[0] > before[0], "{before:?} -> {after:?}");
+    vm.stop();
+    vm.wait_exit().unwrap();
+}
+
+#[test]
+fn kvm_serial_output_and_i8042_reset() {
+    require_kvm();
+    let msg = b"hello from the raw guest\r\n";
+    let (code, _) = assemble(CODE_BASE, |a| {
+        let mut lp = a.create_label();
+        a.mov(dx, 0x3f8u32)?;
+        a.mov(rsi, DATA_BASE)?;
+        a.mov(ecx, msg.len() as u32)?;
+        a.set_label(&mut lp)?;
+        a.mov(al, byte_ptr(rsi))?;
+        a.out(dx, al)?;
+        a.inc(rsi)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.mov(al, 0xfeu32)?;
+        a.out(0x64u32, al)?;
+        let mut hang = a.create_label();
+        a.set_label(&mut hang)?;
+        a.jmp(hang)?;
+        Ok(vec![])
+    });
+    let out = temp_path("serial-raw.txt");
+    let mut gprs = [0u64; 16];
+    gprs[7] = 0x8_0000;
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code), (DATA_BASE, msg.to_vec())],
+        vcpus: vec![RawVcpu { rip: CODE_BASE, gprs }],
+        mode: EntryMode::Long64,
+        serial: SerialOut::File(out.clone()),
+        patch_arena: 0,
+    })
+    .unwrap();
+    let mut c = vm.control();
+    vm.start().unwrap();
+    let r = vm.wait_exit_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(r, Some(ExitReason::Reset));
+    assert_eq!(ExitReason::Reset.exit_code(), 0);
+    assert_eq!(std::fs::read(&out).unwrap(), msg);
+    assert_eq!(c.wait_event(Duration::from_secs(1)).unwrap(), Some(GuestEvent::Exited));
+}
+
+#[test]
+fn kvm_emulation_failure_is_a_clear_error() {
+    require_kvm();
+    // Jump into the MMIO hole: KVM cannot fetch instructions from unbacked memory.
+    let (code, _) = assemble(CODE_BASE, |a| {
+        a.mov(rax, 0xd000_0000u64)?;
+        a.jmp(rax)?;
+        Ok(vec![])
+    });
+    let mut gprs = [0u64; 16];
+    gprs[7] = 0x8_0000;
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code)],
+        vcpus: vec![RawVcpu { rip: CODE_BASE, gprs }],
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 0,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    let e = vm.wait_exit().unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, VmError::InternalError { vcpu: 0, .. }),
+        "want an internal error, got {msg}"
+    );
+    assert!(msg.contains("vCPU 0") && msg.contains("internal error"), "{msg}");
+}
