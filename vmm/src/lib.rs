@@ -1,1 +1,3 @@
 //! hvpatch-vmm: the KVM VMM, the QEMU attach backend, the API server and the CLI.
+
+pub mod kvm;
