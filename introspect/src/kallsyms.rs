@@ -30,9 +30,9 @@ pub const MAX_SYMS: u32 = 1 << 24;
 /// by planting fake tables).
 pub const MAX_CANDIDATES: usize = 64;
 /// Chunk size of the RAM scan.
-const SCAN_CHUNK: usize = 16 << 20;
+const SCAN_CHUNK: usize = 1 << 20;
 /// Bytes read below / above the token table for the first parse attempt, then the retry.
-const WINDOWS: [(u64, u64); 2] = [(8 << 20, 8 << 20), (64 << 20, 64 << 20)];
+const WINDOWS: [(u64, u64); 2] = [(4 << 20, 4 << 20), (64 << 20, 64 << 20)];
 
 /// The two table orders of `scripts/kallsyms.c`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -124,6 +124,9 @@ fn align8(base_pa: u64, off: usize) -> Option<usize> {
 /// The 256 tokens, as slices of the input.
 struct Tokens<'a> {
     tokens: [&'a [u8]; 256],
+    /// Each token zero-padded to 32 bytes (fixed-size copies in the hot loop), with bytes that
+    /// are not printable ASCII replaced by `?`.
+    padded: Vec<[u8; 32]>,
     /// Offset of `kallsyms_token_index` in the input.
     index_off: usize,
 }
@@ -172,7 +175,17 @@ fn parse_tokens(bytes: &[u8], base_pa: u64, tt_off: usize) -> Result<Tokens<'_>,
             return Err(bad("token_index does not match the token table"));
         }
     }
-    Ok(Tokens { tokens, index_off })
+    let padded = tokens
+        .iter()
+        .map(|t| {
+            let mut a = [0u8; 32];
+            for (d, &c) in a.iter_mut().zip(t.iter()) {
+                *d = if c.is_ascii_graphic() { c } else { b'?' };
+            }
+            a
+        })
+        .collect();
+    Ok(Tokens { tokens, padded, index_off })
 }
 
 /// Reads one `kallsyms_names` entry at `off`: returns (token bytes, offset after the entry).
@@ -196,30 +209,36 @@ fn is_type_char(c: u8) -> bool {
     matches!(c.to_ascii_lowercase(), b'a' | b'b' | b'd' | b'r' | b't' | b'v' | b'w' | b'u' | b'n' | b'g' | b's' | b'i' | b'p' | b'?')
 }
 
-fn is_name_char(c: u8) -> bool {
-    c.is_ascii_graphic()
-}
+/// Size of the expansion buffer: a name of up to [`MAX_NAME_LEN`] plus one token.
+const NAME_BUF: usize = MAX_NAME_LEN + MAX_TOKEN_LEN + 32;
 
-/// Expands one entry into `out`; returns false if the result is not a plausible symbol.
-fn expand(tokens: &Tokens<'_>, entry: &[u8], out: &mut Vec<u8>) -> bool {
-    let start = out.len();
+/// Expands one entry into `buf`; returns the length, or `None` if the result is not a
+/// plausible symbol (shorter than type char + 1, or longer than [`MAX_NAME_LEN`]). Bytes that
+/// are not printable ASCII come out as `?`.
+fn expand(tokens: &Tokens<'_>, entry: &[u8], buf: &mut [u8; NAME_BUF]) -> Option<usize> {
+    let mut pos = 0usize;
     for &b in entry {
-        out.extend_from_slice(tokens.tokens[usize::from(b)]);
-        if out.len() - start > MAX_NAME_LEN {
-            return false;
+        if pos > MAX_NAME_LEN {
+            return None;
         }
+        let tok = tokens.tokens[usize::from(b)];
+        if tok.len() <= 32 {
+            buf[pos..pos + 32].copy_from_slice(&tokens.padded[usize::from(b)]);
+        } else {
+            for (d, &c) in buf[pos..pos + tok.len()].iter_mut().zip(tok) {
+                *d = if c.is_ascii_graphic() { c } else { b'?' };
+            }
+        }
+        pos += tok.len();
     }
-    out.len() - start >= 2
+    (2..=MAX_NAME_LEN).contains(&pos).then_some(pos)
 }
 
 /// Quick plausibility check of the entry at `off` (type char + printable name).
-fn plausible_entry(tokens: &Tokens<'_>, bytes: &[u8], off: usize, scratch: &mut Vec<u8>) -> Option<usize> {
+fn plausible_entry(tokens: &Tokens<'_>, bytes: &[u8], off: usize, buf: &mut [u8; NAME_BUF]) -> Option<usize> {
     let (entry, next) = name_entry(bytes, off)?;
-    scratch.clear();
-    if !expand(tokens, entry, scratch) {
-        return None;
-    }
-    if !is_type_char(scratch[0]) || !scratch[1..].iter().all(|&c| is_name_char(c)) {
+    let len = expand(tokens, entry, buf)?;
+    if !is_type_char(buf[0]) || buf[1..len].contains(&b'?') {
         return None;
     }
     Some(next)
@@ -236,7 +255,7 @@ struct NamesLoc {
 
 /// Searches below the token table for `num_syms` + `names` + `markers`.
 fn find_names(bytes: &[u8], base_pa: u64, tt_off: usize, tokens: &Tokens<'_>) -> Result<NamesLoc, KallsymsError> {
-    let mut scratch = Vec::with_capacity(64);
+    let mut scratch = [0u8; NAME_BUF];
     let mut p = align8(base_pa, tt_off.saturating_sub(15)).unwrap_or(0);
     while p + 8 > tt_off {
         match p.checked_sub(8) {
@@ -274,7 +293,7 @@ fn try_names_at(
     tt_off: usize,
     tokens: &Tokens<'_>,
     p: usize,
-    scratch: &mut Vec<u8>,
+    scratch: &mut [u8; NAME_BUF],
 ) -> Option<NamesLoc> {
     let n = u32_at(bytes, p)?;
     if n == 0 || n >= MAX_SYMS || u32_at(bytes, p + 4)? != 0 {
@@ -376,26 +395,23 @@ pub fn parse(bytes: &[u8], base_pa: u64, tt_off: usize) -> Result<Kallsyms, Kall
     // Decode names.
     let mut names: Vec<u8> = Vec::with_capacity(n.min(bytes.len() / 2) * 24);
     let mut raw: Vec<RawSymbol> = Vec::with_capacity(n.min(bytes.len() / 2));
-    let mut scratch = Vec::with_capacity(64);
+    let mut scratch = [0u8; NAME_BUF];
     let mut off = loc.names_off;
     for _ in 0..n {
         let (entry, next) = name_entry(bytes, off).ok_or(KallsymsError::Truncated { table: "names" })?;
         off = next;
-        scratch.clear();
-        if !expand(&tokens, entry, &mut scratch) {
-            return Err(KallsymsError::Invalid { what: "symbol name length", value: entry.len() as u64 });
-        }
+        let len = expand(&tokens, entry, &mut scratch)
+            .ok_or(KallsymsError::Invalid { what: "symbol name length", value: entry.len() as u64 })?;
         let start = names.len();
-        if start + scratch.len() > MAX_NAMES_BYTES {
+        if start + len > MAX_NAMES_BYTES {
             return Err(KallsymsError::Invalid { what: "total length of names", value: start as u64 });
         }
-        names.extend(scratch[1..].iter().map(|&c| if c.is_ascii_graphic() { c } else { b'?' }));
-        let kind = scratch[0];
+        names.extend_from_slice(&scratch[1..len]);
         raw.push(RawSymbol {
             addr: 0,
             name_start: start as u32,
-            name_len: (names.len() - start) as u32,
-            kind: if kind.is_ascii_graphic() { kind } else { b'?' },
+            name_len: (len - 1) as u32,
+            kind: scratch[0],
         });
     }
     // Decode addresses; pick the encoding that yields an address-sorted table.
@@ -466,22 +482,44 @@ fn table_start_from_hit(bytes: &[u8], base_pa: u64, hit: usize) -> Option<usize>
     hit.checked_sub(idx30)
 }
 
-/// Guest-physical addresses of token-table candidates (validated token table + token index),
-/// in address order, at most [`MAX_CANDIDATES`].
+/// Guest-physical addresses of token-table candidates (validated token table + token index)
+/// anywhere in guest RAM, in address order, at most [`MAX_CANDIDATES`].
 pub fn scan_token_tables(mem: &dyn PhysMemory) -> Vec<u64> {
+    scan_token_tables_in(mem, &mem.regions())
+}
+
+/// Like [`scan_token_tables`], restricted to guest-physical `(start, len)` ranges (e.g. the
+/// frames that back the kernel image mapping, see [`crate::paging::mapped_ranges`]).
+pub fn scan_token_tables_in(mem: &dyn PhysMemory, ranges: &[(u64, u64)]) -> Vec<u64> {
+    let mut out = scan_ranges(mem, ranges);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Scans `(pa, len)` ranges (each searched up to `DIGITS.len() - 1` bytes past its end so that
+/// hits straddling two ranges are found).
+fn scan_ranges(mem: &dyn PhysMemory, ranges: &[(u64, u64)]) -> Vec<u64> {
     let finder = memmem::Finder::new(DIGITS);
     let overlap = DIGITS.len() - 1;
     let mut out = Vec::new();
     let mut chunk = vec![0u8; SCAN_CHUNK + overlap];
-    for (start, len) in mem.regions() {
+    for &(start, len) in ranges {
         let mut off = 0u64;
         while off < len {
-            let n = (len - off).min(chunk.len() as u64) as usize;
-            let buf = &mut chunk[..n];
-            if mem.read_phys(start + off, buf).is_err() {
+            let want = (len - off).min(SCAN_CHUNK as u64) as usize + overlap;
+            let mut n = want;
+            // Shorten the read at the end of RAM.
+            while n > 0 && mem.read_phys(start + off, &mut chunk[..n]).is_err() {
+                n = if n > want - overlap { want - overlap } else { 0 };
+            }
+            if n == 0 {
                 break;
             }
-            for hit in finder.find_iter(buf) {
+            for hit in finder.find_iter(&chunk[..n]) {
+                if hit as u64 + off >= len {
+                    break;
+                }
                 let hit_pa = start + off + hit as u64;
                 if let Some(tt) = validate_hit(mem, hit_pa) {
                     if !out.contains(&tt) {
@@ -492,10 +530,7 @@ pub fn scan_token_tables(mem: &dyn PhysMemory) -> Vec<u64> {
                     }
                 }
             }
-            if n < chunk.len() {
-                break;
-            }
-            off += (n - overlap) as u64;
+            off += SCAN_CHUNK as u64;
         }
     }
     out

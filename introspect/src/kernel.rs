@@ -16,6 +16,8 @@ use crate::symbols::{SymbolRef, Symbols};
 const CR0_PG: u64 = 1 << 31;
 /// EFER.LMA.
 const EFER_LMA: u64 = 1 << 10;
+/// KERNEL_IMAGE_SIZE with KASLR: the kernel image lives in `START_KERNEL_MAP + [0, 1 GiB)`.
+const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
 /// Longest banner read.
 const BANNER_MAX: usize = 512;
 
@@ -87,39 +89,70 @@ fn roots(vcpus: &[VcpuRegs]) -> Vec<PageRoot> {
 }
 
 impl Kernel {
-    /// Finds the kernel: scans RAM for kallsyms, decodes it, and accepts the first candidate
-    /// whose KASLR slide agrees with the page tables (and LSTAR / IDT when available) of a
-    /// kernel-mode paging root taken from the vCPUs.
+    /// Finds the kernel: locates kallsyms in guest RAM, decodes it, and accepts the first
+    /// candidate whose KASLR slide agrees with the page tables (and LSTAR / IDT when available)
+    /// of a kernel-mode paging root taken from the vCPUs.
+    ///
+    /// Fast path: only the frames backing the kernel-image mapping
+    /// (`0xffffffff80000000 + [0, 1 GiB)` in the page tables) are scanned. Fallback: all RAM.
     pub fn open(mem: &dyn PhysMemory, vcpus: &[VcpuRegs]) -> Result<Kernel, KernelError> {
         let roots = roots(vcpus);
         if roots.is_empty() {
             return Err(KernelError::NoLongModeVcpu);
         }
-        let candidates = kallsyms::scan_token_tables(mem);
-        if candidates.is_empty() {
-            return Err(KallsymsError::NoTokenTable.into());
-        }
+        let mut tried: Vec<u64> = Vec::new();
         let mut last: Option<KernelError> = None;
-        for tt in candidates {
-            let ks = match kallsyms::decode_at(mem, tt) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::debug!("kallsyms candidate at {tt:#x} rejected: {e}");
-                    last = Some(e.into());
+        for &root in &roots {
+            let image: Vec<(u64, u64)> =
+                paging::mapped_ranges(mem, root, slide::START_KERNEL_MAP, slide::START_KERNEL_MAP + KERNEL_IMAGE_SIZE)
+                    .iter()
+                    .map(|m| (m.pa, m.len))
+                    .collect();
+            for tt in kallsyms::scan_token_tables_in(mem, &image) {
+                if tried.contains(&tt) {
                     continue;
                 }
-            };
-            for &root in &roots {
-                match slide::compute(mem, root, &ks.layout, &ks.symbols, vcpus) {
-                    Ok(report) => return Ok(Self::build(mem, root, ks.layout, ks.symbols, report)),
-                    Err(e) => {
-                        tracing::debug!("kallsyms candidate at {tt:#x}, root {:#x}: {e}", root.pgd_pa);
-                        last = Some(e.into());
-                    }
+                tried.push(tt);
+                match Self::try_candidate(mem, &roots, vcpus, tt) {
+                    Ok(k) => return Ok(k),
+                    Err(e) => last = Some(e),
                 }
             }
         }
+        tracing::debug!("kallsyms not found in the kernel-image mapping; scanning all guest RAM");
+        for tt in kallsyms::scan_token_tables(mem) {
+            if tried.contains(&tt) {
+                continue;
+            }
+            tried.push(tt);
+            match Self::try_candidate(mem, &roots, vcpus, tt) {
+                Ok(k) => return Ok(k),
+                Err(e) => last = Some(e),
+            }
+        }
         Err(last.unwrap_or(KallsymsError::NoTokenTable.into()))
+    }
+
+    fn try_candidate(
+        mem: &dyn PhysMemory,
+        roots: &[PageRoot],
+        vcpus: &[VcpuRegs],
+        tt: u64,
+    ) -> Result<Kernel, KernelError> {
+        let ks = kallsyms::decode_at(mem, tt).inspect_err(|e| {
+            tracing::debug!("kallsyms candidate at {tt:#x} rejected: {e}");
+        })?;
+        let mut last = None;
+        for &root in roots {
+            match slide::compute(mem, root, &ks.layout, &ks.symbols, vcpus) {
+                Ok(report) => return Ok(Self::build(mem, root, ks.layout, ks.symbols, report)),
+                Err(e) => {
+                    tracing::debug!("kallsyms candidate at {tt:#x}, root {:#x}: {e}", root.pgd_pa);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.map_or(KernelError::NoLongModeVcpu, KernelError::from))
     }
 
     fn build(

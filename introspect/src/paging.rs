@@ -219,6 +219,60 @@ pub fn translate(mem: &dyn PhysMemory, root: PageRoot, va: u64) -> Result<u64, P
     walk(mem, root, va).map(|w| w.pa)
 }
 
+/// A virtually and physically contiguous mapped range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Mapping {
+    /// First virtual address.
+    pub va: u64,
+    /// First guest-physical address.
+    pub pa: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Most page walks [`mapped_ranges`] performs (1 GiB of 4 KiB pages).
+pub const MAX_RANGE_WALKS: usize = 1 << 18;
+
+/// The mapped parts of `[va_start, va_end)`, merged into contiguous [`Mapping`]s, in VA order.
+/// Holes are skipped a whole missing level at a time; unreadable or bad entries are skipped.
+/// At most [`MAX_RANGE_WALKS`] walks are done.
+pub fn mapped_ranges(mem: &dyn PhysMemory, root: PageRoot, va_start: u64, va_end: u64) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    let mut va = va_start;
+    let mut walks = 0usize;
+    while va < va_end && walks < MAX_RANGE_WALKS {
+        walks += 1;
+        let step_level = match walk_or_hole(mem, root, va) {
+            Ok(WalkOutcome::Mapped(w)) => {
+                let page_va = va & !(w.page_size - 1);
+                let page_pa = w.pa & !(w.page_size - 1);
+                let (s_va, s_pa) = (page_va.max(va_start), page_pa + (page_va.max(va_start) - page_va));
+                let len = (page_va.saturating_add(w.page_size)).min(va_end) - s_va;
+                match out.last_mut() {
+                    Some(m) if m.va + m.len == s_va && m.pa + m.len == s_pa => m.len += len,
+                    _ => out.push(Mapping { va: s_va, pa: s_pa, len }),
+                }
+                match w.page_size {
+                    PAGE_1G => 3,
+                    PAGE_2M => 2,
+                    _ => 1,
+                }
+            }
+            Ok(WalkOutcome::Hole(h)) => h.missing.level,
+            Err(PagingError::OutsideRam { level, .. }) | Err(PagingError::Reserved { level, .. }) => {
+                level.clamp(1, 5)
+            }
+            Err(_) => 1,
+        };
+        let size = level_size(step_level);
+        match (va & !(size - 1)).checked_add(size) {
+            Some(next) => va = next,
+            None => break,
+        }
+    }
+    out
+}
+
 /// Errors of [`read_virt`]: a translation failure or a failed read of a translated page.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VirtReadError {

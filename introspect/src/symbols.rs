@@ -91,7 +91,10 @@ impl Symbols {
         let mut s = Self { names, syms, by_name, ksym_range: (0, 0) };
         // Stable sort: adaptive, close to linear when seeded from seqs_of_names.
         let mut by_name = std::mem::take(&mut s.by_name);
-        by_name.sort_by(|&a, &b| s.name_of(a as usize).cmp(s.name_of(b as usize)).then(a.cmp(&b)));
+        let cmp = |a: &u32, b: &u32| s.name_of(*a as usize).cmp(s.name_of(*b as usize)).then(a.cmp(b));
+        if !by_name.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) {
+            by_name.sort_by(cmp);
+        }
         s.by_name = by_name;
         let first_text = s.syms.iter().find(|r| r.kind != b'A' && r.kind != b'a').map(|r| r.addr);
         let lo = s.unique_addr("_stext").or_else(|| s.unique_addr("_text")).or(first_text).unwrap_or(0);

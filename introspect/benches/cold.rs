@@ -1,0 +1,62 @@
+//! Cold introspection time of a guest snapshot: scan RAM for kallsyms, decode every symbol,
+//! compute and cross-check the KASLR slide (`Kernel::open`), plus its parts separately.
+//!
+//! `cargo bench -p hvpatch-introspect --bench cold -- <ram.bin> <regs.txt>`
+//! (defaults: /tmp/hvpatch-dumps/6.12/{ram.bin,regs.txt}).
+
+#[path = "../tests/common/hmp.rs"]
+mod hmp;
+
+use std::time::{Duration, Instant};
+
+use introspect::{kallsyms, Kernel, SliceMemory};
+
+fn best<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut best = Duration::MAX;
+    let mut last = None;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let v = f();
+        best = best.min(t.elapsed());
+        last = Some(v);
+    }
+    (best, last.expect("runs > 0"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let ram_path = args.first().cloned().unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/ram.bin".into());
+    let regs_path = args.get(1).cloned().unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/regs.txt".into());
+    let ram = std::fs::read(&ram_path).unwrap_or_else(|e| {
+        panic!("cannot read {ram_path}: {e} (run `python3 /tmp/hvpatch-dumps/dump.py 6.12`)")
+    });
+    let regs = std::fs::read_to_string(&regs_path).unwrap_or_else(|e| panic!("cannot read {regs_path}: {e}"));
+    let vcpus = hmp::parse_hmp_registers(&regs);
+    let mem = SliceMemory::flat(&ram);
+    let runs = 5;
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("decode") {
+        let tt = kallsyms::scan_token_tables(&mem)[0];
+        let (t, _) = best(50, || kallsyms::decode_at(&mem, tt).expect("decode"));
+        println!("decode: {:.2} ms", t.as_secs_f64() * 1e3);
+        return;
+    }
+
+    let (t_scan, cands) = best(runs, || kallsyms::scan_token_tables(&mem));
+    let tt = *cands.first().expect("no token table found");
+    let (t_decode, ks) = best(runs, || kallsyms::decode_at(&mem, tt).expect("decode"));
+    let (t_open, k) = best(runs, || Kernel::open(&mem, &vcpus).expect("Kernel::open"));
+    let (t_lookup, _) = best(runs, || {
+        k.symbols().iter().take(10_000).filter(|s| k.lookup(s.name, Some(1)).is_ok()).count()
+    });
+    let (t_symbolize, _) = best(runs, || {
+        k.symbols().iter().take(10_000).filter(|s| k.symbolize(s.addr + 1).is_some()).count()
+    });
+    println!("guest RAM:            {} MiB ({ram_path})", ram.len() >> 20);
+    println!("kernel:               {:?}, {} symbols", k.info().release, ks.symbols.len());
+    println!("scan (token table):   {:>8.2} ms  ({} candidate(s))", t_scan.as_secs_f64() * 1e3, cands.len());
+    println!("decode all symbols:   {:>8.2} ms", t_decode.as_secs_f64() * 1e3);
+    println!("Kernel::open (cold):  {:>8.2} ms  (scan + decode + slide checks + banner)", t_open.as_secs_f64() * 1e3);
+    println!("10k lookups:          {:>8.2} ms", t_lookup.as_secs_f64() * 1e3);
+    println!("10k symbolize:        {:>8.2} ms", t_symbolize.as_secs_f64() * 1e3);
+    println!("(best of {runs} runs each)");
+}
