@@ -33,58 +33,102 @@ pub struct KernelPackage {
 impl KernelPackage {
     /// The file name `apt-get download` gives the package (`:` of an epoch becomes `%3a`).
     pub fn deb_file_name(&self) -> String {
-        format!("{}_{}_amd64.deb", self.name, self.version.replace(':', "%3a"))
+        format!(
+            "{}_{}_amd64.deb",
+            self.name,
+            self.version.replace(':', "%3a")
+        )
     }
 }
+
+/// apt's list directory.
+const LISTS: &str = "/var/lib/apt/lists";
+/// Our record of the last successful `apt-get update` (apt keeps server mtimes on lists).
+const UPDATE_STAMP: &str = "/var/lib/apt/periodic/hvpatch-update-stamp";
 
 /// Runs `apt-get update`.
 pub fn update() -> Result<(), ImagesError> {
     eprintln!("hvpatch-images: apt-get update");
-    run(Command::new("apt-get").args(["update", "-q"])).map(drop)
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    let stamp = Path::new(UPDATE_STAMP);
+    if let Some(dir) = stamp.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    let _ = fs::write(stamp, b"");
+    Ok(())
 }
 
-/// The age of the newest file in apt's list directory (None if there are no lists).
+/// Time since the apt lists were last refreshed (None if there are no lists).
 fn lists_age() -> Option<Duration> {
-    let newest = fs::read_dir("/var/lib/apt/lists")
+    let lists = fs::read_dir(LISTS)
         .ok()?
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with("Packages"))
-        .filter_map(|e| e.metadata().ok()?.modified().ok())
-        .max()?;
-    SystemTime::now().duration_since(newest).ok()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.contains("Packages") || name.ends_with("Release")
+        });
+    let mut have_lists = false;
+    let mut newest = None;
+    for e in lists {
+        have_lists = true;
+        newest = newest.max(e.metadata().ok().and_then(|m| m.modified().ok()));
+    }
+    if !have_lists {
+        return None;
+    }
+    newest = newest.max(fs::metadata(UPDATE_STAMP).and_then(|m| m.modified()).ok());
+    SystemTime::now().duration_since(newest?).ok()
 }
 
-/// Package names matching the cloud kernel pattern.
-fn search() -> Result<Vec<String>, ImagesError> {
-    let out = run(Command::new("apt-cache").args(["search", "--names-only", SEARCH_PATTERN]))?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect())
+/// `(package, version)` of every package matching the cloud kernel pattern, from one
+/// `apt-cache search --full` (apt-cache calls cost ~1 s each without a pkgcache).
+fn search() -> Result<Vec<(String, String)>, ImagesError> {
+    let out =
+        run(Command::new("apt-cache").args(["search", "--full", "--names-only", SEARCH_PATTERN]))?;
+    Ok(parse_records(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Picks the package with the highest ABI for `series` from `names`.
+/// Extracts `(Package, Version)` pairs from apt records separated by blank lines.
+fn parse_records(text: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let (mut name, mut version) = (None, None);
+    for line in text.lines().chain(std::iter::once("")) {
+        if line.trim().is_empty() {
+            if let (Some(n), Some(v)) = (name.take(), version.take()) {
+                found.push((n, v));
+            }
+            name = None;
+            version = None;
+        } else if let Some(n) = line.strip_prefix("Package:") {
+            name = Some(n.trim().to_string());
+        } else if let Some(v) = line.strip_prefix("Version:") {
+            version = Some(v.trim().to_string());
+        }
+    }
+    found
+}
+
+/// Picks the package with the highest ABI for `series` from `names`; returns (name, ABI).
 pub fn pick_newest(names: &[String], series: KernelSeries) -> Option<(String, String)> {
     names
         .iter()
         .filter_map(|n| {
             let abi = n.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
-            series.matches_abi(abi).then(|| (n.clone(), abi.to_string()))
+            series
+                .matches_abi(abi)
+                .then(|| (n.clone(), abi.to_string()))
         })
         .max_by(|a, b| debver::compare_abi(&a.1, &b.1))
 }
 
-/// The candidate version of a package (`apt-cache show --no-all-versions`).
-fn candidate_version(name: &str) -> Result<String, ImagesError> {
-    let out = run(Command::new("apt-cache").args(["show", "--no-all-versions", name]))?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_string()))
-        .ok_or_else(|| ImagesError::Command {
-            command: format!("apt-cache show --no-all-versions {name}"),
-            detail: "no Version field".into(),
-        })
+/// The highest version apt lists for package `name`.
+fn newest_version(records: &[(String, String)], name: &str) -> Option<String> {
+    records
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v)
+        .max_by(|a, b| debver::compare(a, b))
+        .cloned()
 }
 
 /// Resolves the newest package of every series, running `apt-get update` first when the lists
@@ -102,22 +146,27 @@ pub fn resolve_all() -> Result<Vec<(KernelSeries, KernelPackage)>, ImagesError> 
             Err(e) => eprintln!("hvpatch-images: warning: {e}"),
         }
     }
-    let mut names = search()?;
-    let missing = |names: &[String]| {
+    let mut records = search()?;
+    let missing = |records: &[(String, String)]| {
+        let names: Vec<String> = records.iter().map(|(n, _)| n.clone()).collect();
         KernelSeries::all()
             .into_iter()
-            .any(|s| pick_newest(names, s).is_none())
+            .any(|s| pick_newest(&names, s).is_none())
     };
-    if missing(&names) && !updated {
+    if missing(&records) && !updated {
         update()?;
-        names = search()?;
+        records = search()?;
     }
+    let names: Vec<String> = records.iter().map(|(n, _)| n.clone()).collect();
     KernelSeries::all()
         .into_iter()
         .map(|series| {
             let (name, abi) =
                 pick_newest(&names, series).ok_or(ImagesError::NoKernelPackage(series))?;
-            let version = candidate_version(&name)?;
+            let version = newest_version(&records, &name).ok_or_else(|| ImagesError::Command {
+                command: format!("apt-cache search --full {SEARCH_PATTERN}"),
+                detail: format!("no Version field for {name}"),
+            })?;
             Ok((
                 series,
                 KernelPackage {
@@ -154,7 +203,11 @@ pub fn download(pkg: &KernelPackage, debs: &Path) -> Result<PathBuf, ImagesError
 
 /// Extracts `boot/vmlinuz-<release>` and `boot/config-<release>` of a kernel package into
 /// `out`; returns (vmlinuz, config) paths.
-pub fn extract_boot(deb: &Path, release: &str, out: &Path) -> Result<(PathBuf, PathBuf), ImagesError> {
+pub fn extract_boot(
+    deb: &Path,
+    release: &str,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), ImagesError> {
     let _ = fs::remove_dir_all(out);
     fs::create_dir_all(out).map_err(|e| ImagesError::io("creating", out, e))?;
     let script = "dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" --wildcards './boot/*'";
@@ -204,6 +257,16 @@ mod tests {
             )
         );
         assert_eq!(pick_newest(&names[..1], KernelSeries::V6_12), None);
+    }
+
+    #[test]
+    fn records_are_parsed_and_newest_version_wins() {
+        let text = "Package: a\nVersion: 1.0-2\nDescription: x\n\nPackage: a\nVersion: 1.0-10\n\nPackage: b\nArchitecture: amd64\nVersion: 2\n";
+        let r = parse_records(text);
+        assert_eq!(r.len(), 3);
+        assert_eq!(newest_version(&r, "a").as_deref(), Some("1.0-10"));
+        assert_eq!(newest_version(&r, "b").as_deref(), Some("2"));
+        assert_eq!(newest_version(&r, "c"), None);
     }
 
     #[test]

@@ -153,8 +153,16 @@ pub fn payload(bz: &[u8]) -> Result<&[u8], BzImageError> {
     // A zero setup_sects means 4 (boot.rst).
     let setup_sects = if setup_sects == 0 { 4 } else { setup_sects };
     let pm_start = (u64::from(setup_sects) + 1) * 512;
-    let offset = u64::from(u32::from_le_bytes(le(bz, PAYLOAD_OFFSET_OFF, "payload_offset")?));
-    let length = u64::from(u32::from_le_bytes(le(bz, PAYLOAD_LENGTH_OFF, "payload_length")?));
+    let offset = u64::from(u32::from_le_bytes(le(
+        bz,
+        PAYLOAD_OFFSET_OFF,
+        "payload_offset",
+    )?));
+    let length = u64::from(u32::from_le_bytes(le(
+        bz,
+        PAYLOAD_LENGTH_OFF,
+        "payload_length",
+    )?));
     let start = pm_start + offset;
     let out_of_bounds = BzImageError::PayloadOutOfBounds {
         offset: start,
@@ -177,9 +185,8 @@ pub fn decompress_bzimage(bz: &[u8]) -> Result<Vec<u8>, BzImageError> {
 
 /// Decompresses a payload whose format is detected by magic.
 pub fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, BzImageError> {
-    let format = Compression::detect(payload).ok_or_else(|| {
-        BzImageError::UnknownFormat(payload.iter().take(8).copied().collect())
-    })?;
+    let format = Compression::detect(payload)
+        .ok_or_else(|| BzImageError::UnknownFormat(payload.iter().take(8).copied().collect()))?;
     // The size the build appended after the stream (all x86 formats use `*_with_size`).
     let trailer = payload
         .len()
@@ -190,11 +197,7 @@ pub fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, BzImageError> {
     let hint = trailer.map_or(0, |t| (t as usize).min(MAX_VMLINUX));
     let out = match format {
         Compression::Gzip => read_limited(format, flate2::read::GzDecoder::new(payload), hint)?,
-        Compression::Xz => read_limited(
-            format,
-            lzma_rust2::XzReader::new(payload, false),
-            hint,
-        )?,
+        Compression::Xz => read_limited(format, lzma_rust2::XzReader::new(payload, false), hint)?,
         Compression::Zstd => {
             let mut dec = zstd::stream::read::Decoder::with_buffer(payload)
                 .map_err(|e| corrupt(format, e))?
@@ -260,8 +263,11 @@ fn lz4_legacy(payload: &[u8], hint: usize) -> Result<Vec<u8>, BzImageError> {
                 format!("block of {len} bytes but only {} remain", tail.len()),
             ));
         };
-        let n = lz4_flex::block::decompress_into(data, &mut block).map_err(|e| corrupt(format, e))?;
-        let produced = block.get(..n).ok_or_else(|| corrupt(format, "bad block size"))?;
+        let n =
+            lz4_flex::block::decompress_into(data, &mut block).map_err(|e| corrupt(format, e))?;
+        let produced = block
+            .get(..n)
+            .ok_or_else(|| corrupt(format, "bad block size"))?;
         if out.len() + n > MAX_VMLINUX {
             return Err(BzImageError::TooLarge);
         }
@@ -364,7 +370,10 @@ mod tests {
         let streams = [
             (Compression::Gzip, gzip(&vmlinux)),
             (Compression::Lz4Legacy, lz4_legacy_stream(&vmlinux)),
-            (Compression::Zstd, zstd::bulk::compress(&vmlinux, 3).unwrap()),
+            (
+                Compression::Zstd,
+                zstd::bulk::compress(&vmlinux, 3).unwrap(),
+            ),
             (Compression::Xz, xz_bcj(&vmlinux)),
         ];
         for (format, stream) in streams {
@@ -388,7 +397,10 @@ mod tests {
     #[test]
     fn malformed_inputs_give_errors_not_panics() {
         let vmlinux = fake_vmlinux(300_000);
-        assert!(matches!(decompress_bzimage(&[]), Err(BzImageError::Truncated { .. })));
+        assert!(matches!(
+            decompress_bzimage(&[]),
+            Err(BzImageError::Truncated { .. })
+        ));
         assert!(matches!(
             decompress_bzimage(&[0u8; 0x300]),
             Err(BzImageError::NoHeader)
@@ -401,7 +413,17 @@ mod tests {
             xz_bcj(&vmlinux),
         ] {
             let bz = fake_bzimage(&stream, vmlinux.len());
-            for cut in [0, 1, 0x1f2, 0x204, 0x250, 2048, 2100, bz.len() / 2, bz.len() - 110] {
+            for cut in [
+                0,
+                1,
+                0x1f2,
+                0x204,
+                0x250,
+                2048,
+                2100,
+                bz.len() / 2,
+                bz.len() - 110,
+            ] {
                 assert!(decompress_bzimage(&bz[..cut]).is_err(), "cut at {cut}");
             }
             // Corrupt the middle of the stream.

@@ -52,7 +52,6 @@ fn verrevcmp(a: &[u8], b: &[u8]) -> Ordering {
 }
 
 /// Splits `[epoch:]upstream[-revision]`.
-#[cfg(test)]
 fn split(v: &str) -> (u64, &str, &str) {
     let (epoch, rest) = match v.split_once(':') {
         Some((e, rest)) if e.bytes().all(|c| c.is_ascii_digit()) => (e.parse().unwrap_or(0), rest),
@@ -65,7 +64,6 @@ fn split(v: &str) -> (u64, &str, &str) {
 }
 
 /// Compares two Debian version strings (epoch, upstream version, revision).
-#[cfg(test)]
 pub fn compare(a: &str, b: &str) -> Ordering {
     let (ea, ua, ra) = split(a);
     let (eb, ub, rb) = split(b);

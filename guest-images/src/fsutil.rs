@@ -31,10 +31,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ImagesErr
 
 /// A unique temporary path next to `path`.
 pub fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map_or_else(
-        || "tmp".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = path
+        .file_name()
+        .map_or_else(|| "tmp".into(), |n| n.to_string_lossy().into_owned());
     path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
@@ -98,9 +97,8 @@ pub fn have_tool(tool: &str) -> bool {
     if tool.contains('/') {
         return Path::new(tool).is_file();
     }
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|d| d.join(tool).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
 }
 
 /// Makes sure `tool` exists (an executable name or absolute path), installing `package` with

@@ -76,7 +76,10 @@ pub fn validate(cache: &Path, series: KernelSeries) -> Result<Stamp, ImagesError
     let release_path = d.join("release");
     let release = read_opt(&release_path).map(|r| String::from_utf8_lossy(&r).trim().to_string());
     if release.as_deref() != Some(stamp.release.as_str()) {
-        return Err(ImagesError::missing(release_path, "release does not match the stamp"));
+        return Err(ImagesError::missing(
+            release_path,
+            "release does not match the stamp",
+        ));
     }
     let config = d.join("config");
     if !config.is_file() {
@@ -85,7 +88,10 @@ pub fn validate(cache: &Path, series: KernelSeries) -> Result<Stamp, ImagesError
     let vmlinuz = d.join("vmlinuz");
     let bz = read_opt(&vmlinuz).ok_or_else(|| ImagesError::missing(&vmlinuz, "no bzImage"))?;
     if sha256_hex([bz.as_slice()]) != stamp.vmlinuz_sha256 {
-        return Err(ImagesError::missing(vmlinuz, "bzImage does not match the stamp"));
+        return Err(ImagesError::missing(
+            vmlinuz,
+            "bzImage does not match the stamp",
+        ));
     }
     let vmlinux = d.join("vmlinux");
     let len = fs::metadata(&vmlinux).map(|m| m.len()).ok();
@@ -94,13 +100,20 @@ pub fn validate(cache: &Path, series: KernelSeries) -> Result<Stamp, ImagesError
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
         .is_ok();
     if len != Some(stamp.vmlinux_len) || !head_ok || check_x86_64_elf(&head).is_err() {
-        return Err(ImagesError::missing(vmlinux, "vmlinux missing or not the decompressed bzImage"));
+        return Err(ImagesError::missing(
+            vmlinux,
+            "vmlinux missing or not the decompressed bzImage",
+        ));
     }
     Ok(stamp)
 }
 
 /// Makes the series directory hold `pkg`, downloading and extracting as needed.
-pub fn install(cache: &Path, series: KernelSeries, pkg: &KernelPackage) -> Result<Stamp, ImagesError> {
+pub fn install(
+    cache: &Path,
+    series: KernelSeries,
+    pkg: &KernelPackage,
+) -> Result<Stamp, ImagesError> {
     let d = dir(cache, series);
     let debs = cache.join("debs");
     fs::create_dir_all(&debs).map_err(|e| ImagesError::io("creating", &debs, e))?;
@@ -160,7 +173,11 @@ fn install_files(
     write_atomic(&d.join("vmlinuz"), &bz, 0o644)?;
     write_atomic(&d.join("config"), &read(config)?, 0o644)?;
     write_atomic(&d.join("vmlinux"), &vmlinux, 0o644)?;
-    write_atomic(&d.join("release"), format!("{}\n", pkg.release).as_bytes(), 0o644)?;
+    write_atomic(
+        &d.join("release"),
+        format!("{}\n", pkg.release).as_bytes(),
+        0o644,
+    )?;
     let stamp = Stamp {
         package: pkg.name.clone(),
         version: pkg.version.clone(),

@@ -156,7 +156,8 @@ pub fn existing_in(cache: &Path) -> Result<Images, ImagesError> {
     let kernels = KernelSeries::all()
         .into_iter()
         .map(|series| {
-            kernels::validate(cache, series).map(|stamp| kernels::image(cache, series, stamp.release))
+            kernels::validate(cache, series)
+                .map(|stamp| kernels::image(cache, series, stamp.release))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let (initramfs, progs_dir) = initramfs_paths(cache);
@@ -169,11 +170,14 @@ pub fn existing_in(cache: &Path) -> Result<Images, ImagesError> {
             None => path.is_file(),
         };
         if !ok {
-            return Err(ImagesError::missing(path, "test program missing or built from an older source"));
+            return Err(ImagesError::missing(
+                path,
+                "test program missing or built from an older source",
+            ));
         }
     }
-    let current = initramfs::is_current(&initramfs, &progs_dir)
-        .unwrap_or_else(|_| initramfs.is_file());
+    let current =
+        initramfs::is_current(&initramfs, &progs_dir).unwrap_or_else(|_| initramfs.is_file());
     if !current {
         return Err(ImagesError::missing(
             &initramfs,

@@ -22,31 +22,45 @@ enum Cmd {
     Show,
 }
 
-fn print(images: &guest_images::Images, machine: bool) {
+/// Renders the cached paths; `machine` selects `KEY=path` lines.
+fn render(images: &guest_images::Images, machine: bool) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
     if !machine {
-        println!("cache: {}", images.cache.display());
+        line(format!("cache: {}", images.cache.display()));
     }
     for k in &images.kernels {
         let s = k.series.to_string().replace('.', "_");
         if machine {
-            println!("KERNEL_{s}_RELEASE={}", k.release);
-            println!("KERNEL_{s}_BZIMAGE={}", k.bzimage.display());
-            println!("KERNEL_{s}_VMLINUX={}", k.vmlinux.display());
-            println!("KERNEL_{s}_CONFIG={}", k.config.display());
+            line(format!("KERNEL_{s}_RELEASE={}", k.release));
+            line(format!("KERNEL_{s}_BZIMAGE={}", k.bzimage.display()));
+            line(format!("KERNEL_{s}_VMLINUX={}", k.vmlinux.display()));
+            line(format!("KERNEL_{s}_CONFIG={}", k.config.display()));
         } else {
-            println!("kernel {} ({}):", k.series, k.release);
-            println!("  bzimage {}", k.bzimage.display());
-            println!("  vmlinux {}", k.vmlinux.display());
-            println!("  config  {}", k.config.display());
+            line(format!("kernel {} ({}):", k.series, k.release));
+            line(format!("  bzimage {}", k.bzimage.display()));
+            line(format!("  vmlinux {}", k.vmlinux.display()));
+            line(format!("  config  {}", k.config.display()));
         }
     }
     if machine {
-        println!("INITRAMFS={}", images.initramfs.display());
-        println!("PROGS={}", images.progs.display());
+        line(format!("INITRAMFS={}", images.initramfs.display()));
+        line(format!("PROGS={}", images.progs.display()));
     } else {
-        println!("initramfs {}", images.initramfs.display());
-        println!("progs     {}", images.progs.display());
+        line(format!("initramfs {}", images.initramfs.display()));
+        line(format!("progs     {}", images.progs.display()));
     }
+    out
+}
+
+/// Prints to stdout, ignoring a closed pipe (e.g. `| head`).
+fn print(images: &guest_images::Images, machine: bool) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(render(images, machine).as_bytes());
 }
 
 fn main() {

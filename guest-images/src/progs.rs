@@ -81,7 +81,13 @@ pub fn ensure(dir: &Path) -> Result<(), ImagesError> {
         let src = work.join(format!("{}.c", prog.name));
         let bin = work.join(prog.name);
         let result = write_atomic(&src, prog.source.as_bytes(), 0o644)
-            .and_then(|()| run(Command::new("gcc").args(CFLAGS).arg("-o").arg(&bin).arg(&src)))
+            .and_then(|()| {
+                run(Command::new("gcc")
+                    .args(CFLAGS)
+                    .arg("-o")
+                    .arg(&bin)
+                    .arg(&src))
+            })
             .and_then(|_| read(&bin))
             .and_then(|data| write_atomic(&dir.join(prog.name), &data, 0o755))
             .and_then(|()| {
