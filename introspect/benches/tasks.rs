@@ -24,12 +24,23 @@ fn best<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let ram_path = args.first().cloned().unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/ram.bin".into());
-    let regs_path = args.get(1).cloned().unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/regs.txt".into());
-    let ram = std::fs::read(&ram_path)
-        .unwrap_or_else(|e| panic!("cannot read {ram_path}: {e} (run `python3 /tmp/hvpatch-dumps/dump.py 6.12`)"));
-    let regs = std::fs::read_to_string(&regs_path).unwrap_or_else(|e| panic!("cannot read {regs_path}: {e}"));
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let ram_path = args
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/ram.bin".into());
+    let regs_path = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/regs.txt".into());
+    let ram = std::fs::read(&ram_path).unwrap_or_else(|e| {
+        panic!("cannot read {ram_path}: {e} (run `python3 /tmp/hvpatch-dumps/dump.py 6.12`)")
+    });
+    let regs = std::fs::read_to_string(&regs_path)
+        .unwrap_or_else(|e| panic!("cannot read {regs_path}: {e}"));
     let vcpus = hmp::parse_hmp_registers(&regs);
     let mem = SliceMemory::flat(&ram);
     let (t_model, _) = best(3, || {
@@ -50,7 +61,11 @@ fn main() {
             frames += k.task_stack(&mem, t).expect("stack").frames.len();
         }
         for v in 0..vcpus.len() {
-            frames += k.vcpu_stack(&mem, &vcpus, v).expect("vcpu stack").frames.len();
+            frames += k
+                .vcpu_stack(&mem, &vcpus, v)
+                .expect("vcpu stack")
+                .frames
+                .len();
         }
         frames
     });
@@ -58,7 +73,16 @@ fn main() {
     println!("kernel:                       {:?}", k.info().release);
     println!("model build (BTF+ORC, once):  {:>8.2} ms  ({} BTF types, {} ORC entries; best of 3 {:.2} ms)",
         t_model_once.as_secs_f64() * 1e3, m.btf.type_count(), m.orc.len(), t_model.as_secs_f64() * 1e3);
-    println!("task walk:                    {:>8.3} ms  ({} tasks)", t_tasks.as_secs_f64() * 1e3, tasks.len());
-    println!("task walk + unwind all:       {:>8.3} ms  ({} frames; tasks + {} vCPUs)", t_all.as_secs_f64() * 1e3, frames, vcpus.len());
+    println!(
+        "task walk:                    {:>8.3} ms  ({} tasks)",
+        t_tasks.as_secs_f64() * 1e3,
+        tasks.len()
+    );
+    println!(
+        "task walk + unwind all:       {:>8.3} ms  ({} frames; tasks + {} vCPUs)",
+        t_all.as_secs_f64() * 1e3,
+        frames,
+        vcpus.len()
+    );
     println!("(best of 20 runs)");
 }

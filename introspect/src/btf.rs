@@ -212,10 +212,17 @@ impl Btf {
         if hdr_len < 24 || hdr_len > data.len() {
             return Err(BtfError::BadHeader("bad hdr_len"));
         }
-        let field = |o| rd_u32(&data, o).map(|v| v as usize).ok_or(BtfError::BadHeader("truncated"));
-        let (type_off, type_len, str_off, str_len) = (field(8)?, field(12)?, field(16)?, field(20)?);
+        let field = |o| {
+            rd_u32(&data, o)
+                .map(|v| v as usize)
+                .ok_or(BtfError::BadHeader("truncated"))
+        };
+        let (type_off, type_len, str_off, str_len) =
+            (field(8)?, field(12)?, field(16)?, field(20)?);
         let section = |off: usize, len: usize| -> Result<(usize, usize), BtfError> {
-            let s = hdr_len.checked_add(off).ok_or(BtfError::BadHeader("overflow"))?;
+            let s = hdr_len
+                .checked_add(off)
+                .ok_or(BtfError::BadHeader("overflow"))?;
             let e = s.checked_add(len).ok_or(BtfError::BadHeader("overflow"))?;
             if e > data.len() {
                 return Err(BtfError::BadHeader("section out of bounds"));
@@ -244,10 +251,19 @@ impl Btf {
                 .kind
                 .extra_len(rec.vlen)
                 .and_then(|x| x.checked_add(12))
-                .ok_or(BtfError::BadType { id, what: "length overflow" })?;
-            let next = pos.checked_add(len).ok_or(BtfError::BadType { id, what: "length overflow" })?;
+                .ok_or(BtfError::BadType {
+                    id,
+                    what: "length overflow",
+                })?;
+            let next = pos.checked_add(len).ok_or(BtfError::BadType {
+                id,
+                what: "length overflow",
+            })?;
             if next > types_end {
-                return Err(BtfError::BadType { id, what: "truncated" });
+                return Err(BtfError::BadType {
+                    id,
+                    what: "truncated",
+                });
             }
             btf.offsets.push(off32);
             if matches!(rec.kind, Kind::Struct | Kind::Union) && rec.name_off != 0 {
@@ -280,7 +296,11 @@ impl Btf {
     }
 
     fn rec(&self, id: u32) -> Result<TypeRec, BtfError> {
-        let pos = *self.offsets.get(id as usize).filter(|_| id != 0).ok_or(BtfError::BadRef(id))?;
+        let pos = *self
+            .offsets
+            .get(id as usize)
+            .filter(|_| id != 0)
+            .ok_or(BtfError::BadRef(id))?;
         self.decode_at(pos as usize, id)
     }
 
@@ -302,7 +322,10 @@ impl Btf {
 
     /// Name of type `id` ("" if anonymous or invalid).
     pub fn type_name(&self, id: u32) -> &str {
-        self.rec(id).ok().and_then(|r| self.str_at(r.name_off)).unwrap_or("")
+        self.rec(id)
+            .ok()
+            .and_then(|r| self.str_at(r.name_off))
+            .unwrap_or("")
     }
 
     /// Kind of type `id`.
@@ -315,7 +338,10 @@ impl Btf {
 
     /// Type id of the struct or union called `name`.
     pub fn struct_id(&self, name: &str) -> Result<u32, BtfError> {
-        self.by_name.get(name).copied().ok_or_else(|| BtfError::UnknownStruct(name.to_owned()))
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| BtfError::UnknownStruct(name.to_owned()))
     }
 
     /// Follows typedefs and modifiers (const, volatile, restrict, type tags) to the real type.
@@ -353,7 +379,9 @@ impl Btf {
                 | Kind::Enum64
                 | Kind::Float
                 | Kind::Datasec => {
-                    return mult.checked_mul(r.size_or_type as u64).ok_or(BtfError::NoSize(id))
+                    return mult
+                        .checked_mul(r.size_or_type as u64)
+                        .ok_or(BtfError::NoSize(id))
                 }
                 Kind::Ptr => return mult.checked_mul(8).ok_or(BtfError::NoSize(id)),
                 Kind::Array => {
@@ -388,22 +416,36 @@ impl Btf {
         let mut offset: u64 = 0;
         let mut last = None;
         for comp in path.split('.') {
-            let (off, mid) = self.find_member(ty, comp, 0)?.ok_or_else(|| BtfError::UnknownMember {
-                ty: ty_name.clone(),
-                member: comp.to_owned(),
-            })?;
+            let (off, mid) =
+                self.find_member(ty, comp, 0)?
+                    .ok_or_else(|| BtfError::UnknownMember {
+                        ty: ty_name.clone(),
+                        member: comp.to_owned(),
+                    })?;
             offset = offset.checked_add(off).ok_or(BtfError::BadRef(mid))?;
             last = Some(mid);
             ty = mid;
             ty_name = comp.to_owned();
         }
-        let type_id = last.ok_or_else(|| BtfError::UnknownMember { ty: name.to_owned(), member: String::new() })?;
-        Ok(Member { offset, type_id, size: self.type_size(type_id)? })
+        let type_id = last.ok_or_else(|| BtfError::UnknownMember {
+            ty: name.to_owned(),
+            member: String::new(),
+        })?;
+        Ok(Member {
+            offset,
+            type_id,
+            size: self.type_size(type_id)?,
+        })
     }
 
     /// Searches `ty` (after resolving) for member `name`, descending into anonymous members.
     /// Returns (byte offset, member type id).
-    fn find_member(&self, ty: u32, name: &str, depth: usize) -> Result<Option<(u64, u32)>, BtfError> {
+    fn find_member(
+        &self,
+        ty: u32,
+        name: &str,
+        depth: usize,
+    ) -> Result<Option<(u64, u32)>, BtfError> {
         if depth > MAX_DEPTH {
             return Err(BtfError::BadRef(ty));
         }
@@ -415,11 +457,18 @@ impl Btf {
         };
         for i in 0..r.vlen as usize {
             let m = r.extra + i * 12;
-            let bad = || BtfError::BadType { id, what: "truncated member" };
+            let bad = || BtfError::BadType {
+                id,
+                what: "truncated member",
+            };
             let m_name = rd_u32(&self.data, m).ok_or_else(bad)?;
             let m_type = rd_u32(&self.data, m + 4).ok_or_else(bad)?;
             let m_off = rd_u32(&self.data, m + 8).ok_or_else(bad)?;
-            let (bits, bitfield_size) = if r.kind_flag { (m_off & 0xff_ffff, m_off >> 24) } else { (m_off, 0) };
+            let (bits, bitfield_size) = if r.kind_flag {
+                (m_off & 0xff_ffff, m_off >> 24)
+            } else {
+                (m_off, 0)
+            };
             if m_name == 0 {
                 // Anonymous struct/union: look inside.
                 let inner = self.resolve(m_type)?;
@@ -507,10 +556,22 @@ mod tests {
         assert_eq!(b.member_offset("outer", "named.c").unwrap(), 24);
         assert_eq!(b.member("outer", "arr").unwrap().size, 16);
         assert_eq!(b.member_offset("outer", "arr").unwrap(), 28);
-        assert_eq!(b.member_offset("outer", "named.b"), Err(BtfError::Bitfield("b".into())));
-        assert!(matches!(b.member_offset("outer", "nope"), Err(BtfError::UnknownMember { .. })));
-        assert!(matches!(b.member_offset("outer", "x.y"), Err(BtfError::NotComposite(_))));
-        assert!(matches!(b.struct_size("nope"), Err(BtfError::UnknownStruct(_))));
+        assert_eq!(
+            b.member_offset("outer", "named.b"),
+            Err(BtfError::Bitfield("b".into()))
+        );
+        assert!(matches!(
+            b.member_offset("outer", "nope"),
+            Err(BtfError::UnknownMember { .. })
+        ));
+        assert!(matches!(
+            b.member_offset("outer", "x.y"),
+            Err(BtfError::NotComposite(_))
+        ));
+        assert!(matches!(
+            b.struct_size("nope"),
+            Err(BtfError::UnknownStruct(_))
+        ));
     }
 
     #[test]

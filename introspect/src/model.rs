@@ -149,17 +149,33 @@ fn sym(g: &dyn GuestAccess, name: &'static str) -> Result<u64, ModelError> {
     g.symbol(name).ok_or(ModelError::MissingSymbol(name))
 }
 
-fn read_range(g: &dyn GuestAccess, start: u64, end: u64, cap: u64, what: &'static str) -> Result<Vec<u8>, ModelError> {
-    let len = end.checked_sub(start).filter(|&l| l > 0 && l <= cap).ok_or(ModelError::BadSize(what))?;
+fn read_range(
+    g: &dyn GuestAccess,
+    start: u64,
+    end: u64,
+    cap: u64,
+    what: &'static str,
+) -> Result<Vec<u8>, ModelError> {
+    let len = end
+        .checked_sub(start)
+        .filter(|&l| l > 0 && l <= cap)
+        .ok_or(ModelError::BadSize(what))?;
     let mut buf = vec![0u8; len as usize];
-    g.read_virt(start, &mut buf).map_err(|err| ModelError::Read { what, err })?;
+    g.read_virt(start, &mut buf)
+        .map_err(|err| ModelError::Read { what, err })?;
     Ok(buf)
 }
 
 impl Model {
     /// Builds the model: reads BTF (`__start_BTF..__stop_BTF`) and the ORC sections.
     pub fn build(g: &dyn GuestAccess) -> Result<Model, ModelError> {
-        let btf_bytes = read_range(g, sym(g, "__start_BTF")?, sym(g, "__stop_BTF")?, MAX_BTF_BYTES, "BTF")?;
+        let btf_bytes = read_range(
+            g,
+            sym(g, "__start_BTF")?,
+            sym(g, "__stop_BTF")?,
+            MAX_BTF_BYTES,
+            "BTF",
+        )?;
         let btf = Btf::parse(btf_bytes)?;
         let task = Self::task_layout(&btf)?;
         let regs = PtRegsLayout::from_btf(&btf)?;
@@ -171,7 +187,11 @@ impl Model {
         let ip_stop = g.symbol("__stop_orc_unwind_ip").unwrap_or(orc_start);
         let ip_bytes = read_range(g, ip_start, ip_stop, MAX_ORC_IP_BYTES, "orc_unwind_ip")?;
         let entries = read_range(g, orc_start, orc_stop, MAX_ORC_IP_BYTES * 2, "orc_unwind")?;
-        let format = if g.symbol("__start_orc_header").is_some() { OrcFormat::Current } else { OrcFormat::Legacy };
+        let format = if g.symbol("__start_orc_header").is_some() {
+            OrcFormat::Current
+        } else {
+            OrcFormat::Legacy
+        };
         let orc = OrcTable::new(&ip_bytes, ip_start, entries, format)?;
 
         let stext = sym(g, "_stext")?;
@@ -182,13 +202,22 @@ impl Model {
         }
         let text_ranges = orc_ranges.clone();
         let mut sched_ranges = Vec::new();
-        for (s, e) in [("__sched_text_start", "__sched_text_end"), ("__lock_text_start", "__lock_text_end")] {
+        for (s, e) in [
+            ("__sched_text_start", "__sched_text_end"),
+            ("__lock_text_start", "__lock_text_end"),
+        ] {
             if let (Some(s), Some(e)) = (g.symbol(s), g.symbol(e)) {
                 sched_ranges.push((s, e));
             }
         }
-        let ret_from_fork = g.symbol("ret_from_fork_asm").or_else(|| g.symbol("ret_from_fork")).ok_or(ModelError::MissingSymbol("ret_from_fork"))?;
-        let do_idle = g.symbol("do_idle").and_then(|a| g.symbolize(a).map(|(_, off, size)| (a - off, a - off + size)));
+        let ret_from_fork = g
+            .symbol("ret_from_fork_asm")
+            .or_else(|| g.symbol("ret_from_fork"))
+            .ok_or(ModelError::MissingSymbol("ret_from_fork"))?;
+        let do_idle = g.symbol("do_idle").and_then(|a| {
+            g.symbolize(a)
+                .map(|(_, off, size)| (a - off, a - off + size))
+        });
         Ok(Model {
             btf,
             task,
@@ -236,16 +265,25 @@ impl Model {
 
     fn percpu_layout(g: &dyn GuestAccess, btf: &Btf) -> Result<PercpuLayout, ModelError> {
         // 6.12: struct pcpu_hot; 6.1: separate per-cpu variables.
-        let hot = g.symbol("pcpu_hot").filter(|_| btf.struct_id("pcpu_hot").is_ok());
+        let hot = g
+            .symbol("pcpu_hot")
+            .filter(|_| btf.struct_id("pcpu_hot").is_ok());
         let field = |hot_field: &str, var: &'static str| -> Option<u64> {
             match hot {
-                Some(h) => btf.member_offset("pcpu_hot", hot_field).ok().map(|o| h.wrapping_add(o)),
+                Some(h) => btf
+                    .member_offset("pcpu_hot", hot_field)
+                    .ok()
+                    .map(|o| h.wrapping_add(o)),
                 None => g.symbol(var),
             }
         };
-        let current_task = field("current_task", "current_task").ok_or(ModelError::MissingSymbol("current_task"))?;
+        let current_task = field("current_task", "current_task")
+            .ok_or(ModelError::MissingSymbol("current_task"))?;
         let nr_cpu_ids = match g.symbol("nr_cpu_ids") {
-            Some(a) => g.read_u32(a).map_err(|err| ModelError::Read { what: "nr_cpu_ids", err })?,
+            Some(a) => g.read_u32(a).map_err(|err| ModelError::Read {
+                what: "nr_cpu_ids",
+                err,
+            })?,
             None => 1,
         };
         Ok(PercpuLayout {
@@ -265,7 +303,9 @@ impl Model {
 
     /// Whether `addr` is in `__sched` or lock text (filtered from `/proc/PID/stack`).
     pub fn in_sched_functions(&self, addr: u64) -> bool {
-        self.sched_ranges.iter().any(|&(s, e)| addr >= s && addr < e)
+        self.sched_ranges
+            .iter()
+            .any(|&(s, e)| addr >= s && addr < e)
     }
 }
 
@@ -279,7 +319,9 @@ pub struct KernelGuest<'a> {
 
 impl GuestAccess for KernelGuest<'_> {
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.kernel.read_virt(self.mem, va, buf).map_err(|e| e.to_string())
+        self.kernel
+            .read_virt(self.mem, va, buf)
+            .map_err(|e| e.to_string())
     }
 
     fn symbol(&self, name: &str) -> Option<u64> {
@@ -287,7 +329,9 @@ impl GuestAccess for KernelGuest<'_> {
     }
 
     fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {
-        self.kernel.symbolize(addr).map(|s| (s.name.to_string(), s.offset, s.size))
+        self.kernel
+            .symbolize(addr)
+            .map(|s| (s.name.to_string(), s.offset, s.size))
     }
 }
 

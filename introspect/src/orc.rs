@@ -108,7 +108,14 @@ impl OrcEntry {
                 let t = ((bits >> 8) & 3) as u8;
                 let end = bits & (1 << 10) != 0;
                 if sp_reg == reg::UNDEFINED {
-                    (if end { OrcType::EndOfStack } else { OrcType::Undefined }, false)
+                    (
+                        if end {
+                            OrcType::EndOfStack
+                        } else {
+                            OrcType::Undefined
+                        },
+                        false,
+                    )
                 } else {
                     match t {
                         0 => (OrcType::Call, false),
@@ -132,7 +139,14 @@ impl OrcEntry {
                 (ty, signal)
             }
         };
-        OrcEntry { sp_offset, bp_offset, sp_reg, bp_reg, ty, signal }
+        OrcEntry {
+            sp_offset,
+            bp_offset,
+            sp_reg,
+            bp_reg,
+            ty,
+            signal,
+        }
     }
 }
 
@@ -165,9 +179,20 @@ pub struct OrcTable {
 impl OrcTable {
     /// Builds the table from the raw section bytes; `ip_table_va` is the guest virtual address
     /// of `__start_orc_unwind_ip` (the ip entries are relative to their own address).
-    pub fn new(ip_bytes: &[u8], ip_table_va: u64, entries: Vec<u8>, format: OrcFormat) -> Result<Self, OrcError> {
-        let bad = || OrcError::BadSizes { ips: ip_bytes.len(), entries: entries.len() };
-        if ip_bytes.len() % 4 != 0 || entries.len() % 6 != 0 || ip_bytes.len() / 4 != entries.len() / 6 {
+    pub fn new(
+        ip_bytes: &[u8],
+        ip_table_va: u64,
+        entries: Vec<u8>,
+        format: OrcFormat,
+    ) -> Result<Self, OrcError> {
+        let bad = || OrcError::BadSizes {
+            ips: ip_bytes.len(),
+            entries: entries.len(),
+        };
+        if !ip_bytes.len().is_multiple_of(4)
+            || !entries.len().is_multiple_of(6)
+            || ip_bytes.len() / 4 != entries.len() / 6
+        {
             return Err(bad());
         }
         let n = ip_bytes.len() / 4;
@@ -182,7 +207,11 @@ impl OrcTable {
                 ip_table_va.wrapping_add(4 * i as u64).wrapping_add(rel)
             })
             .collect();
-        Ok(OrcTable { ips, entries, format })
+        Ok(OrcTable {
+            ips,
+            entries,
+            format,
+        })
     }
 
     /// Number of entries.
@@ -220,8 +249,13 @@ impl OrcTable {
     }
 
     fn entry(&self, idx: usize) -> Option<OrcEntry> {
-        let b = self.entries.get(idx.checked_mul(6)?..idx.checked_mul(6)?.checked_add(6)?)?;
-        Some(OrcEntry::decode([b[0], b[1], b[2], b[3], b[4], b[5]], self.format))
+        let b = self
+            .entries
+            .get(idx.checked_mul(6)?..idx.checked_mul(6)?.checked_add(6)?)?;
+        Some(OrcEntry::decode(
+            [b[0], b[1], b[2], b[3], b[4], b[5]],
+            self.format,
+        ))
     }
 }
 
@@ -233,11 +267,17 @@ mod tests {
     fn decode_formats() {
         // 6.1 CALL sp=SP+8
         let e = OrcEntry::decode([8, 0, 0, 0, 0x05, 0x00], OrcFormat::Legacy);
-        assert_eq!((e.ty, e.sp_reg, e.sp_offset, e.signal), (OrcType::Call, reg::SP, 8, false));
+        assert_eq!(
+            (e.ty, e.sp_reg, e.sp_offset, e.signal),
+            (OrcType::Call, reg::SP, 8, false)
+        );
         // 6.1 END: sp_reg undefined + end bit
         let e = OrcEntry::decode([0, 0, 0, 0, 0x00, 0x04], OrcFormat::Legacy);
         assert_eq!(e.ty, OrcType::EndOfStack);
-        assert_eq!(OrcEntry::decode([0; 6], OrcFormat::Legacy).ty, OrcType::Undefined);
+        assert_eq!(
+            OrcEntry::decode([0; 6], OrcFormat::Legacy).ty,
+            OrcType::Undefined
+        );
         // 6.12 CALL = 0x0205
         let e = OrcEntry::decode([16, 0, 0, 0, 0x05, 0x02], OrcFormat::Current);
         assert_eq!((e.ty, e.sp_offset), (OrcType::Call, 16));

@@ -77,12 +77,18 @@ impl StackReader for Reader<'_> {
 }
 
 fn env(m: &Model) -> UnwindEnv<'_> {
-    UnwindEnv { orc: &m.orc, orc_ranges: &m.orc_ranges, text_ranges: &m.text_ranges, regs: m.regs }
+    UnwindEnv {
+        orc: &m.orc,
+        orc_ranges: &m.orc_ranges,
+        text_ranges: &m.text_ranges,
+        regs: m.regs,
+    }
 }
 
 /// `%pB`: symbol of `addr - 1`, offset + 1 (return addresses).
 fn sym_pb(g: &dyn GuestAccess, addr: u64) -> Option<(String, u64, u64)> {
-    g.symbolize(addr.wrapping_sub(1)).map(|(n, off, size)| (n, off.wrapping_add(1), size))
+    g.symbolize(addr.wrapping_sub(1))
+        .map(|(n, off, size)| (n, off.wrapping_add(1), size))
 }
 
 fn frames(g: &dyn GuestAccess, ips: &[u64], first_exact: bool) -> Vec<Frame> {
@@ -90,7 +96,11 @@ fn frames(g: &dyn GuestAccess, ips: &[u64], first_exact: bool) -> Vec<Frame> {
         .enumerate()
         .map(|(i, &addr)| Frame {
             addr,
-            symbol: if i == 0 && first_exact { g.symbolize(addr) } else { sym_pb(g, addr) },
+            symbol: if i == 0 && first_exact {
+                g.symbolize(addr)
+            } else {
+                sym_pb(g, addr)
+            },
         })
         .collect()
 }
@@ -102,19 +112,41 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
             Some(v) => format!("task is running on vCPU {v}; unwind the vCPU instead"),
             None => "task is on a CPU (on_cpu)".to_string(),
         };
-        return Ok(Stack { frames: vec![], reliable: false, reason: Some(why), kind: StackKind::Sleeping });
+        return Ok(Stack {
+            frames: vec![],
+            reliable: false,
+            reason: Some(why),
+            kind: StackKind::Sleeping,
+        });
     }
     if task.stack_base == 0 {
         // Exited task without a stack: "reliably empty", like stack_trace_save_tsk_reliable.
-        return Ok(Stack { frames: vec![], reliable: true, reason: None, kind: StackKind::Sleeping });
+        return Ok(Stack {
+            frames: vec![],
+            reliable: true,
+            reason: None,
+            kind: StackKind::Sleeping,
+        });
     }
     let t = &m.task;
     let sp = task.thread_sp;
-    let rd = |off: u64, what| g.read_u64(sp.wrapping_add(off)).map_err(|err| StackError::Read { what, err });
+    let rd = |off: u64, what| {
+        g.read_u64(sp.wrapping_add(off))
+            .map_err(|err| StackError::Read { what, err })
+    };
     let ip = rd(t.frame_ret_addr, "inactive_task_frame.ret_addr")?;
     let bp = rd(t.frame_bp, "inactive_task_frame.bp")?;
-    let start = UnwindStart { ip, sp: sp.wrapping_add(t.frame_size), bp, signal: ip == m.ret_from_fork };
-    let stacks = [StackRange { start: task.stack_base, end: task.stack_base.wrapping_add(THREAD_SIZE), ty: StackType::Task }];
+    let start = UnwindStart {
+        ip,
+        sp: sp.wrapping_add(t.frame_size),
+        bp,
+        signal: ip == m.ret_from_fork,
+    };
+    let stacks = [StackRange {
+        start: task.stack_base,
+        end: task.stack_base.wrapping_add(THREAD_SIZE),
+        ty: StackType::Task,
+    }];
     let w = walk(env(m), &stacks, &Reader(g), start);
     Ok(Stack {
         frames: frames(g, &w.frames, false),
@@ -125,22 +157,47 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
 }
 
 /// Stacks a running vCPU may be on: its task stack, IRQ stack and exception stacks.
-fn vcpu_stacks(g: &dyn GuestAccess, m: &Model, base: Option<u64>, task: Option<&Task>) -> Vec<StackRange> {
+fn vcpu_stacks(
+    g: &dyn GuestAccess,
+    m: &Model,
+    base: Option<u64>,
+    task: Option<&Task>,
+) -> Vec<StackRange> {
     let mut v = Vec::new();
     if let Some(t) = task.filter(|t| t.stack_base != 0) {
-        v.push(StackRange { start: t.stack_base, end: t.stack_base.wrapping_add(THREAD_SIZE), ty: StackType::Task });
+        v.push(StackRange {
+            start: t.stack_base,
+            end: t.stack_base.wrapping_add(THREAD_SIZE),
+            ty: StackType::Task,
+        });
     }
     if let Some(base) = base {
-        if let Some(p) = m.percpu.hardirq_stack_ptr.and_then(|o| g.read_u64(base.wrapping_add(o)).ok()) {
+        if let Some(p) = m
+            .percpu
+            .hardirq_stack_ptr
+            .and_then(|o| g.read_u64(base.wrapping_add(o)).ok())
+        {
             let end = p.wrapping_add(8);
             if p != 0 && end > THREAD_SIZE {
-                v.push(StackRange { start: end - THREAD_SIZE, end, ty: StackType::Irq });
+                v.push(StackRange {
+                    start: end - THREAD_SIZE,
+                    end,
+                    ty: StackType::Irq,
+                });
             }
         }
-        if let Some(p) = m.percpu.cea_exception_stacks.and_then(|o| g.read_u64(base.wrapping_add(o)).ok()) {
+        if let Some(p) = m
+            .percpu
+            .cea_exception_stacks
+            .and_then(|o| g.read_u64(base.wrapping_add(o)).ok())
+        {
             if p != 0 && m.percpu.cea_exception_stacks_size > 0 {
                 if let Some(end) = p.checked_add(m.percpu.cea_exception_stacks_size) {
-                    v.push(StackRange { start: p, end, ty: StackType::Exception });
+                    v.push(StackRange {
+                        start: p,
+                        end,
+                        ty: StackType::Exception,
+                    });
                 }
             }
         }
@@ -149,31 +206,60 @@ fn vcpu_stacks(g: &dyn GuestAccess, m: &Model, base: Option<u64>, task: Option<&
 }
 
 /// The unwind of a vCPU from its registers.
-pub fn vcpu_stack(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs], vcpu: usize) -> Result<Stack, StackError> {
+pub fn vcpu_stack(
+    g: &dyn GuestAccess,
+    m: &Model,
+    vcpus: &[VcpuRegs],
+    vcpu: usize,
+) -> Result<Stack, StackError> {
     let Some(r) = vcpus.get(vcpu) else {
-        return Err(StackError::Read { what: "vcpu registers", err: format!("no vCPU {vcpu}") });
+        return Err(StackError::Read {
+            what: "vcpu registers",
+            err: format!("no vCPU {vcpu}"),
+        });
     };
     if r.cpl() == 3 {
-        return Ok(Stack { frames: vec![], reliable: true, reason: None, kind: StackKind::User });
+        return Ok(Stack {
+            frames: vec![],
+            reliable: true,
+            reason: None,
+            kind: StackKind::User,
+        });
     }
     let cpus = vcpu_cpus(g, m, vcpus);
     let vc = cpus.get(vcpu).copied();
-    let base = vc.and_then(|c| c.percpu_base).or_else(|| vc.and_then(|c| c.cpu).and_then(|c| cpu_base(g, m, c)));
+    let base = vc
+        .and_then(|c| c.percpu_base)
+        .or_else(|| vc.and_then(|c| c.cpu).and_then(|c| cpu_base(g, m, c)));
     let task = vc
         .and_then(|c| c.current)
         .and_then(|t| crate::tasks::read_task(g, m, t, &cpus).ok());
     let stacks = vcpu_stacks(g, m, base, task.as_ref());
-    let start = UnwindStart { ip: r.rip, sp: r.rsp(), bp: r.rbp(), signal: true };
+    let start = UnwindStart {
+        ip: r.rip,
+        sp: r.rsp(),
+        bp: r.rbp(),
+        signal: true,
+    };
     let w = walk(env(m), &stacks, &Reader(g), start);
     let idle = m
         .do_idle
         .is_some_and(|(s, e)| w.frames.iter().any(|&a| a > s && a <= e));
-    let kind = if idle { StackKind::Idle } else { StackKind::RunningKernel };
+    let kind = if idle {
+        StackKind::Idle
+    } else {
+        StackKind::RunningKernel
+    };
     let mut reason = w.unreliable;
     if reason.is_none() && !matches!(w.end, WalkEnd::UserRegs | WalkEnd::EndOfStack) {
         reason = Some(format!("walk ended with {:?}", w.end));
     }
-    Ok(Stack { frames: frames(g, &w.frames, true), reliable: reason.is_none(), reason, kind })
+    Ok(Stack {
+        frames: frames(g, &w.frames, true),
+        reliable: reason.is_none(),
+        reason,
+        kind,
+    })
 }
 
 /// Renders a stack like `/proc/PID/stack`: frames in `__sched`/lock text are dropped
@@ -212,7 +298,11 @@ pub fn compare_with_proc(ours: &[String], proc_lines: &[String]) -> Result<(), S
         let a = ours.get(i).map(String::as_str).unwrap_or("<missing>");
         let b = proc_lines.get(i).map(String::as_str).unwrap_or("<missing>");
         if a != b {
-            return Err(format!("line {i}: ours `{a}` vs /proc `{b}`\nours:\n{}\n/proc:\n{}", ours.join("\n"), proc_lines.join("\n")));
+            return Err(format!(
+                "line {i}: ours `{a}` vs /proc `{b}`\nours:\n{}\n/proc:\n{}",
+                ours.join("\n"),
+                proc_lines.join("\n")
+            ));
         }
     }
     Ok(())
@@ -221,21 +311,45 @@ pub fn compare_with_proc(ours: &[String], proc_lines: &[String]) -> Result<(), S
 impl crate::Kernel {
     /// The kernel stack of a switched-out task (see [`task_stack`]). A task running on a vCPU
     /// gives an empty, unreliable stack: unwind it with [`crate::Kernel::vcpu_stack`].
-    pub fn task_stack(&self, mem: &dyn crate::PhysMemory, task: &Task) -> Result<Stack, StackError> {
-        let m = self.model(mem).map_err(|e| StackError::Model(e.to_string()))?;
+    pub fn task_stack(
+        &self,
+        mem: &dyn crate::PhysMemory,
+        task: &Task,
+    ) -> Result<Stack, StackError> {
+        let m = self
+            .model(mem)
+            .map_err(|e| StackError::Model(e.to_string()))?;
         task_stack(&crate::model::KernelGuest { kernel: self, mem }, m, task)
     }
 
     /// The kernel stack of vCPU `vcpu` from its registers (all `vcpus` are needed to map vCPUs to
     /// CPUs).
-    pub fn vcpu_stack(&self, mem: &dyn crate::PhysMemory, vcpus: &[VcpuRegs], vcpu: usize) -> Result<Stack, StackError> {
-        let m = self.model(mem).map_err(|e| StackError::Model(e.to_string()))?;
-        vcpu_stack(&crate::model::KernelGuest { kernel: self, mem }, m, vcpus, vcpu)
+    pub fn vcpu_stack(
+        &self,
+        mem: &dyn crate::PhysMemory,
+        vcpus: &[VcpuRegs],
+        vcpu: usize,
+    ) -> Result<Stack, StackError> {
+        let m = self
+            .model(mem)
+            .map_err(|e| StackError::Model(e.to_string()))?;
+        vcpu_stack(
+            &crate::model::KernelGuest { kernel: self, mem },
+            m,
+            vcpus,
+            vcpu,
+        )
     }
 
     /// `/proc/PID/stack` rendering of a stack (see [`proc_stack_view`]).
-    pub fn proc_stack_view(&self, mem: &dyn crate::PhysMemory, stack: &Stack) -> Result<Vec<String>, StackError> {
-        let m = self.model(mem).map_err(|e| StackError::Model(e.to_string()))?;
+    pub fn proc_stack_view(
+        &self,
+        mem: &dyn crate::PhysMemory,
+        stack: &Stack,
+    ) -> Result<Vec<String>, StackError> {
+        let m = self
+            .model(mem)
+            .map_err(|e| StackError::Model(e.to_string()))?;
         Ok(proc_stack_view(m, stack))
     }
 }

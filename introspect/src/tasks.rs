@@ -117,15 +117,20 @@ pub fn state_letter(state: u32, exit_state: u32) -> char {
         s = 2;
     }
     let idx = 32 - s.leading_zeros();
-    b"RSDTtXZPI".get(idx as usize).map(|&c| c as char).unwrap_or('?')
+    b"RSDTtXZPI"
+        .get(idx as usize)
+        .map(|&c| c as char)
+        .unwrap_or('?')
 }
 
 fn rd64(g: &dyn GuestAccess, addr: u64, what: &'static str) -> Result<u64, TaskError> {
-    g.read_u64(addr).map_err(|err| TaskError::Read { what, addr, err })
+    g.read_u64(addr)
+        .map_err(|err| TaskError::Read { what, addr, err })
 }
 
 fn rd32(g: &dyn GuestAccess, addr: u64, what: &'static str) -> Result<u32, TaskError> {
-    g.read_u32(addr).map_err(|err| TaskError::Read { what, addr, err })
+    g.read_u32(addr)
+        .map_err(|err| TaskError::Read { what, addr, err })
 }
 
 /// Whether `base` is a valid kernel per-CPU base: a kernel address holding itself at
@@ -139,7 +144,9 @@ pub fn cpu_base(g: &dyn GuestAccess, m: &Model, cpu: u32) -> Option<u64> {
     if cpu >= m.percpu.nr_cpu_ids {
         return None;
     }
-    let b = g.read_u64(m.percpu.per_cpu_offset.wrapping_add(8 * cpu as u64)).ok()?;
+    let b = g
+        .read_u64(m.percpu.per_cpu_offset.wrapping_add(8 * cpu as u64))
+        .ok()?;
     (b != 0).then_some(b)
 }
 
@@ -150,16 +157,23 @@ pub fn cpu_base(g: &dyn GuestAccess, m: &Model, cpu: u32) -> Option<u64> {
 /// per-cpu `cpu_number`). If neither base validates (e.g. a user-mode vCPU over gdbstub, which
 /// cannot read KERNEL_GS_BASE), the vCPU index is assumed to be the CPU number.
 pub fn vcpu_cpus(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs]) -> Vec<VcpuCpu> {
-    let bases: Vec<u64> = (0..m.percpu.nr_cpu_ids.min(4096)).map_while(|c| cpu_base(g, m, c)).collect();
+    let bases: Vec<u64> = (0..m.percpu.nr_cpu_ids.min(4096))
+        .map_while(|c| cpu_base(g, m, c))
+        .collect();
     vcpus
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let base = [r.gs_base, r.kernel_gs_base].into_iter().find(|&b| valid_percpu_base(g, m, b));
+            let base = [r.gs_base, r.kernel_gs_base]
+                .into_iter()
+                .find(|&b| valid_percpu_base(g, m, b));
             let (cpu, base) = match base {
                 Some(b) => {
                     let by_table = bases.iter().position(|&x| x == b).map(|c| c as u32);
-                    let by_var = m.percpu.cpu_number.and_then(|o| g.read_u32(b.wrapping_add(o)).ok());
+                    let by_var = m
+                        .percpu
+                        .cpu_number
+                        .and_then(|o| g.read_u32(b.wrapping_add(o)).ok());
                     (by_table.or(by_var), Some(b))
                 }
                 None => {
@@ -168,14 +182,26 @@ pub fn vcpu_cpus(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs]) -> Vec<Vcpu
                     (b.map(|_| c), b)
                 }
             };
-            let current = base.and_then(|b| g.read_u64(b.wrapping_add(m.percpu.current_task)).ok()).filter(|&t| t >> 63 == 1);
-            VcpuCpu { vcpu: i, cpu, percpu_base: base, current }
+            let current = base
+                .and_then(|b| g.read_u64(b.wrapping_add(m.percpu.current_task)).ok())
+                .filter(|&t| t >> 63 == 1);
+            VcpuCpu {
+                vcpu: i,
+                cpu,
+                percpu_base: base,
+                current,
+            }
         })
         .collect()
 }
 
 /// Walks a circular `list_head` starting at `head` (exclusive), returning the node addresses.
-fn walk_list(g: &dyn GuestAccess, head: u64, cap: usize, what: &'static str) -> Result<Vec<u64>, TaskError> {
+fn walk_list(
+    g: &dyn GuestAccess,
+    head: u64,
+    cap: usize,
+    what: &'static str,
+) -> Result<Vec<u64>, TaskError> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut p = rd64(g, head, what)?;
@@ -190,7 +216,12 @@ fn walk_list(g: &dyn GuestAccess, head: u64, cap: usize, what: &'static str) -> 
 }
 
 /// Reads one task.
-pub fn read_task(g: &dyn GuestAccess, m: &Model, addr: u64, cpus: &[VcpuCpu]) -> Result<Task, TaskError> {
+pub fn read_task(
+    g: &dyn GuestAccess,
+    m: &Model,
+    addr: u64,
+    cpus: &[VcpuCpu],
+) -> Result<Task, TaskError> {
     let l = &m.task;
     let f32 = |off: u64, what| rd32(g, addr.wrapping_add(off), what);
     let state = f32(l.state, "task.__state")?;
@@ -198,7 +229,11 @@ pub fn read_task(g: &dyn GuestAccess, m: &Model, addr: u64, cpus: &[VcpuCpu]) ->
     let flags = f32(l.flags, "task.flags")?;
     let mut comm = vec![0u8; l.comm_len as usize];
     g.read_virt(addr.wrapping_add(l.comm), &mut comm)
-        .map_err(|err| TaskError::Read { what: "task.comm", addr, err })?;
+        .map_err(|err| TaskError::Read {
+            what: "task.comm",
+            addr,
+            err,
+        })?;
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     let pid = f32(l.pid, "task.pid")? as i32;
     Ok(Task {
@@ -213,7 +248,10 @@ pub fn read_task(g: &dyn GuestAccess, m: &Model, addr: u64, cpus: &[VcpuCpu]) ->
         is_kthread: flags & PF_KTHREAD != 0,
         on_cpu: f32(l.on_cpu, "task.on_cpu")? != 0,
         cpu: f32(l.cpu, "task.cpu")?,
-        running_on_vcpu: cpus.iter().find(|c| c.current == Some(addr)).map(|c| c.vcpu),
+        running_on_vcpu: cpus
+            .iter()
+            .find(|c| c.current == Some(addr))
+            .map(|c| c.vcpu),
         stack_base: rd64(g, addr.wrapping_add(l.stack), "task.stack")?,
         thread_sp: rd64(g, addr.wrapping_add(l.thread_sp), "task.thread.sp")?,
         patch_state: match l.patch_state {
@@ -226,7 +264,11 @@ pub fn read_task(g: &dyn GuestAccess, m: &Model, addr: u64, cpus: &[VcpuCpu]) ->
 
 /// The task list: `init_task`, every process on `init_task.tasks` with all its threads, and the
 /// idle tasks of the other CPUs (`rq->idle`).
-pub fn list_tasks(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs]) -> Result<Vec<Task>, TaskError> {
+pub fn list_tasks(
+    g: &dyn GuestAccess,
+    m: &Model,
+    vcpus: &[VcpuRegs],
+) -> Result<Vec<Task>, TaskError> {
     let cpus = vcpu_cpus(g, m, vcpus);
     let l = &m.task;
     let mut addrs = vec![m.init_task];
@@ -243,7 +285,11 @@ pub fn list_tasks(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs]) -> Result<
             }
             (_, _, Some(tg)) => {
                 let mut v = vec![leader];
-                v.extend(walk_list(g, leader.wrapping_add(tg), MAX_THREADS, "thread_group")?.into_iter().map(|n| n.wrapping_sub(tg)));
+                v.extend(
+                    walk_list(g, leader.wrapping_add(tg), MAX_THREADS, "thread_group")?
+                        .into_iter()
+                        .map(|n| n.wrapping_sub(tg)),
+                );
                 v
             }
             _ => vec![leader],
@@ -260,7 +306,9 @@ pub fn list_tasks(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs]) -> Result<
     // Idle tasks of the other CPUs.
     if let (Some(rq), Some(idle)) = (m.percpu.runqueues, m.percpu.rq_idle) {
         for cpu in 0..m.percpu.nr_cpu_ids.min(4096) {
-            let Some(base) = cpu_base(g, m, cpu) else { break };
+            let Some(base) = cpu_base(g, m, cpu) else {
+                break;
+            };
             if let Ok(t) = g.read_u64(base.wrapping_add(rq).wrapping_add(idle)) {
                 if t >> 63 == 1 {
                     addrs.push(t);
@@ -278,33 +326,33 @@ pub fn list_tasks(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs]) -> Result<
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_letters() {
-        assert_eq!(state_letter(0, 0), 'R');
-        assert_eq!(state_letter(1, 0), 'S');
-        assert_eq!(state_letter(2, 0), 'D');
-        assert_eq!(state_letter(0x402, 0), 'I');
-        assert_eq!(state_letter(0x2001, 0), 'S');
-        assert_eq!(state_letter(0, 0x20), 'Z');
-        assert_eq!(state_letter(0x40, 0), 'P');
-    }
-}
-
 impl crate::Kernel {
     /// All tasks: `init_task`, every thread of every process, and the other CPUs' idle tasks.
-    pub fn tasks(&self, mem: &dyn crate::PhysMemory, vcpus: &[VcpuRegs]) -> Result<Vec<Task>, TaskError> {
-        let m = self.model(mem).map_err(|e| TaskError::Model(e.to_string()))?;
+    pub fn tasks(
+        &self,
+        mem: &dyn crate::PhysMemory,
+        vcpus: &[VcpuRegs],
+    ) -> Result<Vec<Task>, TaskError> {
+        let m = self
+            .model(mem)
+            .map_err(|e| TaskError::Model(e.to_string()))?;
         list_tasks(&crate::model::KernelGuest { kernel: self, mem }, m, vcpus)
     }
 
     /// Linux CPU number, per-CPU base and `current` of each vCPU.
-    pub fn vcpu_cpus(&self, mem: &dyn crate::PhysMemory, vcpus: &[VcpuRegs]) -> Result<Vec<VcpuCpu>, TaskError> {
-        let m = self.model(mem).map_err(|e| TaskError::Model(e.to_string()))?;
-        Ok(vcpu_cpus(&crate::model::KernelGuest { kernel: self, mem }, m, vcpus))
+    pub fn vcpu_cpus(
+        &self,
+        mem: &dyn crate::PhysMemory,
+        vcpus: &[VcpuRegs],
+    ) -> Result<Vec<VcpuCpu>, TaskError> {
+        let m = self
+            .model(mem)
+            .map_err(|e| TaskError::Model(e.to_string()))?;
+        Ok(vcpu_cpus(
+            &crate::model::KernelGuest { kernel: self, mem },
+            m,
+            vcpus,
+        ))
     }
 }
 
@@ -315,7 +363,11 @@ pub fn parse_ps(text: &str) -> Vec<(i32, String, String)> {
         .skip(1)
         .filter_map(|l| {
             let t: Vec<&str> = l.split_whitespace().collect();
-            Some((t.first()?.parse().ok()?, (*t.get(1)?).to_string(), t.get(2).copied().unwrap_or("").to_string()))
+            Some((
+                t.first()?.parse().ok()?,
+                (*t.get(1)?).to_string(),
+                t.get(2).copied().unwrap_or("").to_string(),
+            ))
         })
         .collect()
 }
@@ -324,9 +376,16 @@ pub fn parse_ps(text: &str) -> Vec<(i32, String, String)> {
 /// comm equal (or, for workqueue workers, `ps` showing `comm-<workqueue>` truncated to 15
 /// chars), same state letter. Rows whose pid is in `ignore` (e.g. the `ps` process itself,
 /// gone by the time memory is read) are skipped. `Err` lists every difference.
-pub fn compare_with_ps(tasks: &[Task], ps: &[(i32, String, String)], ignore: &[i32]) -> Result<(), String> {
+pub fn compare_with_ps(
+    tasks: &[Task],
+    ps: &[(i32, String, String)],
+    ignore: &[i32],
+) -> Result<(), String> {
     let mut errs = Vec::new();
-    let ours: Vec<&Task> = tasks.iter().filter(|t| t.is_process() && !ignore.contains(&t.pid)).collect();
+    let ours: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.is_process() && !ignore.contains(&t.pid))
+        .collect();
     for (pid, comm, stat) in ps.iter().filter(|r| !ignore.contains(&r.0)) {
         match ours.iter().find(|t| t.pid == *pid) {
             None => errs.push(format!("pid {pid} ({comm}) in ps but not found")),
@@ -336,8 +395,11 @@ pub fn compare_with_ps(tasks: &[Task], ps: &[(i32, String, String)], ignore: &[i
                 if !comm_ok {
                     errs.push(format!("pid {pid}: comm ps `{comm}` vs ours `{}`", t.comm));
                 }
-                if stat.chars().next() != Some(t.state_char) {
-                    errs.push(format!("pid {pid}: state ps `{stat}` vs ours `{}` ({:#x})", t.state_char, t.state));
+                if !stat.starts_with(t.state_char) {
+                    errs.push(format!(
+                        "pid {pid}: state ps `{stat}` vs ours `{}` ({:#x})",
+                        t.state_char, t.state
+                    ));
                 }
             }
         }
@@ -351,5 +413,21 @@ pub fn compare_with_ps(tasks: &[Task], ps: &[(i32, String, String)], ignore: &[i
         Ok(())
     } else {
         Err(errs.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_letters() {
+        assert_eq!(state_letter(0, 0), 'R');
+        assert_eq!(state_letter(1, 0), 'S');
+        assert_eq!(state_letter(2, 0), 'D');
+        assert_eq!(state_letter(0x402, 0), 'I');
+        assert_eq!(state_letter(0x2001, 0), 'S');
+        assert_eq!(state_letter(0, 0x20), 'Z');
+        assert_eq!(state_letter(0x40, 0), 'P');
     }
 }

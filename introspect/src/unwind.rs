@@ -202,7 +202,9 @@ impl Walker<'_> {
     }
 
     fn on_current(&self, st: &State, addr: u64, len: u64) -> bool {
-        st.stack.and_then(|i| self.stacks.get(i)).is_some_and(|s| s.contains(addr, len))
+        st.stack
+            .and_then(|i| self.stacks.get(i))
+            .is_some_and(|s| s.contains(addr, len))
     }
 
     fn access_ok(&self, st: &mut State, addr: u64, len: u64) -> bool {
@@ -266,11 +268,17 @@ impl Walker<'_> {
                 return self.the_end(st, WalkEnd::UserRegs);
             }
         }
-        let lookup = if st.signal { st.ip } else { st.ip.wrapping_sub(1) };
+        let lookup = if st.signal {
+            st.ip
+        } else {
+            st.ip.wrapping_sub(1)
+        };
         let orc = match self.env.orc_find(lookup) {
             Some(o) => {
                 match o.ty {
-                    OrcType::Undefined => return self.err(st, format!("no unwind info at {orig_ip:#x}")),
+                    OrcType::Undefined => {
+                        return self.err(st, format!("no unwind info at {orig_ip:#x}"))
+                    }
                     OrcType::EndOfStack => return self.the_end(st, WalkEnd::EndOfStack),
                     _ => {}
                 }
@@ -278,7 +286,9 @@ impl Walker<'_> {
             }
             None => {
                 if st.error.is_none() {
-                    st.error = Some(format!("no ORC entry for {orig_ip:#x}; guessed frame pointer"));
+                    st.error = Some(format!(
+                        "no ORC entry for {orig_ip:#x}; guessed frame pointer"
+                    ));
                 }
                 OrcEntry::FP_GUESS
             }
@@ -386,7 +396,10 @@ impl Walker<'_> {
             r => return self.err(st, format!("unknown BP base reg {r} at {orig_ip:#x}")),
         }
         if st.stack == prev_stack && self.on_current(st, st.sp, 8) && st.sp <= prev_sp {
-            return self.err(st, format!("stack going in the wrong direction at {orig_ip:#x}"));
+            self.err(
+                st,
+                format!("stack going in the wrong direction at {orig_ip:#x}"),
+            );
         }
     }
 }
@@ -397,7 +410,12 @@ impl Walker<'_> {
 /// `stacks` are the stacks the walk may read (for a sleeping task only its task stack, like the
 /// kernel; for a running vCPU also that CPU's IRQ and exception stacks). With `from_regs`, the
 /// start state is an interrupted context (`signal = true`) and its ip is the first frame.
-pub fn walk(env: UnwindEnv<'_>, stacks: &[StackRange], mem: &dyn StackReader, start: UnwindStart) -> Walk {
+pub fn walk(
+    env: UnwindEnv<'_>,
+    stacks: &[StackRange],
+    mem: &dyn StackReader,
+    start: UnwindStart,
+) -> Walk {
     let w = Walker { env, stacks, mem };
     let mut st = State {
         ip: start.ip,
@@ -418,7 +436,11 @@ pub fn walk(env: UnwindEnv<'_>, stacks: &[StackRange], mem: &dyn StackReader, st
         st.error = Some(format!("sp {:#x} is not on a known stack", start.sp));
         if !w.get_stack_info(&mut st, next_page) {
             let msg = st.error.clone().unwrap_or_default();
-            return Walk { frames: vec![], end: WalkEnd::Error(msg.clone()), unreliable: Some(msg) };
+            return Walk {
+                frames: vec![],
+                end: WalkEnd::Error(msg.clone()),
+                unreliable: Some(msg),
+            };
         }
     }
     let mut frames = Vec::new();
@@ -441,7 +463,10 @@ pub fn walk(env: UnwindEnv<'_>, stacks: &[StackRange], mem: &dyn StackReader, st
                 unreliable = Some(format!("ip {:#x} is not kernel text", st.ip));
             }
             if st.end.is_none() {
-                st.end = Some(WalkEnd::Error(format!("ip {:#x} is not kernel text", st.ip)));
+                st.end = Some(WalkEnd::Error(format!(
+                    "ip {:#x} is not kernel text",
+                    st.ip
+                )));
             }
             break;
         }
@@ -458,7 +483,9 @@ pub fn walk(env: UnwindEnv<'_>, stacks: &[StackRange], mem: &dyn StackReader, st
             unreliable = Some(e.clone());
         }
     }
-    let end = st.end.unwrap_or_else(|| WalkEnd::Error("unwind stopped".into()));
+    let end = st
+        .end
+        .unwrap_or_else(|| WalkEnd::Error("unwind stopped".into()));
     if unreliable.is_none() {
         match &end {
             WalkEnd::UserRegs | WalkEnd::EndOfStack => {}
@@ -466,7 +493,11 @@ pub fn walk(env: UnwindEnv<'_>, stacks: &[StackRange], mem: &dyn StackReader, st
             WalkEnd::TooDeep => unreliable = Some("stack too deep".into()),
         }
     }
-    Walk { frames, end, unreliable }
+    Walk {
+        frames,
+        end,
+        unreliable,
+    }
 }
 
 #[cfg(test)]
@@ -486,7 +517,17 @@ mod tests {
     const STACK: u64 = 0xffff_c900_0000_0000;
 
     fn layout() -> PtRegsLayout {
-        PtRegsLayout { size: 0xa8, bp: 0x20, r10: 0x38, r13: 0x10, di: 0x70, dx: 0x60, ip: 0x80, cs: 0x88, sp: 0x98 }
+        PtRegsLayout {
+            size: 0xa8,
+            bp: 0x20,
+            r10: 0x38,
+            r13: 0x10,
+            di: 0x70,
+            dx: 0x60,
+            ip: 0x80,
+            cs: 0x88,
+            sp: 0x98,
+        }
     }
 
     /// Table: [TEXT, +0x100) CALL sp+16; [+0x100,+0x200) CALL sp+8; +0x200 END; +0x300 UNDEF;
@@ -522,8 +563,17 @@ mod tests {
 
     fn run(t: &OrcTable, mem: HashMap<u64, u64>, start: UnwindStart) -> Walk {
         let ranges = [(TEXT, TEXT + 0x1000)];
-        let env = UnwindEnv { orc: t, orc_ranges: &ranges, text_ranges: &ranges, regs: layout() };
-        let stacks = [StackRange { start: STACK, end: STACK + 0x4000, ty: StackType::Task }];
+        let env = UnwindEnv {
+            orc: t,
+            orc_ranges: &ranges,
+            text_ranges: &ranges,
+            regs: layout(),
+        };
+        let stacks = [StackRange {
+            start: STACK,
+            end: STACK + 0x4000,
+            ty: StackType::Task,
+        }];
         walk(env, &stacks, &Mem(mem), start)
     }
 
@@ -533,7 +583,16 @@ mod tests {
         // frame 0: ip in +0x10 (CALL sp+16) -> ret at sp+8 = +0x110 (CALL sp+8) -> ret = +0x201
         // whose ip-1 = +0x200 -> END.
         let mem = HashMap::from([(sp + 8, TEXT + 0x110), (sp + 16, TEXT + 0x201)]);
-        let w = run(&std_table(), mem, UnwindStart { ip: TEXT + 0x10, sp, bp: 0, signal: true });
+        let w = run(
+            &std_table(),
+            mem,
+            UnwindStart {
+                ip: TEXT + 0x10,
+                sp,
+                bp: 0,
+                signal: true,
+            },
+        );
         assert_eq!(w.frames, vec![TEXT + 0x10, TEXT + 0x110, TEXT + 0x201]);
         assert_eq!(w.end, WalkEnd::EndOfStack);
         assert_eq!(w.unreliable, None);
@@ -543,8 +602,21 @@ mod tests {
     fn user_regs_end() {
         let sp = STACK + 0x3f00;
         let regs = sp;
-        let mem = HashMap::from([(regs + 0x80, 0x40_1000), (regs + 0x88, 0x33), (regs + 0x98, 0x7fff_0000)]);
-        let w = run(&std_table(), mem, UnwindStart { ip: TEXT + 0x500, sp, bp: 0, signal: true });
+        let mem = HashMap::from([
+            (regs + 0x80, 0x40_1000),
+            (regs + 0x88, 0x33),
+            (regs + 0x98, 0x7fff_0000),
+        ]);
+        let w = run(
+            &std_table(),
+            mem,
+            UnwindStart {
+                ip: TEXT + 0x500,
+                sp,
+                bp: 0,
+                signal: true,
+            },
+        );
         assert_eq!(w.frames, vec![TEXT + 0x500]);
         assert_eq!(w.end, WalkEnd::UserRegs);
         assert_eq!(w.unreliable, None);
@@ -555,25 +627,79 @@ mod tests {
         let sp = STACK + 0x3000;
         let t = std_table();
         // Undefined entry.
-        let w = run(&t, HashMap::new(), UnwindStart { ip: TEXT + 0x300, sp, bp: 0, signal: true });
+        let w = run(
+            &t,
+            HashMap::new(),
+            UnwindStart {
+                ip: TEXT + 0x300,
+                sp,
+                bp: 0,
+                signal: true,
+            },
+        );
         assert!(w.unreliable.is_some());
         // Huge sp offset: off the stack -> error.
-        let w = run(&t, HashMap::new(), UnwindStart { ip: TEXT + 0x400, sp, bp: 0, signal: true });
+        let w = run(
+            &t,
+            HashMap::new(),
+            UnwindStart {
+                ip: TEXT + 0x400,
+                sp,
+                bp: 0,
+                signal: true,
+            },
+        );
         assert!(matches!(w.end, WalkEnd::Error(_)));
         // Return address outside text.
         let mem = HashMap::from([(sp + 8, 0xdead_beef)]);
-        let w = run(&t, mem, UnwindStart { ip: TEXT + 0x10, sp, bp: 0, signal: true });
+        let w = run(
+            &t,
+            mem,
+            UnwindStart {
+                ip: TEXT + 0x10,
+                sp,
+                bp: 0,
+                signal: true,
+            },
+        );
         assert!(w.unreliable.unwrap().contains("not kernel text"));
         // Self loop: frame returns to itself with the same sp -> wrong direction.
         let mem = HashMap::from([(sp - 8, TEXT + 0x1)]);
         let t2 = table(&[(TEXT, [0, 0, 0, 0, 0x05, 0x02])]);
-        let w = run(&t2, mem, UnwindStart { ip: TEXT + 0x1, sp, bp: 0, signal: true });
+        let w = run(
+            &t2,
+            mem,
+            UnwindStart {
+                ip: TEXT + 0x1,
+                sp,
+                bp: 0,
+                signal: true,
+            },
+        );
         assert!(w.unreliable.unwrap().contains("wrong direction"));
         // sp unmapped / not a stack.
-        let w = run(&t, HashMap::new(), UnwindStart { ip: TEXT + 0x10, sp: 0x1234, bp: 0, signal: true });
+        let w = run(
+            &t,
+            HashMap::new(),
+            UnwindStart {
+                ip: TEXT + 0x10,
+                sp: 0x1234,
+                bp: 0,
+                signal: true,
+            },
+        );
         assert!(w.frames.is_empty() && w.unreliable.is_some());
         // ip outside ORC ranges -> frame pointer guess with bp garbage -> error, unreliable.
-        let w = run(&t, HashMap::new(), UnwindStart { ip: TEXT + 0x5000, sp, bp: u64::MAX, signal: true });
+        let w = run(
+            &t,
+            HashMap::new(),
+            UnwindStart {
+                ip: TEXT + 0x5000,
+                sp,
+                bp: u64::MAX,
+                signal: true,
+            },
+        );
         assert!(w.unreliable.is_some());
     }
 
@@ -606,7 +732,16 @@ mod tests {
                 };
                 mem.insert(STACK + 8 * i, v);
             }
-            let w = run(&t, mem, UnwindStart { ip: TEXT + rnd() % 0x1000, sp: STACK + rnd() % 0x4000, bp: STACK + rnd() % 0x4000, signal: rnd() % 2 == 0 });
+            let w = run(
+                &t,
+                mem,
+                UnwindStart {
+                    ip: TEXT + rnd() % 0x1000,
+                    sp: STACK + rnd() % 0x4000,
+                    bp: STACK + rnd() % 0x4000,
+                    signal: rnd() % 2 == 0,
+                },
+            );
             assert!(w.frames.len() <= MAX_FRAMES);
         }
     }

@@ -40,28 +40,61 @@ fn common(ver: &'static str) -> (Snapshot, Vec<(&'static str, &'static str, u64)
 
 fn run(s: &Snapshot, checks: &[(&str, &str, u64)], sizes: &[(&str, u64)]) {
     let btf = s.kernel.btf(&s.mem).unwrap();
-    assert!(btf.type_count() > 50_000, "{}: only {} BTF types", s.ver, btf.type_count());
+    assert!(
+        btf.type_count() > 50_000,
+        "{}: only {} BTF types",
+        s.ver,
+        btf.type_count()
+    );
     for (st, m, want) in checks {
-        assert_eq!(btf.member_offset(st, m).unwrap(), *want, "{}: {st}.{m}", s.ver);
+        assert_eq!(
+            btf.member_offset(st, m).unwrap(),
+            *want,
+            "{}: {st}.{m}",
+            s.ver
+        );
     }
     for (st, want) in sizes {
-        assert_eq!(btf.struct_size(st).unwrap(), *want, "{}: sizeof {st}", s.ver);
+        assert_eq!(
+            btf.struct_size(st).unwrap(),
+            *want,
+            "{}: sizeof {st}",
+            s.ver
+        );
     }
     assert_eq!(btf.member("task_struct", "comm").unwrap().size, 16);
     assert_eq!(btf.member("new_utsname", "release").unwrap().size, 65);
     let rel = btf.member_offset("uts_namespace", "name.release").unwrap();
-    assert_eq!(rel, btf.member_offset("uts_namespace", "name").unwrap() + 2 * 65); // sysname, nodename, release
-    // Bitfields and unknown members are errors, not garbage offsets.
-    assert!(matches!(btf.member_offset("task_struct", "sched_reset_on_fork"), Err(BtfError::Bitfield(_))));
-    assert!(matches!(btf.member_offset("task_struct", "no_such_member"), Err(BtfError::UnknownMember { .. })));
-    assert!(matches!(btf.struct_size("no_such_struct"), Err(BtfError::UnknownStruct(_))));
+    assert_eq!(
+        rel,
+        btf.member_offset("uts_namespace", "name").unwrap() + 2 * 65
+    ); // sysname, nodename, release
+       // Bitfields and unknown members are errors, not garbage offsets.
+    assert!(matches!(
+        btf.member_offset("task_struct", "sched_reset_on_fork"),
+        Err(BtfError::Bitfield(_))
+    ));
+    assert!(matches!(
+        btf.member_offset("task_struct", "no_such_member"),
+        Err(BtfError::UnknownMember { .. })
+    ));
+    assert!(matches!(
+        btf.struct_size("no_such_struct"),
+        Err(BtfError::UnknownStruct(_))
+    ));
     // The release string read through BTF offsets from init_uts_ns matches uname.
     let ns = s.kernel.lookup("init_uts_ns", None).unwrap();
     let mut buf = [0u8; 65];
     s.kernel.read_virt(&s.mem, ns + rel, &mut buf).unwrap();
-    let release = String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap()]).into_owned();
+    let release =
+        String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap()]).into_owned();
     let uname = text(s.ver, "uname.txt");
-    assert_eq!(uname.split_whitespace().nth(2), Some(release.as_str()), "{}: release via BTF", s.ver);
+    assert_eq!(
+        uname.split_whitespace().nth(2),
+        Some(release.as_str()),
+        "{}: release via BTF",
+        s.ver
+    );
 }
 
 #[test]
@@ -81,7 +114,16 @@ fn btf_6_1_matches_facts() {
         ("rq", "idle", 0x968),
         ("rq", "cpu", 0xa70),
     ]);
-    run(&s, &c, &[("task_struct", 0x2600), ("inactive_task_frame", 56), ("pt_regs", 0xa8), ("list_head", 16)]);
+    run(
+        &s,
+        &c,
+        &[
+            ("task_struct", 0x2600),
+            ("inactive_task_frame", 56),
+            ("pt_regs", 0xa8),
+            ("list_head", 16),
+        ],
+    );
     assert!(s.kernel.btf(&s.mem).unwrap().struct_id("pcpu_hot").is_err());
 }
 
@@ -101,7 +143,15 @@ fn btf_6_12_matches_facts() {
         ("pcpu_hot", "top_of_stack", 0x18),
         ("pcpu_hot", "hardirq_stack_ptr", 0x20),
     ]);
-    run(&s, &c, &[("inactive_task_frame", 56), ("pt_regs", 0xa8), ("pcpu_hot", 64)]);
+    run(
+        &s,
+        &c,
+        &[
+            ("inactive_task_frame", 56),
+            ("pt_regs", 0xa8),
+            ("pcpu_hot", 64),
+        ],
+    );
     let btf = s.kernel.btf(&s.mem).unwrap();
     assert!(btf.member_offset("task_struct", "thread_group").is_err());
     // pt_regs.cs lives in an anonymous union in 6.12 (FRED); the walk into it must work.

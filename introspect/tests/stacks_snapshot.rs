@@ -21,7 +21,9 @@ fn check_tasks(ver: &'static str) {
             continue;
         }
         let Some(t) = tasks.iter().find(|t| t.pid == *pid) else {
-            errs.push(format!("pid {pid} ({comm}) has a /proc stack but was not found"));
+            errs.push(format!(
+                "pid {pid} ({comm}) has a /proc stack but was not found"
+            ));
             continue;
         };
         let st = s.kernel.task_stack(&s.mem, t).unwrap();
@@ -35,13 +37,22 @@ fn check_tasks(ver: &'static str) {
         }
         compared += 1;
     }
-    assert!(errs.is_empty(), "{ver}: {} mismatches:\n{}", errs.len(), errs.join("\n"));
+    assert!(
+        errs.is_empty(),
+        "{ver}: {} mismatches:\n{}",
+        errs.len(),
+        errs.join("\n")
+    );
     assert!(compared >= 50, "{ver}: only {compared} stacks compared");
     // Every sleeping task (including the ones /proc did not list, like idle tasks not running
     // and the console shell) gives a reliable stack.
     for t in tasks.iter().filter(|t| t.running_on_vcpu.is_none()) {
         let st = s.kernel.task_stack(&s.mem, t).unwrap();
-        assert!(st.reliable, "{ver}: pid {} ({}) unreliable: {:?}", t.pid, t.comm, st.reason);
+        assert!(
+            st.reliable,
+            "{ver}: pid {} ({}) unreliable: {:?}",
+            t.pid, t.comm, st.reason
+        );
         assert!(!st.frames.is_empty(), "{ver}: pid {} has no frames", t.pid);
     }
 }
@@ -50,13 +61,31 @@ fn check_vcpus(ver: &'static str, bottom: &str) {
     let s = load(ver);
     for v in 0..s.regs.len() {
         let st = s.kernel.vcpu_stack(&s.mem, &s.regs, v).unwrap();
-        let names: Vec<String> = st.frames.iter().map(|f| f.symbol.as_ref().map(|x| x.0.clone()).unwrap_or_default()).collect();
+        let names: Vec<String> = st
+            .frames
+            .iter()
+            .map(|f| f.symbol.as_ref().map(|x| x.0.clone()).unwrap_or_default())
+            .collect();
         assert_eq!(st.kind, StackKind::Idle, "{ver} vCPU{v}: {names:?}");
         assert!(st.reliable, "{ver} vCPU{v}: {:?} {names:?}", st.reason);
-        assert_eq!(names.last().map(String::as_str), Some(bottom), "{ver} vCPU{v}: {names:?}");
-        let via = if v == 0 { "rest_init" } else { "start_secondary" };
-        assert!(names.iter().any(|n| n == via), "{ver} vCPU{v}: no {via} in {names:?}");
-        assert!(names.iter().any(|n| n == "do_idle"), "{ver} vCPU{v}: {names:?}");
+        assert_eq!(
+            names.last().map(String::as_str),
+            Some(bottom),
+            "{ver} vCPU{v}: {names:?}"
+        );
+        let via = if v == 0 {
+            "rest_init"
+        } else {
+            "start_secondary"
+        };
+        assert!(
+            names.iter().any(|n| n == via),
+            "{ver} vCPU{v}: no {via} in {names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n == "do_idle"),
+            "{ver} vCPU{v}: {names:?}"
+        );
     }
 }
 

@@ -18,12 +18,18 @@ fn looping_and_broken_task_lists() {
     // b.next -> a: a loop that never returns to init_task.
     let mut o = Overlay::new(&s);
     o.put_u64(b, a);
-    assert_eq!(list_tasks(&o, m, &s.regs), Err(TaskError::CorruptList("tasks")));
+    assert_eq!(
+        list_tasks(&o, m, &s.regs),
+        Err(TaskError::CorruptList("tasks"))
+    );
 
     // A node pointing at itself.
     let mut o = Overlay::new(&s);
     o.put_u64(a, a);
-    assert_eq!(list_tasks(&o, m, &s.regs), Err(TaskError::CorruptList("tasks")));
+    assert_eq!(
+        list_tasks(&o, m, &s.regs),
+        Err(TaskError::CorruptList("tasks"))
+    );
 
     // A node pointing into unmapped kernel space or user space.
     for bad in [0xffff_ffff_ffff_0000u64, 0x1000, 0] {
@@ -38,7 +44,10 @@ fn looping_and_broken_task_lists() {
     let first = o.read_u64(head).unwrap();
     let mut o = Overlay::new(&s);
     o.put_u64(first, first);
-    assert_eq!(list_tasks(&o, m, &s.regs), Err(TaskError::CorruptList("thread")));
+    assert_eq!(
+        list_tasks(&o, m, &s.regs),
+        Err(TaskError::CorruptList("thread"))
+    );
 
     // Random garbage in list pointers: always terminates with Ok or Err.
     let mut rng = Rng(0x5eed);

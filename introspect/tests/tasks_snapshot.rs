@@ -13,27 +13,40 @@ fn check(ver: &'static str) {
     // The `ps` process itself had exited when RAM was saved.
     let ignore: Vec<i32> = ps.iter().filter(|r| r.1 == "ps").map(|r| r.0).collect();
     assert_eq!(ignore.len(), 1);
-    compare_with_ps(&tasks, &ps, &ignore).unwrap_or_else(|e| panic!("{ver}: task list differs from ps:\n{e}"));
-    assert!(!tasks.iter().any(|t| ignore.contains(&t.pid)), "{ver}: exited ps still listed");
+    compare_with_ps(&tasks, &ps, &ignore)
+        .unwrap_or_else(|e| panic!("{ver}: task list differs from ps:\n{e}"));
+    assert!(
+        !tasks.iter().any(|t| ignore.contains(&t.pid)),
+        "{ver}: exited ps still listed"
+    );
 
     // Idle tasks: swapper/0 (init_task) and swapper/1, each current on its vCPU.
     let cpus = s.kernel.vcpu_cpus(&s.mem, &s.regs).unwrap();
     for (v, c) in cpus.iter().enumerate() {
         assert_eq!(c.cpu, Some(v as u32), "{ver}: vCPU{v} cpu");
-        let cur = tasks.iter().find(|t| Some(t.addr) == c.current).expect("current task listed");
+        let cur = tasks
+            .iter()
+            .find(|t| Some(t.addr) == c.current)
+            .expect("current task listed");
         assert_eq!(cur.comm, format!("swapper/{v}"));
         assert_eq!(cur.pid, 0);
         assert!(cur.on_cpu && cur.is_idle && cur.is_kthread);
         assert_eq!(cur.running_on_vcpu, Some(v));
         assert_eq!(cur.cpu, v as u32);
     }
-    assert_eq!(tasks.iter().filter(|t| t.running_on_vcpu.is_some()).count(), 2);
+    assert_eq!(
+        tasks.iter().filter(|t| t.running_on_vcpu.is_some()).count(),
+        2
+    );
     // Kernel threads vs user processes.
     let kthreadd = tasks.iter().find(|t| t.pid == 2).unwrap();
     assert!(kthreadd.is_kthread && kthreadd.comm == "kthreadd");
     let init = tasks.iter().find(|t| t.pid == 1).unwrap();
     assert!(!init.is_kthread && init.comm == "sh");
-    assert!(tasks.iter().all(|t| t.patch_state == Some(-1)), "{ver}: no patch in progress");
+    assert!(
+        tasks.iter().all(|t| t.patch_state == Some(-1)),
+        "{ver}: no patch in progress"
+    );
     assert!(tasks.iter().all(|t| t.stack_base >> 63 == 1));
 }
 

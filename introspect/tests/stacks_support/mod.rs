@@ -14,14 +14,20 @@ pub fn dump_dir(ver: &str) -> PathBuf {
 pub fn read_dump(ver: &str, name: &str) -> Vec<u8> {
     let p = dump_dir(ver).join(name);
     std::fs::read(&p).unwrap_or_else(|e| {
-        panic!("missing snapshot file {}: {e}; run python3 /tmp/hvpatch-dumps/dump.py {ver}", p.display())
+        panic!(
+            "missing snapshot file {}: {e}; run python3 /tmp/hvpatch-dumps/dump.py {ver}",
+            p.display()
+        )
     })
 }
 
 /// Parses HMP `info registers -a` output into one VcpuRegs per CPU.
 pub fn parse_regs(text: &str) -> Vec<VcpuRegs> {
     let mut out: Vec<VcpuRegs> = Vec::new();
-    let names = ["RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"];
+    let names = [
+        "RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11", "R12",
+        "R13", "R14", "R15",
+    ];
     for line in text.lines() {
         if line.starts_with("CPU#") {
             out.push(VcpuRegs::default());
@@ -44,8 +50,12 @@ pub fn parse_regs(text: &str) -> Vec<VcpuRegs> {
         }
         for tok in line.split_whitespace().collect::<Vec<_>>().windows(1) {
             let t = tok[0];
-            let Some((k, v)) = t.split_once('=') else { continue };
-            let Ok(v) = u64::from_str_radix(v, 16) else { continue };
+            let Some((k, v)) = t.split_once('=') else {
+                continue;
+            };
+            let Ok(v) = u64::from_str_radix(v, 16) else {
+                continue;
+            };
             if let Some(i) = names.iter().position(|n| *n == k) {
                 r.gprs[i] = v;
             }
@@ -86,7 +96,12 @@ pub fn load(ver: &'static str) -> Snapshot {
     let ram: &'static [u8] = Box::leak(read_dump(ver, "ram.bin").into_boxed_slice());
     let mem = introspect::SliceMemory::flat(ram);
     let kernel = introspect::Kernel::open(&mem, &regs).expect("Kernel::open on snapshot");
-    Snapshot { ver, mem, regs, kernel }
+    Snapshot {
+        ver,
+        mem,
+        regs,
+        kernel,
+    }
 }
 
 /// A snapshot text file.
@@ -102,7 +117,13 @@ pub struct Overlay<'a> {
 
 impl<'a> Overlay<'a> {
     pub fn new(s: &'a Snapshot) -> Self {
-        Overlay { inner: introspect::model::KernelGuest { kernel: &s.kernel, mem: &s.mem }, bytes: Default::default() }
+        Overlay {
+            inner: introspect::model::KernelGuest {
+                kernel: &s.kernel,
+                mem: &s.mem,
+            },
+            bytes: Default::default(),
+        }
     }
     pub fn put_u64(&mut self, va: u64, v: u64) {
         for (i, b) in v.to_le_bytes().into_iter().enumerate() {
