@@ -1,9 +1,18 @@
 //! hvpatch-patcher: patch objects, linker, arena, entry rewrite and the consistency engine.
 //! It reaches the guest only through [`guest::GuestControl`].
 
+pub mod arena;
 pub mod build;
+pub mod engine;
 pub mod guest;
+pub mod kernel;
 pub mod link;
+pub mod paging;
 pub mod patchobj;
+pub mod site;
+pub mod symbols;
 
+pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, Target};
 pub use guest::{GuestControl, GuestError, GuestEvent};
+pub use paging::KernelPaging;
+pub use symbols::{SymbolMap, SymbolSource};

@@ -1,0 +1,468 @@
+//! The patch arena: guest-physical pages for patch code, data and the page table that maps
+//! them into the kernel's address space.
+//!
+//! Sources:
+//! * **Host** ([`crate::GuestControl::patch_arena`]): our KVM VMM's e820-reserved range; the
+//!   guest kernel never uses it.
+//! * **Low memory** (QEMU attach, no host range): since Linux 5.13 ("x86/setup: Always reserve
+//!   the first 1M of RAM") the kernel memblock-reserves all of the first 1 MiB; only the
+//!   real-mode trampoline (at `*real_mode_header`, `real_mode_blob_end - real_mode_blob` bytes),
+//!   page 0 and BIOS areas are ever used, and reserved memory is never handed to the page
+//!   allocator. We take pages in [0x10000, 0x90000) that are outside the trampoline, have
+//!   `PG_reserved` set in their `struct page` (`vmemmap_base + pfn * sizeof(struct page)`) and are
+//!   all-zero. `PG_reserved`'s bit comes from BTF (`enum pageflags`) when the symbol source has
+//!   it, else it is derived: the single low flag bit set both in pfn 0's and in `_text`'s
+//!   `struct page` (both memblock-reserved). Verified on the dumps: bit 12 on 6.1.0-56, bit 13
+//!   on 6.12.117 (PG_writeback moved to bit 1 in between). Every page is re-verified (zero +
+//!   PG_reserved) inside each load's pause window.
+//!
+//! Mapping: one 2 MiB slot in the kernel image region (`0xffffffff80000000 + [0, 1 GiB)`)
+//! whose PMD entry is empty — after `_end` (entries past the image are cleared by
+//! `cleanup_highmap()`), else below `_text`. A page-table page from the arena is installed in
+//! that PMD; arena page `i` is always mapped at `slot + i * 4 KiB` (so a VA always names the same
+//! physical page), code pages RX, data pages RW+NX, never global. A page index that has been
+//! code is never reused for data and vice versa, so stale TLB entries of unloaded patches can
+//! only ever be identical to or stricter than a new mapping (Linux' `spurious_kernel_fault()`
+//! resolves the latter). The PMD was not present, so installing it needs no flush. When the last
+//! patch goes the PMD is restored to its exact old value and the slot is retired: later loads
+//! use a fresh slot, never a VA that may still sit in a TLB.
+
+use introspect::PhysMemory;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::paging::{KernelPaging, A, D, NX, P, RW};
+use crate::symbols::SymbolSource;
+
+/// Page size.
+pub const PAGE: u64 = 4096;
+/// Maximum arena pages (one page table).
+pub const MAX_PAGES: usize = 512;
+/// Low-memory window searched for free reserved pages.
+pub const LOW_WINDOW: (u64, u64) = (0x10000, 0x90000);
+/// Start of the kernel image region.
+pub const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+/// End of the kernel image region (start of modules).
+pub const KERNEL_MAP_END: u64 = 0xffff_ffff_c000_0000;
+/// `sizeof(struct page)` when BTF cannot tell (64 on x86-64 without debug options; true for
+/// both supported guests).
+pub const STRUCT_PAGE_SIZE_DEFAULT: u64 = 64;
+
+/// Errors finding or using the arena.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ArenaError {
+    /// A symbol needed to find the arena is missing.
+    #[error("arena: guest symbol {0} not found")]
+    MissingSymbol(String),
+    /// Guest memory could not be read.
+    #[error("arena: reading the guest: {0}")]
+    Read(String),
+    /// PG_reserved could not be determined.
+    #[error("arena: cannot determine PG_reserved: {0}")]
+    PgReserved(String),
+    /// Not enough free pages.
+    #[error("arena: need {need} contiguous free pages of kind {kind}, none left ({free} free of {total})")]
+    Full {
+        /// Pages needed.
+        need: usize,
+        /// Code or data.
+        kind: &'static str,
+        /// Free pages.
+        free: usize,
+        /// Total pages.
+        total: usize,
+    },
+    /// No empty 2 MiB slot near the kernel image.
+    #[error("arena: no empty 2 MiB slot in the kernel image region ({0})")]
+    NoSlot(String),
+    /// A page failed re-verification.
+    #[error("arena: page {pa:#x} is no longer usable: {why}")]
+    PageInUse {
+        /// Physical address.
+        pa: u64,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Where the arena pages come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArenaSource {
+    /// Host-reserved range.
+    Host {
+        /// Start (guest-physical).
+        start: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Pages the guest reserved in its first MiB (see the module docs).
+    LowMemory {
+        /// `PG_reserved` bit number.
+        pg_reserved_bit: u32,
+        /// Where that number came from (`btf` or `derived`).
+        pg_reserved_from: String,
+        /// `vmemmap_base`.
+        vmemmap_base: u64,
+        /// `sizeof(struct page)`.
+        struct_page_size: u64,
+        /// Real-mode trampoline `[start, end)` (guest-physical), excluded.
+        trampoline: (u64, u64),
+    },
+}
+
+/// Kind of an arena page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageKind {
+    /// The page table.
+    Table,
+    /// Patch code (RX).
+    Code,
+    /// Patch data (RW, NX).
+    Data,
+}
+
+/// The arena's mapping into the kernel address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    /// Slot VA (2 MiB aligned).
+    pub va: u64,
+    /// Guest-physical address of the PMD entry.
+    pub pmd_pa: u64,
+    /// Its value before we installed ours.
+    pub pmd_old: u64,
+    /// Its value while mapped.
+    pub pmd_new: u64,
+    /// Index of the page-table page.
+    pub table: usize,
+}
+
+/// Serializable view of the arena.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArenaInfo {
+    /// Source and what was verified.
+    pub source: ArenaSource,
+    /// Total pages.
+    pub pages: usize,
+    /// Pages in use.
+    pub used: usize,
+    /// Current mapping.
+    pub mapping: Option<Mapping>,
+    /// Slots used before and retired.
+    pub retired_slots: Vec<u64>,
+}
+
+/// The arena: pages, their use, the mapping.
+#[derive(Debug, Clone)]
+pub struct Arena {
+    /// Source.
+    pub source: ArenaSource,
+    /// Physical page addresses; index = page index in the slot.
+    pub pages: Vec<u64>,
+    used: Vec<bool>,
+    kind: Vec<Option<PageKind>>,
+    /// Current mapping.
+    pub mapping: Option<Mapping>,
+    retired: Vec<u64>,
+}
+
+fn read_err(e: impl std::fmt::Display) -> ArenaError {
+    ArenaError::Read(e.to_string())
+}
+
+fn one(syms: &dyn SymbolSource, name: &str) -> Result<u64, ArenaError> {
+    syms.addresses(name)
+        .first()
+        .copied()
+        .ok_or_else(|| ArenaError::MissingSymbol(name.into()))
+}
+
+fn page_is_zero(mem: &dyn PhysMemory, pa: u64) -> Result<bool, ArenaError> {
+    let mut b = vec![0u8; PAGE as usize];
+    mem.read_phys(pa, &mut b).map_err(read_err)?;
+    Ok(b.iter().all(|&x| x == 0))
+}
+
+/// PTE value for an arena page.
+pub fn pte(pa: u64, kind: PageKind, nx: bool) -> u64 {
+    match kind {
+        PageKind::Code => pa | P | A,
+        PageKind::Data | PageKind::Table => pa | P | RW | A | D | if nx { NX } else { 0 },
+    }
+}
+
+impl Arena {
+    fn with_pages(source: ArenaSource, pages: Vec<u64>) -> Self {
+        let n = pages.len();
+        Self {
+            source,
+            pages,
+            used: vec![false; n],
+            kind: vec![None; n],
+            mapping: None,
+            retired: Vec::new(),
+        }
+    }
+
+    /// The host-reserved range `[start, start+len)` (page-aligned part, at most 512 pages).
+    pub fn host(start: u64, len: u64) -> Self {
+        let first = start.div_ceil(PAGE) * PAGE;
+        let end = start.saturating_add(len) / PAGE * PAGE;
+        let pages = (0..MAX_PAGES as u64)
+            .map(|i| first + i * PAGE)
+            .take_while(|&pa| pa + PAGE <= end)
+            .collect();
+        Self::with_pages(ArenaSource::Host { start, len }, pages)
+    }
+
+    /// Finds free reserved pages in the guest's first MiB (see the module docs).
+    pub fn low_memory(
+        mem: &dyn PhysMemory,
+        paging: &KernelPaging,
+        syms: &dyn SymbolSource,
+    ) -> Result<Self, ArenaError> {
+        let vmemmap_base = paging
+            .read_u64(mem, one(syms, "vmemmap_base")?)
+            .map_err(read_err)?;
+        let rmh = paging
+            .read_u64(mem, one(syms, "real_mode_header")?)
+            .map_err(read_err)?;
+        let blob = one(syms, "real_mode_blob")?;
+        let blob_end = one(syms, "real_mode_blob_end")?;
+        let size = blob_end
+            .checked_sub(blob)
+            .filter(|&s| s < 0x10_0000)
+            .ok_or_else(|| {
+                ArenaError::Read(format!(
+                    "real_mode blob size {blob:#x}..{blob_end:#x} is implausible"
+                ))
+            })?;
+        let tramp_pa = paging.translate(mem, rmh).map_err(read_err)?;
+        let trampoline = (
+            tramp_pa & !(PAGE - 1),
+            (tramp_pa + size).div_ceil(PAGE) * PAGE,
+        );
+        let sp = syms.type_size("page").unwrap_or(STRUCT_PAGE_SIZE_DEFAULT);
+        if !(32..=256).contains(&sp) {
+            return Err(ArenaError::PgReserved(format!(
+                "sizeof(struct page) = {sp} is implausible"
+            )));
+        }
+        let flags = |pfn: u64| -> Result<u64, ArenaError> {
+            let va = vmemmap_base.wrapping_add(pfn.wrapping_mul(sp));
+            paging.read_u64(mem, va).map_err(read_err)
+        };
+        let text_pa = paging
+            .translate(mem, one(syms, "_text")?)
+            .map_err(read_err)?;
+        let (f0, ft) = (flags(0)?, flags(text_pa / PAGE)?);
+        let (bit, from) = match syms.enum_value("pageflags", "PG_reserved") {
+            Some(v) if (0..32).contains(&v) => (v as u32, "btf".to_string()),
+            _ => {
+                let common = f0 & ft & 0xff_ffff;
+                if common.count_ones() != 1 {
+                    return Err(ArenaError::PgReserved(format!(
+                        "flags of pfn 0 ({f0:#x}) and of _text ({ft:#x}) share {} low bits, expected exactly one",
+                        common.count_ones()
+                    )));
+                }
+                (
+                    common.trailing_zeros(),
+                    "derived: the one low flag set in pfn 0 and _text".to_string(),
+                )
+            }
+        };
+        if f0 & (1 << bit) == 0 || ft & (1 << bit) == 0 {
+            return Err(ArenaError::PgReserved(format!(
+                "bit {bit} not set for pfn 0 / _text"
+            )));
+        }
+        let source = ArenaSource::LowMemory {
+            pg_reserved_bit: bit,
+            pg_reserved_from: from,
+            vmemmap_base,
+            struct_page_size: sp,
+            trampoline,
+        };
+        let mut a = Self::with_pages(source, Vec::new());
+        let mut pa = LOW_WINDOW.0;
+        while pa < LOW_WINDOW.1 && a.pages.len() < MAX_PAGES {
+            if (pa + PAGE <= trampoline.0 || pa >= trampoline.1)
+                && a.verify_free(mem, paging, pa).is_ok()
+            {
+                a.pages.push(pa);
+            }
+            pa += PAGE;
+        }
+        let n = a.pages.len();
+        a.used = vec![false; n];
+        a.kind = vec![None; n];
+        if n < 2 {
+            return Err(ArenaError::Full {
+                need: 2,
+                kind: "any",
+                free: n,
+                total: n,
+            });
+        }
+        Ok(a)
+    }
+
+    /// Checks that the page at `pa` is still free: all zero, and for low memory, PG_reserved.
+    pub fn verify_free(
+        &self,
+        mem: &dyn PhysMemory,
+        paging: &KernelPaging,
+        pa: u64,
+    ) -> Result<(), ArenaError> {
+        if !page_is_zero(mem, pa)? {
+            return Err(ArenaError::PageInUse {
+                pa,
+                why: "not all-zero".into(),
+            });
+        }
+        if let ArenaSource::LowMemory {
+            pg_reserved_bit,
+            vmemmap_base,
+            struct_page_size,
+            trampoline,
+            ..
+        } = &self.source
+        {
+            if pa >= trampoline.0 && pa < trampoline.1 {
+                return Err(ArenaError::PageInUse {
+                    pa,
+                    why: "inside the real-mode trampoline".into(),
+                });
+            }
+            let va = vmemmap_base.wrapping_add((pa / PAGE).wrapping_mul(*struct_page_size));
+            let f = paging.read_u64(mem, va).map_err(read_err)?;
+            if f & (1 << pg_reserved_bit) == 0 {
+                return Err(ArenaError::PageInUse {
+                    pa,
+                    why: format!("PG_reserved clear (flags {f:#x})"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Serializable view.
+    pub fn info(&self) -> ArenaInfo {
+        ArenaInfo {
+            source: self.source.clone(),
+            pages: self.pages.len(),
+            used: self.used.iter().filter(|&&u| u).count(),
+            mapping: self.mapping,
+            retired_slots: self.retired.clone(),
+        }
+    }
+
+    /// Finds `n` contiguous free page indices usable as `kind` (never used as another kind in
+    /// this slot). Does not mark them.
+    pub fn find_run(&self, n: usize, kind: PageKind) -> Result<usize, ArenaError> {
+        let ok = |i: usize| !self.used[i] && self.kind[i].map_or(true, |k| k == kind);
+        let total = self.pages.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut i = 0;
+        while i + n <= total {
+            match (i..i + n).find(|&j| !ok(j)) {
+                None => return Ok(i),
+                Some(bad) => i = bad + 1,
+            }
+        }
+        let kname = match kind {
+            PageKind::Code => "code",
+            PageKind::Data => "data",
+            PageKind::Table => "table",
+        };
+        Err(ArenaError::Full {
+            need: n,
+            kind: kname,
+            free: self.used.iter().filter(|&&u| !u).count(),
+            total,
+        })
+    }
+
+    /// Marks `[start, start+n)` used as `kind`.
+    pub fn mark(&mut self, start: usize, n: usize, kind: PageKind) {
+        for i in start..start + n {
+            self.used[i] = true;
+            self.kind[i] = Some(kind);
+        }
+    }
+
+    /// Frees `[start, start+n)` (kind stays recorded while the slot lives).
+    pub fn free(&mut self, start: usize, n: usize) {
+        for i in start..start + n {
+            self.used[i] = false;
+        }
+    }
+
+    /// Whether no page but the table is used.
+    pub fn only_table_left(&self) -> bool {
+        let t = self.mapping.map(|m| m.table);
+        self.used
+            .iter()
+            .enumerate()
+            .all(|(i, &u)| !u || Some(i) == t)
+    }
+
+    /// Chooses an empty 2 MiB slot for a new mapping (not retired), and the page-table page.
+    pub fn plan_mapping(
+        &self,
+        mem: &dyn PhysMemory,
+        paging: &KernelPaging,
+        syms: &dyn SymbolSource,
+    ) -> Result<Mapping, ArenaError> {
+        const SLOT: u64 = 0x20_0000;
+        let end = one(syms, "_end")?;
+        let text = syms.addresses("_text").first().copied().unwrap_or(end);
+        let after = (end.saturating_add(SLOT - 1) & !(SLOT - 1)).max(KERNEL_MAP);
+        let mut candidates: Vec<u64> = (0..512u64).map(|i| after.wrapping_add(i * SLOT)).collect();
+        candidates.retain(|&v| v >= after && v < KERNEL_MAP_END);
+        let below = text & !(SLOT - 1);
+        candidates.extend(
+            (1..512u64)
+                .map(|i| below.wrapping_sub(i * SLOT))
+                .filter(|&v| (KERNEL_MAP..below).contains(&v)),
+        );
+        let table = self.find_run(1, PageKind::Table)?;
+        for va in candidates {
+            if self.retired.contains(&va) {
+                continue;
+            }
+            if let Some((pmd_pa, old)) = paging.pmd_entry(mem, va).map_err(read_err)? {
+                if old == 0 {
+                    let pt_pa = self.pages[table];
+                    return Ok(Mapping {
+                        va,
+                        pmd_pa,
+                        pmd_old: old,
+                        pmd_new: pt_pa | P | RW | A | D,
+                        table,
+                    });
+                }
+            }
+        }
+        Err(ArenaError::NoSlot(format!(
+            "_end {end:#x}, _text {text:#x}"
+        )))
+    }
+
+    /// Records a mapping as installed.
+    pub fn set_mapped(&mut self, m: Mapping) {
+        self.mark(m.table, 1, PageKind::Table);
+        self.mapping = Some(m);
+    }
+
+    /// Records the mapping as removed; its slot is retired and page kinds forgotten.
+    pub fn set_unmapped(&mut self) {
+        if let Some(m) = self.mapping.take() {
+            self.retired.push(m.va);
+            self.free(m.table, 1);
+        }
+        self.kind.iter_mut().for_each(|k| *k = None);
+    }
+}

@@ -1,0 +1,817 @@
+//! The patch engine: loads, stacks and unloads patches in a running guest (immediate mode).
+//!
+//! A load prepares everything while the guest runs (parse, release check, arena pages,
+//! link, site checks, every byte to write), then pauses all vCPUs, re-verifies every byte it
+//! will overwrite (arena pages still free, PMD still empty, sites still as expected), writes,
+//! and resumes. Any failure inside the pause window rolls back the writes already done, so
+//! the guest is left byte-for-byte unchanged.
+//!
+//! Several patches may replace the same function: like klp's `func_stack`, the newest wins;
+//! unloading it retargets the entry jmp to the previous patch, and when no patch is left the
+//! original NOP comes back.
+//!
+//! Immediate mode has no consistency model: a task sleeping inside an old or a new function
+//! during the switch keeps running that code. Unload refuses while a vCPU executes the patch's
+//! code, but cannot see sleeping tasks.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use introspect::PhysMemory;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::arena::{pte, Arena, ArenaError, ArenaInfo, PageKind, PAGE};
+use crate::guest::{GuestControl, GuestError};
+use crate::link::{link, pick_sympos, LinkError, Resolver, RETURN_THUNK};
+use crate::paging::{KernelPaging, PagingError};
+use crate::patchobj::{ObjectError, PatchObject};
+use crate::site::{self, SiteOwner, NOP5};
+use crate::symbols::SymbolSource;
+
+/// Errors of engine operations. The guest is unchanged after any of them.
+#[derive(Debug, Error)]
+pub enum PatchError {
+    /// The object is not a valid patch.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// Linking failed.
+    #[error("{patch}: {source}")]
+    Link {
+        /// Patch name.
+        patch: String,
+        /// The error.
+        source: LinkError,
+    },
+    /// A patch of that name is loaded.
+    #[error("a patch named {0} is already loaded")]
+    AlreadyLoaded(String),
+    /// No patch of that name.
+    #[error("no patch named {0} is loaded")]
+    NotLoaded(String),
+    /// Built for another kernel.
+    #[error("{patch} was built for kernel {wanted} but the guest runs {guest}")]
+    KernelMismatch {
+        /// Patch name.
+        patch: String,
+        /// HVPATCH_KERNEL.
+        wanted: String,
+        /// Guest release.
+        guest: String,
+    },
+    /// The guest release could not be read.
+    #[error("cannot read the guest's kernel release (linux_banner): {0}")]
+    Release(String),
+    /// A function's entry cannot be patched.
+    #[error("cannot patch {func} at {addr:#x} (site {site:#x}): {what}")]
+    Site {
+        /// Function.
+        func: String,
+        /// Function address.
+        addr: u64,
+        /// Patch site.
+        site: u64,
+        /// Why.
+        what: String,
+    },
+    /// Arena problem.
+    #[error(transparent)]
+    Arena(#[from] ArenaError),
+    /// Page-table problem.
+    #[error("paging: {0}")]
+    Paging(#[from] PagingError),
+    /// Guest control failed.
+    #[error("guest control: {0}")]
+    Guest(#[from] GuestError),
+    /// Guest memory read failed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Verification inside the pause window failed (the guest changed since preparation).
+    #[error("verification failed, nothing written: {0}")]
+    Changed(String),
+    /// A vCPU is executing code that would go away.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// State of a loaded patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PatchState {
+    /// Loaded, immediate mode (every function switched at once).
+    Enabled,
+}
+
+/// One replaced function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuncInfo {
+    /// Replaced function.
+    pub old_name: String,
+    /// Its sympos (0 = unique).
+    pub sympos: u64,
+    /// Its address.
+    pub old_addr: u64,
+    /// Patch site (fn+0 or fn+4 after ENDBR).
+    pub site: u64,
+    /// The new function's address (in the arena).
+    pub new_addr: u64,
+    /// Whether this patch's version is the one running (top of the function's stack).
+    pub active: bool,
+}
+
+/// A range of the arena used by a patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArenaRange {
+    /// Kernel VA.
+    pub va: u64,
+    /// Bytes used.
+    pub len: u64,
+    /// Guest-physical pages backing it.
+    pub pages: Vec<u64>,
+}
+
+/// Public description of a loaded patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchInfo {
+    /// Patch name.
+    pub name: String,
+    /// Object file name.
+    pub file_name: String,
+    /// HVPATCH_KERNEL, if any.
+    pub kernel_release: Option<String>,
+    /// State.
+    pub state: PatchState,
+    /// Replaced functions.
+    pub functions: Vec<FuncInfo>,
+    /// Code (RX).
+    pub code: ArenaRange,
+    /// Data (RW, NX).
+    pub data: ArenaRange,
+    /// Return-thunk sites rewritten by the linker.
+    pub return_sites: usize,
+    /// Time the vCPUs were paused for the load, µs.
+    pub pause_us: u64,
+    /// Whole load time, µs.
+    pub load_us: u64,
+}
+
+/// Timing of the last load/unload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpTiming {
+    /// Preparation (before pausing).
+    pub prepare: Duration,
+    /// Pause window (pause → resume).
+    pub pause: Duration,
+    /// Total.
+    pub total: Duration,
+}
+
+/// What the engine needs to know about the guest kernel.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    /// Symbols (kallsyms or an explicit map).
+    pub symbols: &'a dyn SymbolSource,
+    /// Kernel page tables.
+    pub paging: KernelPaging,
+}
+
+impl<'a> Target<'a> {
+    /// A target with the paging root of vCPU 0 (see [`KernelPaging::from_regs`]).
+    pub fn from_vcpu0(
+        symbols: &'a dyn SymbolSource,
+        ctl: &mut dyn GuestControl,
+    ) -> Result<Self, PatchError> {
+        let regs = ctl.regs(0)?;
+        Ok(Self {
+            symbols,
+            paging: KernelPaging::from_regs(&regs),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StackEntry {
+    patch: String,
+    new_addr: u64,
+}
+
+#[derive(Debug, Clone)]
+struct SiteStack {
+    func: String,
+    site_pa: u64,
+    original: [u8; 5],
+    entries: Vec<StackEntry>,
+}
+
+impl SiteStack {
+    fn current_bytes(&self, site: u64) -> [u8; 5] {
+        match self.entries.last() {
+            Some(e) => site::jmp_bytes(site, e.new_addr).unwrap_or(self.original),
+            None => self.original,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Loaded {
+    info: PatchInfo,
+    code_run: (usize, usize),
+    data_run: (usize, usize),
+    /// PTEs written at load: (page index, value).
+    ptes: Vec<(usize, u64)>,
+}
+
+/// One planned write with the bytes expected there before it.
+#[derive(Debug, Clone)]
+struct Write {
+    pa: u64,
+    expect: Option<Vec<u8>>,
+    old: Vec<u8>,
+    new: Vec<u8>,
+    what: String,
+}
+
+/// The engine.
+#[derive(Debug, Default)]
+pub struct Engine {
+    arena: Option<Arena>,
+    patches: Vec<Loaded>,
+    sites: BTreeMap<u64, SiteStack>,
+    last: OpTiming,
+}
+
+struct GuestResolver<'a> {
+    t: &'a Target<'a>,
+    mem: &'a dyn PhysMemory,
+}
+
+impl Resolver for GuestResolver<'_> {
+    fn resolve(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
+        pick_sympos(name, &self.t.symbols.addresses(name), sympos)
+    }
+
+    fn return_thunk(&self) -> Result<Option<u64>, LinkError> {
+        let rt = self.t.symbols.addresses(RETURN_THUNK).first().copied();
+        if let Some(var) = self.t.symbols.addresses("x86_return_thunk").first() {
+            let v = self
+                .t
+                .paging
+                .read_u64(self.mem, *var)
+                .map_err(|e| LinkError::Guest(e.to_string()))?;
+            if Some(v) == rt {
+                return Ok(None);
+            }
+            if self.t.symbols.symbolize(v).is_none() {
+                return Err(LinkError::Guest(format!(
+                    "x86_return_thunk = {v:#x} is not kernel text"
+                )));
+            }
+            return Ok(Some(v));
+        }
+        // Older kernels: no selectable thunk; `__x86_return_thunk` is either `ret` or the thunk.
+        match rt {
+            None => Ok(None),
+            Some(rt) => {
+                let mut b = [0u8; 1];
+                self.t
+                    .paging
+                    .read_virt(self.mem, rt, &mut b)
+                    .map_err(|e| LinkError::Guest(e.to_string()))?;
+                Ok(if b[0] == 0xc3 { None } else { Some(rt) })
+            }
+        }
+    }
+}
+
+/// Reads the guest's `uname -r` from `linux_banner` ("Linux version <release> (...").
+pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchError> {
+    let va = *t
+        .symbols
+        .addresses("linux_banner")
+        .first()
+        .ok_or_else(|| PatchError::Release("no linux_banner symbol".into()))?;
+    let mut b = [0u8; 160];
+    t.paging
+        .read_virt(mem, va, &mut b)
+        .map_err(|e| PatchError::Release(e.to_string()))?;
+    let s = String::from_utf8_lossy(&b);
+    let rest = s
+        .strip_prefix("Linux version ")
+        .ok_or_else(|| PatchError::Release(format!("unexpected banner {s:?}")))?;
+    let rel = rest.split(' ').next().unwrap_or("");
+    if rel.is_empty() {
+        return Err(PatchError::Release(format!("unexpected banner {s:?}")));
+    }
+    Ok(rel.to_string())
+}
+
+fn read(mem: &dyn PhysMemory, pa: u64, len: usize) -> Result<Vec<u8>, PatchError> {
+    let mut b = vec![0u8; len];
+    mem.read_phys(pa, &mut b)
+        .map_err(|e| PatchError::Memory(e.to_string()))?;
+    Ok(b)
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Runs `f` with all vCPUs paused (unless the caller had them paused already).
+fn paused<T>(
+    ctl: &mut dyn GuestControl,
+    f: impl FnOnce(&mut dyn GuestControl) -> Result<T, PatchError>,
+) -> Result<(T, Duration), PatchError> {
+    let was = ctl.is_paused();
+    let t = Instant::now();
+    if !was {
+        ctl.pause()?;
+    }
+    let r = f(ctl);
+    let resumed = if was { Ok(()) } else { ctl.resume() };
+    let d = t.elapsed();
+    let v = r?;
+    resumed?;
+    Ok((v, d))
+}
+
+/// Verifies then applies `writes` in order; on failure restores what was written.
+fn apply(ctl: &mut dyn GuestControl, writes: &mut [Write]) -> Result<(), PatchError> {
+    for w in writes.iter_mut() {
+        let cur = read(ctl.memory(), w.pa, w.new.len())?;
+        if let Some(exp) = &w.expect {
+            if &cur != exp {
+                return Err(PatchError::Changed(format!(
+                    "{} at {:#x}: expected {}, found {}",
+                    w.what,
+                    w.pa,
+                    site::hex(&exp[..exp.len().min(16)]),
+                    site::hex(&cur[..cur.len().min(16)])
+                )));
+            }
+        }
+        w.old = cur;
+    }
+    let mut done = 0usize;
+    let mut err = None;
+    for w in writes.iter() {
+        if let Err(e) = ctl.write_phys(w.pa, &w.new) {
+            err = Some(e);
+            break;
+        }
+        done += 1;
+    }
+    if let Some(e) = err {
+        for w in writes[..done].iter().rev() {
+            let _ = ctl.write_phys(w.pa, &w.old);
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// An engine with nothing loaded.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loaded patches, in load order.
+    pub fn list(&self) -> Vec<PatchInfo> {
+        self.patches
+            .iter()
+            .map(|p| self.with_active(&p.info))
+            .collect()
+    }
+
+    /// One loaded patch.
+    pub fn info(&self, name: &str) -> Option<PatchInfo> {
+        self.patches
+            .iter()
+            .find(|p| p.info.name == name)
+            .map(|p| self.with_active(&p.info))
+    }
+
+    /// The arena, once one was set up.
+    pub fn arena(&self) -> Option<ArenaInfo> {
+        self.arena.as_ref().map(Arena::info)
+    }
+
+    /// Timing of the last successful load or unload.
+    pub fn last_timing(&self) -> OpTiming {
+        self.last
+    }
+
+    fn with_active(&self, info: &PatchInfo) -> PatchInfo {
+        let mut i = info.clone();
+        for f in &mut i.functions {
+            f.active = self
+                .sites
+                .get(&f.site)
+                .and_then(|s| s.entries.last())
+                .is_some_and(|e| e.patch == i.name);
+        }
+        i
+    }
+
+    /// Loads a patch object (`file_name` names it unless it has `HVPATCH_NAME`).
+    pub fn load(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        t: &Target,
+        object: &[u8],
+        file_name: &str,
+    ) -> Result<PatchInfo, PatchError> {
+        let t0 = Instant::now();
+        let obj = PatchObject::parse(object, file_name)?;
+        if self.patches.iter().any(|p| p.info.name == obj.name) {
+            return Err(PatchError::AlreadyLoaded(obj.name));
+        }
+        if let Some(wanted) = &obj.kernel_release {
+            let guest = guest_release(ctl.memory(), t)?;
+            if &guest != wanted {
+                return Err(PatchError::KernelMismatch {
+                    patch: obj.name,
+                    wanted: wanted.clone(),
+                    guest,
+                });
+            }
+        }
+        // Arena (discovered once, state kept on success only).
+        let mut arena = match &self.arena {
+            Some(a) => a.clone(),
+            None => match ctl.patch_arena() {
+                Some((s, l)) => Arena::host(s, l),
+                None => Arena::low_memory(ctl.memory(), &t.paging, t.symbols)?,
+            },
+        };
+        let mem = ctl.memory();
+        let new_mapping = match arena.mapping {
+            Some(_) => None,
+            None => {
+                let m = arena.plan_mapping(mem, &t.paging, t.symbols)?;
+                arena.set_mapped(m);
+                Some(m)
+            }
+        };
+        let mapping = arena
+            .mapping
+            .ok_or_else(|| PatchError::Changed("no mapping".into()))?;
+        let ncode = obj.layout.code_size.div_ceil(PAGE) as usize;
+        let ndata = obj.layout.data_size.div_ceil(PAGE) as usize;
+        let code_start = arena.find_run(ncode, PageKind::Code)?;
+        arena.mark(code_start, ncode, PageKind::Code);
+        let data_start = arena.find_run(ndata, PageKind::Data)?;
+        arena.mark(data_start, ndata, PageKind::Data);
+        let va_of = |i: usize| mapping.va + i as u64 * PAGE;
+        let (code_base, data_base) = (va_of(code_start), va_of(data_start));
+
+        let resolver = GuestResolver { t, mem };
+        let linked =
+            link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
+                patch: obj.name.clone(),
+                source,
+            })?;
+
+        // Entry sites.
+        struct SitePlan {
+            site: u64,
+            site_pa: u64,
+            expect: [u8; 5],
+            jmp: [u8; 5],
+            original: Option<[u8; 5]>,
+        }
+        let mut plans = Vec::new();
+        let mut functions = Vec::new();
+        for f in &linked.funcs {
+            let mut head = [0u8; 9];
+            t.paging.read_virt(mem, f.old_addr, &mut head)?;
+            let site = f.old_addr + site::site_offset(&head);
+            let serr = |what: String| PatchError::Site {
+                func: f.old_name.clone(),
+                addr: f.old_addr,
+                site,
+                what,
+            };
+            let site_pa = t.paging.translate(mem, site)?;
+            if t.paging.translate(mem, site + 4)? != site_pa + 4 {
+                return Err(serr("the 5-byte site crosses a page boundary".into()));
+            }
+            if plans.iter().any(|p: &SitePlan| p.site == site) {
+                return Err(serr("replaced twice by this patch".into()));
+            }
+            let mut cur = [0u8; 5];
+            mem.read_phys(site_pa, &mut cur)
+                .map_err(|e| PatchError::Memory(e.to_string()))?;
+            let (expect, original) = match self.sites.get(&site) {
+                Some(st) => (st.current_bytes(site), None),
+                None => (NOP5, Some(NOP5)),
+            };
+            if cur != expect {
+                let sym = |a: u64| t.symbols.symbolize(a).map(|(n, o)| format!("{n}+{o:#x}"));
+                let owner = site::classify(site, &cur, &sym);
+                let what = match owner {
+                    SiteOwner::Unexpected if self.sites.contains_key(&site) => {
+                        format!("our jmp was overwritten: found {}", site::hex(&cur))
+                    }
+                    o => format!(
+                        "{o}; found {} where {} was expected",
+                        site::hex(&cur),
+                        site::hex(&expect)
+                    ),
+                };
+                return Err(serr(what));
+            }
+            let jmp = site::jmp_bytes(site, f.new_addr).ok_or_else(|| {
+                serr(format!(
+                    "new function {:#x} is out of rel32 reach",
+                    f.new_addr
+                ))
+            })?;
+            plans.push(SitePlan {
+                site,
+                site_pa,
+                expect,
+                jmp,
+                original,
+            });
+            functions.push(FuncInfo {
+                old_name: f.old_name.clone(),
+                sympos: f.sympos,
+                old_addr: f.old_addr,
+                site,
+                new_addr: f.new_addr,
+                active: true,
+            });
+        }
+
+        // Every byte to write, with what must be there now.
+        let zero = vec![0u8; PAGE as usize];
+        let mut writes = Vec::new();
+        let mut pte_writes = Vec::new();
+        let page_chunks =
+            |bytes: &[u8], start: usize, n: usize, pad: u8| -> Vec<(usize, Vec<u8>)> {
+                (0..n)
+                    .map(|k| {
+                        let mut p = vec![pad; PAGE as usize];
+                        let lo = (k * PAGE as usize).min(bytes.len());
+                        let hi = ((k + 1) * PAGE as usize).min(bytes.len());
+                        p[..hi - lo].copy_from_slice(&bytes[lo..hi]);
+                        (start + k, p)
+                    })
+                    .collect()
+            };
+        let table_pa = arena.pages[mapping.table];
+        for (kind, chunks) in [
+            (
+                PageKind::Code,
+                page_chunks(&linked.code, code_start, ncode, 0xcc),
+            ),
+            (
+                PageKind::Data,
+                page_chunks(&linked.data, data_start, ndata, 0),
+            ),
+        ] {
+            for (i, content) in chunks {
+                let pa = arena.pages[i];
+                writes.push(Write {
+                    pa,
+                    expect: Some(zero.clone()),
+                    old: vec![],
+                    new: content,
+                    what: format!("arena page {i}"),
+                });
+                pte_writes.push((i, pte(pa, kind, t.paging.nx)));
+            }
+        }
+        let mut low_mem_pages: Vec<u64> = writes.iter().map(|w| w.pa).collect();
+        if let Some(m) = new_mapping {
+            let mut table = vec![0u8; PAGE as usize];
+            for &(i, v) in &pte_writes {
+                table[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            writes.push(Write {
+                pa: table_pa,
+                expect: Some(zero.clone()),
+                old: vec![],
+                new: table,
+                what: "page table".into(),
+            });
+            writes.push(Write {
+                pa: m.pmd_pa,
+                expect: Some(m.pmd_old.to_le_bytes().to_vec()),
+                old: vec![],
+                new: m.pmd_new.to_le_bytes().to_vec(),
+                what: format!("PMD entry for {:#x}", m.va),
+            });
+            low_mem_pages.push(table_pa);
+        } else {
+            for &(i, v) in &pte_writes {
+                writes.push(Write {
+                    pa: table_pa + i as u64 * 8,
+                    expect: Some(vec![0; 8]),
+                    old: vec![],
+                    new: v.to_le_bytes().to_vec(),
+                    what: format!("PTE {i}"),
+                });
+            }
+            writes.push(Write {
+                pa: mapping.pmd_pa,
+                expect: Some(mapping.pmd_new.to_le_bytes().to_vec()),
+                old: vec![],
+                new: mapping.pmd_new.to_le_bytes().to_vec(),
+                what: "our PMD entry".into(),
+            });
+        }
+        for p in &plans {
+            writes.push(Write {
+                pa: p.site_pa,
+                expect: Some(p.expect.to_vec()),
+                old: vec![],
+                new: p.jmp.to_vec(),
+                what: format!("entry site {:#x}", p.site),
+            });
+        }
+        let prepare = t0.elapsed();
+
+        // Pause window: re-verify and write.
+        let arena_ref = &arena;
+        let paging = t.paging;
+        let ((), pause) = paused(ctl, |ctl| {
+            for &pa in &low_mem_pages {
+                arena_ref.verify_free(ctl.memory(), &paging, pa)?;
+            }
+            apply(ctl, &mut writes)
+        })?;
+
+        // Commit.
+        for (p, f) in plans.iter().zip(&functions) {
+            let st = self.sites.entry(p.site).or_insert_with(|| SiteStack {
+                func: f.old_name.clone(),
+                site_pa: p.site_pa,
+                original: p.original.unwrap_or(NOP5),
+                entries: Vec::new(),
+            });
+            st.entries.push(StackEntry {
+                patch: obj.name.clone(),
+                new_addr: f.new_addr,
+            });
+        }
+        let pages = |s: usize, n: usize| (s..s + n).map(|i| arena.pages[i]).collect::<Vec<_>>();
+        let total = t0.elapsed();
+        let info = PatchInfo {
+            name: obj.name.clone(),
+            file_name: obj.file_name.clone(),
+            kernel_release: obj.kernel_release.clone(),
+            state: PatchState::Enabled,
+            functions,
+            code: ArenaRange {
+                va: code_base,
+                len: obj.layout.code_size,
+                pages: pages(code_start, ncode),
+            },
+            data: ArenaRange {
+                va: data_base,
+                len: obj.layout.data_size,
+                pages: pages(data_start, ndata),
+            },
+            return_sites: linked.return_sites,
+            pause_us: us(pause),
+            load_us: us(total),
+        };
+        self.arena = Some(arena);
+        self.patches.push(Loaded {
+            info: info.clone(),
+            code_run: (code_start, ncode),
+            data_run: (data_start, ndata),
+            ptes: pte_writes,
+        });
+        self.last = OpTiming {
+            prepare,
+            pause,
+            total,
+        };
+        tracing::info!(patch = %info.name, pause_us = info.pause_us, "patch loaded");
+        Ok(self.with_active(&info))
+    }
+
+    /// Unloads a patch: each function it tops goes back to the previous patch's version or to
+    /// the original bytes; arena pages are zeroed and unmapped; the last patch also removes
+    /// the arena mapping (PMD restored exactly).
+    pub fn unload(&mut self, ctl: &mut dyn GuestControl, name: &str) -> Result<(), PatchError> {
+        let t0 = Instant::now();
+        let idx = self
+            .patches
+            .iter()
+            .position(|p| p.info.name == name)
+            .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
+        let p = self.patches[idx].clone();
+        let mut arena = self
+            .arena
+            .clone()
+            .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
+        let mapping = arena
+            .mapping
+            .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
+        let mut writes = Vec::new();
+        for f in &p.info.functions {
+            let Some(st) = self.sites.get(&f.site) else {
+                continue;
+            };
+            if st.entries.last().is_some_and(|e| e.patch == name) {
+                let cur = st.current_bytes(f.site);
+                let below = st
+                    .entries
+                    .len()
+                    .checked_sub(2)
+                    .and_then(|i| st.entries.get(i));
+                let new = match below {
+                    Some(e) => site::jmp_bytes(f.site, e.new_addr).unwrap_or(st.original),
+                    None => st.original,
+                };
+                writes.push(Write {
+                    pa: st.site_pa,
+                    expect: Some(cur.to_vec()),
+                    old: vec![],
+                    new: new.to_vec(),
+                    what: format!("entry site of {} ({:#x})", st.func, f.site),
+                });
+            }
+        }
+        let table_pa = arena.pages[mapping.table];
+        let zero = vec![0u8; PAGE as usize];
+        for &(i, v) in &p.ptes {
+            writes.push(Write {
+                pa: table_pa + i as u64 * 8,
+                expect: Some(v.to_le_bytes().to_vec()),
+                old: vec![],
+                new: vec![0; 8],
+                what: format!("PTE {i}"),
+            });
+        }
+        arena.free(p.code_run.0, p.code_run.1);
+        arena.free(p.data_run.0, p.data_run.1);
+        let last = arena.only_table_left();
+        if last {
+            writes.push(Write {
+                pa: mapping.pmd_pa,
+                expect: Some(mapping.pmd_new.to_le_bytes().to_vec()),
+                old: vec![],
+                new: mapping.pmd_old.to_le_bytes().to_vec(),
+                what: "PMD entry".into(),
+            });
+        }
+        for (s, n) in [p.code_run, p.data_run] {
+            for i in s..s + n {
+                writes.push(Write {
+                    pa: arena.pages[i],
+                    expect: None,
+                    old: vec![],
+                    new: zero.clone(),
+                    what: format!("arena page {i}"),
+                });
+            }
+        }
+        if last {
+            writes.push(Write {
+                pa: table_pa,
+                expect: None,
+                old: vec![],
+                new: zero.clone(),
+                what: "page table".into(),
+            });
+            arena.set_unmapped();
+        }
+        let code = (
+            p.info.code.va,
+            p.info.code.va.saturating_add(p.info.code.len),
+        );
+        let prepare = t0.elapsed();
+        let ((), pause) = paused(ctl, |ctl| {
+            for v in 0..ctl.vcpu_count() {
+                let rip = ctl.regs(v)?.rip;
+                if rip >= code.0 && rip < code.1 {
+                    return Err(PatchError::Busy(format!(
+                        "vCPU {v} is executing {name}'s code (rip {rip:#x}); retry"
+                    )));
+                }
+            }
+            apply(ctl, &mut writes)
+        })?;
+        for f in &p.info.functions {
+            if let Some(st) = self.sites.get_mut(&f.site) {
+                st.entries.retain(|e| e.patch != name);
+                if st.entries.is_empty() {
+                    self.sites.remove(&f.site);
+                }
+            }
+        }
+        self.patches.remove(idx);
+        self.arena = Some(arena);
+        self.last = OpTiming {
+            prepare,
+            pause,
+            total: t0.elapsed(),
+        };
+        tracing::info!(patch = name, pause_us = us(pause), "patch unloaded");
+        Ok(())
+    }
+}

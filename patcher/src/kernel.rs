@@ -1,0 +1,58 @@
+//! [`SymbolSource`] for `introspect::Kernel` (kallsyms decoded from guest memory, BTF).
+
+use introspect::{Kernel, PhysMemory};
+
+use crate::paging::KernelPaging;
+use crate::symbols::SymbolSource;
+
+/// A guest kernel found by `introspect::Kernel::open` plus the memory it lives in.
+pub struct KernelSymbols<'a> {
+    /// The kernel.
+    pub kernel: &'a Kernel,
+    /// Its memory (for BTF).
+    pub mem: &'a dyn PhysMemory,
+}
+
+impl<'a> KernelSymbols<'a> {
+    /// Wraps `kernel`.
+    pub fn new(kernel: &'a Kernel, mem: &'a dyn PhysMemory) -> Self {
+        Self { kernel, mem }
+    }
+
+    /// The kernel's paging root; `nx` from a vCPU's EFER.NXE.
+    pub fn paging(&self, nx: bool) -> KernelPaging {
+        let r = self.kernel.page_root();
+        KernelPaging {
+            pgd_pa: r.pgd_pa,
+            la57: r.levels == 5,
+            nx,
+        }
+    }
+}
+
+impl SymbolSource for KernelSymbols<'_> {
+    fn addresses(&self, name: &str) -> Vec<u64> {
+        let mut v: Vec<(usize, u64)> = self
+            .kernel
+            .symbols()
+            .lookup_all(name)
+            .map(|s| (s.index, s.addr))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn symbolize(&self, addr: u64) -> Option<(String, u64)> {
+        self.kernel
+            .symbolize(addr)
+            .map(|s| (s.name.to_string(), s.offset))
+    }
+
+    fn type_size(&self, struct_name: &str) -> Option<u64> {
+        self.kernel
+            .btf(self.mem)
+            .ok()?
+            .struct_size(struct_name)
+            .ok()
+    }
+}

@@ -1,0 +1,239 @@
+//! Shared helpers of the patcher integration tests: a [`GuestControl`] over a guest memory
+//! snapshot (/tmp/hvpatch-dumps/<version>/, made by `python3 /tmp/hvpatch-dumps/dump.py
+//! <version>`), and building patch objects from C source.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use introspect::{MemError, PhysMemory, VcpuRegs};
+use patcher::build::{compile, BuildOptions};
+use patcher::{GuestControl, GuestError, GuestEvent, SymbolMap};
+
+/// Guest RAM from physical 0.
+pub struct Ram(pub Vec<u8>);
+
+impl PhysMemory for Ram {
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let err = MemError::OutOfRange {
+            pa,
+            len: buf.len() as u64,
+        };
+        let s = usize::try_from(pa).map_err(|_| err.clone())?;
+        let src = self
+            .0
+            .get(s..s.checked_add(buf.len()).ok_or(err.clone())?)
+            .ok_or(err)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn regions(&self) -> Vec<(u64, u64)> {
+        vec![(0, self.0.len() as u64)]
+    }
+}
+
+/// A stopped guest made of a snapshot: pause/resume only flip a flag.
+pub struct SnapGuest {
+    /// RAM (writes land here).
+    pub ram: Ram,
+    /// vCPU registers.
+    pub vcpus: Vec<VcpuRegs>,
+    paused: bool,
+    /// Number of writes done.
+    pub writes: usize,
+    /// Fail the write with this index (0-based), to test rollback.
+    pub fail_write_at: Option<usize>,
+    /// Pause count.
+    pub pauses: usize,
+}
+
+impl GuestControl for SnapGuest {
+    fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.paused = true;
+        self.pauses += 1;
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.paused = false;
+        Ok(())
+    }
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+    fn regs(&mut self, vcpu: usize) -> Result<VcpuRegs, GuestError> {
+        self.vcpus
+            .get(vcpu)
+            .copied()
+            .ok_or(GuestError::NoSuchVcpu(vcpu))
+    }
+    fn memory(&self) -> &dyn PhysMemory {
+        &self.ram
+    }
+    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), GuestError> {
+        assert!(self.paused, "write while running");
+        if self.fail_write_at == Some(self.writes) {
+            self.fail_write_at = None;
+            return Err(GuestError::Backend("injected write failure".into()));
+        }
+        self.writes += 1;
+        let s = pa as usize;
+        self.ram
+            .0
+            .get_mut(s..s + data.len())
+            .ok_or(GuestError::WriteOutOfRange {
+                pa,
+                len: data.len(),
+            })?
+            .copy_from_slice(data);
+        Ok(())
+    }
+    fn set_breakpoints(&mut self, _addrs: &[u64]) -> Result<(), GuestError> {
+        Ok(())
+    }
+    fn wait_event(&mut self, _timeout: Duration) -> Result<Option<GuestEvent>, GuestError> {
+        Ok(None)
+    }
+}
+
+/// A snapshot's files.
+pub struct Snapshot {
+    /// "6.1" / "6.12".
+    pub version: &'static str,
+    /// RAM.
+    pub ram: Vec<u8>,
+    /// vCPUs.
+    pub vcpus: Vec<VcpuRegs>,
+    /// /proc/kallsyms.
+    pub kallsyms: String,
+    /// Parsed kallsyms.
+    pub syms: SymbolMap,
+    /// `uname -r` of the guest (from uname.txt: third field of `uname -a`).
+    pub release: String,
+}
+
+fn dir(version: &str) -> PathBuf {
+    PathBuf::from(std::env::var("HVPATCH_DUMPS").unwrap_or_else(|_| "/tmp/hvpatch-dumps".into()))
+        .join(version)
+}
+
+fn read(version: &str, file: &str) -> Vec<u8> {
+    let p = dir(version).join(file);
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!(
+            "missing guest snapshot file {} ({e}): run `python3 /tmp/hvpatch-dumps/dump.py {version}` to make it",
+            p.display()
+        )
+    })
+}
+
+fn hex_after(block: &str, key: &str) -> u64 {
+    let i = block
+        .find(key)
+        .unwrap_or_else(|| panic!("{key} missing in regs.txt"))
+        + key.len();
+    let h: String = block[i..]
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
+    u64::from_str_radix(&h, 16).unwrap()
+}
+
+/// Parses HMP `info registers -a` (only what the engine uses).
+pub fn parse_regs(text: &str) -> Vec<VcpuRegs> {
+    text.split("CPU#")
+        .skip(1)
+        .map(|b| VcpuRegs {
+            rip: hex_after(b, "RIP="),
+            cr0: hex_after(b, "CR0="),
+            cr3: hex_after(b, "CR3="),
+            cr4: hex_after(b, "CR4="),
+            efer: hex_after(b, "EFER="),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn load(version: &'static str) -> Snapshot {
+    let text = |f| String::from_utf8_lossy(&read(version, f)).into_owned();
+    let kallsyms = text("kallsyms.txt");
+    let uname = text("uname.txt");
+    Snapshot {
+        version,
+        ram: read(version, "ram.bin"),
+        vcpus: parse_regs(&text("regs.txt")),
+        syms: SymbolMap::from_kallsyms(&kallsyms),
+        kallsyms,
+        release: uname.split_whitespace().nth(2).unwrap_or("").to_string(),
+    }
+}
+
+/// The 6.1 snapshot.
+pub fn snap_6_1() -> &'static Snapshot {
+    static S: OnceLock<Snapshot> = OnceLock::new();
+    S.get_or_init(|| load("6.1"))
+}
+
+/// The 6.12 snapshot.
+pub fn snap_6_12() -> &'static Snapshot {
+    static S: OnceLock<Snapshot> = OnceLock::new();
+    S.get_or_init(|| load("6.12"))
+}
+
+impl Snapshot {
+    /// A fresh guest over a copy of the RAM.
+    pub fn guest(&self) -> SnapGuest {
+        SnapGuest {
+            ram: Ram(self.ram.clone()),
+            vcpus: self.vcpus.clone(),
+            paused: false,
+            writes: 0,
+            fail_write_at: None,
+            pauses: 0,
+        }
+    }
+}
+
+/// Compiles C source (with `#include <hvpatch.h>` prepended) into an object.
+pub fn build_c(tag: &str, src: &str) -> Vec<u8> {
+    let d = std::env::temp_dir().join(format!("hvpatch-ptest-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let c = d.join(format!("{tag}.c"));
+    std::fs::write(&c, format!("#include <hvpatch.h>\n{src}\n")).unwrap();
+    let o = d.join(format!("{tag}.o"));
+    compile(&BuildOptions::new(&c, &o))
+        .unwrap_or_else(|e| panic!("building {tag} (needs gcc): {e}"));
+    std::fs::read(&o).unwrap()
+}
+
+/// A patch replacing `func` (a `seq_file` show function) by one printing `msg`.
+pub fn show_patch(name: &str, func: &str, msg: &str) -> Vec<u8> {
+    build_c(
+        name,
+        &format!(
+            "HVPATCH_NAME(\"{name}\");\n\
+             static int new_{func}(struct seq_file *m, void *v) {{ seq_printf(m, \"%s\\n\", \"{msg}\"); return 0; }}\n\
+             HVPATCH_FUNC({func}, new_{func});\n"
+        ),
+    )
+}
+
+/// The klp sample patch.
+pub fn cmdline_patch() -> Vec<u8> {
+    show_patch(
+        "cmdline-fix",
+        "cmdline_proc_show",
+        "this has been live patched",
+    )
+}
+
+impl SnapGuest {
+    /// Whether the guest is paused.
+    pub fn is_paused_for_test(&self) -> bool {
+        self.paused
+    }
+}
