@@ -13,6 +13,8 @@
 //! debs/*.deb
 //! ```
 
+#![warn(missing_docs)]
+
 mod apt;
 pub mod bzimage;
 pub mod cpio;
@@ -90,7 +92,9 @@ fn initramfs_paths(cache: &Path) -> (PathBuf, PathBuf) {
 /// Resolves the newest `linux-image-*-cloud-amd64-unsigned` of each series with apt (refreshing
 /// lists older than a day), downloads it if its version changed, extracts `vmlinuz` and
 /// `config`, decompresses `vmlinux`; builds the test programs and the initramfs when a source,
-/// the compiler or busybox changed. Missing host tools are installed with `apt-get install -y`.
+/// the compiler or busybox changed. Missing host tools (gcc, busybox-static, qemu-system-x86,
+/// dpkg, tar) are installed with `apt-get install -y`. Safe to call from parallel threads and
+/// processes (a lock file serialises builders).
 /// If apt cannot resolve packages (offline) but a valid kernel is cached, that kernel is kept.
 pub fn ensure() -> Result<Images, ImagesError> {
     ensure_in(&cache_dir())
@@ -99,7 +103,21 @@ pub fn ensure() -> Result<Images, ImagesError> {
 /// [`ensure`] for an explicit cache directory.
 pub fn ensure_in(cache: &Path) -> Result<Images, ImagesError> {
     std::fs::create_dir_all(cache).map_err(|e| ImagesError::io("creating", cache, e))?;
-    for (tool, package) in [("apt-get", "apt"), ("dpkg-deb", "dpkg"), ("tar", "tar")] {
+    // One builder at a time, across threads and processes (tests call this in parallel).
+    static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+    let lock_path = cache.join(".lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|e| ImagesError::io("creating", &lock_path, e))?;
+    lock.lock()
+        .map_err(|e| ImagesError::io("locking", &lock_path, e))?;
+    // The builder's tools, and QEMU, which the tests and the demo boot these images with.
+    for (tool, package) in [
+        ("apt-get", "apt"),
+        ("dpkg-deb", "dpkg"),
+        ("tar", "tar"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+    ] {
         fsutil::ensure_tool(tool, package)?;
     }
     let resolved = apt::resolve_all();
