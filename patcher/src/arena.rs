@@ -360,7 +360,7 @@ impl Arena {
     /// Finds `n` contiguous free page indices usable as `kind` (never used as another kind in
     /// this slot). Does not mark them.
     pub fn find_run(&self, n: usize, kind: PageKind) -> Result<usize, ArenaError> {
-        let ok = |i: usize| !self.used[i] && self.kind[i].map_or(true, |k| k == kind);
+        let ok = |i: usize| !self.used[i] && (self.kind[i].is_none() || self.kind[i] == Some(kind));
         let total = self.pages.len();
         if n == 0 {
             return Ok(0);
