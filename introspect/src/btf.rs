@@ -344,6 +344,37 @@ impl Btf {
             .ok_or_else(|| BtfError::UnknownStruct(name.to_owned()))
     }
 
+    /// Value of the enumerator `name` (searched in every ENUM and ENUM64 type).
+    pub fn enum_value(&self, name: &str) -> Option<i64> {
+        for id in 1..self.offsets.len() as u32 {
+            let Ok(r) = self.rec(id) else { continue };
+            let (stride, wide) = match r.kind {
+                Kind::Enum => (8, false),
+                Kind::Enum64 => (12, true),
+                _ => continue,
+            };
+            for i in 0..r.vlen as usize {
+                let e = r.extra + i * stride;
+                let Some(n) = rd_u32(&self.data, e) else {
+                    break;
+                };
+                if self.str_at(n) != Some(name) {
+                    continue;
+                }
+                let lo = rd_u32(&self.data, e + 4)?;
+                return Some(if wide {
+                    let hi = rd_u32(&self.data, e + 8)?;
+                    ((hi as u64) << 32 | lo as u64) as i64
+                } else if r.kind_flag {
+                    lo as i32 as i64
+                } else {
+                    lo as i64
+                });
+            }
+        }
+        None
+    }
+
     /// Follows typedefs and modifiers (const, volatile, restrict, type tags) to the real type.
     pub fn resolve(&self, mut id: u32) -> Result<u32, BtfError> {
         for _ in 0..MAX_DEPTH {

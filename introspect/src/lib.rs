@@ -10,6 +10,7 @@ pub mod kallsyms;
 pub mod kernel;
 pub mod memory;
 pub mod model;
+pub mod modules;
 pub mod orc;
 pub mod paging;
 pub mod regs;

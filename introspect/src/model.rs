@@ -133,7 +133,7 @@ pub struct Model {
     pub orc: OrcTable,
     /// Ranges the vmlinux ORC table covers (`_stext.._etext`, `_sinittext.._einittext`).
     pub orc_ranges: Vec<(u64, u64)>,
-    /// Kernel text ranges (core + init; module text is not tracked yet).
+    /// vmlinux text ranges (core + init); module text is looked up per walk.
     pub text_ranges: Vec<(u64, u64)>,
     /// `[__sched_text_start, __sched_text_end)` and `[__lock_text_start, __lock_text_end)`.
     pub sched_ranges: Vec<(u64, u64)>,
@@ -143,6 +143,8 @@ pub struct Model {
     pub ret_from_fork: u64,
     /// `do_idle` (start, end) for idle detection.
     pub do_idle: Option<(u64, u64)>,
+    /// `struct module` layout (None without module support).
+    pub modules: Option<crate::modules::ModuleLayout>,
 }
 
 fn sym(g: &dyn GuestAccess, name: &'static str) -> Result<u64, ModelError> {
@@ -218,6 +220,9 @@ impl Model {
             g.symbolize(a)
                 .map(|(_, off, size)| (a - off, a - off + size))
         });
+        let modules = g
+            .symbol("modules")
+            .and_then(|h| crate::modules::ModuleLayout::from_btf(&btf, h));
         Ok(Model {
             btf,
             task,
@@ -230,6 +235,7 @@ impl Model {
             init_task: sym(g, "init_task")?,
             ret_from_fork,
             do_idle,
+            modules,
         })
     }
 

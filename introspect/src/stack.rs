@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use crate::model::{GuestAccess, Model, THREAD_SIZE};
+use crate::modules::LazyModules;
 use crate::regs::VcpuRegs;
 use crate::tasks::{cpu_base, vcpu_cpus, Task};
 use crate::unwind::{walk, StackRange, StackReader, StackType, UnwindEnv, UnwindStart, WalkEnd};
@@ -76,11 +77,12 @@ impl StackReader for Reader<'_> {
     }
 }
 
-fn env(m: &Model) -> UnwindEnv<'_> {
+fn env<'a>(m: &'a Model, modules: &'a LazyModules<'a>) -> UnwindEnv<'a> {
     UnwindEnv {
         orc: &m.orc,
         orc_ranges: &m.orc_ranges,
         text_ranges: &m.text_ranges,
+        modules: Some(modules),
         regs: m.regs,
     }
 }
@@ -147,7 +149,7 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
         end: task.stack_base.wrapping_add(THREAD_SIZE),
         ty: StackType::Task,
     }];
-    let w = walk(env(m), &stacks, &Reader(g), start);
+    let w = walk(env(m, &LazyModules::new(g, m)), &stacks, &Reader(g), start);
     Ok(Stack {
         frames: frames(g, &w.frames, false),
         reliable: w.unreliable.is_none(),
@@ -241,7 +243,7 @@ pub fn vcpu_stack(
         bp: r.rbp(),
         signal: true,
     };
-    let w = walk(env(m), &stacks, &Reader(g), start);
+    let w = walk(env(m, &LazyModules::new(g, m)), &stacks, &Reader(g), start);
     let idle = m
         .do_idle
         .is_some_and(|(s, e)| w.frames.iter().any(|&a| a > s && a <= e));

@@ -96,25 +96,37 @@ pub trait StackReader {
     fn read_u64(&self, va: u64) -> Option<u64>;
 }
 
+/// Module text and ORC data, consulted only for ips outside the vmlinux ranges.
+pub trait ModuleOrc {
+    /// Whether `ip` is in the text of a loaded module.
+    fn is_text(&self, ip: u64) -> bool;
+    /// The ORC entry of the module containing `ip`, if any.
+    fn find(&self, ip: u64) -> Option<OrcEntry>;
+}
+
 /// Static inputs of an unwind.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct UnwindEnv<'a> {
     /// The vmlinux ORC table.
     pub orc: &'a OrcTable,
     /// Ranges covered by the vmlinux ORC table (`_stext.._etext`, init text).
     pub orc_ranges: &'a [(u64, u64)],
-    /// Ranges accepted as kernel text (`__kernel_text_address`): core, init and module text.
+    /// vmlinux ranges accepted as kernel text (`__kernel_text_address`): core and init text.
     pub text_ranges: &'a [(u64, u64)],
+    /// Loaded modules (text ranges and ORC tables), if known.
+    pub modules: Option<&'a dyn ModuleOrc>,
     /// `struct pt_regs` layout.
     pub regs: PtRegsLayout,
 }
 
 impl UnwindEnv<'_> {
-    /// `__kernel_text_address(ip)`.
+    /// `__kernel_text_address(ip)`: vmlinux core/init text or module text.
     pub fn is_text(&self, ip: u64) -> bool {
         self.text_ranges.iter().any(|&(s, e)| ip >= s && ip < e)
+            || self.modules.is_some_and(|m| m.is_text(ip))
     }
 
+    /// `orc_find()`: vmlinux table for vmlinux text, else the module's table.
     fn orc_find(&self, ip: u64) -> Option<OrcEntry> {
         if ip == 0 {
             return Some(OrcEntry::NULL_IP);
@@ -122,7 +134,7 @@ impl UnwindEnv<'_> {
         if self.orc_ranges.iter().any(|&(s, e)| ip >= s && ip < e) {
             return self.orc.find(ip);
         }
-        None
+        self.modules.and_then(|m| m.find(ip))
     }
 }
 
@@ -567,6 +579,7 @@ mod tests {
             orc: t,
             orc_ranges: &ranges,
             text_ranges: &ranges,
+            modules: None,
             regs: layout(),
         };
         let stacks = [StackRange {

@@ -130,12 +130,22 @@ impl<'a> Overlay<'a> {
             self.bytes.insert(va + i as u64, b);
         }
     }
+    pub fn put(&mut self, va: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            self.bytes.insert(va + i as u64, b);
+        }
+    }
 }
 
 impl introspect::model::GuestAccess for Overlay<'_> {
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.inner.read_virt(va, buf)?;
         let end = va.checked_add(buf.len() as u64).ok_or("wrap")?;
+        if let Err(e) = self.inner.read_virt(va, buf) {
+            // Unmapped in the guest: fine if the overlay provides every byte.
+            if self.bytes.range(va..end).count() != buf.len() {
+                return Err(e);
+            }
+        }
         for (&a, &b) in self.bytes.range(va..end) {
             buf[(a - va) as usize] = b;
         }
