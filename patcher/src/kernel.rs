@@ -5,54 +5,43 @@ use introspect::{Kernel, PhysMemory};
 use crate::paging::KernelPaging;
 use crate::symbols::SymbolSource;
 
-/// A guest kernel found by `introspect::Kernel::open` plus the memory it lives in.
+/// A guest kernel found by `introspect::Kernel::open`. The BTF facts the engine needs are read
+/// once at construction, so the value holds no borrow of guest memory (the engine needs the
+/// guest control mutably while using it).
 pub struct KernelSymbols<'a> {
     /// The kernel.
     pub kernel: &'a Kernel,
-    /// Its memory (for BTF).
-    pub mem: &'a dyn PhysMemory,
+    /// `sizeof(struct page)` from BTF, if available.
+    page_size: Option<u64>,
 }
 
 impl<'a> KernelSymbols<'a> {
-    /// Wraps `kernel`.
-    pub fn new(kernel: &'a Kernel, mem: &'a dyn PhysMemory) -> Self {
-        Self { kernel, mem }
+    /// Wraps `kernel`; `mem` is read for BTF now and not kept.
+    pub fn new(kernel: &'a Kernel, mem: &dyn PhysMemory) -> Self {
+        let page_size = kernel.btf(mem).ok().and_then(|b| b.struct_size("page").ok());
+        Self { kernel, page_size }
     }
 
     /// The kernel's paging root; `nx` from a vCPU's EFER.NXE.
     pub fn paging(&self, nx: bool) -> KernelPaging {
         let r = self.kernel.page_root();
-        KernelPaging {
-            pgd_pa: r.pgd_pa,
-            la57: r.levels == 5,
-            nx,
-        }
+        KernelPaging { pgd_pa: r.pgd_pa, la57: r.levels == 5, nx }
     }
 }
 
 impl SymbolSource for KernelSymbols<'_> {
     fn addresses(&self, name: &str) -> Vec<u64> {
-        let mut v: Vec<(usize, u64)> = self
-            .kernel
-            .symbols()
-            .lookup_all(name)
-            .map(|s| (s.index, s.addr))
-            .collect();
+        let mut v: Vec<(usize, u64)> =
+            self.kernel.symbols().lookup_all(name).map(|s| (s.index, s.addr)).collect();
         v.sort_unstable();
         v.into_iter().map(|(_, a)| a).collect()
     }
 
     fn symbolize(&self, addr: u64) -> Option<(String, u64)> {
-        self.kernel
-            .symbolize(addr)
-            .map(|s| (s.name.to_string(), s.offset))
+        self.kernel.symbolize(addr).map(|s| (s.name.to_string(), s.offset))
     }
 
     fn type_size(&self, struct_name: &str) -> Option<u64> {
-        self.kernel
-            .btf(self.mem)
-            .ok()?
-            .struct_size(struct_name)
-            .ok()
+        (struct_name == "page").then_some(self.page_size).flatten()
     }
 }
