@@ -466,3 +466,99 @@ impl Arena {
         self.kind.iter_mut().for_each(|k| *k = None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symbols::SymbolMap;
+    use introspect::SliceMemory;
+
+    #[test]
+    fn host_arena_pages_are_aligned_and_capped() {
+        let a = Arena::host(0x1000_0800, 0x3000);
+        assert_eq!(a.pages, vec![0x1000_1000, 0x1000_2000]);
+        let big = Arena::host(0x4000_0000, 64 << 20);
+        assert_eq!(big.pages.len(), MAX_PAGES);
+        assert!(Arena::host(0x1000, 0x800).pages.is_empty());
+    }
+
+    #[test]
+    fn page_kinds_are_never_mixed_within_a_slot() {
+        let mut a = Arena::host(0x10_0000, 8 * PAGE);
+        a.set_mapped(Mapping {
+            va: KERNEL_MAP_END - 0x20_0000,
+            pmd_pa: 0,
+            pmd_old: 0,
+            pmd_new: 1,
+            table: 0,
+        });
+        let c = a.find_run(3, PageKind::Code).unwrap();
+        assert_eq!(c, 1);
+        a.mark(c, 3, PageKind::Code);
+        let d = a.find_run(2, PageKind::Data).unwrap();
+        assert_eq!(d, 4);
+        a.mark(d, 2, PageKind::Data);
+        a.free(c, 3);
+        // Freed code pages are not handed out as data.
+        assert_eq!(a.find_run(2, PageKind::Data).unwrap(), 6);
+        assert_eq!(a.find_run(3, PageKind::Code).unwrap(), 1);
+        assert!(matches!(
+            a.find_run(4, PageKind::Data),
+            Err(ArenaError::Full { .. })
+        ));
+        // After unmapping, the slot is retired and kinds are forgotten.
+        a.free(d, 2);
+        assert!(a.only_table_left());
+        a.set_unmapped();
+        assert_eq!(a.info().retired_slots, vec![KERNEL_MAP_END - 0x20_0000]);
+        assert_eq!(a.find_run(7, PageKind::Data).unwrap(), 0);
+    }
+
+    #[test]
+    fn low_memory_refuses_garbage_guest() {
+        // No page tables: every read fails cleanly.
+        let ram = vec![0u8; 1 << 20];
+        let mem = SliceMemory::flat(&ram);
+        let p = KernelPaging {
+            pgd_pa: 0x1000,
+            la57: false,
+            nx: true,
+        };
+        let mut syms = SymbolMap::new();
+        assert!(matches!(
+            Arena::low_memory(&mem, &p, &syms),
+            Err(ArenaError::MissingSymbol(_))
+        ));
+        for (n, a) in [
+            ("vmemmap_base", 0xffff_ffff_8100_0000u64),
+            ("real_mode_header", 0xffff_ffff_8100_0008),
+            ("real_mode_blob", 0xffff_ffff_8100_0010),
+            ("real_mode_blob_end", 0xffff_ffff_8100_0020),
+            ("_text", 0xffff_ffff_8100_0000),
+        ] {
+            syms.insert(n, a);
+        }
+        assert!(matches!(
+            Arena::low_memory(&mem, &p, &syms),
+            Err(ArenaError::Read(_))
+        ));
+        // A PGD pointing at itself (loop) is still bounded.
+        let mut ram = vec![0u8; 1 << 20];
+        for i in 0..512 {
+            ram[0x1000 + i * 8..0x1000 + i * 8 + 8]
+                .copy_from_slice(&(0x1000u64 | 0x63).to_le_bytes());
+        }
+        let mem = SliceMemory::flat(&ram);
+        assert!(Arena::low_memory(&mem, &p, &syms).is_err());
+    }
+
+    #[test]
+    fn pte_bits() {
+        assert_eq!(pte(0x5000, PageKind::Code, true), 0x5000 | P | A);
+        assert_eq!(
+            pte(0x5000, PageKind::Data, true),
+            0x5000 | P | RW | A | D | NX
+        );
+        assert_eq!(pte(0x5000, PageKind::Data, false), 0x5000 | P | RW | A | D);
+    }
+}

@@ -18,27 +18,40 @@ pub struct KernelSymbols<'a> {
 impl<'a> KernelSymbols<'a> {
     /// Wraps `kernel`; `mem` is read for BTF now and not kept.
     pub fn new(kernel: &'a Kernel, mem: &dyn PhysMemory) -> Self {
-        let page_size = kernel.btf(mem).ok().and_then(|b| b.struct_size("page").ok());
+        let page_size = kernel
+            .btf(mem)
+            .ok()
+            .and_then(|b| b.struct_size("page").ok());
         Self { kernel, page_size }
     }
 
     /// The kernel's paging root; `nx` from a vCPU's EFER.NXE.
     pub fn paging(&self, nx: bool) -> KernelPaging {
         let r = self.kernel.page_root();
-        KernelPaging { pgd_pa: r.pgd_pa, la57: r.levels == 5, nx }
+        KernelPaging {
+            pgd_pa: r.pgd_pa,
+            la57: r.levels == 5,
+            nx,
+        }
     }
 }
 
 impl SymbolSource for KernelSymbols<'_> {
     fn addresses(&self, name: &str) -> Vec<u64> {
-        let mut v: Vec<(usize, u64)> =
-            self.kernel.symbols().lookup_all(name).map(|s| (s.index, s.addr)).collect();
+        let mut v: Vec<(usize, u64)> = self
+            .kernel
+            .symbols()
+            .lookup_all(name)
+            .map(|s| (s.index, s.addr))
+            .collect();
         v.sort_unstable();
         v.into_iter().map(|(_, a)| a).collect()
     }
 
     fn symbolize(&self, addr: u64) -> Option<(String, u64)> {
-        self.kernel.symbolize(addr).map(|s| (s.name.to_string(), s.offset))
+        self.kernel
+            .symbolize(addr)
+            .map(|s| (s.name.to_string(), s.offset))
     }
 
     fn type_size(&self, struct_name: &str) -> Option<u64> {
