@@ -1,26 +1,77 @@
 //! The server and build commands: `hvpatch run`, `hvpatch attach`, `hvpatch build`.
 
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use patcher::build::{compile, BuildOptions};
+use patcher::GuestControl;
+
 use crate::api::{Server, Session};
 use crate::cli::{AttachArgs, BuildArgs, CliError, RunArgs};
+use crate::kvm::{SerialOut, Vm, VmConfig};
 
-/// `hvpatch run`: boot a guest in the KVM VMM and serve the API until it exits.
-pub fn run(args: &RunArgs) -> Result<(), CliError> {
-    let _ = args;
-    Err(CliError::Other(
-        "hvpatch run: the KVM VMM is not wired up yet".into(),
-    ))
+fn other(e: impl std::fmt::Display) -> CliError {
+    CliError::Other(e.to_string())
 }
 
-/// `hvpatch attach`: attach to QEMU and serve the API until interrupted.
-pub fn attach(args: &AttachArgs) -> Result<(), CliError> {
-    let _ = (args, Server::bind, Session::new);
-    Err(CliError::Other(
-        "hvpatch attach: the QEMU backend is not wired up yet".into(),
-    ))
+/// Serves the API for `control` on a background thread; returns its stop flag and handle.
+fn serve_in_background(
+    server: Server,
+    control: Box<dyn GuestControl>,
+    host: &'static str,
+) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = server.stop_flag();
+    let handle = std::thread::spawn(move || {
+        let mut session = Session::new(control, host);
+        if let Err(e) = server.serve(&mut session) {
+            tracing::error!("API server: {e}");
+        }
+    });
+    (stop, handle)
 }
 
-/// `hvpatch build`: compile a patch.
-pub fn build(args: &BuildArgs) -> Result<(), CliError> {
+/// `hvpatch run`: boot a guest in the KVM VMM and serve the API until the guest ends.
+/// Returns the process exit code (0 when the guest reset or shut down).
+pub fn run(args: &RunArgs) -> Result<i32, CliError> {
+    let serial = match args.serial.as_str() {
+        "stdio" => SerialOut::Stdio,
+        "null" => SerialOut::Null,
+        path => SerialOut::File(PathBuf::from(path)),
+    };
+    let cfg = VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        vcpus: args.vcpus,
+        memory: args.memory,
+        serial,
+        patch_arena: args.patch_arena,
+    };
+    let mut vm = Vm::create(&cfg).map_err(other)?;
+    let server = Server::bind(&args.api_socket).map_err(other)?;
+    vm.start().map_err(other)?;
+    let (stop, api) = serve_in_background(server, Box::new(vm.control()), "kvm");
+    let result = vm.wait_exit();
+    stop.store(true, Ordering::Relaxed);
+    let _ = api.join();
+    let reason = result.map_err(other)?;
+    tracing::info!("guest ended: {reason:?}");
+    Ok(reason.exit_code())
+}
+
+/// `hvpatch attach`: attach to QEMU and serve the API until the VM goes away or SIGINT/SIGTERM.
+pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
     let _ = args;
-    Err(CliError::Other("hvpatch build: not wired up yet".into()))
+    Err(CliError::Other("hvpatch attach: the QEMU backend is not wired up yet".into()))
+}
+
+/// `hvpatch build`: compile a patch source into a patch object.
+pub fn build(args: &BuildArgs) -> Result<i32, CliError> {
+    let mut opts = BuildOptions::new(&args.source, &args.output);
+    opts.kernel_release = args.kernel_release.clone();
+    opts.cc = args.cc.clone();
+    opts.include_dirs = args.include.clone();
+    let name = compile(&opts).map_err(other)?;
+    println!("built patch {name}: {}", args.output.display());
+    Ok(0)
 }

@@ -19,12 +19,12 @@ fn main() -> ExitCode {
         Command::Attach(args) => vmm::commands::attach(args),
         Command::Build(args) => vmm::commands::build(args),
         other => match &cli.api_socket {
-            Some(sock) => vmm::cli::run_client(sock, other),
+            Some(sock) => vmm::cli::run_client(sock, other).map(|()| 0),
             None => Err(CliError::NoSocket),
         },
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("hvpatch: {e}");
             ExitCode::FAILURE
