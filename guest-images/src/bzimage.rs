@@ -202,7 +202,8 @@ pub fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, BzImageError> {
             let mut dec = zstd::stream::read::Decoder::with_buffer(payload)
                 .map_err(|e| corrupt(format, e))?
                 .single_frame();
-            dec.window_log_max(31).map_err(|e| corrupt(format, e))?;
+            // `zstd --ultra -22` (the kernel build) uses a 128 MiB window; refuse larger ones.
+            dec.window_log_max(27).map_err(|e| corrupt(format, e))?;
             read_limited(format, dec, hint)?
         }
         Compression::Lz4Legacy => lz4_legacy(payload, hint)?,
