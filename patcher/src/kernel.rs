@@ -13,16 +13,21 @@ pub struct KernelSymbols<'a> {
     pub kernel: &'a Kernel,
     /// `sizeof(struct page)` from BTF, if available.
     page_size: Option<u64>,
+    /// `PG_reserved` from BTF (`enum pageflags`), if available.
+    pg_reserved: Option<i64>,
 }
 
 impl<'a> KernelSymbols<'a> {
     /// Wraps `kernel`; `mem` is read for BTF now and not kept.
     pub fn new(kernel: &'a Kernel, mem: &dyn PhysMemory) -> Self {
-        let page_size = kernel
-            .btf(mem)
-            .ok()
-            .and_then(|b| b.struct_size("page").ok());
-        Self { kernel, page_size }
+        let btf = kernel.btf(mem).ok();
+        let page_size = btf.and_then(|b| b.struct_size("page").ok());
+        let pg_reserved = btf.and_then(|b| b.enum_value("PG_reserved"));
+        Self {
+            kernel,
+            page_size,
+            pg_reserved,
+        }
     }
 
     /// The kernel's paging root; `nx` from a vCPU's EFER.NXE.
@@ -52,6 +57,12 @@ impl SymbolSource for KernelSymbols<'_> {
         self.kernel
             .symbolize(addr)
             .map(|s| (s.name.to_string(), s.offset))
+    }
+
+    fn enum_value(&self, enum_name: &str, enumerator: &str) -> Option<i64> {
+        (enum_name == "pageflags" && enumerator == "PG_reserved")
+            .then_some(self.pg_reserved)
+            .flatten()
     }
 
     fn type_size(&self, struct_name: &str) -> Option<u64> {

@@ -329,8 +329,16 @@ fn failed_write_is_rolled_back() {
 
 /// The same engine with symbols and paging from introspect (no kallsyms text).
 #[test]
-fn works_with_introspect_kernel() {
-    let s = snap_6_1();
+fn works_with_introspect_kernel_6_1() {
+    with_introspect(snap_6_1(), 12);
+}
+
+#[test]
+fn works_with_introspect_kernel_6_12() {
+    with_introspect(snap_6_12(), 13);
+}
+
+fn with_introspect(s: &Snapshot, pg_reserved: u32) {
     let mem = common::Ram(s.ram.clone());
     let k = introspect::Kernel::open(&mem, &s.vcpus).unwrap();
     let ks = patcher::kernel::KernelSymbols::new(&k, &mem);
@@ -342,6 +350,21 @@ fn works_with_introspect_kernel() {
     let mut e = Engine::new();
     let info = e.load(&mut g, &t, &cmdline_patch(), "cmdline.o").unwrap();
     assert_eq!(info.functions[0].old_addr, addr(s, "cmdline_proc_show"));
+    // PG_reserved now comes from the guest's BTF and matches the derived value.
+    match e.arena().unwrap().source {
+        patcher::arena::ArenaSource::LowMemory {
+            pg_reserved_bit,
+            pg_reserved_from,
+            struct_page_size,
+            ..
+        } => {
+            assert_eq!(
+                (pg_reserved_bit, pg_reserved_from.as_str(), struct_page_size),
+                (pg_reserved, "btf", 64)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     e.unload(&mut g, "cmdline-fix").unwrap();
     assert_ram_eq(&g, &s.ram);
     let _ = mem.regions();
