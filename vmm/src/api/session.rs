@@ -1,31 +1,93 @@
-//! A session: one guest (behind [`GuestControl`]) and the state hvpatch keeps about it.
-//! Every request runs to completion before the next one starts.
+//! A session: one guest (behind [`GuestControl`]) and the state hvpatch keeps about it — the
+//! introspected kernel and the patch engine. Every request runs to completion before the next.
 
-use patcher::GuestControl;
+use base64::Engine as _;
+use introspect::{Kernel, VcpuRegs};
+use patcher::kernel::KernelSymbols;
+use patcher::{Engine, GuestControl, PatchError, Target};
 use serde_json::{json, Value};
 
 use super::protocol::{InspectWhat, Request, Response};
 use super::server::Handler;
 
+/// Longest banner compared when checking that the cached kernel model still fits the guest.
+const BANNER_MAX: usize = 512;
+
 /// The guest plus hvpatch's model of it.
 pub struct Session {
     control: Box<dyn GuestControl>,
     host: &'static str,
-    /// Whether the operator paused the guest through the API (inspection then leaves it paused).
-    user_paused: bool,
+    /// Built on first use; rebuilt when the guest no longer matches it (reboot, new KASLR).
+    kernel: Option<Kernel>,
+    engine: Engine,
 }
 
 /// A failed request: (kind, message).
 type ReqError = (&'static str, String);
 
+fn guest_err(e: patcher::GuestError) -> ReqError {
+    ("guest", e.to_string())
+}
+
+fn patch_err(e: PatchError) -> ReqError {
+    match e {
+        PatchError::NotLoaded(_) => ("not_found", e.to_string()),
+        PatchError::Guest(g) => ("guest", g.to_string()),
+        other => ("patch", other.to_string()),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ReqError> {
+    serde_json::to_value(v).map_err(|e| ("internal", e.to_string()))
+}
+
 impl Session {
     /// A session over `control`; `host` names the backend ("kvm" or "qemu-attach").
     pub fn new(control: Box<dyn GuestControl>, host: &'static str) -> Session {
-        Session {
-            control,
-            host,
-            user_paused: false,
+        Session { control, host, kernel: None, engine: Engine::new() }
+    }
+
+    /// Runs `f` with every vCPU paused and their registers read, then restores the run state
+    /// the guest had before (an operator's `pause` is kept).
+    fn paused<T>(
+        &mut self,
+        f: impl FnOnce(&mut Session, &[VcpuRegs]) -> Result<T, ReqError>,
+    ) -> Result<T, ReqError> {
+        let was_paused = self.control.is_paused();
+        if !was_paused {
+            self.control.pause().map_err(guest_err)?;
         }
+        let regs: Result<Vec<VcpuRegs>, ReqError> = (0..self.control.vcpu_count())
+            .map(|i| self.control.regs(i).map_err(guest_err))
+            .collect();
+        let result = regs.and_then(|regs| f(self, &regs));
+        if !was_paused {
+            let resumed = self.control.resume().map_err(guest_err);
+            if result.is_ok() {
+                resumed?;
+            }
+        }
+        result
+    }
+
+    /// The kernel model, built (or rebuilt) if needed. The guest must be paused.
+    fn kernel(&mut self, regs: &[VcpuRegs]) -> Result<&Kernel, ReqError> {
+        let mem = self.control.memory();
+        let still_valid = self.kernel.as_ref().is_some_and(|k| {
+            let banner = k.lookup("linux_banner", None).ok().and_then(|va| k.read_cstr(mem, va, BANNER_MAX));
+            banner.is_some() && banner.as_deref() == k.info().banner.as_deref()
+        });
+        if !still_valid {
+            if !self.engine.list().is_empty() && self.kernel.is_some() {
+                return Err((
+                    "introspect",
+                    "the guest kernel changed under loaded patches (rebooted?); refusing to guess".into(),
+                ));
+            }
+            let k = Kernel::open(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
+            self.kernel = Some(k);
+        }
+        self.kernel.as_ref().ok_or(("internal", "kernel model missing".to_string()))
     }
 
     fn status(&mut self) -> Result<Value, ReqError> {
@@ -34,44 +96,142 @@ impl Session {
             "vcpus": self.control.vcpu_count(),
             "paused": self.control.is_paused(),
             "patch_arena": self.control.patch_arena().map(|(s, l)| json!({"start": s, "len": l})),
+            "patches": self.engine.list().len(),
         }))
     }
 
-    fn pause(&mut self) -> Result<Value, ReqError> {
-        self.control.pause().map_err(guest_err)?;
-        self.user_paused = true;
-        self.status()
-    }
-
-    fn resume(&mut self) -> Result<Value, ReqError> {
-        self.control.resume().map_err(guest_err)?;
-        self.user_paused = false;
-        self.status()
-    }
-
     fn inspect(&mut self, what: InspectWhat, name: Option<String>) -> Result<Value, ReqError> {
-        let _ = (what, name);
-        Err(("unsupported", "inspection is not available yet".into()))
+        self.paused(|s, regs| {
+            s.kernel(regs)?;
+            let (Some(k), mem) = (s.kernel.as_ref(), s.control.memory()) else {
+                return Err(("internal", "kernel model missing".into()));
+            };
+            match what {
+                InspectWhat::Kernel => to_json(k.info()),
+                InspectWhat::Symbols => Ok(Value::Array(
+                    k.symbols()
+                        .iter()
+                        .map(|y| json!({"addr": y.addr, "type": y.kind.to_string(), "name": y.name}))
+                        .collect(),
+                )),
+                InspectWhat::Symbol => {
+                    let name = name.ok_or(("bad_request", "inspect symbol needs a name".to_string()))?;
+                    let mut all: Vec<_> = k.symbols().lookup_all(&name).collect();
+                    all.sort_by_key(|y| y.index);
+                    if all.is_empty() {
+                        return Err(("not_found", format!("no symbol named {name} in the guest kernel")));
+                    }
+                    Ok(Value::Array(
+                        all.iter()
+                            .enumerate()
+                            .map(|(i, y)| {
+                                let size = k.symbolize(y.addr).filter(|r| r.addr == y.addr).map(|r| r.size);
+                                json!({"addr": y.addr, "type": y.kind.to_string(), "name": y.name,
+                                       "sympos": i + 1, "size": size})
+                            })
+                            .collect(),
+                    ))
+                }
+                InspectWhat::Tasks => {
+                    let tasks = k.tasks(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
+                    to_json(&tasks)
+                }
+                InspectWhat::Stacks => {
+                    let tasks = k.tasks(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
+                    let mut vcpus = Vec::new();
+                    for i in 0..regs.len() {
+                        let st = k.vcpu_stack(mem, regs, i).map_err(|e| ("introspect", e.to_string()))?;
+                        vcpus.push(json!({"vcpu": i, "stack": stack_json(k, mem, &st)}));
+                    }
+                    let mut out = Vec::new();
+                    for t in tasks.iter().filter(|t| t.running_on_vcpu.is_none()) {
+                        let st = k.task_stack(mem, t).map_err(|e| ("introspect", e.to_string()))?;
+                        out.push(json!({"pid": t.pid, "comm": t.comm, "addr": t.addr, "stack": stack_json(k, mem, &st)}));
+                    }
+                    Ok(json!({"vcpus": vcpus, "tasks": out}))
+                }
+                InspectWhat::Vcpus => {
+                    let tasks = k.tasks(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
+                    let cpus = k.vcpu_cpus(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
+                    let mut out = Vec::new();
+                    for (i, r) in regs.iter().enumerate() {
+                        let st = k.vcpu_stack(mem, regs, i).ok();
+                        let cur = cpus.get(i).and_then(|c| c.current);
+                        let task = cur.and_then(|a| tasks.iter().find(|t| t.addr == a));
+                        out.push(json!({
+                            "vcpu": i,
+                            "cpu": cpus.get(i).and_then(|c| c.cpu),
+                            "mode": st.as_ref().map(|s| format!("{:?}", s.kind)),
+                            "rip": r.rip, "rsp": r.rsp(), "cr3": r.cr3, "cpl": r.cpl(),
+                            "rip_symbol": if r.cpl() == 0 { k.symbolize(r.rip).map(|y| y.to_string()) } else { None },
+                            "current": cur,
+                            "current_pid": task.map(|t| t.pid),
+                            "current_comm": task.map(|t| t.comm.clone()),
+                            "stack": st.as_ref().map(|st| stack_json(k, mem, st)),
+                        }));
+                    }
+                    Ok(Value::Array(out))
+                }
+            }
+        })
+    }
+
+    fn patch_load(&mut self, object_base64: &str, file_name: &str) -> Result<Value, ReqError> {
+        let object = base64::engine::general_purpose::STANDARD
+            .decode(object_base64)
+            .map_err(|e| ("bad_request", format!("object_base64 is not base64: {e}")))?;
+        // Build the kernel model while paused (consistent registers), then let the engine do
+        // its own preparation outside and its writes inside its own pause window.
+        self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
+        let nx = self.control.regs(0).map(|r| r.efer & (1 << 11) != 0).unwrap_or(true);
+        let Some(kernel) = self.kernel.as_ref() else {
+            return Err(("internal", "kernel model missing".into()));
+        };
+        let syms = KernelSymbols::new(kernel, self.control.memory());
+        let target = Target { symbols: &syms, paging: syms.paging(nx) };
+        let info = self
+            .engine
+            .load(self.control.as_mut(), &target, &object, file_name)
+            .map_err(patch_err)?;
+        to_json(&info)
+    }
+
+    fn patch_unload(&mut self, name: &str) -> Result<Value, ReqError> {
+        let info = self.engine.info(name).ok_or(("not_found", format!("no patch named {name} is loaded")))?;
+        self.engine.unload(self.control.as_mut(), name).map_err(patch_err)?;
+        let mut v = to_json(&info)?;
+        v["state"] = json!("Unloaded");
+        Ok(v)
     }
 }
 
-fn guest_err(e: patcher::GuestError) -> ReqError {
-    ("guest", e.to_string())
+/// A stack as the API reports it: frames rendered `name+0xoff/0xsize`, and `proc`, the lines
+/// the guest's `/proc/PID/stack` would show for it.
+fn stack_json(k: &Kernel, mem: &dyn introspect::PhysMemory, st: &introspect::stack::Stack) -> Value {
+    json!({
+        "kind": format!("{:?}", st.kind),
+        "reliable": st.reliable,
+        "reason": st.reason,
+        "frames": st.frames.iter().map(|f| json!({"addr": f.addr, "symbol": f.render()})).collect::<Vec<_>>(),
+        "proc": k.proc_stack_view(mem, st).unwrap_or_default(),
+    })
 }
 
 impl Handler for Session {
     fn handle(&mut self, req: Request) -> Response {
         let r = match req {
             Request::Status {} => self.status(),
-            Request::Pause {} => self.pause(),
-            Request::Resume {} => self.resume(),
+            Request::Pause {} => self.control.pause().map_err(guest_err).and_then(|_| self.status()),
+            Request::Resume {} => self.control.resume().map_err(guest_err).and_then(|_| self.status()),
             Request::Inspect { what, name } => self.inspect(what, name),
-            Request::PatchLoad { .. }
-            | Request::PatchUnload { .. }
-            | Request::PatchList {}
-            | Request::PatchInfo { .. } => {
-                Err(("unsupported", "patching is not available yet".into()))
-            }
+            Request::PatchLoad { object_base64, file_name } => self.patch_load(&object_base64, &file_name),
+            Request::PatchUnload { name } => self.patch_unload(&name),
+            Request::PatchList {} => to_json(&self.engine.list()),
+            Request::PatchInfo { name } => self
+                .engine
+                .info(&name)
+                .ok_or(("not_found", format!("no patch named {name} is loaded")))
+                .and_then(|i| to_json(&i)),
         };
         match r {
             Ok(v) => Response::ok(v),

@@ -1,0 +1,193 @@
+//! Issue acceptance for introspection, on booted Debian 6.1 and 6.12 guests (QEMU TCG, KASLR on):
+//! everything `hvpatch attach` + `hvpatch inspect` reports is compared with the guest's own view
+//! (/proc/kallsyms, ps, /proc/PID/stack), read over the serial console as root.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
+use serde_json::Value;
+
+/// Renders every task's /proc/PID/stack as "== PID COMM" blocks.
+const PROC_STACKS: &str =
+    r#"for p in /proc/[0-9]*; do echo "== ${p#/proc/} $(cat $p/comm)"; cat $p/stack; done 2>/dev/null"#;
+
+/// Parses "== PID COMM" blocks into pid → stack lines.
+fn parse_stacks(text: &str) -> BTreeMap<i64, Vec<String>> {
+    introspect::stack::parse_proc_stacks(text)
+        .into_iter()
+        .map(|(pid, _, lines)| (pid as i64, lines))
+        .collect()
+}
+
+fn boot(series: KernelSeries) -> Guest {
+    Guest::boot(GuestSpec::new(series)).unwrap_or_else(|e| panic!("booting {series:?}: {e}"))
+}
+
+/// Every line of `hvpatch inspect symbols` equals /proc/kallsyms: count, address, type, name.
+fn check_symbols(g: &mut Guest, srv: &AttachServer) {
+    let proc = g.run_bulk("cat /proc/kallsyms").expect("cat /proc/kallsyms");
+    let ours = srv.cli_ok(&["inspect", "symbols"]).expect("inspect symbols");
+    let p: Vec<&str> = proc.lines().map(str::trim_end).collect();
+    let o: Vec<&str> = ours.lines().collect();
+    assert!(p.len() > 80_000, "/proc/kallsyms has only {} lines", p.len());
+    assert!(
+        !p.iter().any(|l| l.starts_with("0000000000000000 T")),
+        "/proc/kallsyms shows zeroed addresses: not read as root?"
+    );
+    for (i, (a, b)) in p.iter().zip(&o).enumerate() {
+        assert_eq!(a, b, "line {} differs: /proc/kallsyms vs hvpatch", i + 1);
+    }
+    assert_eq!(p.len(), o.len(), "line count: /proc/kallsyms vs hvpatch");
+}
+
+/// The task list equals `ps` (pid, comm) and the stacks of sleeping tasks equal /proc/PID/stack.
+fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &str)]) {
+    let ps = g.run("ps -o pid,comm,stat").expect("ps");
+    let before = parse_stacks(&g.run_bulk(PROC_STACKS).expect("/proc stacks"));
+    let tasks = srv.json(&["inspect", "tasks"]).expect("inspect tasks");
+    let stacks = srv.json(&["inspect", "stacks"]).expect("inspect stacks");
+    let after = parse_stacks(&g.run_bulk(PROC_STACKS).expect("/proc stacks"));
+
+    // Processes: ps rows (except ps itself) == our thread-group leaders, same comm.
+    let tasks = tasks.as_array().expect("tasks array");
+    let procs: BTreeMap<i64, String> = tasks
+        .iter()
+        .filter(|t| t["pid"] == t["tgid"] && t["is_idle"] != Value::Bool(true))
+        .map(|t| (t["pid"].as_i64().unwrap(), t["comm"].as_str().unwrap().to_string()))
+        .collect();
+    let rows = introspect::tasks::parse_ps(&ps);
+    assert!(rows.len() > 20, "ps printed too few rows:\n{ps}");
+    let ps_pid = rows.iter().find(|r| r.1 == "ps").map(|r| r.0 as i64);
+    let mut errors = Vec::new();
+    for (pid, comm, _) in rows.iter().filter(|r| Some(r.0 as i64) != ps_pid) {
+        match procs.get(&(*pid as i64)) {
+            None => errors.push(format!("pid {pid} ({comm}) in ps, not in hvpatch's task list")),
+            // ps shows workqueue workers as `comm-<wq>` truncated to 15 characters.
+            Some(c) if c != comm && !(comm.starts_with(&format!("{c}-")) && comm.len() == 15) => {
+                errors.push(format!("pid {pid}: ps comm {comm}, hvpatch comm {c}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for (pid, comm) in &procs {
+        if !rows.iter().any(|r| r.0 as i64 == *pid) {
+            errors.push(format!("pid {pid} ({comm}) in hvpatch's task list, not in ps"));
+        }
+    }
+    assert!(errors.is_empty(), "task list differs from ps:\n{}\nps:\n{ps}", errors.join("\n"));
+
+    // Stacks: every task whose /proc/PID/stack was the same before and after our snapshot was
+    // asleep in the same place throughout: ours must equal it line for line.
+    let ours: BTreeMap<i64, &Value> =
+        stacks["tasks"].as_array().expect("tasks").iter().map(|t| (t["pid"].as_i64().unwrap(), &t["stack"])).collect();
+    let mut compared = Vec::new();
+    let mut errors = Vec::new();
+    for (pid, lines) in &before {
+        if lines.is_empty() || after.get(pid) != Some(lines) {
+            continue;
+        }
+        let Some(st) = ours.get(pid) else { continue };
+        let view: Vec<String> =
+            st["proc"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+        if let Err(e) = introspect::stack::compare_with_proc(&view, lines) {
+            errors.push(format!("pid {pid}: {e}"));
+        }
+        if st["reliable"] != Value::Bool(true) {
+            errors.push(format!("pid {pid}: sleeping task's stack unreliable: {}", st["reason"]));
+        }
+        compared.push(*pid);
+    }
+    assert!(errors.is_empty(), "stacks differ from /proc/PID/stack:\n{}", errors.join("\n\n"));
+    for (pid, what) in parked {
+        assert!(
+            compared.contains(&(*pid as i64)),
+            "parked task {pid} ({what}) was not compared (its /proc stack moved or hvpatch missed it)"
+        );
+        let lines = &before[&(*pid as i64)];
+        assert!(
+            lines.iter().any(|l| l.contains(what)),
+            "parked task {pid} is not where it was parked ({what}): {lines:?}"
+        );
+    }
+    assert!(compared.len() >= 20, "only {} sleeping tasks compared", compared.len());
+}
+
+/// vCPUs: idle, user mode and kernel mode are told apart; kernel and idle stacks are reliable
+/// and end at an entry point / the idle loop's bottom.
+fn check_vcpus(g: &mut Guest, srv: &AttachServer) {
+    let mut seen = BTreeMap::new();
+    let sample = |seen: &mut BTreeMap<String, Vec<Value>>| {
+        let v = srv.json(&["inspect", "vcpus"]).expect("inspect vcpus");
+        for c in v.as_array().unwrap() {
+            seen.entry(c["mode"].as_str().unwrap_or("?").to_string()).or_insert_with(Vec::new).push(c.clone());
+        }
+    };
+    for _ in 0..3 {
+        sample(&mut seen);
+    }
+    let spin = g.spawn("spin").expect("spin");
+    for _ in 0..6 {
+        sample(&mut seen);
+    }
+    g.run(&format!("kill {spin}")).unwrap();
+    let busy = g.spawn("while :; do cat /proc/kallsyms >/dev/null; done").expect("kernel loop");
+    for _ in 0..12 {
+        sample(&mut seen);
+        if seen.get("RunningKernel").is_some_and(|v| v.iter().any(|c| c["stack"]["reliable"] == Value::Bool(true))) {
+            break;
+        }
+    }
+    g.run(&format!("kill {busy}")).unwrap();
+
+    let idle = seen.get("Idle").expect("no vCPU was ever seen idle");
+    for c in idle {
+        let st = &c["stack"];
+        assert_eq!(st["reliable"], Value::Bool(true), "idle vCPU stack unreliable: {c}");
+        let frames: Vec<&str> = st["frames"].as_array().unwrap().iter().map(|f| f["symbol"].as_str().unwrap()).collect();
+        assert!(frames.iter().any(|f| f.starts_with("do_idle+")), "idle stack without do_idle: {frames:?}");
+    }
+    let user = seen.get("User").expect("no vCPU was ever seen in user mode while `spin` ran");
+    assert!(user.iter().all(|c| c["cpl"] == 3), "user-mode vCPU not at CPL 3: {user:?}");
+    let kernel = seen.get("RunningKernel").expect("no vCPU was ever seen running kernel code");
+    let reliable: Vec<&Value> = kernel.iter().filter(|c| c["stack"]["reliable"] == Value::Bool(true)).collect();
+    assert!(!reliable.is_empty(), "no kernel-mode vCPU stack was reliable: {kernel:?}");
+    for c in reliable {
+        let frames = c["stack"]["frames"].as_array().unwrap();
+        let last = frames.last().and_then(|f| f["symbol"].as_str()).unwrap_or("");
+        assert!(
+            last.starts_with("entry_SYSCALL_64") || last.starts_with("asm_") || last.starts_with("ret_from_fork"),
+            "reliable kernel-mode stack does not end at an entry point: {c}"
+        );
+    }
+}
+
+fn introspection_matches_guest(series: KernelSeries) {
+    let mut g = boot(series);
+    let parked = [
+        (g.spawn("sleep 1000").unwrap(), "hrtimer_nanosleep"),
+        (g.spawn("sleep 1001 | cat").unwrap(), "pipe_read"),
+        (g.spawn("sh -c 'sleep 1002; true'").unwrap(), "do_wait"),
+        (g.spawn("hvpoll").unwrap(), "do_sys_poll"),
+        (g.spawn("cat /dev/ttyS1 > /dev/null").unwrap(), "n_tty_read"),
+    ];
+    std::thread::sleep(Duration::from_secs(2));
+    let srv = AttachServer::start(&g).expect("hvpatch attach");
+    let kernel = srv.json(&["inspect", "kernel"]).expect("inspect kernel");
+    assert_eq!(kernel["release"].as_str(), Some(g.kernel().release.as_str()), "release: {kernel}");
+    assert_eq!(kernel["paging_levels"], if series == KernelSeries::V6_12 { 5 } else { 4 });
+    assert_ne!(kernel["slide"], 0, "KASLR is on, the slide cannot be 0: {kernel}");
+    check_symbols(&mut g, &srv);
+    check_tasks_and_stacks(&mut g, &srv, &parked);
+    check_vcpus(&mut g, &srv);
+}
+
+#[test]
+fn introspection_matches_guest_6_1() {
+    introspection_matches_guest(KernelSeries::V6_1);
+}
+
+#[test]
+fn introspection_matches_guest_6_12() {
+    introspection_matches_guest(KernelSeries::V6_12);
+}
