@@ -336,8 +336,8 @@ fn paused<T>(
 /// Verifies then applies `writes` in order; on failure restores what was written.
 fn apply(ctl: &mut dyn GuestControl, writes: &mut [Write]) -> Result<(), PatchError> {
     for w in writes.iter_mut() {
-        let cur = read(ctl.memory(), w.pa, w.new.len())?;
         if let Some(exp) = &w.expect {
+            let cur = read(ctl.memory(), w.pa, exp.len())?;
             if &cur != exp {
                 return Err(PatchError::Changed(format!(
                     "{} at {:#x}: expected {}, found {}",
@@ -348,7 +348,7 @@ fn apply(ctl: &mut dyn GuestControl, writes: &mut [Write]) -> Result<(), PatchEr
                 )));
             }
         }
-        w.old = cur;
+        w.old = read(ctl.memory(), w.pa, w.new.len())?;
     }
     let mut done = 0usize;
     let mut err = None;
@@ -547,28 +547,23 @@ impl Engine {
         let zero = vec![0u8; PAGE as usize];
         let mut writes = Vec::new();
         let mut pte_writes = Vec::new();
-        let page_chunks =
-            |bytes: &[u8], start: usize, n: usize, pad: u8| -> Vec<(usize, Vec<u8>)> {
-                (0..n)
-                    .map(|k| {
-                        let mut p = vec![pad; PAGE as usize];
-                        let lo = (k * PAGE as usize).min(bytes.len());
-                        let hi = ((k + 1) * PAGE as usize).min(bytes.len());
-                        p[..hi - lo].copy_from_slice(&bytes[lo..hi]);
-                        (start + k, p)
-                    })
-                    .collect()
-            };
+        // The pages are verified all-zero; only their non-zero prefix is written (fewer bytes
+        // through slow backends such as the gdbstub).
+        let page_chunks = |bytes: &[u8], start: usize, n: usize| -> Vec<(usize, Vec<u8>)> {
+            (0..n)
+                .map(|k| {
+                    let lo = (k * PAGE as usize).min(bytes.len());
+                    let hi = ((k + 1) * PAGE as usize).min(bytes.len());
+                    let chunk = &bytes[lo..hi];
+                    let used = chunk.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+                    (start + k, chunk[..used].to_vec())
+                })
+                .collect()
+        };
         let table_pa = arena.pages[mapping.table];
         for (kind, chunks) in [
-            (
-                PageKind::Code,
-                page_chunks(&linked.code, code_start, ncode, 0xcc),
-            ),
-            (
-                PageKind::Data,
-                page_chunks(&linked.data, data_start, ndata, 0),
-            ),
+            (PageKind::Code, page_chunks(&linked.code, code_start, ncode)),
+            (PageKind::Data, page_chunks(&linked.data, data_start, ndata)),
         ] {
             for (i, content) in chunks {
                 let pa = arena.pages[i];
@@ -737,7 +732,6 @@ impl Engine {
             }
         }
         let table_pa = arena.pages[mapping.table];
-        let zero = vec![0u8; PAGE as usize];
         for &(i, v) in &p.ptes {
             writes.push(Write {
                 pa: table_pa + i as u64 * 8,
@@ -759,25 +753,21 @@ impl Engine {
                 what: "PMD entry".into(),
             });
         }
-        for (s, n) in [p.code_run, p.data_run] {
-            for i in s..s + n {
+        // Zero what the patch used (its PTEs are cleared above, so when the last patch goes
+        // the page-table page is all-zero again too).
+        for ((s, n), len) in [(p.code_run, p.info.code.len), (p.data_run, p.info.data.len)] {
+            for (k, i) in (s..s + n).enumerate() {
+                let used = len.saturating_sub(k as u64 * PAGE).min(PAGE) as usize;
                 writes.push(Write {
                     pa: arena.pages[i],
                     expect: None,
                     old: vec![],
-                    new: zero.clone(),
+                    new: vec![0; used],
                     what: format!("arena page {i}"),
                 });
             }
         }
         if last {
-            writes.push(Write {
-                pa: table_pa,
-                expect: None,
-                old: vec![],
-                new: zero.clone(),
-                what: "page table".into(),
-            });
             arena.set_unmapped();
         }
         let code = (
