@@ -27,6 +27,11 @@ pub trait GuestAccess {
     /// `(name, offset, size)` of the symbol containing `addr`.
     fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)>;
 
+    /// Guest-physical address of kernel virtual address `va`, if the view can translate.
+    fn translate(&self, _va: u64) -> Option<u64> {
+        None
+    }
+
     /// Reads a little-endian u64.
     fn read_u64(&self, va: u64) -> Result<u64, String> {
         let mut b = [0u8; 8];
@@ -93,6 +98,9 @@ pub struct TaskLayout {
     pub thread_sp: u64,
     pub patch_state: Option<u64>,
     pub mm: u64,
+    pub active_mm: u64,
+    /// `mm_struct.pgd`.
+    pub mm_pgd: u64,
     /// sizeof(struct inactive_task_frame).
     pub frame_size: u64,
     pub frame_bp: u64,
@@ -116,6 +124,8 @@ pub struct PercpuLayout {
     pub per_cpu_offset: u64,
     /// `nr_cpu_ids` value.
     pub nr_cpu_ids: u32,
+    /// Per-cpu `cpu_tlbstate.loaded_mm` (the mm whose page tables the CPU has loaded).
+    pub loaded_mm: Option<u64>,
 }
 
 /// The model: layouts, ORC table and text ranges of one guest kernel.
@@ -263,6 +273,8 @@ impl Model {
             thread_sp: t("thread.sp")?,
             patch_state: opt("task_struct", "patch_state"),
             mm: t("mm")?,
+            active_mm: t("active_mm")?,
+            mm_pgd: btf.member_offset("mm_struct", "pgd")?,
             frame_size: btf.struct_size("inactive_task_frame")?,
             frame_bp: btf.member_offset("inactive_task_frame", "bp")?,
             frame_ret_addr: btf.member_offset("inactive_task_frame", "ret_addr")?,
@@ -304,6 +316,11 @@ impl Model {
             rq_curr: btf.member_offset("rq", "curr").ok(),
             per_cpu_offset: sym(g, "__per_cpu_offset")?,
             nr_cpu_ids: nr_cpu_ids.min(8192),
+            loaded_mm: g.symbol("cpu_tlbstate").and_then(|v| {
+                btf.member_offset("tlb_state", "loaded_mm")
+                    .ok()
+                    .map(|o| v.wrapping_add(o))
+            }),
         })
     }
 
@@ -332,6 +349,10 @@ impl GuestAccess for KernelGuest<'_> {
 
     fn symbol(&self, name: &str) -> Option<u64> {
         self.kernel.lookup(name, None).ok()
+    }
+
+    fn translate(&self, va: u64) -> Option<u64> {
+        self.kernel.translate(self.mem, va).ok()
     }
 
     fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {

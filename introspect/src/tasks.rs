@@ -150,16 +150,33 @@ pub fn cpu_base(g: &dyn GuestAccess, m: &Model, cpu: u32) -> Option<u64> {
     (b != 0).then_some(b)
 }
 
+/// Physical address of the page tables loaded on the CPU with per-cpu base `base`:
+/// `cpu_tlbstate.loaded_mm->pgd` (lazy-TLB aware), else `current->active_mm->pgd`.
+fn current_pgd_pa(g: &dyn GuestAccess, m: &Model, base: u64) -> Option<u64> {
+    let mm = match m.percpu.loaded_mm {
+        Some(o) => g.read_u64(base.wrapping_add(o)).ok()?,
+        None => {
+            let cur = g.read_u64(base.wrapping_add(m.percpu.current_task)).ok()?;
+            g.read_u64(cur.wrapping_add(m.task.active_mm)).ok()?
+        }
+    };
+    let pgd = g.read_u64(mm.wrapping_add(m.task.mm_pgd)).ok()?;
+    g.translate(pgd)
+}
+
 /// Maps vCPUs to Linux CPUs and finds `current` on each.
 ///
-/// Per vCPU: `gs_base` if it is a valid kernel per-CPU base, else `kernel_gs_base`; the CPU
-/// number is then the index `c` with `__per_cpu_offset[c] == base` (cross-checked with the
-/// per-cpu `cpu_number`). If neither base validates (e.g. a user-mode vCPU over gdbstub, which
-/// cannot read KERNEL_GS_BASE), the vCPU index is assumed to be the CPU number.
+/// Per vCPU: `gs_base` if it is a valid kernel per-CPU base (a kernel address holding itself
+/// at `this_cpu_off`), else `kernel_gs_base`; the CPU number is the index `c` with
+/// `__per_cpu_offset[c] == base`, or else the per-cpu `cpu_number`. If neither base
+/// validates (a user-mode vCPU over gdbstub, which cannot read KERNEL_GS_BASE), the CPU whose
+/// `cpu_tlbstate.loaded_mm->pgd` is the vCPU's CR3 is taken when exactly one matches, else the
+/// vCPU index is assumed to be the CPU number.
 pub fn vcpu_cpus(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs]) -> Vec<VcpuCpu> {
     let bases: Vec<u64> = (0..m.percpu.nr_cpu_ids.min(4096))
         .map_while(|c| cpu_base(g, m, c))
         .collect();
+    let mut pgds: Option<Vec<Option<u64>>> = None;
     vcpus
         .iter()
         .enumerate()
@@ -177,9 +194,20 @@ pub fn vcpu_cpus(g: &dyn GuestAccess, m: &Model, vcpus: &[VcpuRegs]) -> Vec<Vcpu
                     (by_table.or(by_var), Some(b))
                 }
                 None => {
-                    let c = i as u32;
-                    let b = bases.get(i).copied();
-                    (b.map(|_| c), b)
+                    const PGD_MASK: u64 = 0x000f_ffff_ffff_e000;
+                    let pgds = pgds.get_or_insert_with(|| {
+                        bases.iter().map(|&b| current_pgd_pa(g, m, b)).collect()
+                    });
+                    let want = r.cr3 & PGD_MASK;
+                    let hits: Vec<usize> = pgds
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.is_some_and(|p| p & PGD_MASK == want))
+                        .map(|(c, _)| c)
+                        .collect();
+                    let c = if hits.len() == 1 { hits[0] } else { i };
+                    let b = bases.get(c).copied();
+                    (b.map(|_| c as u32), b)
                 }
             };
             let current = base

@@ -3,6 +3,7 @@
 
 mod stacks_support;
 
+use introspect::model::GuestAccess;
 use introspect::stack::{compare_with_proc, parse_proc_stacks, StackKind};
 use stacks_support::*;
 
@@ -107,4 +108,56 @@ fn vcpus_idle_6_12() {
 #[test]
 fn vcpus_idle_6_1() {
     check_vcpus("6.1", "secondary_startup_64_no_verify");
+}
+
+/// A vCPU stopped in kernel code of a task (synthesized: vCPU 1's registers set to where a
+/// sleeping `sleep` task resumes, and CPU 1's `current` pointed at it) unwinds to the same
+/// frames as the task's own stack, through the user pt_regs, as RunningKernel. Without
+/// `current` pointing at the task its stack is not readable: unreliable. CPL 3 gives User.
+fn running_and_user(ver: &'static str) {
+    let s = load(ver);
+    let g = introspect::model::KernelGuest {
+        kernel: &s.kernel,
+        mem: &s.mem,
+    };
+    let m = s.kernel.model(&s.mem).unwrap();
+    let tasks = s.kernel.tasks(&s.mem, &s.regs).unwrap();
+    let t = tasks.iter().find(|t| t.comm == "sleep").unwrap();
+    let want = s.kernel.task_stack(&s.mem, t).unwrap();
+    let mut regs = s.regs.clone();
+    let r = &mut regs[1];
+    r.rip = g.read_u64(t.thread_sp + m.task.frame_ret_addr).unwrap();
+    r.gprs[introspect::VcpuRegs::RBP] = g.read_u64(t.thread_sp + m.task.frame_bp).unwrap();
+    r.gprs[introspect::VcpuRegs::RSP] = t.thread_sp + m.task.frame_size;
+
+    let not_current = introspect::stack::vcpu_stack(&g, m, &regs, 1).unwrap();
+    assert!(!not_current.reliable, "{ver}: {not_current:?}");
+
+    let mut o = Overlay::new(&s);
+    o.put_u64(s.regs[1].gs_base + m.percpu.current_task, t.addr);
+    let st = introspect::stack::vcpu_stack(&o, m, &regs, 1).unwrap();
+    assert_eq!(st.kind, StackKind::RunningKernel);
+    assert!(st.reliable, "{ver}: {:?}", st.reason);
+    let addrs = |x: &introspect::stack::Stack| x.frames.iter().map(|f| f.addr).collect::<Vec<_>>();
+    assert_eq!(addrs(&st), addrs(&want), "{ver}");
+    let last = st.frames.last().unwrap().symbol.clone().unwrap().0;
+    assert_eq!(last, "entry_SYSCALL_64_after_hwframe");
+
+    let mut user = s.regs.clone();
+    user[0].cs = 0x33;
+    let st = s.kernel.vcpu_stack(&s.mem, &user, 0).unwrap();
+    assert_eq!(
+        (st.kind, st.reliable, st.frames.len()),
+        (StackKind::User, true, 0)
+    );
+}
+
+#[test]
+fn running_and_user_vcpus_6_12() {
+    running_and_user("6.12");
+}
+
+#[test]
+fn running_and_user_vcpus_6_1() {
+    running_and_user("6.1");
 }

@@ -59,3 +59,33 @@ fn tasks_match_ps_6_12() {
 fn tasks_match_ps_6_1() {
     check("6.1");
 }
+
+/// Without usable GS bases (gdbstub, user mode), vCPUs are matched to CPUs by CR3 =
+/// `cpu_tlbstate.loaded_mm->pgd`: give the vCPUs in reverse order and check the mapping follows.
+fn cr3_fallback(ver: &'static str) {
+    let s = load(ver);
+    let mut regs: Vec<_> = s.regs.iter().rev().copied().collect();
+    for r in &mut regs {
+        r.gs_base = 0;
+        r.kernel_gs_base = 0;
+    }
+    let cpus = s.kernel.vcpu_cpus(&s.mem, &regs).unwrap();
+    assert_eq!(
+        cpus.iter().map(|c| c.cpu).collect::<Vec<_>>(),
+        vec![Some(1), Some(0)],
+        "{ver}"
+    );
+    let direct = s.kernel.vcpu_cpus(&s.mem, &s.regs).unwrap();
+    assert_eq!(cpus[0].current, direct[1].current);
+    assert_eq!(cpus[0].percpu_base, direct[1].percpu_base);
+}
+
+#[test]
+fn vcpu_cpu_by_cr3_6_12() {
+    cr3_fallback("6.12");
+}
+
+#[test]
+fn vcpu_cpu_by_cr3_6_1() {
+    cr3_fallback("6.1");
+}

@@ -5,7 +5,9 @@ use introspect::btf::Btf;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(b) = Btf::parse(data.to_vec()) else { return };
+    let Ok(b) = Btf::parse(data.to_vec()) else {
+        return;
+    };
     for s in ["task_struct", "pt_regs", "a", ""] {
         let _ = b.struct_size(s);
         for p in ["pid", "thread.sp", "a.b.c", "name.release", ""] {

@@ -3,7 +3,9 @@
 #![no_main]
 
 use introspect::orc::{OrcFormat, OrcTable};
-use introspect::unwind::{walk, PtRegsLayout, StackRange, StackReader, StackType, UnwindEnv, UnwindStart, MAX_FRAMES};
+use introspect::unwind::{
+    walk, PtRegsLayout, StackRange, StackReader, StackType, UnwindEnv, UnwindStart, MAX_FRAMES,
+};
 use libfuzzer_sys::fuzz_target;
 
 const TEXT: u64 = 0xffff_ffff_8100_0000;
@@ -24,7 +26,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let n = (data[0] as usize % 32) + 1;
-    let format = if data[1] & 1 == 0 { OrcFormat::Legacy } else { OrcFormat::Current };
+    let format = if data[1] & 1 == 0 {
+        OrcFormat::Legacy
+    } else {
+        OrcFormat::Current
+    };
     let start = UnwindStart {
         ip: TEXT + u64::from(u16::from_le_bytes([data[2], data[3]])),
         sp: STACK + u64::from(u16::from_le_bytes([data[4], data[5]]) & 0x3fff),
@@ -47,11 +53,33 @@ fuzz_target!(|data: &[u8]| {
         ips.extend_from_slice(&rel.to_le_bytes());
         ents.extend_from_slice(&row[2..8]);
     }
-    let Ok(orc) = OrcTable::new(&ips, table_va, ents, format) else { return };
+    let Ok(orc) = OrcTable::new(&ips, table_va, ents, format) else {
+        return;
+    };
     let ranges = [(TEXT, TEXT + 0x1_0000)];
-    let regs = PtRegsLayout { size: 0xa8, bp: 0x20, r10: 0x38, r13: 0x10, di: 0x70, dx: 0x60, ip: 0x80, cs: 0x88, sp: 0x98 };
-    let env = UnwindEnv { orc: &orc, orc_ranges: &ranges, text_ranges: &ranges, modules: None, regs };
-    let stacks = [StackRange { start: STACK, end: STACK + 0x4000, ty: StackType::Task }];
+    let regs = PtRegsLayout {
+        size: 0xa8,
+        bp: 0x20,
+        r10: 0x38,
+        r13: 0x10,
+        di: 0x70,
+        dx: 0x60,
+        ip: 0x80,
+        cs: 0x88,
+        sp: 0x98,
+    };
+    let env = UnwindEnv {
+        orc: &orc,
+        orc_ranges: &ranges,
+        text_ranges: &ranges,
+        modules: None,
+        regs,
+    };
+    let stacks = [StackRange {
+        start: STACK,
+        end: STACK + 0x4000,
+        ty: StackType::Task,
+    }];
     let w = walk(env, &stacks, &Mem(&rest[need..]), start);
     assert!(w.frames.len() <= MAX_FRAMES);
 });

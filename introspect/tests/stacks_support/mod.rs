@@ -154,6 +154,9 @@ impl introspect::model::GuestAccess for Overlay<'_> {
     fn symbol(&self, name: &str) -> Option<u64> {
         self.inner.symbol(name)
     }
+    fn translate(&self, va: u64) -> Option<u64> {
+        self.inner.translate(va)
+    }
     fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {
         self.inner.symbolize(addr)
     }
