@@ -24,13 +24,23 @@ fn best<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let ram_path = args.first().cloned().unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/ram.bin".into());
-    let regs_path = args.get(1).cloned().unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/regs.txt".into());
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let ram_path = args
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/ram.bin".into());
+    let regs_path = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/regs.txt".into());
     let ram = std::fs::read(&ram_path).unwrap_or_else(|e| {
         panic!("cannot read {ram_path}: {e} (run `python3 /tmp/hvpatch-dumps/dump.py 6.12`)")
     });
-    let regs = std::fs::read_to_string(&regs_path).unwrap_or_else(|e| panic!("cannot read {regs_path}: {e}"));
+    let regs = std::fs::read_to_string(&regs_path)
+        .unwrap_or_else(|e| panic!("cannot read {regs_path}: {e}"));
     let vcpus = hmp::parse_hmp_registers(&regs);
     let mem = SliceMemory::flat(&ram);
     let runs = 5;
@@ -46,17 +56,45 @@ fn main() {
     let (t_decode, ks) = best(runs, || kallsyms::decode_at(&mem, tt).expect("decode"));
     let (t_open, k) = best(runs, || Kernel::open(&mem, &vcpus).expect("Kernel::open"));
     let (t_lookup, _) = best(runs, || {
-        k.symbols().iter().take(10_000).filter(|s| k.lookup(s.name, Some(1)).is_ok()).count()
+        k.symbols()
+            .iter()
+            .take(10_000)
+            .filter(|s| k.lookup(s.name, Some(1)).is_ok())
+            .count()
     });
     let (t_symbolize, _) = best(runs, || {
-        k.symbols().iter().take(10_000).filter(|s| k.symbolize(s.addr + 1).is_some()).count()
+        k.symbols()
+            .iter()
+            .take(10_000)
+            .filter(|s| k.symbolize(s.addr + 1).is_some())
+            .count()
     });
     println!("guest RAM:            {} MiB ({ram_path})", ram.len() >> 20);
-    println!("kernel:               {:?}, {} symbols", k.info().release, ks.symbols.len());
-    println!("scan (token table):   {:>8.2} ms  ({} candidate(s))", t_scan.as_secs_f64() * 1e3, cands.len());
-    println!("decode all symbols:   {:>8.2} ms", t_decode.as_secs_f64() * 1e3);
-    println!("Kernel::open (cold):  {:>8.2} ms  (scan + decode + slide checks + banner)", t_open.as_secs_f64() * 1e3);
-    println!("10k lookups:          {:>8.2} ms", t_lookup.as_secs_f64() * 1e3);
-    println!("10k symbolize:        {:>8.2} ms", t_symbolize.as_secs_f64() * 1e3);
+    println!(
+        "kernel:               {:?}, {} symbols",
+        k.info().release,
+        ks.symbols.len()
+    );
+    println!(
+        "scan (token table):   {:>8.2} ms  ({} candidate(s))",
+        t_scan.as_secs_f64() * 1e3,
+        cands.len()
+    );
+    println!(
+        "decode all symbols:   {:>8.2} ms",
+        t_decode.as_secs_f64() * 1e3
+    );
+    println!(
+        "Kernel::open (cold):  {:>8.2} ms  (scan + decode + slide checks + banner)",
+        t_open.as_secs_f64() * 1e3
+    );
+    println!(
+        "10k lookups:          {:>8.2} ms",
+        t_lookup.as_secs_f64() * 1e3
+    );
+    println!(
+        "10k symbolize:        {:>8.2} ms",
+        t_symbolize.as_secs_f64() * 1e3
+    );
     println!("(best of {runs} runs each)");
 }

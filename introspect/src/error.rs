@@ -108,7 +108,9 @@ pub enum SymbolError {
         name: String,
     },
     /// Several symbols have this name and no (non-zero) position was given.
-    #[error("symbol {name:?} is ambiguous: {count} symbols have this name (give sympos 1..={count})")]
+    #[error(
+        "symbol {name:?} is ambiguous: {count} symbols have this name (give sympos 1..={count})"
+    )]
     Ambiguous {
         /// The name.
         name: String,

@@ -100,15 +100,21 @@ pub struct Kallsyms {
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Rounds `off` up so that `base_pa + off` is 8-aligned.
@@ -143,12 +149,16 @@ fn parse_tokens(bytes: &[u8], base_pa: u64, tt_off: usize) -> Result<Tokens<'_>,
     let mut starts = [0usize; 256];
     let mut pos = tt_off;
     for (i, tok) in tokens.iter_mut().enumerate() {
-        let rest = bytes.get(pos..).ok_or(KallsymsError::Truncated { table: "token_table" })?;
+        let rest = bytes.get(pos..).ok_or(KallsymsError::Truncated {
+            table: "token_table",
+        })?;
         let window = &rest[..rest.len().min(MAX_TOKEN_LEN + 1)];
         let len = memchr::memchr(0, window).ok_or(if window.len() > MAX_TOKEN_LEN {
             bad("token too long")
         } else {
-            KallsymsError::Truncated { table: "token_table" }
+            KallsymsError::Truncated {
+                table: "token_table",
+            }
         })?;
         if len == 0 {
             return Err(bad("empty token"));
@@ -167,10 +177,13 @@ fn parse_tokens(bytes: &[u8], base_pa: u64, tt_off: usize) -> Result<Tokens<'_>,
             return Err(bad("letter tokens are not literal"));
         }
     }
-    let index_off = align8(base_pa, pos).ok_or(KallsymsError::Truncated { table: "token_index" })?;
+    let index_off = align8(base_pa, pos).ok_or(KallsymsError::Truncated {
+        table: "token_index",
+    })?;
     for (i, &s) in starts.iter().enumerate() {
-        let v = u16_at(bytes, index_off + 2 * i)
-            .ok_or(KallsymsError::Truncated { table: "token_index" })?;
+        let v = u16_at(bytes, index_off + 2 * i).ok_or(KallsymsError::Truncated {
+            table: "token_index",
+        })?;
         if usize::from(v) != s {
             return Err(bad("token_index does not match the token table"));
         }
@@ -185,7 +198,11 @@ fn parse_tokens(bytes: &[u8], base_pa: u64, tt_off: usize) -> Result<Tokens<'_>,
             a
         })
         .collect();
-    Ok(Tokens { tokens, padded, index_off })
+    Ok(Tokens {
+        tokens,
+        padded,
+        index_off,
+    })
 }
 
 /// Reads one `kallsyms_names` entry at `off`: returns (token bytes, offset after the entry).
@@ -206,7 +223,22 @@ fn name_entry(bytes: &[u8], off: usize) -> Option<(&[u8], usize)> {
 }
 
 fn is_type_char(c: u8) -> bool {
-    matches!(c.to_ascii_lowercase(), b'a' | b'b' | b'd' | b'r' | b't' | b'v' | b'w' | b'u' | b'n' | b'g' | b's' | b'i' | b'p' | b'?')
+    matches!(
+        c.to_ascii_lowercase(),
+        b'a' | b'b'
+            | b'd'
+            | b'r'
+            | b't'
+            | b'v'
+            | b'w'
+            | b'u'
+            | b'n'
+            | b'g'
+            | b's'
+            | b'i'
+            | b'p'
+            | b'?'
+    )
 }
 
 /// Size of the expansion buffer: a name of up to [`MAX_NAME_LEN`] plus one token.
@@ -235,7 +267,12 @@ fn expand(tokens: &Tokens<'_>, entry: &[u8], buf: &mut [u8; NAME_BUF]) -> Option
 }
 
 /// Quick plausibility check of the entry at `off` (type char + printable name).
-fn plausible_entry(tokens: &Tokens<'_>, bytes: &[u8], off: usize, buf: &mut [u8; NAME_BUF]) -> Option<usize> {
+fn plausible_entry(
+    tokens: &Tokens<'_>,
+    bytes: &[u8],
+    off: usize,
+    buf: &mut [u8; NAME_BUF],
+) -> Option<usize> {
     let (entry, next) = name_entry(bytes, off)?;
     let len = expand(tokens, entry, buf)?;
     if !is_type_char(buf[0]) || buf[1..len].contains(&b'?') {
@@ -254,7 +291,12 @@ struct NamesLoc {
 }
 
 /// Searches below the token table for `num_syms` + `names` + `markers`.
-fn find_names(bytes: &[u8], base_pa: u64, tt_off: usize, tokens: &Tokens<'_>) -> Result<NamesLoc, KallsymsError> {
+fn find_names(
+    bytes: &[u8],
+    base_pa: u64,
+    tt_off: usize,
+    tokens: &Tokens<'_>,
+) -> Result<NamesLoc, KallsymsError> {
     let mut scratch = [0u8; NAME_BUF];
     let mut p = align8(base_pa, tt_off.saturating_sub(15)).unwrap_or(0);
     while p + 8 > tt_off {
@@ -334,7 +376,13 @@ fn try_names_at(
             return None;
         }
     }
-    Some(NamesLoc { num_syms_off: p, n, names_off, markers_off, markers_end })
+    Some(NamesLoc {
+        num_syms_off: p,
+        n,
+        names_off,
+        markers_off,
+        markers_end,
+    })
 }
 
 fn is_kernel_ptr(v: u64) -> bool {
@@ -385,9 +433,13 @@ pub fn parse(bytes: &[u8], base_pa: u64, tt_off: usize) -> Result<Kallsyms, Kall
     } else if let Some(t) = old() {
         (TableOrder::Old, t)
     } else {
-        return Err(bad("cannot place kallsyms_offsets/relative_base (neither table order fits)"));
+        return Err(bad(
+            "cannot place kallsyms_offsets/relative_base (neither table order fits)",
+        ));
     };
-    let relative_base = u64_at(bytes, rb_off).ok_or(KallsymsError::Truncated { table: "relative_base" })?;
+    let relative_base = u64_at(bytes, rb_off).ok_or(KallsymsError::Truncated {
+        table: "relative_base",
+    })?;
     let offsets = bytes
         .get(offsets_off..offsets_off + offsets_len)
         .ok_or(KallsymsError::Truncated { table: "offsets" })?;
@@ -398,13 +450,19 @@ pub fn parse(bytes: &[u8], base_pa: u64, tt_off: usize) -> Result<Kallsyms, Kall
     let mut scratch = [0u8; NAME_BUF];
     let mut off = loc.names_off;
     for _ in 0..n {
-        let (entry, next) = name_entry(bytes, off).ok_or(KallsymsError::Truncated { table: "names" })?;
+        let (entry, next) =
+            name_entry(bytes, off).ok_or(KallsymsError::Truncated { table: "names" })?;
         off = next;
-        let len = expand(&tokens, entry, &mut scratch)
-            .ok_or(KallsymsError::Invalid { what: "symbol name length", value: entry.len() as u64 })?;
+        let len = expand(&tokens, entry, &mut scratch).ok_or(KallsymsError::Invalid {
+            what: "symbol name length",
+            value: entry.len() as u64,
+        })?;
         let start = names.len();
         if start + len > MAX_NAMES_BYTES {
-            return Err(KallsymsError::Invalid { what: "total length of names", value: start as u64 });
+            return Err(KallsymsError::Invalid {
+                what: "total length of names",
+                value: start as u64,
+            });
         }
         names.extend_from_slice(&scratch[1..len]);
         raw.push(RawSymbol {
@@ -415,12 +473,16 @@ pub fn parse(bytes: &[u8], base_pa: u64, tt_off: usize) -> Result<Kallsyms, Kall
         });
     }
     // Decode addresses; pick the encoding that yields an address-sorted table.
-    let offs = offsets.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    let offs = offsets
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]));
     let abs = |o: i32| {
         if o >= 0 {
             o as u64
         } else {
-            relative_base.wrapping_sub(1).wrapping_sub(i64::from(o) as u64)
+            relative_base
+                .wrapping_sub(1)
+                .wrapping_sub(i64::from(o) as u64)
         }
     };
     let rel = |o: i32| relative_base.wrapping_add(u64::from(o as u32));
@@ -511,7 +573,11 @@ fn scan_ranges(mem: &dyn PhysMemory, ranges: &[(u64, u64)]) -> Vec<u64> {
             let mut n = want;
             // Shorten the read at the end of RAM.
             while n > 0 && mem.read_phys(start + off, &mut chunk[..n]).is_err() {
-                n = if n > want - overlap { want - overlap } else { 0 };
+                n = if n > want - overlap {
+                    want - overlap
+                } else {
+                    0
+                };
             }
             if n == 0 {
                 break;
@@ -539,7 +605,10 @@ fn scan_ranges(mem: &dyn PhysMemory, ranges: &[(u64, u64)]) -> Vec<u64> {
 /// Reads a window around a digit-run hit and returns the token table's pa if it validates.
 fn validate_hit(mem: &dyn PhysMemory, hit_pa: u64) -> Option<u64> {
     let lo = hit_pa.saturating_sub(0x4000) & !7;
-    let (rstart, rlen) = mem.regions().into_iter().find(|&(s, l)| hit_pa >= s && hit_pa - s < l)?;
+    let (rstart, rlen) = mem
+        .regions()
+        .into_iter()
+        .find(|&(s, l)| hit_pa >= s && hit_pa - s < l)?;
     let lo = lo.max(rstart);
     let hi = hit_pa.saturating_add(0x4000).min(rstart + rlen);
     let mut buf = vec![0u8; usize::try_from(hi - lo).ok()?];
@@ -631,7 +700,11 @@ pub fn compare_with_proc(symbols: &Symbols, proc_text: &str) -> Result<ProcCompa
             });
         };
         if line.trim_end() != expected {
-            return Err(Mismatch { line: i + 1, expected, found: line.to_string() });
+            return Err(Mismatch {
+                line: i + 1,
+                expected,
+                found: line.to_string(),
+            });
         }
         cmp.core += 1;
     }

@@ -103,11 +103,15 @@ impl Kernel {
         let mut tried: Vec<u64> = Vec::new();
         let mut last: Option<KernelError> = None;
         for &root in &roots {
-            let image: Vec<(u64, u64)> =
-                paging::mapped_ranges(mem, root, slide::START_KERNEL_MAP, slide::START_KERNEL_MAP + KERNEL_IMAGE_SIZE)
-                    .iter()
-                    .map(|m| (m.pa, m.len))
-                    .collect();
+            let image: Vec<(u64, u64)> = paging::mapped_ranges(
+                mem,
+                root,
+                slide::START_KERNEL_MAP,
+                slide::START_KERNEL_MAP + KERNEL_IMAGE_SIZE,
+            )
+            .iter()
+            .map(|m| (m.pa, m.len))
+            .collect();
             for tt in kallsyms::scan_token_tables_in(mem, &image) {
                 if tried.contains(&tt) {
                     continue;
@@ -147,7 +151,10 @@ impl Kernel {
             match slide::compute(mem, root, &ks.layout, &ks.symbols, vcpus) {
                 Ok(report) => return Ok(Self::build(mem, root, ks.layout, ks.symbols, report)),
                 Err(e) => {
-                    tracing::debug!("kallsyms candidate at {tt:#x}, root {:#x}: {e}", root.pgd_pa);
+                    tracing::debug!(
+                        "kallsyms candidate at {tt:#x}, root {:#x}: {e}",
+                        root.pgd_pa
+                    );
                     last = Some(e);
                 }
             }
@@ -186,7 +193,12 @@ impl Kernel {
             kallsyms: layout,
             slide_report: report,
         };
-        Kernel { info, symbols, root, extras: Extras::default() }
+        Kernel {
+            info,
+            symbols,
+            root,
+            extras: Extras::default(),
+        }
     }
 
     /// Summary facts.
@@ -226,7 +238,10 @@ impl Kernel {
         if va < self.info.text || va >= end {
             return None;
         }
-        Some(va.wrapping_sub(slide::START_KERNEL_MAP).wrapping_add(self.info.phys_base))
+        Some(
+            va.wrapping_sub(slide::START_KERNEL_MAP)
+                .wrapping_add(self.info.phys_base),
+        )
     }
 
     /// Translates a virtual address through the kernel page tables.
@@ -240,7 +255,12 @@ impl Kernel {
     }
 
     /// Reads kernel virtual memory (may cross pages).
-    pub fn read_virt(&self, mem: &dyn PhysMemory, va: u64, buf: &mut [u8]) -> Result<(), KernelError> {
+    pub fn read_virt(
+        &self,
+        mem: &dyn PhysMemory,
+        va: u64,
+        buf: &mut [u8],
+    ) -> Result<(), KernelError> {
         paging::read_virt(mem, self.root, va, buf).map_err(|e| match e {
             VirtReadError::Paging(p) => KernelError::Paging(p),
             VirtReadError::Mem(m) => KernelError::Mem(m),
@@ -300,7 +320,10 @@ fn read_cstr(mem: &dyn PhysMemory, root: PageRoot, va: u64, max: usize) -> Optio
 /// PTI is active when the user PGD of the kernel PGD pair maps the kernel image's top-level
 /// slot (the entry text must stay reachable from user CR3). Without PTI that page is unused.
 fn detect_pti(mem: &dyn PhysMemory, root: PageRoot, text: u64) -> bool {
-    let user = PageRoot { pgd_pa: root.user_pgd_pa(), levels: root.levels };
+    let user = PageRoot {
+        pgd_pa: root.user_pgd_pa(),
+        levels: root.levels,
+    };
     let idx = paging::table_index(text, root.levels) as u64;
     matches!(mem.read_u64(user.pgd_pa + 8 * idx), Ok(v) if v & paging::PTE_PRESENT != 0)
 }

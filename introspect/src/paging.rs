@@ -52,7 +52,10 @@ impl PageRoot {
     /// (`cr3 & 0x000f_ffff_ffff_e000`). Valid for kernels built with page-table isolation
     /// (every PGD is then an 8 KiB-aligned pair, even with PTI off at runtime).
     pub fn from_cr3(cr3: u64, la57: bool) -> Self {
-        Self { pgd_pa: cr3 & CR3_KERNEL_PGD_MASK, levels: if la57 { 5 } else { 4 } }
+        Self {
+            pgd_pa: cr3 & CR3_KERNEL_PGD_MASK,
+            levels: if la57 { 5 } else { 4 },
+        }
     }
 
     /// The kernel root of a vCPU (see [`PageRoot::from_cr3`]).
@@ -159,7 +162,10 @@ pub fn walk_or_hole(
         return Err(PagingError::Levels(root.levels));
     }
     if !is_canonical(va, root.levels) {
-        return Err(PagingError::NonCanonical { va, levels: root.levels });
+        return Err(PagingError::NonCanonical {
+            va,
+            levels: root.levels,
+        });
     }
     let mut table = root.pgd_pa & ENTRY_ADDR_MASK;
     let mut entries = Vec::with_capacity(usize::from(root.levels));
@@ -167,15 +173,24 @@ pub fn walk_or_hole(
     let mut level = root.levels;
     loop {
         let entry_pa = table + 8 * table_index(va, level) as u64;
-        let value = mem.read_u64(entry_pa).map_err(|_| PagingError::OutsideRam {
-            va,
-            level: level + 1,
-            value: entries.last().map_or(root.pgd_pa, |e: &WalkEntry| e.value),
-            target: table,
-        })?;
-        let entry = WalkEntry { level, entry_pa, value };
+        let value = mem
+            .read_u64(entry_pa)
+            .map_err(|_| PagingError::OutsideRam {
+                va,
+                level: level + 1,
+                value: entries.last().map_or(root.pgd_pa, |e: &WalkEntry| e.value),
+                target: table,
+            })?;
+        let entry = WalkEntry {
+            level,
+            entry_pa,
+            value,
+        };
         if value & PTE_PRESENT == 0 {
-            return Ok(WalkOutcome::Hole(Hole { entries, missing: entry }));
+            return Ok(WalkOutcome::Hole(Hole {
+                entries,
+                missing: entry,
+            }));
         }
         entries.push(entry);
         writable &= value & PTE_RW != 0;
@@ -192,9 +207,21 @@ pub fn walk_or_hole(
             let pa = frame | (va & (page_size - 1));
             let mut probe = [0u8; 1];
             if mem.read_phys(pa, &mut probe).is_err() {
-                return Err(PagingError::OutsideRam { va, level, value, target: pa });
+                return Err(PagingError::OutsideRam {
+                    va,
+                    level,
+                    value,
+                    target: pa,
+                });
             }
-            return Ok(WalkOutcome::Mapped(Walk { entries, pa, page_size, writable, nx, user }));
+            return Ok(WalkOutcome::Mapped(Walk {
+                entries,
+                pa,
+                page_size,
+                writable,
+                nx,
+                user,
+            }));
         }
         table = value & ENTRY_ADDR_MASK;
         level -= 1;
@@ -236,7 +263,12 @@ pub const MAX_RANGE_WALKS: usize = 1 << 18;
 /// The mapped parts of `[va_start, va_end)`, merged into contiguous [`Mapping`]s, in VA order.
 /// Holes are skipped a whole missing level at a time; unreadable or bad entries are skipped.
 /// At most [`MAX_RANGE_WALKS`] walks are done.
-pub fn mapped_ranges(mem: &dyn PhysMemory, root: PageRoot, va_start: u64, va_end: u64) -> Vec<Mapping> {
+pub fn mapped_ranges(
+    mem: &dyn PhysMemory,
+    root: PageRoot,
+    va_start: u64,
+    va_end: u64,
+) -> Vec<Mapping> {
     let mut out: Vec<Mapping> = Vec::new();
     let mut va = va_start;
     let mut walks = 0usize;
@@ -246,11 +278,18 @@ pub fn mapped_ranges(mem: &dyn PhysMemory, root: PageRoot, va_start: u64, va_end
             Ok(WalkOutcome::Mapped(w)) => {
                 let page_va = va & !(w.page_size - 1);
                 let page_pa = w.pa & !(w.page_size - 1);
-                let (s_va, s_pa) = (page_va.max(va_start), page_pa + (page_va.max(va_start) - page_va));
+                let (s_va, s_pa) = (
+                    page_va.max(va_start),
+                    page_pa + (page_va.max(va_start) - page_va),
+                );
                 let len = (page_va.saturating_add(w.page_size)).min(va_end) - s_va;
                 match out.last_mut() {
                     Some(m) if m.va + m.len == s_va && m.pa + m.len == s_pa => m.len += len,
-                    _ => out.push(Mapping { va: s_va, pa: s_pa, len }),
+                    _ => out.push(Mapping {
+                        va: s_va,
+                        pa: s_pa,
+                        len,
+                    }),
                 }
                 match w.page_size {
                     PAGE_1G => 3,
@@ -259,9 +298,8 @@ pub fn mapped_ranges(mem: &dyn PhysMemory, root: PageRoot, va_start: u64, va_end
                 }
             }
             Ok(WalkOutcome::Hole(h)) => h.missing.level,
-            Err(PagingError::OutsideRam { level, .. }) | Err(PagingError::Reserved { level, .. }) => {
-                level.clamp(1, 5)
-            }
+            Err(PagingError::OutsideRam { level, .. })
+            | Err(PagingError::Reserved { level, .. }) => level.clamp(1, 5),
             Err(_) => 1,
         };
         let size = level_size(step_level);
@@ -301,7 +339,9 @@ pub fn read_virt(
         let cur = va + done as u64;
         let w = walk(mem, root, cur)?;
         let in_page = w.page_size - (cur & (w.page_size - 1));
-        let n = usize::try_from(in_page).unwrap_or(usize::MAX).min(buf.len() - done);
+        let n = usize::try_from(in_page)
+            .unwrap_or(usize::MAX)
+            .min(buf.len() - done);
         mem.read_phys(w.pa, &mut buf[done..done + n])?;
         done += n;
     }
@@ -321,11 +361,27 @@ mod tests {
     fn four_level() -> Vec<u8> {
         let mut m = vec![0u8; 0x40_0000];
         let va: u64 = 0xffff_ffff_8100_0000;
-        put(&mut m, 0x1000 + 8 * table_index(va, 4) as u64, 0x2000 | 0x63);
-        put(&mut m, 0x2000 + 8 * table_index(va, 3) as u64, 0x3000 | 0x63);
+        put(
+            &mut m,
+            0x1000 + 8 * table_index(va, 4) as u64,
+            0x2000 | 0x63,
+        );
+        put(
+            &mut m,
+            0x2000 + 8 * table_index(va, 3) as u64,
+            0x3000 | 0x63,
+        );
         // 2 MiB page at 0x20_0000 for va, 4 KiB pages through PT 0x4000 for va + 2 MiB.
-        put(&mut m, 0x3000 + 8 * table_index(va, 2) as u64, 0x20_0000 | 0xe1);
-        put(&mut m, 0x3000 + 8 * table_index(va + PAGE_2M, 2) as u64, 0x4000 | 0x63);
+        put(
+            &mut m,
+            0x3000 + 8 * table_index(va, 2) as u64,
+            0x20_0000 | 0xe1,
+        );
+        put(
+            &mut m,
+            0x3000 + 8 * table_index(va + PAGE_2M, 2) as u64,
+            0x4000 | 0x63,
+        );
         put(&mut m, 0x4000, 0x5000 | 0x63 | PTE_NX);
         put(&mut m, 0x4008, 0x7000 | 0x63);
         m
@@ -340,14 +396,20 @@ mod tests {
         let root = PageRoot::from_cr3(0x1005, false);
         // bit 12 is the PTI bit: the kernel PGD is the even page, 0x0 here; use a raw root.
         assert_eq!(root.pgd_pa, 0);
-        let root = PageRoot { pgd_pa: 0x1000, levels: 4 };
+        let root = PageRoot {
+            pgd_pa: 0x1000,
+            levels: 4,
+        };
         let w = walk(&mem, root, 0xffff_ffff_8100_1234).unwrap();
         assert_eq!(w.pa, 0x20_1234);
         assert_eq!(w.page_size, PAGE_2M);
         assert!(!w.writable && !w.nx);
         assert_eq!(w.entries.len(), 3);
         let w = walk(&mem, root, 0xffff_ffff_8120_0010).unwrap();
-        assert_eq!((w.pa, w.page_size, w.nx, w.writable), (0x5010, PAGE_4K, true, true));
+        assert_eq!(
+            (w.pa, w.page_size, w.nx, w.writable),
+            (0x5010, PAGE_4K, true, true)
+        );
         let mut buf = [0u8; 16];
         // Crossing from the NX page (pa 0x5000) into the next one (pa 0x7000).
         let m2 = {
@@ -365,7 +427,10 @@ mod tests {
     fn holes_and_errors() {
         let m = four_level();
         let mem = SliceMemory::flat(&m);
-        let root = PageRoot { pgd_pa: 0x1000, levels: 4 };
+        let root = PageRoot {
+            pgd_pa: 0x1000,
+            levels: 4,
+        };
         match walk_or_hole(&mem, root, 0xffff_ffff_8120_2000).unwrap() {
             WalkOutcome::Hole(h) => {
                 assert_eq!(h.entries.len(), 3);
@@ -383,7 +448,14 @@ mod tests {
             Err(PagingError::NotPresent { level: 4, .. })
         ));
         assert!(matches!(
-            walk(&mem, PageRoot { pgd_pa: 0x1000, levels: 3 }, 0),
+            walk(
+                &mem,
+                PageRoot {
+                    pgd_pa: 0x1000,
+                    levels: 3
+                },
+                0
+            ),
             Err(PagingError::Levels(3))
         ));
     }
@@ -397,25 +469,47 @@ mod tests {
         let slot = 0x1000 + 8 * table_index(va, 4) as u64;
         put(&mut m, slot, 0x1000 | 0x63);
         let mem = SliceMemory::flat(&m);
-        let root = PageRoot { pgd_pa: 0x1000, levels: 4 };
+        let root = PageRoot {
+            pgd_pa: 0x1000,
+            levels: 4,
+        };
         let r = walk(&mem, root, va);
         assert!(r.is_err() || r.unwrap().entries.len() == 4);
         // Entry pointing outside RAM.
         put(&mut m, slot, 0xdead_0000_0000 | 0x63);
         let mem = SliceMemory::flat(&m);
-        assert!(matches!(walk(&mem, root, va), Err(PagingError::OutsideRam { level: 4, .. })));
+        assert!(matches!(
+            walk(&mem, root, va),
+            Err(PagingError::OutsideRam { level: 4, .. })
+        ));
         // Leaf pointing outside RAM.
         put(&mut m, slot, 0x2000 | 0x63);
-        put(&mut m, 0x2000 + 8 * table_index(va, 3) as u64, 0x7_c000_0000 | 0xe3);
+        put(
+            &mut m,
+            0x2000 + 8 * table_index(va, 3) as u64,
+            0x7_c000_0000 | 0xe3,
+        );
         let mem = SliceMemory::flat(&m);
-        assert!(matches!(walk(&mem, root, va), Err(PagingError::OutsideRam { level: 3, .. })));
+        assert!(matches!(
+            walk(&mem, root, va),
+            Err(PagingError::OutsideRam { level: 3, .. })
+        ));
         // PS in a PML4 entry is reserved.
         put(&mut m, slot, 0x2000 | 0xe3);
         let mem = SliceMemory::flat(&m);
-        assert!(matches!(walk(&mem, root, va), Err(PagingError::Reserved { level: 4, .. })));
+        assert!(matches!(
+            walk(&mem, root, va),
+            Err(PagingError::Reserved { level: 4, .. })
+        ));
         // Root outside RAM.
-        let far = PageRoot { pgd_pa: 0xffff_f000, levels: 5 };
-        assert!(matches!(walk(&mem, far, va), Err(PagingError::OutsideRam { level: 6, .. })));
+        let far = PageRoot {
+            pgd_pa: 0xffff_f000,
+            levels: 5,
+        };
+        assert!(matches!(
+            walk(&mem, far, va),
+            Err(PagingError::OutsideRam { level: 6, .. })
+        ));
         // A range that wraps.
         let mut b = [0u8; 16];
         assert!(read_virt(&mem, root, u64::MAX - 4, &mut b).is_err());
@@ -430,7 +524,10 @@ mod tests {
             }
             let mem = SliceMemory::flat(&m);
             for levels in [4, 5] {
-                let root = PageRoot { pgd_pa: seed & 0xf000, levels };
+                let root = PageRoot {
+                    pgd_pa: seed & 0xf000,
+                    levels,
+                };
                 let _ = walk(&mem, root, va ^ (seed & 0x7fff_f000));
                 let _ = read_virt(&mem, root, va, &mut b);
             }

@@ -68,12 +68,17 @@ pub struct SlideReport {
 impl SlideReport {
     /// Number of checks that passed.
     pub fn passed(&self) -> usize {
-        self.checks.iter().filter(|c| c.outcome == CheckOutcome::Passed).count()
+        self.checks
+            .iter()
+            .filter(|c| c.outcome == CheckOutcome::Passed)
+            .count()
     }
 
     /// Whether `kind` passed.
     pub fn passed_check(&self, kind: CheckKind) -> bool {
-        self.checks.iter().any(|c| c.kind == kind && c.outcome == CheckOutcome::Passed)
+        self.checks
+            .iter()
+            .any(|c| c.kind == kind && c.outcome == CheckOutcome::Passed)
     }
 }
 
@@ -86,7 +91,9 @@ pub fn idt_gate_target(gate: &[u8; 16]) -> u64 {
 }
 
 fn sym(symbols: &Symbols, name: &'static str) -> Result<u64, SlideError> {
-    symbols.lookup(name, None).map_err(|_| SlideError::MissingSymbol(name))
+    symbols
+        .lookup(name, None)
+        .map_err(|_| SlideError::MissingSymbol(name))
 }
 
 fn paging_err(what: &'static str) -> impl FnOnce(PagingError) -> SlideError {
@@ -105,12 +112,16 @@ pub fn compute(
 ) -> Result<SlideReport, SlideError> {
     let text = layout.relative_base;
     let slide = text.wrapping_sub(LINK_TEXT);
-    if slide % KASLR_ALIGN != 0 {
+    if slide & (KASLR_ALIGN - 1) != 0 {
         return Err(SlideError::Misaligned { slide, text });
     }
     let text_sym = sym(symbols, "_text")?;
     if text_sym != text {
-        return Err(SlideError::Disagree { check: "_text symbol", expected: text, found: text_sym });
+        return Err(SlideError::Disagree {
+            check: "_text symbol",
+            expected: text,
+            found: text_sym,
+        });
     }
     let mut checks = Vec::new();
 
@@ -138,10 +149,17 @@ pub fn compute(
     // 6.12+ lists the tables themselves: the symbol must agree too.
     if let Ok(v) = symbols.lookup("kallsyms_token_table", None) {
         if v != tt_va {
-            return Err(SlideError::Disagree { check: "kallsyms_token_table symbol", expected: tt_va, found: v });
+            return Err(SlideError::Disagree {
+                check: "kallsyms_token_table symbol",
+                expected: tt_va,
+                found: v,
+            });
         }
     }
-    checks.push(SlideCheck { kind: CheckKind::PhysLayout, outcome: CheckOutcome::Passed });
+    checks.push(SlideCheck {
+        kind: CheckKind::PhysLayout,
+        outcome: CheckOutcome::Passed,
+    });
 
     // (a) MSR_LSTAR.
     let lstars: Vec<u64> = vcpus.iter().filter_map(|v| v.lstar).collect();
@@ -154,17 +172,34 @@ pub fn compute(
         let want = sym(symbols, "entry_SYSCALL_64")?;
         for l in lstars {
             if l != want {
-                return Err(SlideError::Disagree { check: "MSR_LSTAR vs entry_SYSCALL_64", expected: want, found: l });
+                return Err(SlideError::Disagree {
+                    check: "MSR_LSTAR vs entry_SYSCALL_64",
+                    expected: want,
+                    found: l,
+                });
             }
         }
-        checks.push(SlideCheck { kind: CheckKind::Lstar, outcome: CheckOutcome::Passed });
+        checks.push(SlideCheck {
+            kind: CheckKind::Lstar,
+            outcome: CheckOutcome::Passed,
+        });
     }
 
     // (b) IDT gates.
     let idt = vcpus.iter().find_map(|v| v.idtr_base).unwrap_or(CEA_IDT);
     for (kind, vector, name, check) in [
-        (CheckKind::IdtPageFault, 14u64, "asm_exc_page_fault", "IDT gate 14 vs asm_exc_page_fault"),
-        (CheckKind::IdtDivideError, 0, "asm_exc_divide_error", "IDT gate 0 vs asm_exc_divide_error"),
+        (
+            CheckKind::IdtPageFault,
+            14u64,
+            "asm_exc_page_fault",
+            "IDT gate 14 vs asm_exc_page_fault",
+        ),
+        (
+            CheckKind::IdtDivideError,
+            0,
+            "asm_exc_divide_error",
+            "IDT gate 0 vs asm_exc_divide_error",
+        ),
     ] {
         let mut gate = [0u8; 16];
         match paging::read_virt(mem, root, idt.wrapping_add(16 * vector), &mut gate) {
@@ -172,9 +207,16 @@ pub fn compute(
                 let want = sym(symbols, name)?;
                 let found = idt_gate_target(&gate);
                 if found != want {
-                    return Err(SlideError::Disagree { check, expected: want, found });
+                    return Err(SlideError::Disagree {
+                        check,
+                        expected: want,
+                        found,
+                    });
                 }
-                checks.push(SlideCheck { kind, outcome: CheckOutcome::Passed });
+                checks.push(SlideCheck {
+                    kind,
+                    outcome: CheckOutcome::Passed,
+                });
             }
             Err(e) => checks.push(SlideCheck {
                 kind,
@@ -182,7 +224,13 @@ pub fn compute(
             }),
         }
     }
-    Ok(SlideReport { text, slide, text_pa, phys_base, checks })
+    Ok(SlideReport {
+        text,
+        slide,
+        text_pa,
+        phys_base,
+        checks,
+    })
 }
 
 #[cfg(test)]

@@ -63,7 +63,11 @@ pub struct Symbols {
 impl Symbols {
     /// Builds the table. `seqs_of_names` (big-endian u24 indices sorted by name), when given and
     /// a valid permutation, seeds the name index so that no full sort is needed.
-    pub(crate) fn from_parts(names: String, syms: Vec<RawSymbol>, seqs_of_names: Option<&[u8]>) -> Self {
+    pub(crate) fn from_parts(
+        names: String,
+        syms: Vec<RawSymbol>,
+        seqs_of_names: Option<&[u8]>,
+    ) -> Self {
         let n = syms.len();
         let mut by_name: Vec<u32> = Vec::new();
         if let Some(seqs) = seqs_of_names.filter(|s| s.len() == 3 * n) {
@@ -88,16 +92,33 @@ impl Symbols {
         if by_name.len() != n {
             by_name = (0..n as u32).collect();
         }
-        let mut s = Self { names, syms, by_name, ksym_range: (0, 0) };
+        let mut s = Self {
+            names,
+            syms,
+            by_name,
+            ksym_range: (0, 0),
+        };
         // Stable sort: adaptive, close to linear when seeded from seqs_of_names.
         let mut by_name = std::mem::take(&mut s.by_name);
-        let cmp = |a: &u32, b: &u32| s.name_of(*a as usize).cmp(s.name_of(*b as usize)).then(a.cmp(b));
+        let cmp = |a: &u32, b: &u32| {
+            s.name_of(*a as usize)
+                .cmp(s.name_of(*b as usize))
+                .then(a.cmp(b))
+        };
         if !by_name.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) {
             by_name.sort_by(cmp);
         }
         s.by_name = by_name;
-        let first_text = s.syms.iter().find(|r| r.kind != b'A' && r.kind != b'a').map(|r| r.addr);
-        let lo = s.unique_addr("_stext").or_else(|| s.unique_addr("_text")).or(first_text).unwrap_or(0);
+        let first_text = s
+            .syms
+            .iter()
+            .find(|r| r.kind != b'A' && r.kind != b'a')
+            .map(|r| r.addr);
+        let lo = s
+            .unique_addr("_stext")
+            .or_else(|| s.unique_addr("_text"))
+            .or(first_text)
+            .unwrap_or(0);
         let hi = s
             .unique_addr("_end")
             .or_else(|| s.syms.last().map(|r| r.addr.saturating_add(1)))
@@ -109,7 +130,9 @@ impl Symbols {
     fn name_of(&self, i: usize) -> &str {
         let Some(r) = self.syms.get(i) else { return "" };
         let start = r.name_start as usize;
-        self.names.get(start..start + r.name_len as usize).unwrap_or("")
+        self.names
+            .get(start..start + r.name_len as usize)
+            .unwrap_or("")
     }
 
     fn unique_addr(&self, name: &str) -> Option<u64> {
@@ -129,22 +152,36 @@ impl Symbols {
     /// Symbol at table position `index`.
     pub fn get(&self, index: usize) -> Option<Symbol<'_>> {
         let r = self.syms.get(index)?;
-        Some(Symbol { name: self.name_of(index), kind: char::from(r.kind), addr: r.addr, index })
+        Some(Symbol {
+            name: self.name_of(index),
+            kind: char::from(r.kind),
+            addr: r.addr,
+            index,
+        })
     }
 
     /// All symbols in table order (= `/proc/kallsyms` order for the core kernel).
     pub fn iter(&self) -> impl ExactSizeIterator<Item = Symbol<'_>> + '_ {
         (0..self.syms.len()).map(move |i| {
             let r = &self.syms[i];
-            Symbol { name: self.name_of(i), kind: char::from(r.kind), addr: r.addr, index: i }
+            Symbol {
+                name: self.name_of(i),
+                kind: char::from(r.kind),
+                addr: r.addr,
+                index: i,
+            }
         })
     }
 
     /// All symbols named `name`, in table (address) order.
     pub fn lookup_all<'a>(&'a self, name: &str) -> impl Iterator<Item = Symbol<'a>> + 'a {
-        let lo = self.by_name.partition_point(|&i| self.name_of(i as usize) < name);
+        let lo = self
+            .by_name
+            .partition_point(|&i| self.name_of(i as usize) < name);
         let hi = lo + self.by_name[lo..].partition_point(|&i| self.name_of(i as usize) == name);
-        self.by_name[lo..hi].iter().filter_map(move |&i| self.get(i as usize))
+        self.by_name[lo..hi]
+            .iter()
+            .filter_map(move |&i| self.get(i as usize))
     }
 
     /// Address of `name`, with livepatch `sympos` semantics: `sympos` is the 1-based position
@@ -154,21 +191,42 @@ impl Symbols {
     }
 
     /// Like [`Symbols::lookup`], returning the whole symbol.
-    pub fn lookup_symbol(&self, name: &str, sympos: Option<u32>) -> Result<Symbol<'_>, SymbolError> {
-        let lo = self.by_name.partition_point(|&i| self.name_of(i as usize) < name);
+    pub fn lookup_symbol(
+        &self,
+        name: &str,
+        sympos: Option<u32>,
+    ) -> Result<Symbol<'_>, SymbolError> {
+        let lo = self
+            .by_name
+            .partition_point(|&i| self.name_of(i as usize) < name);
         let hi = lo + self.by_name[lo..].partition_point(|&i| self.name_of(i as usize) == name);
         let count = u32::try_from(hi - lo).unwrap_or(u32::MAX);
         let pick = match (count, sympos.unwrap_or(0)) {
-            (0, _) => return Err(SymbolError::Unknown { name: name.to_string() }),
+            (0, _) => {
+                return Err(SymbolError::Unknown {
+                    name: name.to_string(),
+                })
+            }
             (1, 0) => 0,
-            (_, 0) => return Err(SymbolError::Ambiguous { name: name.to_string(), count }),
+            (_, 0) => {
+                return Err(SymbolError::Ambiguous {
+                    name: name.to_string(),
+                    count,
+                })
+            }
             (c, p) if p > c => {
-                return Err(SymbolError::NoSuchPos { name: name.to_string(), sympos: p, count: c })
+                return Err(SymbolError::NoSuchPos {
+                    name: name.to_string(),
+                    sympos: p,
+                    count: c,
+                })
             }
             (_, p) => (p - 1) as usize,
         };
         let idx = self.by_name[lo + pick] as usize;
-        self.get(idx).ok_or(SymbolError::Unknown { name: name.to_string() })
+        self.get(idx).ok_or(SymbolError::Unknown {
+            name: name.to_string(),
+        })
     }
 
     /// The symbol containing `addr`, like the kernel's `get_symbol_pos()` behind `%pB`,
@@ -181,7 +239,10 @@ impl Symbols {
             return None;
         }
         // Last index with address <= addr.
-        let mut low = self.syms.partition_point(|r| r.addr <= addr).checked_sub(1)?;
+        let mut low = self
+            .syms
+            .partition_point(|r| r.addr <= addr)
+            .checked_sub(1)?;
         let start = self.syms[low].addr;
         while low > 0 && self.syms[low - 1].addr == start {
             low -= 1;
@@ -239,11 +300,35 @@ mod tests {
         ]);
         assert_eq!(s.lookup("foo", None), Ok(0x1020));
         assert_eq!(s.lookup("foo", Some(1)), Ok(0x1020));
-        assert_eq!(s.lookup("foo", Some(2)), Err(SymbolError::NoSuchPos { name: "foo".into(), sympos: 2, count: 1 }));
-        assert_eq!(s.lookup("dup", None), Err(SymbolError::Ambiguous { name: "dup".into(), count: 2 }));
-        assert_eq!(s.lookup("dup", Some(0)), Err(SymbolError::Ambiguous { name: "dup".into(), count: 2 }));
+        assert_eq!(
+            s.lookup("foo", Some(2)),
+            Err(SymbolError::NoSuchPos {
+                name: "foo".into(),
+                sympos: 2,
+                count: 1
+            })
+        );
+        assert_eq!(
+            s.lookup("dup", None),
+            Err(SymbolError::Ambiguous {
+                name: "dup".into(),
+                count: 2
+            })
+        );
+        assert_eq!(
+            s.lookup("dup", Some(0)),
+            Err(SymbolError::Ambiguous {
+                name: "dup".into(),
+                count: 2
+            })
+        );
         assert_eq!(s.lookup("dup", Some(2)), Ok(0x1040));
-        assert_eq!(s.lookup("nope", None), Err(SymbolError::Unknown { name: "nope".into() }));
+        assert_eq!(
+            s.lookup("nope", None),
+            Err(SymbolError::Unknown {
+                name: "nope".into()
+            })
+        );
         assert_eq!(s.lookup_all("dup").count(), 2);
         let r = s.symbolize(0x1025).unwrap();
         assert_eq!((r.name, r.offset, r.size), ("foo", 5, 0x20));
@@ -262,10 +347,19 @@ mod tests {
     #[test]
     fn bad_seqs_fall_back() {
         let names = "bac".to_string();
-        let mk = |i: u32, a| RawSymbol { addr: a, name_start: i, name_len: 1, kind: b'T' };
+        let mk = |i: u32, a| RawSymbol {
+            addr: a,
+            name_start: i,
+            name_len: 1,
+            kind: b'T',
+        };
         let syms = vec![mk(0, 1), mk(1, 2), mk(2, 3)];
         // Duplicate index 0: not a permutation.
-        let s = Symbols::from_parts(names.clone(), syms.clone(), Some(&[0, 0, 0, 0, 0, 0, 0, 0, 9]));
+        let s = Symbols::from_parts(
+            names.clone(),
+            syms.clone(),
+            Some(&[0, 0, 0, 0, 0, 0, 0, 0, 9]),
+        );
         assert_eq!(s.lookup("c", None), Ok(3));
         // Valid permutation but wrong order: sorting fixes it.
         let s = Symbols::from_parts(names, syms, Some(&[0, 0, 2, 0, 0, 0, 0, 0, 1]));

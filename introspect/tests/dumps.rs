@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use common::Dump;
 use introspect::kallsyms::{self, TableOrder};
 use introspect::slide::{CheckKind, CheckOutcome, START_KERNEL_MAP};
-use introspect::{Kernel, KernelError, PhysMemory, SlideError, SliceMemory, SymbolError};
+use introspect::{Kernel, KernelError, PhysMemory, SliceMemory, SlideError, SymbolError};
 
 fn open(d: &Dump) -> Kernel {
     let mem = SliceMemory::flat(&d.ram);
@@ -33,8 +33,12 @@ fn proc_core(text: &str) -> Vec<(u64, char, &str)> {
 }
 
 fn check_kallsyms(d: &Dump, k: &Kernel) {
-    let cmp = kallsyms::compare_with_proc(k.symbols(), &d.kallsyms)
-        .unwrap_or_else(|e| panic!("{}: decoded kallsyms differ from /proc/kallsyms: {e}", d.version));
+    let cmp = kallsyms::compare_with_proc(k.symbols(), &d.kallsyms).unwrap_or_else(|e| {
+        panic!(
+            "{}: decoded kallsyms differ from /proc/kallsyms: {e}",
+            d.version
+        )
+    });
     let lines = d.kallsyms.lines().count();
     eprintln!(
         "{}: {} core symbols match /proc/kallsyms line by line; {} more lines: {:?}",
@@ -45,8 +49,15 @@ fn check_kallsyms(d: &Dump, k: &Kernel) {
     );
     assert_eq!(cmp.core, k.symbols().len());
     assert_eq!(cmp.core, k.info().num_syms);
-    assert_eq!(cmp.core + cmp.extra.iter().map(|e| e.1).sum::<usize>(), lines);
-    let want = if d.version == "6.1" { TableOrder::Old } else { TableOrder::New };
+    assert_eq!(
+        cmp.core + cmp.extra.iter().map(|e| e.1).sum::<usize>(),
+        lines
+    );
+    let want = if d.version == "6.1" {
+        TableOrder::Old
+    } else {
+        TableOrder::New
+    };
     assert_eq!(k.info().kallsyms.order, want);
     assert!(k.info().kallsyms.seqs_of_names_pa.is_some());
 }
@@ -55,20 +66,35 @@ fn check_slide(d: &Dump, k: &Kernel) {
     let mem = SliceMemory::flat(&d.ram);
     let info = k.info();
     let proc = proc_core(&d.kallsyms);
-    let text = proc.iter().find(|s| s.2 == "_text").expect("_text in /proc/kallsyms").0;
+    let text = proc
+        .iter()
+        .find(|s| s.2 == "_text")
+        .expect("_text in /proc/kallsyms")
+        .0;
     assert_eq!(info.text, text, "runtime _text");
     assert_eq!(info.slide, text - 0xffff_ffff_8100_0000);
     assert_eq!(info.slide % 0x20_0000, 0);
     let r = &info.slide_report;
-    for kind in [CheckKind::PhysLayout, CheckKind::IdtPageFault, CheckKind::IdtDivideError] {
-        assert!(r.passed_check(kind), "{}: check {kind:?} did not pass: {r:?}", d.version);
+    for kind in [
+        CheckKind::PhysLayout,
+        CheckKind::IdtPageFault,
+        CheckKind::IdtDivideError,
+    ] {
+        assert!(
+            r.passed_check(kind),
+            "{}: check {kind:?} did not pass: {r:?}",
+            d.version
+        );
     }
     // HMP does not give LSTAR: that check must say it was skipped, not pretend.
     assert!(r
         .checks
         .iter()
         .any(|c| c.kind == CheckKind::Lstar && matches!(c.outcome, CheckOutcome::Skipped(_))));
-    assert_eq!(info.text_pa, info.phys_base.wrapping_add(text - START_KERNEL_MAP));
+    assert_eq!(
+        info.text_pa,
+        info.phys_base.wrapping_add(text - START_KERNEL_MAP)
+    );
     assert_eq!(info.text_pa % 0x20_0000, 0);
 
     // LSTAR given (as our KVM host does): right value passes, wrong value is an error naming both.
@@ -81,7 +107,9 @@ fn check_slide(d: &Dump, k: &Kernel) {
     assert!(k2.info().slide_report.passed_check(CheckKind::Lstar));
     vcpus[0].lstar = Some(syscall + 0x20_0000);
     match Kernel::open(&mem, &vcpus) {
-        Err(KernelError::Slide(SlideError::Disagree { expected, found, .. })) => {
+        Err(KernelError::Slide(SlideError::Disagree {
+            expected, found, ..
+        })) => {
             assert_eq!((expected, found), (syscall, syscall + 0x20_0000));
         }
         other => panic!("wrong LSTAR accepted: {other:?}"),
@@ -96,9 +124,18 @@ fn check_slide(d: &Dump, k: &Kernel) {
 }
 
 fn check_release(d: &Dump, k: &Kernel) {
-    let release = d.uname.split_whitespace().nth(2).expect("uname -a has a release");
+    let release = d
+        .uname
+        .split_whitespace()
+        .nth(2)
+        .expect("uname -a has a release");
     assert_eq!(k.info().release.as_deref(), Some(release));
-    assert!(k.info().banner.as_deref().unwrap_or("").starts_with("Linux version "));
+    assert!(k
+        .info()
+        .banner
+        .as_deref()
+        .unwrap_or("")
+        .starts_with("Linux version "));
     let v = serde_json::to_value(k.info()).expect("KernelInfo serializes");
     assert_eq!(v["release"], release);
 }
@@ -112,8 +149,16 @@ struct TaskOffsets {
 
 fn task_offsets(version: &str) -> TaskOffsets {
     match version {
-        "6.1" => TaskOffsets { tasks: 0x890, pid: 0x970, comm: 0xba0 },
-        _ => TaskOffsets { tasks: 0x8b0, pid: 0x980, comm: 0xba0 },
+        "6.1" => TaskOffsets {
+            tasks: 0x890,
+            pid: 0x970,
+            comm: 0xba0,
+        },
+        _ => TaskOffsets {
+            tasks: 0x8b0,
+            pid: 0x980,
+            comm: 0xba0,
+        },
     }
 }
 
@@ -126,7 +171,10 @@ fn check_paging(d: &Dump, k: &Kernel) {
     // These snapshots booted without PTI (the user half of the PGD pair is empty). Cross-check
     // independently: under PTI the kernel text is not mapped global.
     let text_leaf = k.walk(&mem, k.text()).unwrap().leaf().unwrap().value;
-    assert_eq!(k.info().pti, text_leaf & introspect::paging::PTE_GLOBAL == 0);
+    assert_eq!(
+        k.info().pti,
+        text_leaf & introspect::paging::PTE_GLOBAL == 0
+    );
 
     // Kernel image: _text is a 2 MiB executable page at text_pa; the linear formula agrees.
     let text = k.text();
@@ -135,9 +183,19 @@ fn check_paging(d: &Dump, k: &Kernel) {
     assert_eq!(w.entries.len() as u8, levels - 1);
     assert_eq!(w.page_size, 0x20_0000);
     assert!(!w.nx && !w.user);
-    for name in ["init_task", "linux_banner", "_etext", "idt_table", "page_offset_base"] {
+    for name in [
+        "init_task",
+        "linux_banner",
+        "_etext",
+        "idt_table",
+        "page_offset_base",
+    ] {
         let va = k.lookup(name, None).unwrap();
-        assert_eq!(Some(k.translate(&mem, va).unwrap()), k.image_pa(va), "{name}");
+        assert_eq!(
+            Some(k.translate(&mem, va).unwrap()),
+            k.image_pa(va),
+            "{name}"
+        );
     }
     let init_task = k.lookup("init_task", None).unwrap();
     let w = k.walk(&mem, init_task).unwrap();
@@ -145,7 +203,9 @@ fn check_paging(d: &Dump, k: &Kernel) {
 
     // Direct map: GS base of each vCPU (per-cpu area) translates, and equals
     // page_offset_base + pa; *(base + this_cpu_off) == base.
-    let pob = k.read_u64_virt(&mem, k.lookup("page_offset_base", None).unwrap()).unwrap();
+    let pob = k
+        .read_u64_virt(&mem, k.lookup("page_offset_base", None).unwrap())
+        .unwrap();
     let this_cpu_off = k.lookup("this_cpu_off", None).unwrap();
     for v in &d.vcpus {
         let gs = v.gs_base;
@@ -157,15 +217,31 @@ fn check_paging(d: &Dump, k: &Kernel) {
     // vmalloc: the kernel stack of PID 1 (init_task.tasks.next), VMAP_STACK.
     let off = task_offsets(d.version);
     let comm = |t: u64| k.read_cstr(&mem, t + off.comm, 16).unwrap_or_default();
-    assert_eq!(comm(init_task), "swapper/0", "init_task.comm (test offsets from KERNEL-FACTS)");
+    assert_eq!(
+        comm(init_task),
+        "swapper/0",
+        "init_task.comm (test offsets from KERNEL-FACTS)"
+    );
     let next = k.read_u64_virt(&mem, init_task + off.tasks).unwrap();
     let task1 = next - off.tasks;
-    assert_eq!(k.read_u32_virt(&mem, task1 + off.pid).unwrap(), 1, "pid of the first task");
-    let ps1 = d.ps.lines().find(|l| l.split_whitespace().next() == Some("1")).expect("PID 1 in ps");
+    assert_eq!(
+        k.read_u32_virt(&mem, task1 + off.pid).unwrap(),
+        1,
+        "pid of the first task"
+    );
+    let ps1 =
+        d.ps.lines()
+            .find(|l| l.split_whitespace().next() == Some("1"))
+            .expect("PID 1 in ps");
     assert_eq!(Some(comm(task1).as_str()), ps1.split_whitespace().nth(1));
     let stack = k.read_u64_virt(&mem, task1 + 0x20).unwrap();
-    let vmalloc_base = k.read_u64_virt(&mem, k.lookup("vmalloc_base", None).unwrap()).unwrap();
-    assert!(stack >= vmalloc_base && stack - vmalloc_base < 1 << 45, "stack {stack:#x} in vmalloc");
+    let vmalloc_base = k
+        .read_u64_virt(&mem, k.lookup("vmalloc_base", None).unwrap())
+        .unwrap();
+    assert!(
+        stack >= vmalloc_base && stack - vmalloc_base < 1 << 45,
+        "stack {stack:#x} in vmalloc"
+    );
     let w = k.walk(&mem, stack).unwrap();
     assert_eq!(w.page_size, 0x1000);
     assert!(w.writable && w.nx);
@@ -203,7 +279,11 @@ fn check_symbolize(d: &Dump, k: &Kernel) {
         assert!(ok, "{}: frame {text:?} does not symbolize back", d.version);
         frames += 1;
     }
-    assert!(frames > 50, "{}: only {frames} frames in stacks.txt", d.version);
+    assert!(
+        frames > 50,
+        "{}: only {frames} frames in stacks.txt",
+        d.version
+    );
     // Nothing inside a function symbolizes to its __pfx_ padding symbol.
     if d.version == "6.12" {
         let f = k.lookup("cmdline_proc_show", None).unwrap();
@@ -229,18 +309,40 @@ fn check_lookup(d: &Dump, k: &Kernel) {
         } else {
             dups += 1;
             let count = addrs.len() as u32;
-            assert_eq!(k.lookup(name, None), Err(SymbolError::Ambiguous { name: name.to_string(), count }));
+            assert_eq!(
+                k.lookup(name, None),
+                Err(SymbolError::Ambiguous {
+                    name: name.to_string(),
+                    count
+                })
+            );
             for (i, a) in addrs.iter().enumerate() {
-                assert_eq!(k.lookup(name, Some(i as u32 + 1)), Ok(*a), "{name} sympos {}", i + 1);
+                assert_eq!(
+                    k.lookup(name, Some(i as u32 + 1)),
+                    Ok(*a),
+                    "{name} sympos {}",
+                    i + 1
+                );
             }
             assert_eq!(
                 k.lookup(name, Some(count + 1)),
-                Err(SymbolError::NoSuchPos { name: name.to_string(), sympos: count + 1, count })
+                Err(SymbolError::NoSuchPos {
+                    name: name.to_string(),
+                    sympos: count + 1,
+                    count
+                })
             );
         }
     }
-    assert!(dups > 100, "{}: expected many duplicate static names, saw {dups}", d.version);
-    assert!(matches!(k.lookup("no_such_symbol_hvpatch", None), Err(SymbolError::Unknown { .. })));
+    assert!(
+        dups > 100,
+        "{}: expected many duplicate static names, saw {dups}",
+        d.version
+    );
+    assert!(matches!(
+        k.lookup("no_such_symbol_hvpatch", None),
+        Err(SymbolError::Unknown { .. })
+    ));
 }
 
 fn check_all(d: &Dump) {
@@ -286,8 +388,9 @@ fn planted_fake_kallsyms_is_rejected() {
     assert_eq!(cands, vec![fake_tt, l.token_table_pa]);
     let fake = kallsyms::decode_at(&mem, fake_tt).expect("the fake decodes");
     assert_eq!(fake.layout.relative_base, fake_text);
-    let err = introspect::slide::compute(&mem, k.page_root(), &fake.layout, &fake.symbols, &d.vcpus)
-        .expect_err("fake table must fail the slide checks");
+    let err =
+        introspect::slide::compute(&mem, k.page_root(), &fake.layout, &fake.symbols, &d.vcpus)
+            .expect_err("fake table must fail the slide checks");
     eprintln!("fake rejected: {err}");
     let k2 = Kernel::open(&mem, &d.vcpus).unwrap();
     assert_eq!(k2.info().text, l.relative_base);

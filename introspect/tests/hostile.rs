@@ -37,12 +37,22 @@ fn window(d: &Dump) -> Window {
     let l = k.layout;
     let n = u64::from(l.num_syms);
     let lo = l.start_pa() - 0x1000;
-    let hi = [l.token_index_pa + 512, l.offsets_pa + 4 * n, l.relative_base_pa + 8, l.seqs_of_names_pa.unwrap() + 3 * n]
-        .into_iter()
-        .max()
-        .unwrap()
+    let hi = [
+        l.token_index_pa + 512,
+        l.offsets_pa + 4 * n,
+        l.relative_base_pa + 8,
+        l.seqs_of_names_pa.unwrap() + 3 * n,
+    ]
+    .into_iter()
+    .max()
+    .unwrap()
         + 0x1000;
-    Window { bytes: d.ram[lo as usize..hi as usize].to_vec(), base: lo, tt_off: (tt - lo) as usize, layout: l }
+    Window {
+        bytes: d.ram[lo as usize..hi as usize].to_vec(),
+        base: lo,
+        tt_off: (tt - lo) as usize,
+        layout: l,
+    }
 }
 
 struct Rng(u64);
@@ -84,7 +94,10 @@ fn real_window_parses() {
 
 #[test]
 fn random_byte_flips() {
-    for (seed, d) in [(0x9e37_79b9_7f4a_7c15u64, common::dump_6_1()), (0xdead_beef_1234_5678, common::dump_6_12())] {
+    for (seed, d) in [
+        (0x9e37_79b9_7f4a_7c15u64, common::dump_6_1()),
+        (0xdead_beef_1234_5678, common::dump_6_12()),
+    ] {
         let w = window(d);
         let mut rng = Rng(seed);
         // Structural hot spots get most flips: num_syms, markers, token table/index, offsets,
@@ -111,7 +124,11 @@ fn random_byte_flips() {
             }
             let t = Instant::now();
             let r = w.parse(&b);
-            assert!(t.elapsed() < Duration::from_secs(10), "parse took {:?}", t.elapsed());
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "parse took {:?}",
+                t.elapsed()
+            );
             exercise(&r);
             if r.is_ok() {
                 ok += 1
@@ -119,8 +136,14 @@ fn random_byte_flips() {
                 err += 1
             }
         }
-        eprintln!("{}: 40 corrupted tables: {ok} still decoded, {err} rejected", d.version);
-        assert!(err > 0, "corruption of structural fields must be detected sometimes");
+        eprintln!(
+            "{}: 40 corrupted tables: {ok} still decoded, {err} rejected",
+            d.version
+        );
+        assert!(
+            err > 0,
+            "corruption of structural fields must be detected sometimes"
+        );
     }
 }
 
@@ -138,9 +161,15 @@ fn truncated_tables() {
                 "truncated at {cut:#x} of {:#x} still decoded",
                 w.bytes.len()
             ),
-            Err(_) => assert!(cut <= w.off(w.layout.seqs_of_names_pa.unwrap()) + 3 * w.layout.num_syms as usize),
+            Err(_) => assert!(
+                cut <= w.off(w.layout.seqs_of_names_pa.unwrap()) + 3 * w.layout.num_syms as usize
+            ),
         }
-        let r = kallsyms::parse(&w.bytes[cut..], w.base + cut as u64, w.tt_off.saturating_sub(cut));
+        let r = kallsyms::parse(
+            &w.bytes[cut..],
+            w.base + cut as u64,
+            w.tt_off.saturating_sub(cut),
+        );
         exercise(&r);
         assert!(r.is_err());
     }
@@ -156,7 +185,13 @@ fn huge_num_syms_bad_markers_bad_token_index() {
     for d in [common::dump_6_1(), common::dump_6_12()] {
         let w = window(d);
         let n_off = w.off(w.layout.num_syms_pa);
-        for n in [u32::MAX, 0x00ff_ffff, w.layout.num_syms + 1, w.layout.num_syms - 1, 0] {
+        for n in [
+            u32::MAX,
+            0x00ff_ffff,
+            w.layout.num_syms + 1,
+            w.layout.num_syms - 1,
+            0,
+        ] {
             let mut b = w.bytes.clone();
             b[n_off..n_off + 4].copy_from_slice(&n.to_le_bytes());
             let t = Instant::now();
@@ -194,7 +229,10 @@ fn huge_num_syms_bad_markers_bad_token_index() {
         let (x, y) = (b[o..o + 4].to_vec(), b[o + 400..o + 404].to_vec());
         b[o..o + 4].copy_from_slice(&y);
         b[o + 400..o + 404].copy_from_slice(&x);
-        assert!(matches!(w.parse(&b), Err(KallsymsError::Inconsistent { .. })));
+        assert!(matches!(
+            w.parse(&b),
+            Err(KallsymsError::Inconsistent { .. })
+        ));
         // relative_base not a kernel pointer: no table order fits.
         let mut b = w.bytes.clone();
         let rb = w.off(w.layout.relative_base_pa);
@@ -237,7 +275,7 @@ fn garbage_ram_and_planted_digit_runs() {
     let c = kallsyms::scan_token_tables(&mem);
     assert!(c.len() <= kallsyms::MAX_CANDIDATES);
     assert!(t.elapsed() < Duration::from_secs(20));
-    assert!(matches!(kallsyms::find(&mem), Err(_)));
+    assert!(kallsyms::find(&mem).is_err());
     let r = Kernel::open(&mem, &[long_mode_vcpu(0x1000, false)]);
     assert!(r.is_err());
     // All-zero RAM: no token table.
@@ -248,8 +286,14 @@ fn garbage_ram_and_planted_digit_runs() {
         Err(KernelError::Kallsyms(KallsymsError::NoTokenTable))
     ));
     // No vCPU in long mode.
-    assert!(matches!(Kernel::open(&mem, &[VcpuRegs::default()]), Err(KernelError::NoLongModeVcpu)));
-    assert!(matches!(Kernel::open(&mem, &[]), Err(KernelError::NoLongModeVcpu)));
+    assert!(matches!(
+        Kernel::open(&mem, &[VcpuRegs::default()]),
+        Err(KernelError::NoLongModeVcpu)
+    ));
+    assert!(matches!(
+        Kernel::open(&mem, &[]),
+        Err(KernelError::NoLongModeVcpu)
+    ));
 }
 
 /// Real snapshot with its top-level kernel entry made to point at the PGD itself (a loop), then
@@ -265,7 +309,9 @@ fn looping_and_out_of_ram_page_tables() {
     let slots: Vec<u64> = d
         .vcpus
         .iter()
-        .map(|v| PageRoot::from_regs(v).pgd_pa + 8 * paging::table_index(k.text(), root.levels) as u64)
+        .map(|v| {
+            PageRoot::from_regs(v).pgd_pa + 8 * paging::table_index(k.text(), root.levels) as u64
+        })
         .collect();
     let slot = slots[0];
     let orig = u64::from_le_bytes(d.ram[slot as usize..slot as usize + 8].try_into().unwrap());
@@ -276,20 +322,30 @@ fn looping_and_out_of_ram_page_tables() {
         }
         let mem = SliceMemory::flat(&ram);
         let t = Instant::now();
-        assert!(paging::translate(&mem, root, k.text()).is_err(), "entry {bad:#x}");
+        assert!(
+            paging::translate(&mem, root, k.text()).is_err(),
+            "entry {bad:#x}"
+        );
         let mut b = [0u8; 64];
         assert!(paging::read_virt(&mem, root, k.text(), &mut b).is_err());
-        let ranges = paging::mapped_ranges(&mem, root, 0xffff_ffff_8000_0000, 0xffff_ffff_c000_0000);
+        let ranges =
+            paging::mapped_ranges(&mem, root, 0xffff_ffff_8000_0000, 0xffff_ffff_c000_0000);
         assert!(ranges.iter().all(|m| m.pa + m.len <= ram.len() as u64));
         let r = Kernel::open(&mem, &d.vcpus);
-        assert!(r.is_err(), "entry {bad:#x}: kernel accepted without its mapping");
+        assert!(
+            r.is_err(),
+            "entry {bad:#x}: kernel accepted without its mapping"
+        );
         assert!(t.elapsed() < Duration::from_secs(30));
     }
     // Garbage page tables: random roots into the snapshot never panic.
     let mem = SliceMemory::flat(&d.ram);
     let mut rng = Rng(77);
     for _ in 0..2000 {
-        let root = PageRoot { pgd_pa: (rng.next() % (d.ram.len() as u64)) & !0xfff, levels: 4 + (rng.below(2) as u8) };
+        let root = PageRoot {
+            pgd_pa: (rng.next() % (d.ram.len() as u64)) & !0xfff,
+            levels: 4 + (rng.below(2) as u8),
+        };
         let va = rng.next();
         let _ = paging::walk(&mem, root, va);
         let _ = paging::walk_or_hole(&mem, root, va | 0xffff_0000_0000_0000);
@@ -303,10 +359,18 @@ fn kernel_image_mapping() {
     let d = common::dump_6_1();
     let mem = SliceMemory::flat(&d.ram);
     let k = Kernel::open(&mem, &d.vcpus).unwrap();
-    let ranges = paging::mapped_ranges(&mem, k.page_root(), 0xffff_ffff_8000_0000, 0xffff_ffff_c000_0000);
+    let ranges = paging::mapped_ranges(
+        &mem,
+        k.page_root(),
+        0xffff_ffff_8000_0000,
+        0xffff_ffff_c000_0000,
+    );
     let total: u64 = ranges.iter().map(|m| m.len).sum();
     let text_pa = k.info().text_pa;
-    assert!(ranges.iter().any(|m| m.va == k.text() && m.pa == text_pa), "{ranges:x?}");
+    assert!(
+        ranges.iter().any(|m| m.va == k.text() && m.pa == text_pa),
+        "{ranges:x?}"
+    );
     assert!(total < 256 << 20, "image mapping is {total:#x} bytes");
     let tt = k.info().kallsyms.token_table_pa;
     assert!(ranges.iter().any(|m| tt >= m.pa && tt < m.pa + m.len));

@@ -28,9 +28,12 @@ pub fn parse_hmp_registers(text: &str) -> Vec<VcpuRegs> {
             };
             let next = toks.get(i + 1).copied().unwrap_or("");
             let gpr = |name: &str| {
-                ["RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"]
-                    .iter()
-                    .position(|g| *g == name)
+                [
+                    "RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10",
+                    "R11", "R12", "R13", "R14", "R15",
+                ]
+                .iter()
+                .position(|g| *g == name)
             };
             if let Some(g) = gpr(key) {
                 r.gprs[g] = hex(val).unwrap_or(0);

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hmp;
+pub mod synth;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -29,7 +30,8 @@ pub struct Dump {
 }
 
 fn dir(version: &str) -> PathBuf {
-    PathBuf::from(std::env::var("HVPATCH_DUMPS").unwrap_or_else(|_| "/tmp/hvpatch-dumps".into())).join(version)
+    PathBuf::from(std::env::var("HVPATCH_DUMPS").unwrap_or_else(|_| "/tmp/hvpatch-dumps".into()))
+        .join(version)
 }
 
 fn read(version: &str, file: &str) -> Vec<u8> {
@@ -45,7 +47,11 @@ fn read(version: &str, file: &str) -> Vec<u8> {
 fn load(version: &'static str) -> Dump {
     let text = |f| String::from_utf8_lossy(&read(version, f)).into_owned();
     let vcpus = hmp::parse_hmp_registers(&text("regs.txt"));
-    assert!(!vcpus.is_empty(), "no CPU# blocks in {}/regs.txt", dir(version).display());
+    assert!(
+        !vcpus.is_empty(),
+        "no CPU# blocks in {}/regs.txt",
+        dir(version).display()
+    );
     Dump {
         version,
         ram: read(version, "ram.bin"),
