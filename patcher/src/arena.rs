@@ -419,14 +419,24 @@ impl Arena {
         const SLOT: u64 = 0x20_0000;
         let end = one(syms, "_end")?;
         let text = syms.addresses("_text").first().copied().unwrap_or(end);
-        let after = (end.saturating_add(SLOT - 1) & !(SLOT - 1)).max(KERNEL_MAP);
-        let mut candidates: Vec<u64> = (0..512u64).map(|i| after.wrapping_add(i * SLOT)).collect();
-        candidates.retain(|&v| v >= after && v < KERNEL_MAP_END);
+        // Region searched: the Linux kernel image region, or for other guests the 1 GiB
+        // (one page directory) holding `_end`.
+        let (lo, hi) = if (KERNEL_MAP..KERNEL_MAP_END).contains(&end) {
+            (KERNEL_MAP, KERNEL_MAP_END)
+        } else {
+            let lo = end & !(0x4000_0000 - 1);
+            (lo, lo.saturating_add(0x4000_0000))
+        };
+        let after = end.saturating_add(SLOT - 1) & !(SLOT - 1);
+        let mut candidates: Vec<u64> = (0..512u64)
+            .map(|i| after.wrapping_add(i * SLOT))
+            .filter(|&v| v >= after && v >= lo && v < hi)
+            .collect();
         let below = text & !(SLOT - 1);
         candidates.extend(
             (1..512u64)
                 .map(|i| below.wrapping_sub(i * SLOT))
-                .filter(|&v| (KERNEL_MAP..below).contains(&v)),
+                .filter(|&v| (lo..below).contains(&v)),
         );
         let table = self.find_run(1, PageKind::Table)?;
         for va in candidates {

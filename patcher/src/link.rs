@@ -249,6 +249,14 @@ pub fn link(
                 return Err(LinkError::Malformed("non-ELF relocation".into()));
             };
             let (sym_value, symbol, got_slot) = match rel.target() {
+                RelocationTarget::Symbol(si)
+                    if elf
+                        .symbol_by_index(si)
+                        .is_ok_and(|s| s.is_undefined() && s.name() == Ok(RETURN_THUNK)) =>
+                {
+                    // Handled below through `Resolver::return_thunk`, never resolved by name.
+                    (0, RETURN_THUNK.to_string(), lay.got.get(&si.0).copied())
+                }
                 RelocationTarget::Symbol(si) => {
                     let (a, n) = sym_addr(si).map_err(|e| match e {
                         LinkError::BadRelocation { symbol, what, .. } => LinkError::BadRelocation {
@@ -314,6 +322,15 @@ pub fn link(
                 symbol: symbol.clone(),
                 value,
             };
+            if symbol == RETURN_THUNK && !matches!(r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32)
+            {
+                return Err(LinkError::BadRelocation {
+                    section: sname,
+                    offset: off,
+                    symbol,
+                    what: "only jmp/jcc/call to __x86_return_thunk are supported".into(),
+                });
+            }
             let s_plus_a = i128::from(sym_value) + i128::from(a);
             match r_type {
                 elf::R_X86_64_NONE => {}

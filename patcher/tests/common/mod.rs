@@ -47,6 +47,8 @@ pub struct SnapGuest {
     pub fail_write_at: Option<usize>,
     /// Pause count.
     pub pauses: usize,
+    /// Host arena to report (`None`: like QEMU attach).
+    pub arena: Option<(u64, u64)>,
 }
 
 impl GuestControl for SnapGuest {
@@ -97,6 +99,9 @@ impl GuestControl for SnapGuest {
     }
     fn wait_event(&mut self, _timeout: Duration) -> Result<Option<GuestEvent>, GuestError> {
         Ok(None)
+    }
+    fn patch_arena(&self) -> Option<(u64, u64)> {
+        self.arena
     }
 }
 
@@ -194,6 +199,7 @@ impl Snapshot {
             writes: 0,
             fail_write_at: None,
             pauses: 0,
+            arena: None,
         }
     }
 }
@@ -235,5 +241,18 @@ impl SnapGuest {
     /// Whether the guest is paused.
     pub fn is_paused_for_test(&self) -> bool {
         self.paused
+    }
+}
+
+/// A `SnapGuest` with no memory and no vCPUs (fill in the fields).
+pub fn snap_guest_default() -> SnapGuest {
+    SnapGuest {
+        ram: Ram(Vec::new()),
+        vcpus: Vec::new(),
+        paused: false,
+        writes: 0,
+        fail_write_at: None,
+        pauses: 0,
+        arena: None,
     }
 }
