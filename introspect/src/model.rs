@@ -74,20 +74,32 @@ pub enum ModelError {
 
 /// Offsets (bytes) into `struct task_struct` and friends, all from BTF.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)]
 pub struct TaskLayout {
+    /// sizeof(struct task_struct).
     pub size: u64,
+    /// `__state` (u32).
     pub state: u64,
+    /// `flags` (PF_*).
     pub flags: u64,
+    /// `on_cpu`.
     pub on_cpu: u64,
+    /// `thread_info.cpu`.
     pub cpu: u64,
+    /// `stack` (base of the kernel stack).
     pub stack: u64,
+    /// `tasks` (list_head on `init_task.tasks`).
     pub tasks: u64,
+    /// `pid`.
     pub pid: u64,
+    /// `tgid`.
     pub tgid: u64,
+    /// `comm`.
     pub comm: u64,
+    /// Size of `comm` (capped at 64).
     pub comm_len: u64,
+    /// `exit_state`.
     pub exit_state: u64,
+    /// `signal` (struct signal_struct *).
     pub signal: u64,
     /// `thread_node` (linked on `signal->thread_head`), if present.
     pub thread_node: Option<u64>,
@@ -95,30 +107,44 @@ pub struct TaskLayout {
     pub signal_thread_head: Option<u64>,
     /// `thread_group` (older kernels), if present.
     pub thread_group: Option<u64>,
+    /// `thread.sp`.
     pub thread_sp: u64,
+    /// `patch_state` (CONFIG_LIVEPATCH).
     pub patch_state: Option<u64>,
+    /// `mm`.
     pub mm: u64,
+    /// `active_mm`.
     pub active_mm: u64,
     /// `mm_struct.pgd`.
     pub mm_pgd: u64,
     /// sizeof(struct inactive_task_frame).
     pub frame_size: u64,
+    /// `inactive_task_frame.bp`.
     pub frame_bp: u64,
+    /// `inactive_task_frame.ret_addr`.
     pub frame_ret_addr: u64,
 }
 
 /// Where the per-CPU variables live (per-cpu offsets, added to a CPU's base).
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)]
 pub struct PercpuLayout {
+    /// `this_cpu_off` (holds the CPU's own base).
     pub this_cpu_off: u64,
+    /// `current_task` (6.1) or `pcpu_hot.current_task` (6.12).
     pub current_task: u64,
+    /// `cpu_number` or `pcpu_hot.cpu_number`.
     pub cpu_number: Option<u64>,
+    /// `hardirq_stack_ptr` or `pcpu_hot.hardirq_stack_ptr`.
     pub hardirq_stack_ptr: Option<u64>,
+    /// `cea_exception_stacks` (pointer to this CPU's exception stacks).
     pub cea_exception_stacks: Option<u64>,
+    /// sizeof(struct cea_exception_stacks), 0 if unknown.
     pub cea_exception_stacks_size: u64,
+    /// `runqueues` (struct rq).
     pub runqueues: Option<u64>,
+    /// `rq.idle`.
     pub rq_idle: Option<u64>,
+    /// `rq.curr`.
     pub rq_curr: Option<u64>,
     /// `__per_cpu_offset` array (kernel VA).
     pub per_cpu_offset: u64,

@@ -158,6 +158,26 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
     })
 }
 
+/// The stacks an unwind of vCPU `vcpu` may read: the task stack of its `current`, its CPU's
+/// hardirq stack (`[hardirq_stack_ptr + 8 - 16K, hardirq_stack_ptr + 8)`) and exception stacks
+/// (`*cea_exception_stacks`, BTF size). The entry trampoline stack is not included.
+pub fn vcpu_stack_ranges(
+    g: &dyn GuestAccess,
+    m: &Model,
+    vcpus: &[VcpuRegs],
+    vcpu: usize,
+) -> Vec<StackRange> {
+    let cpus = vcpu_cpus(g, m, vcpus);
+    let vc = cpus.get(vcpu).copied();
+    let base = vc
+        .and_then(|c| c.percpu_base)
+        .or_else(|| vc.and_then(|c| c.cpu).and_then(|c| cpu_base(g, m, c)));
+    let task = vc
+        .and_then(|c| c.current)
+        .and_then(|t| crate::tasks::read_task(g, m, t, &cpus).ok());
+    vcpu_stacks(g, m, base, task.as_ref())
+}
+
 /// Stacks a running vCPU may be on: its task stack, IRQ stack and exception stacks.
 fn vcpu_stacks(
     g: &dyn GuestAccess,
@@ -228,15 +248,7 @@ pub fn vcpu_stack(
             kind: StackKind::User,
         });
     }
-    let cpus = vcpu_cpus(g, m, vcpus);
-    let vc = cpus.get(vcpu).copied();
-    let base = vc
-        .and_then(|c| c.percpu_base)
-        .or_else(|| vc.and_then(|c| c.cpu).and_then(|c| cpu_base(g, m, c)));
-    let task = vc
-        .and_then(|c| c.current)
-        .and_then(|t| crate::tasks::read_task(g, m, t, &cpus).ok());
-    let stacks = vcpu_stacks(g, m, base, task.as_ref());
+    let stacks = vcpu_stack_ranges(g, m, vcpus, vcpu);
     let start = UnwindStart {
         ip: r.rip,
         sp: r.rsp(),

@@ -98,7 +98,7 @@ fn garbage_orc_entries() {
     for round in 0..60 {
         let mut e = ents.clone();
         for &i in &hot {
-            if rng.next() % 2 == 0 {
+            if rng.next() & 1 == 0 {
                 for b in &mut e[i * 6..i * 6 + 6] {
                     *b = rng.next() as u8;
                 }

@@ -161,3 +161,51 @@ fn running_and_user_vcpus_6_12() {
 fn running_and_user_vcpus_6_1() {
     running_and_user("6.1");
 }
+
+/// Each vCPU may read its task stack, its IRQ stack and its exception stacks; all mapped.
+fn stack_ranges(ver: &'static str) {
+    use introspect::unwind::StackType;
+    let s = load(ver);
+    let g = introspect::model::KernelGuest {
+        kernel: &s.kernel,
+        mem: &s.mem,
+    };
+    let m = s.kernel.model(&s.mem).unwrap();
+    let mut irqs = Vec::new();
+    for v in 0..s.regs.len() {
+        let r = introspect::stack::vcpu_stack_ranges(&g, m, &s.regs, v);
+        let types: Vec<StackType> = r.iter().map(|x| x.ty).collect();
+        assert_eq!(
+            types,
+            vec![StackType::Task, StackType::Irq, StackType::Exception],
+            "{ver}"
+        );
+        assert!(
+            r[0].start <= s.regs[v].rsp() && s.regs[v].rsp() < r[0].end,
+            "{ver}: rsp on task stack"
+        );
+        assert_eq!(r[1].end - r[1].start, 0x4000);
+        // The IRQ stack's top slot and the whole stack are mapped.
+        assert!(
+            g.read_u64(r[1].end - 8).is_ok() && g.read_u64(r[1].start).is_ok(),
+            "{ver}"
+        );
+        assert!(
+            r[2].end - r[2].start >= 0x4000,
+            "{ver}: exception stacks {:x?}",
+            r[2]
+        );
+        irqs.push(r[1]);
+    }
+    assert_ne!(irqs[0], irqs[1]);
+}
+
+#[test]
+fn vcpu_stack_ranges_6_12() {
+    stack_ranges("6.12");
+}
+
+#[test]
+fn vcpu_stack_ranges_6_1() {
+    stack_ranges("6.1");
+}
