@@ -728,3 +728,74 @@ pub fn compare_with_proc(symbols: &Symbols, proc_text: &str) -> Result<ProcCompa
     }
     Ok(cmp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symbols::RawSymbol;
+
+    fn table() -> Symbols {
+        let mut names = String::new();
+        let mut syms = Vec::new();
+        for (n, k, a) in [
+            ("fixed_percpu_data", b'A', 0u64),
+            ("_text", b'T', 0xffff_ffff_8100_0000),
+        ] {
+            syms.push(RawSymbol {
+                addr: a,
+                name_start: names.len() as u32,
+                name_len: n.len() as u32,
+                kind: k,
+            });
+            names.push_str(n);
+        }
+        Symbols::from_parts(names, syms, None)
+    }
+
+    #[test]
+    fn compare_with_proc_core_and_tagged_lines() {
+        let s = table();
+        let core = "0000000000000000 A fixed_percpu_data\nffffffff81000000 T _text\n";
+        assert_eq!(
+            compare_with_proc(&s, core),
+            Ok(ProcComparison {
+                core: 2,
+                extra: vec![]
+            })
+        );
+        let more = format!(
+            "{core}ffffffffc0001000 t foo\t[virtio_net]\nffffffffc0002000 T bar\t[virtio_net]\n\
+             ffffffffc0003000 t bpf_prog_6deef7357e7b4530\t[bpf]\nffffffffc0004000 t ftrace_trampoline\t[__builtin__ftrace]\n"
+        );
+        let c = compare_with_proc(&s, &more).unwrap();
+        assert_eq!(c.core, 2);
+        assert_eq!(
+            c.extra,
+            vec![
+                ("virtio_net".into(), 2),
+                ("bpf".into(), 1),
+                ("__builtin__ftrace".into(), 1)
+            ]
+        );
+        // Wrong address, wrong type, missing line, untagged extra line.
+        let e = compare_with_proc(
+            &s,
+            "0000000000000000 A fixed_percpu_data\nffffffff81000001 T _text\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(compare_with_proc(&s, "0000000000000000 a fixed_percpu_data\n").is_err());
+        assert_eq!(
+            compare_with_proc(&s, "0000000000000000 A fixed_percpu_data\n")
+                .unwrap_err()
+                .line,
+            2
+        );
+        assert_eq!(
+            compare_with_proc(&s, &format!("{core}ffffffff81000010 T stray\n"))
+                .unwrap_err()
+                .line,
+            3
+        );
+    }
+}

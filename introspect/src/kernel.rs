@@ -254,6 +254,27 @@ impl Kernel {
         paging::walk(mem, self.root, va)
     }
 
+    /// The page walk of `va`, or where it stops at a non-present entry (for linking new
+    /// page-table entries: each [`paging::WalkEntry`] has its guest-physical `entry_pa`).
+    pub fn walk_or_hole(
+        &self,
+        mem: &dyn PhysMemory,
+        va: u64,
+    ) -> Result<paging::WalkOutcome, PagingError> {
+        paging::walk_or_hole(mem, self.root, va)
+    }
+
+    /// Mapped parts of `[va_start, va_end)` (e.g. the kernel-image window, to find a free 2 MiB
+    /// slot after `_end`).
+    pub fn mapped_ranges(
+        &self,
+        mem: &dyn PhysMemory,
+        va_start: u64,
+        va_end: u64,
+    ) -> Vec<paging::Mapping> {
+        paging::mapped_ranges(mem, self.root, va_start, va_end)
+    }
+
     /// Reads kernel virtual memory (may cross pages).
     pub fn read_virt(
         &self,

@@ -535,6 +535,78 @@ mod tests {
     }
 
     #[test]
+    fn five_level_and_1g_pages() {
+        // PML5 0x1000 -> PML4 0x2000 -> PDPT 0x3000 with a 1 GiB leaf at pa 0x4000_0000.
+        let va: u64 = 0xff11_0000_4000_0000 | 0x12345;
+        let mut m = vec![0u8; 0x10000];
+        put(
+            &mut m,
+            0x1000 + 8 * table_index(va, 5) as u64,
+            0x2000 | 0x63,
+        );
+        put(
+            &mut m,
+            0x2000 + 8 * table_index(va, 4) as u64,
+            0x3000 | 0x63,
+        );
+        put(
+            &mut m,
+            0x3000 + 8 * table_index(va, 3) as u64,
+            0x4000_0000 | 0xe3 | PTE_NX,
+        );
+        let big = vec![0u8; 0x10];
+        let mem = SliceMemory::new(vec![
+            crate::memory::SliceRegion { gpa: 0, bytes: &m },
+            crate::memory::SliceRegion {
+                gpa: 0x4001_2340,
+                bytes: &big,
+            },
+        ]);
+        let root = PageRoot {
+            pgd_pa: 0x1000,
+            levels: 5,
+        };
+        let w = walk(&mem, root, va).unwrap();
+        assert_eq!(
+            (w.pa, w.page_size, w.nx, w.writable),
+            (0x4001_2345, PAGE_1G, true, true)
+        );
+        assert_eq!(
+            w.entries.iter().map(|e| e.level).collect::<Vec<_>>(),
+            vec![5, 4, 3]
+        );
+        assert_eq!(
+            w.entries[2].entry_pa,
+            0x3000 + 8 * table_index(va, 3) as u64
+        );
+        // The same VA is not canonical with 4 levels.
+        let root4 = PageRoot {
+            pgd_pa: 0x1000,
+            levels: 4,
+        };
+        assert!(matches!(
+            walk(&mem, root4, va),
+            Err(PagingError::NonCanonical { .. })
+        ));
+        // 1 GiB leaf whose target is outside RAM.
+        assert!(matches!(
+            walk(&mem, root, va + 0x10_0000),
+            Err(PagingError::OutsideRam { level: 3, .. })
+        ));
+        // mapped_ranges reports the RAM-backed mapping from `va` to the end of the 1 GiB page.
+        let ranges = mapped_ranges(&mem, root, va, va + 2 * PAGE_1G);
+        let len = PAGE_1G - (va & (PAGE_1G - 1));
+        assert_eq!(
+            ranges,
+            vec![Mapping {
+                va,
+                pa: 0x4001_2345,
+                len
+            }]
+        );
+    }
+
+    #[test]
     fn canonical() {
         assert!(is_canonical(0xffff_8000_0000_0000, 4));
         assert!(!is_canonical(0xff11_0000_0000_0000, 4));

@@ -114,6 +114,21 @@ fn check_slide(d: &Dump, k: &Kernel) {
         }
         other => panic!("wrong LSTAR accepted: {other:?}"),
     }
+    // vCPUs caught in user mode under PTI hold the user PGD (bit 12) and a user PCID (bit 11
+    // + ASID): the kernel root is still found. A vCPU with a garbage CR3 is skipped.
+    let mut vcpus = d.vcpus.clone();
+    vcpus[0].cr3 |= 0x1000 | 0x800 | 0x3;
+    let garbage = introspect::VcpuRegs {
+        cr3: 0x7ff_f000,
+        ..d.vcpus[0]
+    };
+    vcpus.insert(0, garbage);
+    let k4 = Kernel::open(&mem, &vcpus).expect("open with user CR3 + garbage CR3");
+    assert_eq!(k4.info().text, info.text);
+    assert_eq!(
+        k4.page_root().pgd_pa,
+        d.vcpus[0].cr3 & 0x000f_ffff_ffff_e000
+    );
     // Without IDTR, the fixed cpu_entry_area IDT alias is used.
     let mut vcpus = d.vcpus.clone();
     for v in &mut vcpus {
