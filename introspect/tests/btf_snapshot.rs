@@ -157,3 +157,55 @@ fn btf_6_12_matches_facts() {
     // pt_regs.cs lives in an anonymous union in 6.12 (FRED); the walk into it must work.
     assert_eq!(btf.member("pt_regs", "cs").unwrap().size, 2);
 }
+
+/// Random mutations and truncations of the real 6.1 BTF blob: parse and queries return
+/// errors or values, never panic or hang.
+#[test]
+fn btf_real_blob_mutations() {
+    use introspect::btf::Btf;
+    let s = load("6.1");
+    let g = introspect::model::KernelGuest {
+        kernel: &s.kernel,
+        mem: &s.mem,
+    };
+    use introspect::model::GuestAccess;
+    let (a, b) = (
+        g.symbol("__start_BTF").unwrap(),
+        g.symbol("__stop_BTF").unwrap(),
+    );
+    let mut blob = vec![0u8; (b - a) as usize];
+    g.read_virt(a, &mut blob).unwrap();
+    let mut rng = Rng(0x0b7f);
+    let mut parsed = 0;
+    for i in 0..150 {
+        let mut d = blob.clone();
+        match i % 3 {
+            // Header fields (lengths/offsets) get random values.
+            0 => {
+                let at = 4 + 4 * (rng.next() % 5) as usize;
+                d[at..at + 4].copy_from_slice(&(rng.next() as u32).to_le_bytes());
+            }
+            // Random bytes anywhere in the first part of the type section.
+            1 => {
+                for _ in 0..64 {
+                    let at = 24 + (rng.next() % 200_000) as usize;
+                    d[at] = rng.next() as u8;
+                }
+            }
+            _ => d.truncate((rng.next() % blob.len() as u64) as usize),
+        }
+        if let Ok(b) = Btf::parse(d) {
+            parsed += 1;
+            for (st, m) in [
+                ("task_struct", "pid"),
+                ("task_struct", "thread.sp"),
+                ("pt_regs", "cs"),
+            ] {
+                let _ = b.member(st, m);
+                let _ = b.struct_size(st);
+            }
+            let _ = b.enum_value("MODULE_STATE_UNFORMED");
+        }
+    }
+    assert!(parsed > 0 && parsed < 150, "{parsed}");
+}
