@@ -14,8 +14,8 @@ use crate::unwind::PtRegsLayout;
 const MAX_BTF_BYTES: u64 = 64 << 20;
 /// Largest ORC ip table we copy from the guest (bytes).
 const MAX_ORC_IP_BYTES: u64 = 16 << 20;
-/// x86-64 THREAD_SIZE (and IRQ_STACK_SIZE) without KASAN: 16 KiB. Not in BTF; both supported
-/// configs use it (KERNEL-FACTS §0).
+/// Default x86-64 THREAD_SIZE (= IRQ_STACK_SIZE) without KASAN: 16 KiB, used when the guest's
+/// `init_stack` bounds do not give a plausible size.
 pub const THREAD_SIZE: u64 = 0x4000;
 
 /// What the task walker and unwinder need from the guest.
@@ -179,6 +179,8 @@ pub struct Model {
     pub ret_from_fork: u64,
     /// `do_idle` (start, end) for idle detection.
     pub do_idle: Option<(u64, u64)>,
+    /// THREAD_SIZE (= IRQ_STACK_SIZE): `__end_init_stack`/`__end_init_task` - `init_stack`.
+    pub thread_size: u64,
     /// `struct module` layout (None without module support).
     pub modules: Option<crate::modules::ModuleLayout>,
 }
@@ -259,6 +261,16 @@ impl Model {
         let modules = g
             .symbol("modules")
             .and_then(|h| crate::modules::ModuleLayout::from_btf(&btf, h));
+        let thread_size = g
+            .symbol("init_stack")
+            .and_then(|s| {
+                let e = g
+                    .symbol("__end_init_stack")
+                    .or_else(|| g.symbol("__end_init_task"))?;
+                e.checked_sub(s)
+            })
+            .filter(|&n| n.is_power_of_two() && (0x2000..=0x10000).contains(&n))
+            .unwrap_or(THREAD_SIZE);
         Ok(Model {
             btf,
             task,
@@ -272,6 +284,7 @@ impl Model {
             ret_from_fork,
             do_idle,
             modules,
+            thread_size,
         })
     }
 

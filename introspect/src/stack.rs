@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::model::{GuestAccess, Model, THREAD_SIZE};
+use crate::model::{GuestAccess, Model};
 use crate::modules::LazyModules;
 use crate::regs::VcpuRegs;
 use crate::tasks::{cpu_base, vcpu_cpus, Task};
@@ -146,7 +146,7 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
     };
     let stacks = [StackRange {
         start: task.stack_base,
-        end: task.stack_base.wrapping_add(THREAD_SIZE),
+        end: task.stack_base.wrapping_add(m.thread_size),
         ty: StackType::Task,
     }];
     let w = walk(env(m, &LazyModules::new(g, m)), &stacks, &Reader(g), start);
@@ -159,7 +159,7 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
 }
 
 /// The stacks an unwind of vCPU `vcpu` may read: the task stack of its `current`, its CPU's
-/// hardirq stack (`[hardirq_stack_ptr + 8 - 16K, hardirq_stack_ptr + 8)`) and exception stacks
+/// hardirq stack (`[hardirq_stack_ptr + 8 - THREAD_SIZE, hardirq_stack_ptr + 8)`) and exception stacks
 /// (`*cea_exception_stacks`, BTF size). The entry trampoline stack is not included.
 pub fn vcpu_stack_ranges(
     g: &dyn GuestAccess,
@@ -189,7 +189,7 @@ fn vcpu_stacks(
     if let Some(t) = task.filter(|t| t.stack_base != 0) {
         v.push(StackRange {
             start: t.stack_base,
-            end: t.stack_base.wrapping_add(THREAD_SIZE),
+            end: t.stack_base.wrapping_add(m.thread_size),
             ty: StackType::Task,
         });
     }
@@ -200,9 +200,9 @@ fn vcpu_stacks(
             .and_then(|o| g.read_u64(base.wrapping_add(o)).ok())
         {
             let end = p.wrapping_add(8);
-            if p != 0 && end > THREAD_SIZE {
+            if p != 0 && end > m.thread_size {
                 v.push(StackRange {
-                    start: end - THREAD_SIZE,
+                    start: end - m.thread_size,
                     end,
                     ty: StackType::Irq,
                 });
@@ -353,6 +353,20 @@ impl crate::Kernel {
             vcpus,
             vcpu,
         )
+    }
+
+    /// The stack of `task` wherever it is: its vCPU's registers if it is `current` on a vCPU,
+    /// else its saved `thread.sp`.
+    pub fn stack_of(
+        &self,
+        mem: &dyn crate::PhysMemory,
+        vcpus: &[VcpuRegs],
+        task: &Task,
+    ) -> Result<Stack, StackError> {
+        match task.running_on_vcpu {
+            Some(v) => self.vcpu_stack(mem, vcpus, v),
+            None => self.task_stack(mem, task),
+        }
     }
 
     /// `/proc/PID/stack` rendering of a stack (see [`proc_stack_view`]).

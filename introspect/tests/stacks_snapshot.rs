@@ -185,6 +185,7 @@ fn stack_ranges(ver: &'static str) {
             "{ver}: rsp on task stack"
         );
         assert_eq!(r[1].end - r[1].start, 0x4000);
+        assert_eq!(m.thread_size, 0x4000);
         // The IRQ stack's top slot and the whole stack are mapped.
         assert!(
             g.read_u64(r[1].end - 8).is_ok() && g.read_u64(r[1].start).is_ok(),
