@@ -28,7 +28,13 @@ pub const MAX_NAMES_BYTES: usize = 256 << 20;
 pub const MAX_SYMS: u32 = 1 << 24;
 /// Most token-table candidates examined in one scan (bounds the work a hostile guest can cause
 /// by planting fake tables).
-pub const MAX_CANDIDATES: usize = 64;
+pub const MAX_CANDIDATES: usize = 16;
+/// Most `kallsyms_names` entries stepped over while searching for `num_syms` below one token
+/// table (the real walk needs `num_syms` steps; crafted memory could otherwise make the search
+/// quadratic).
+const WALK_BUDGET: u64 = 4 * MAX_SYMS as u64;
+/// Most digit-run hits validated in one scan.
+pub const MAX_HITS: usize = 1 << 16;
 /// Chunk size of the RAM scan.
 const SCAN_CHUNK: usize = 1 << 20;
 /// Bytes read below / above the token table for the first parse attempt, then the retry.
@@ -306,9 +312,18 @@ fn find_names(
         }
     }
     let mut truncated = true;
+    let mut budget = WALK_BUDGET;
     loop {
-        if let Some(loc) = try_names_at(bytes, base_pa, tt_off, tokens, p, &mut scratch) {
+        if let Some(loc) =
+            try_names_at(bytes, base_pa, tt_off, tokens, p, &mut scratch, &mut budget)
+        {
             return Ok(loc);
+        }
+        if budget == 0 {
+            return Err(KallsymsError::Inconsistent {
+                token_table_pa: base_pa.wrapping_add(tt_off as u64),
+                reason: "search budget for kallsyms_names exhausted (crafted tables?)".into(),
+            });
         }
         match p.checked_sub(8) {
             Some(q) => p = q,
@@ -336,6 +351,7 @@ fn try_names_at(
     tokens: &Tokens<'_>,
     p: usize,
     scratch: &mut [u8; NAME_BUF],
+    budget: &mut u64,
 ) -> Option<NamesLoc> {
     let n = u32_at(bytes, p)?;
     if n == 0 || n >= MAX_SYMS || u32_at(bytes, p + 4)? != 0 {
@@ -357,6 +373,7 @@ fn try_names_at(
     let mut markers = Vec::with_capacity(m);
     let mut off = names_off;
     for i in 0..n {
+        *budget = budget.checked_sub(1)?;
         if i % 256 == 0 {
             markers.push(u32::try_from(off - names_off).ok()?);
         }
@@ -566,6 +583,7 @@ fn scan_ranges(mem: &dyn PhysMemory, ranges: &[(u64, u64)]) -> Vec<u64> {
     let overlap = DIGITS.len() - 1;
     let mut out = Vec::new();
     let mut chunk = vec![0u8; SCAN_CHUNK + overlap];
+    let mut validated = 0usize;
     for &(start, len) in ranges {
         let mut off = 0u64;
         while off < len {
@@ -586,6 +604,16 @@ fn scan_ranges(mem: &dyn PhysMemory, ranges: &[(u64, u64)]) -> Vec<u64> {
                 if hit as u64 + off >= len {
                     break;
                 }
+                if quick_reject(&chunk[..n], hit) {
+                    continue;
+                }
+                validated += 1;
+                if validated > MAX_HITS {
+                    tracing::warn!(
+                        "more than {MAX_HITS} token-table look-alikes in guest RAM; scan stopped"
+                    );
+                    return out;
+                }
                 let hit_pa = start + off + hit as u64;
                 if let Some(tt) = validate_hit(mem, hit_pa) {
                     if !out.contains(&tt) {
@@ -600,6 +628,28 @@ fn scan_ranges(mem: &dyn PhysMemory, ranges: &[(u64, u64)]) -> Vec<u64> {
         }
     }
     out
+}
+
+/// Cheap in-chunk test of a digit-run hit: tokens 0x3a..=0x60 follow, then `"a\0".."z\0"`.
+/// Returns true only when the bytes are available and do not fit.
+fn quick_reject(buf: &[u8], hit: usize) -> bool {
+    const LETTERS: &[u8] =
+        b"a\0b\0c\0d\0e\0f\0g\0h\0i\0j\0k\0l\0m\0n\0o\0p\0q\0r\0s\0t\0u\0v\0w\0x\0y\0z\0";
+    let mut pos = hit + DIGITS.len();
+    for _ in 0x3a..0x61 {
+        let Some(rest) = buf.get(pos..) else {
+            return false;
+        };
+        match memchr::memchr(0, &rest[..rest.len().min(MAX_TOKEN_LEN + 1)]) {
+            Some(0) => return true,
+            Some(l) => pos += l + 1,
+            None => return rest.len() > MAX_TOKEN_LEN,
+        }
+    }
+    match buf.get(pos..pos + LETTERS.len()) {
+        Some(b) => b != LETTERS,
+        None => false,
+    }
 }
 
 /// Reads a window around a digit-run hit and returns the token table's pa if it validates.

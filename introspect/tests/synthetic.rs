@@ -73,3 +73,33 @@ fn fuzz_seeds() {
         }
     }
 }
+
+/// Memory crafted so that every 8-aligned position below the token table looks like a
+/// `num_syms` header followed by plausible names: the search is bounded by its step budget.
+#[test]
+fn crafted_names_search_is_bounded() {
+    let s = build(Order::New, 300, 0xffff_ffff_8100_0000);
+    // Keep the token table + index, replace everything below it.
+    let tail = &s.bytes[s.tt_off..];
+    let mut bytes = Vec::new();
+    for _ in 0..(4 << 20) / 8 {
+        // len 7, tokens 'a' 0 0 0 0 0 0: as a header, N = 0x6107 and pad = 0; each candidate
+        // walks N plausible entries before its markers fail to match.
+        bytes.extend_from_slice(&[7, b'a', 0, 0, 0, 0, 0, 0]);
+    }
+    let tt_off = bytes.len();
+    bytes.extend_from_slice(tail);
+    let t = std::time::Instant::now();
+    let r = kallsyms::parse(&bytes, 0, tt_off);
+    assert!(r.is_err());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        t.elapsed()
+    );
+    eprintln!(
+        "crafted names region rejected in {:?}: {}",
+        t.elapsed(),
+        r.err().unwrap()
+    );
+}
