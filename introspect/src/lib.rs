@@ -3,6 +3,20 @@
 //!
 //! The crate is pure: it never touches KVM or QEMU. Hosts hand it a [`PhysMemory`] and
 //! [`VcpuRegs`]; [`Kernel::open`] finds kallsyms, the KASLR slide and the kernel paging root.
+//!
+//! ```no_run
+//! use introspect::{Kernel, SliceMemory, VcpuRegs};
+//!
+//! # fn demo(ram: &[u8], vcpus: &[VcpuRegs]) -> Result<(), Box<dyn std::error::Error>> {
+//! let mem = SliceMemory::flat(ram);
+//! let k = Kernel::open(&mem, vcpus)?; // kallsyms scan + decode, slide cross-checks
+//! println!("{:?} slide {:#x}", k.info().release, k.info().slide);
+//! let f = k.lookup("cmdline_proc_show", None)?; // klp sympos semantics
+//! let pa = k.translate(&mem, f)?; // kernel page walk
+//! let here = k.symbolize(f + 5).map(|s| s.to_string()); // "cmdline_proc_show+0x5/0x..."
+//! # let _ = (pa, here); Ok(())
+//! # }
+//! ```
 
 pub mod btf;
 pub mod error;

@@ -152,6 +152,29 @@ pub fn is_canonical(va: u64, levels: u8) -> bool {
     (((va << shift) as i64) >> shift) as u64 == va
 }
 
+/// Frame address held by an entry at `level` (large-page frames at levels 2/3 with PS set).
+pub fn entry_frame(value: u64, level: u8) -> u64 {
+    if (level == 2 || level == 3) && value & PTE_PS != 0 {
+        value & ENTRY_ADDR_MASK & !(level_size(level) - 1)
+    } else {
+        value & ENTRY_ADDR_MASK
+    }
+}
+
+/// Reads the 512 entries of the paging structure at guest-physical `table_pa` (e.g. to look
+/// for a free PMD/PTE slot next to a [`Hole`]).
+pub fn read_table(
+    mem: &dyn PhysMemory,
+    table_pa: u64,
+) -> Result<Vec<u64>, crate::memory::MemError> {
+    let mut raw = vec![0u8; 4096];
+    mem.read_phys(table_pa & ENTRY_ADDR_MASK, &mut raw)?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect())
+}
+
 /// Walks `va`, returning either the translation or the first non-present entry.
 pub fn walk_or_hole(
     mem: &dyn PhysMemory,
