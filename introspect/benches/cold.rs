@@ -55,6 +55,12 @@ fn main() {
     let tt = *cands.first().expect("no token table found");
     let (t_decode, ks) = best(runs, || kallsyms::decode_at(&mem, tt).expect("decode"));
     let (t_open, k) = best(runs, || Kernel::open(&mem, &vcpus).expect("Kernel::open"));
+    // Cold open + first use of the BTF/ORC model (BTF parse, ORC tables).
+    let (t_model, model_ok) = best(runs, || {
+        let k = Kernel::open(&mem, &vcpus).expect("Kernel::open");
+        let ok = k.model(&mem).is_ok();
+        ok
+    });
     let (t_lookup, _) = best(runs, || {
         k.symbols()
             .iter()
@@ -76,7 +82,7 @@ fn main() {
         ks.symbols.len()
     );
     println!(
-        "scan (token table):   {:>8.2} ms  ({} candidate(s))",
+        "full-RAM scan:        {:>8.2} ms  ({} token table(s); fallback path of open)",
         t_scan.as_secs_f64() * 1e3,
         cands.len()
     );
@@ -85,7 +91,7 @@ fn main() {
         t_decode.as_secs_f64() * 1e3
     );
     println!(
-        "Kernel::open (cold):  {:>8.2} ms  (scan + decode + slide checks + banner)",
+        "Kernel::open (cold):  {:>8.2} ms  (kernel-image frames scan + decode + slide checks + banner)",
         t_open.as_secs_f64() * 1e3
     );
     println!(
@@ -95,6 +101,10 @@ fn main() {
     println!(
         "10k symbolize:        {:>8.2} ms",
         t_symbolize.as_secs_f64() * 1e3
+    );
+    println!(
+        "open + BTF/ORC model: {:>8.2} ms  (model built: {model_ok})",
+        t_model.as_secs_f64() * 1e3
     );
     println!("(best of {runs} runs each)");
 }

@@ -48,6 +48,16 @@ impl std::fmt::Display for SymbolRef<'_> {
     }
 }
 
+/// Sort key prefix of a name: its first 8 bytes, big-endian, zero-padded (orders like strcmp
+/// for names without NUL bytes).
+fn name_key(name: &str) -> u64 {
+    let mut b = [0u8; 8];
+    for (d, s) in b.iter_mut().zip(name.bytes()) {
+        *d = s;
+    }
+    u64::from_be_bytes(b)
+}
+
 /// The kernel symbol table (core kernel, no modules), address-sorted like the kernel's.
 #[derive(Debug, Clone, Default)]
 pub struct Symbols {
@@ -55,6 +65,9 @@ pub struct Symbols {
     syms: Vec<RawSymbol>,
     /// Indices sorted by (name, index).
     by_name: Vec<u32>,
+    /// First 8 name bytes (big-endian, zero-padded) of each `by_name` entry: most binary-search
+    /// steps compare these instead of chasing the name.
+    keys: Vec<u64>,
     /// `[_stext, _end)`: the range `symbolize` answers for (the kernel's `is_ksym_addr` with
     /// CONFIG_KALLSYMS_ALL).
     ksym_range: (u64, u64),
@@ -96,6 +109,7 @@ impl Symbols {
             names,
             syms,
             by_name,
+            keys: Vec::new(),
             ksym_range: (0, 0),
         };
         // Stable sort: adaptive, close to linear when seeded from seqs_of_names.
@@ -108,6 +122,10 @@ impl Symbols {
         if !by_name.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) {
             by_name.sort_by(cmp);
         }
+        s.keys = by_name
+            .iter()
+            .map(|&i| name_key(s.name_of(i as usize)))
+            .collect();
         s.by_name = by_name;
         let first_text = s
             .syms
@@ -173,12 +191,35 @@ impl Symbols {
         })
     }
 
+    /// Positions `[lo, hi)` in `by_name` of the symbols named `name`.
+    fn name_range(&self, name: &str) -> (usize, usize) {
+        let key = name_key(name);
+        let (mut lo, mut hi) = (0usize, self.by_name.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let less = match self.keys.get(mid) {
+                Some(&k) if k != key => k < key,
+                _ => self.name_of(self.by_name[mid] as usize) < name,
+            };
+            if less {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut end = lo;
+        while end < self.by_name.len()
+            && self.keys.get(end) == Some(&key)
+            && self.name_of(self.by_name[end] as usize) == name
+        {
+            end += 1;
+        }
+        (lo, end)
+    }
+
     /// All symbols named `name`, in table (address) order.
     pub fn lookup_all<'a>(&'a self, name: &str) -> impl Iterator<Item = Symbol<'a>> + 'a {
-        let lo = self
-            .by_name
-            .partition_point(|&i| self.name_of(i as usize) < name);
-        let hi = lo + self.by_name[lo..].partition_point(|&i| self.name_of(i as usize) == name);
+        let (lo, hi) = self.name_range(name);
         self.by_name[lo..hi]
             .iter()
             .filter_map(move |&i| self.get(i as usize))
@@ -196,10 +237,7 @@ impl Symbols {
         name: &str,
         sympos: Option<u32>,
     ) -> Result<Symbol<'_>, SymbolError> {
-        let lo = self
-            .by_name
-            .partition_point(|&i| self.name_of(i as usize) < name);
-        let hi = lo + self.by_name[lo..].partition_point(|&i| self.name_of(i as usize) == name);
+        let (lo, hi) = self.name_range(name);
         let count = u32::try_from(hi - lo).unwrap_or(u32::MAX);
         let pick = match (count, sympos.unwrap_or(0)) {
             (0, _) => {
