@@ -28,7 +28,10 @@ fn counter_vm(n: usize) -> Vm {
             let mut gprs = [0u64; 16];
             gprs[5] = counter_addr(i);
             gprs[7] = 0x8_0000 - i as u64 * 0x1000;
-            RawVcpu { rip: CODE_BASE, gprs }
+            RawVcpu {
+                rip: CODE_BASE,
+                gprs,
+            }
         })
         .collect();
     Vm::create_raw(&RawConfig {
@@ -43,7 +46,9 @@ fn counter_vm(n: usize) -> Vm {
 }
 
 fn counters(c: &impl GuestControl, n: usize) -> Vec<u64> {
-    (0..n).map(|i| c.memory().read_u64(counter_addr(i)).unwrap()).collect()
+    (0..n)
+        .map(|i| c.memory().read_u64(counter_addr(i)).unwrap())
+        .collect()
 }
 
 fn pause_resume(n: usize) {
@@ -54,7 +59,9 @@ fn pause_resume(n: usize) {
     assert_eq!(c.vcpu_count(), n);
     // Every vCPU runs.
     assert!(
-        wait_until(Duration::from_secs(20), || counters(&c, n).iter().all(|&v| v > 1000)),
+        wait_until(Duration::from_secs(20), || counters(&c, n)
+            .iter()
+            .all(|&v| v > 1000)),
         "counters did not start: {:?}",
         counters(&c, n)
     );
@@ -112,7 +119,10 @@ fn kvm_registers_read_back_as_set() {
                 *g = 0x1111_0000_0000_0000 * (v + 1) + i as u64 * 0x101;
             }
             gprs[7] = 0x7_0000 + v * 0x1000;
-            RawVcpu { rip: CODE_BASE, gprs }
+            RawVcpu {
+                rip: CODE_BASE,
+                gprs,
+            }
         })
         .collect();
     let mut vm = Vm::create_raw(&RawConfig {
@@ -132,7 +142,11 @@ fn kvm_registers_read_back_as_set() {
     for (i, want) in vcpus.iter().enumerate() {
         let r = c.regs(i).unwrap();
         assert_eq!(r.gprs, want.gprs, "vCPU {i} gprs");
-        assert!(r.rip == labels[0] || r.rip == labels[0] + 2, "vCPU {i} rip {:#x}", r.rip);
+        assert!(
+            r.rip == labels[0] || r.rip == labels[0] + 2,
+            "vCPU {i} rip {:#x}",
+            r.rip
+        );
         assert_eq!(r.cs, 0x08);
         assert_eq!(r.ss, 0x10);
         assert_eq!(r.cr3, 0x9000);
@@ -173,7 +187,10 @@ fn kvm_write_while_paused_is_seen_after_resume() {
     let mut vm = Vm::create_raw(&RawConfig {
         memory: 8 << 20,
         code: vec![(CODE_BASE, code.clone())],
-        vcpus: vec![RawVcpu { rip: CODE_BASE, gprs }],
+        vcpus: vec![RawVcpu {
+            rip: CODE_BASE,
+            gprs,
+        }],
         mode: EntryMode::Long64,
         serial: SerialOut::Null,
         patch_arena: 0,
@@ -181,25 +198,40 @@ fn kvm_write_while_paused_is_seen_after_resume() {
     .unwrap();
     vm.start().unwrap();
     let mut c = vm.control();
-    assert!(wait_until(Duration::from_secs(10), || c.memory().read_u32(DST2).unwrap()
+    assert!(wait_until(Duration::from_secs(10), || c
+        .memory()
+        .read_u32(DST2)
+        .unwrap()
         == 0x1111_1111));
     c.pause().unwrap();
-    c.write_phys(SRC, &0xfeed_face_cafe_beefu64.to_le_bytes()).unwrap();
+    c.write_phys(SRC, &0xfeed_face_cafe_beefu64.to_le_bytes())
+        .unwrap();
     // Patch the immediate of `mov ecx, imm32` (opcode b9, imm at +1).
     let imm_off = (labels[1] - CODE_BASE) as usize;
     assert_eq!(code[imm_off], 0xb9);
-    c.write_phys(labels[1] + 1, &0x2222_2222u32.to_le_bytes()).unwrap();
+    c.write_phys(labels[1] + 1, &0x2222_2222u32.to_le_bytes())
+        .unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(c.memory().read_u64(DST).unwrap(), 0, "guest ran while paused");
+    assert_eq!(
+        c.memory().read_u64(DST).unwrap(),
+        0,
+        "guest ran while paused"
+    );
     assert!(c.write_phys(0xffff_ffff_0000, &[1]).is_err());
     c.resume().unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || c.memory().read_u64(DST).unwrap()
+        wait_until(Duration::from_secs(10), || c
+            .memory()
+            .read_u64(DST)
+            .unwrap()
             == 0xfeed_face_cafe_beef),
         "data write not seen by the guest"
     );
     assert!(
-        wait_until(Duration::from_secs(10), || c.memory().read_u32(DST2).unwrap()
+        wait_until(Duration::from_secs(10), || c
+            .memory()
+            .read_u32(DST2)
+            .unwrap()
             == 0x2222_2222),
         "code write not seen by the guest's instruction fetch"
     );
@@ -242,14 +274,22 @@ fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
     .unwrap();
     vm.start().unwrap();
     let mut c = vm.control();
-    assert!(wait_until(Duration::from_secs(10), || counters(&c, 2).iter().all(|&v| v > 100)));
+    assert!(wait_until(Duration::from_secs(10), || counters(&c, 2)
+        .iter()
+        .all(|&v| v > 100)));
     assert!(matches!(
         c.set_breakpoints(&[1, 2, 3, 4, 5]),
         Err(patcher::GuestError::TooManyBreakpoints(5))
     ));
     c.set_breakpoints(&[labels[2]]).unwrap();
     let ev = c.wait_event(Duration::from_secs(20)).unwrap();
-    assert_eq!(ev, Some(GuestEvent::Breakpoint { vcpu: 1, rip: labels[2] }));
+    assert_eq!(
+        ev,
+        Some(GuestEvent::Breakpoint {
+            vcpu: 1,
+            rip: labels[2]
+        })
+    );
     assert!(c.is_paused(), "a breakpoint pauses all vCPUs");
     let r = c.regs(1).unwrap();
     assert_eq!(r.rip, labels[2]);
@@ -258,13 +298,30 @@ fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
     assert_eq!(a, counters(&c, 2));
     // Hit it again: resuming steps over the breakpoint and the loop comes back to it.
     let ev = c.wait_event(Duration::from_secs(20)).unwrap();
-    assert_eq!(ev, Some(GuestEvent::Breakpoint { vcpu: 1, rip: labels[2] }));
+    assert_eq!(
+        ev,
+        Some(GuestEvent::Breakpoint {
+            vcpu: 1,
+            rip: labels[2]
+        })
+    );
     let before = counters(&c, 2);
-    assert_eq!(before[1], a[1] + 1, "exactly one loop iteration between two hits");
+    assert_eq!(
+        before[1],
+        a[1] + 1,
+        "exactly one loop iteration between two hits"
+    );
     c.set_breakpoints(&[]).unwrap();
     assert_eq!(c.wait_event(Duration::from_millis(300)).unwrap(), None);
-    let after = counters(&c, 2);
-    assert!(after[1] > before[1] + 10 && after[0] > before[0], "{before:?} -> {after:?}");
+    // No breakpoint any more: both vCPUs keep running.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let after = counters(&c, 2);
+            after[1] > before[1] + 10 && after[0] > before[0] + 10
+        }),
+        "{before:?} -> {:?}",
+        counters(&c, 2)
+    );
     vm.stop();
     vm.wait_exit().unwrap();
 }
@@ -297,7 +354,10 @@ fn kvm_serial_output_and_i8042_reset() {
     let mut vm = Vm::create_raw(&RawConfig {
         memory: 8 << 20,
         code: vec![(CODE_BASE, code), (DATA_BASE, msg.to_vec())],
-        vcpus: vec![RawVcpu { rip: CODE_BASE, gprs }],
+        vcpus: vec![RawVcpu {
+            rip: CODE_BASE,
+            gprs,
+        }],
         mode: EntryMode::Long64,
         serial: SerialOut::File(out.clone()),
         patch_arena: 0,
@@ -309,7 +369,10 @@ fn kvm_serial_output_and_i8042_reset() {
     assert_eq!(r, Some(ExitReason::Reset));
     assert_eq!(ExitReason::Reset.exit_code(), 0);
     assert_eq!(std::fs::read(&out).unwrap(), msg);
-    assert_eq!(c.wait_event(Duration::from_secs(1)).unwrap(), Some(GuestEvent::Exited));
+    assert_eq!(
+        c.wait_event(Duration::from_secs(1)).unwrap(),
+        Some(GuestEvent::Exited)
+    );
 }
 
 #[test]
@@ -326,7 +389,10 @@ fn kvm_emulation_failure_is_a_clear_error() {
     let mut vm = Vm::create_raw(&RawConfig {
         memory: 8 << 20,
         code: vec![(CODE_BASE, code)],
-        vcpus: vec![RawVcpu { rip: CODE_BASE, gprs }],
+        vcpus: vec![RawVcpu {
+            rip: CODE_BASE,
+            gprs,
+        }],
         mode: EntryMode::Long64,
         serial: SerialOut::Null,
         patch_arena: 0,
@@ -339,5 +405,8 @@ fn kvm_emulation_failure_is_a_clear_error() {
         matches!(e, VmError::InternalError { vcpu: 0, .. }),
         "want an internal error, got {msg}"
     );
-    assert!(msg.contains("vCPU 0") && msg.contains("internal error"), "{msg}");
+    assert!(
+        msg.contains("vCPU 0") && msg.contains("internal error"),
+        "{msg}"
+    );
 }

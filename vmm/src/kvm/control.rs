@@ -20,7 +20,9 @@ pub struct KvmControl {
 
 impl std::fmt::Debug for KvmControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvmControl").field("vcpus", &self.shared.vcpus.len()).finish()
+        f.debug_struct("KvmControl")
+            .field("vcpus", &self.shared.vcpus.len())
+            .finish()
     }
 }
 
@@ -67,15 +69,29 @@ impl GuestControl for KvmControl {
     }
 
     fn regs(&mut self, vcpu: usize) -> Result<VcpuRegs, GuestError> {
-        let h = self.shared.vcpus.get(vcpu).ok_or(GuestError::NoSuchVcpu(vcpu))?;
+        let h = self
+            .shared
+            .vcpus
+            .get(vcpu)
+            .ok_or(GuestError::NoSuchVcpu(vcpu))?;
         self.require_paused()?;
         let fd = lock(&h.fd);
-        let r = fd.get_regs().map_err(|e| backend("KVM_GET_REGS", vcpu, e))?;
-        let s = fd.get_sregs().map_err(|e| backend("KVM_GET_SREGS", vcpu, e))?;
+        let r = fd
+            .get_regs()
+            .map_err(|e| backend("KVM_GET_REGS", vcpu, e))?;
+        let s = fd
+            .get_sregs()
+            .map_err(|e| backend("KVM_GET_SREGS", vcpu, e))?;
         let mut msrs = introspection_msrs().map_err(|e| backend("MSR list", vcpu, e))?;
-        let n = fd.get_msrs(&mut msrs).map_err(|e| backend("KVM_GET_MSRS", vcpu, e))?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| backend("KVM_GET_MSRS", vcpu, e))?;
         let msr = |index: u32| {
-            msrs.as_slice().iter().take(n).find(|m| m.index == index).map(|m| m.data)
+            msrs.as_slice()
+                .iter()
+                .take(n)
+                .find(|m| m.index == index)
+                .map(|m| m.data)
         };
         Ok(VcpuRegs {
             gprs: [
@@ -106,7 +122,10 @@ impl GuestControl for KvmControl {
     fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), GuestError> {
         self.memory
             .write(pa, data)
-            .map_err(|_| GuestError::WriteOutOfRange { pa, len: data.len() })?;
+            .map_err(|_| GuestError::WriteOutOfRange {
+                pa,
+                len: data.len(),
+            })?;
         self.shared.state().mmu_dirty = true;
         Ok(())
     }

@@ -2,7 +2,9 @@
 //! (leaf 1), x2APIC topology (leaves 0xb/0x1f, one thread per core, one package), cache
 //! topology (leaf 4), hypervisor bit, KVM signature leaves.
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::Kvm;
 
 use super::error::VmError;
@@ -85,9 +87,91 @@ pub fn vcpu_cpuid(base: &[kvm_cpuid_entry2], apic_id: u8, vcpus: u8) -> Vec<kvm_
         });
     }
     if !out.iter().any(|e| e.function == 0x4000_0001) {
-        out.push(kvm_cpuid_entry2 { function: 0x4000_0001, ..Default::default() });
+        out.push(kvm_cpuid_entry2 {
+            function: 0x4000_0001,
+            ..Default::default()
+        });
     }
     out
+}
+
+/// Hides ISA extensions that emulating (nested, software) KVM implementations fail on with
+/// "emulation failure": BMI1/2, POPCNT/LZCNT, XSAVE and AVX*, SMAP, CMPXCHG16B, FSGSBASE,
+/// MOVBE, RDRAND/RDSEED, ADX, SHA, AES/PCLMUL, LA57, RDPID, RDTSCP, TSX. Guests then take their
+/// baseline code paths (e.g. the zstd decompressor's non-BMI2 path). Off by default: real
+/// VT-x/AMD-V runs all of these natively.
+pub fn apply_compat_mask(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut() {
+        match (e.function, e.index) {
+            (1, _) => {
+                // pclmul 1, fma 12, cx16 13, movbe 22, popcnt 23, aes 25, xsave 26, osxsave 27,
+                // avx 28, f16c 29, rdrand 30
+                e.ecx &= !((1 << 1)
+                    | (1 << 12)
+                    | (1 << 13)
+                    | (1 << 22)
+                    | (1 << 23)
+                    | (1 << 25)
+                    | (1 << 26)
+                    | (1 << 27)
+                    | (1 << 28)
+                    | (1 << 29)
+                    | (1 << 30));
+            }
+            (7, 0) => {
+                // fsgsbase 0, bmi1 3, hle 4, avx2 5, bmi2 8, invpcid 10, rtm 11, avx512* 16/17/21/
+                // 26/27/28/30/31, rdseed 18, adx 19, smap 20, clflushopt 23, clwb 24, sha 29
+                e.ebx &= !((1 << 0)
+                    | (1 << 3)
+                    | (1 << 4)
+                    | (1 << 5)
+                    | (1 << 8)
+                    | (1 << 10)
+                    | (1 << 11)
+                    | (1 << 16)
+                    | (1 << 17)
+                    | (1 << 18)
+                    | (1 << 19)
+                    | (1 << 20)
+                    | (1 << 21)
+                    | (1 << 23)
+                    | (1 << 24)
+                    | (1 << 26)
+                    | (1 << 27)
+                    | (1 << 28)
+                    | (1 << 29)
+                    | (1 << 30)
+                    | (1 << 31));
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (7, _) => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (0xd, _) => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (0x8000_0001, _) => {
+                // lzcnt/abm 5, sse4a 6, misalignsse 7, prefetchw 8, xop 11, fma4 16, tbm 21
+                e.ecx &= !((1 << 5)
+                    | (1 << 6)
+                    | (1 << 7)
+                    | (1 << 8)
+                    | (1 << 11)
+                    | (1 << 16)
+                    | (1 << 21));
+                // rdtscp 27
+                e.edx &= !(1 << 27);
+            }
+            _ => {}
+        }
+    }
 }
 
 fn topology_leaf(function: u32, id: u32, n: u32) -> Vec<kvm_cpuid_entry2> {
@@ -123,10 +207,27 @@ mod tests {
     #[test]
     fn normalises_leaves() {
         let base = vec![
-            kvm_cpuid_entry2 { function: 1, ebx: 0xff00_0000, ..Default::default() },
-            kvm_cpuid_entry2 { function: 4, eax: 0x63, index: 0, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff00_0000,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 4,
+                eax: 0x63,
+                index: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
         ];
         let c = vcpu_cpuid(&base, 3, 4);
         let l1 = c.iter().find(|e| e.function == 1).unwrap();

@@ -87,16 +87,20 @@ impl Devices {
     pub fn new(out: &SerialOut) -> Result<(Devices, EventFd), VmError> {
         let writer: Box<dyn Write + Send> = match out {
             SerialOut::Stdio => Box::new(Flushing(io::stdout())),
-            SerialOut::File(p) => Box::new(File::create(p).map_err(|source| {
-                VmError::Serial { path: p.clone(), source }
+            SerialOut::File(p) => Box::new(File::create(p).map_err(|source| VmError::Serial {
+                path: p.clone(),
+                source,
             })?),
             SerialOut::Null => Box::new(io::sink()),
         };
         let irq = evt()?;
-        let irq_clone = irq.try_clone().map_err(|e| VmError::Host(format!("eventfd: {e}")))?;
+        let irq_clone = irq
+            .try_clone()
+            .map_err(|e| VmError::Host(format!("eventfd: {e}")))?;
         let reset_evt = evt()?;
-        let reset_clone =
-            reset_evt.try_clone().map_err(|e| VmError::Host(format!("eventfd: {e}")))?;
+        let reset_clone = reset_evt
+            .try_clone()
+            .map_err(|e| VmError::Host(format!("eventfd: {e}")))?;
         Ok((
             Devices {
                 serial: Serial::new(EventFdTrigger(irq), writer),
@@ -110,9 +114,7 @@ impl Devices {
     /// Handles an `in` from `port`.
     pub fn io_in(&mut self, port: u16, data: &mut [u8]) {
         let fill = match port {
-            p if (COM1_PORT..COM1_PORT + 8).contains(&p) => {
-                self.serial.read((p - COM1_PORT) as u8)
-            }
+            p if (COM1_PORT..COM1_PORT + 8).contains(&p) => self.serial.read((p - COM1_PORT) as u8),
             p if (I8042_PORT..=I8042_PORT + 4).contains(&p) => {
                 self.i8042.read((p - I8042_PORT) as u8)
             }
@@ -127,7 +129,9 @@ impl Devices {
 
     /// Handles an `out` to `port`. Returns true when the guest asked for a CPU reset.
     pub fn io_out(&mut self, port: u16, data: &[u8]) -> bool {
-        let Some(&value) = data.first() else { return false };
+        let Some(&value) = data.first() else {
+            return false;
+        };
         match port {
             p if (COM1_PORT..COM1_PORT + 8).contains(&p) => {
                 if let Err(e) = self.serial.write((p - COM1_PORT) as u8, value) {
@@ -165,7 +169,7 @@ mod tests {
         d.io_in(0x1234, &mut b);
         assert_eq!(b, [0xff]);
         assert!(!d.io_out(0x64, &[0x20]));
-        assert!(!d.io_out(0x3f8, &[b'x']));
+        assert!(!d.io_out(0x3f8, b"x"));
         assert!(d.io_out(0x64, &[0xfe]));
         assert!(!d.io_out(0x64, &[]));
     }

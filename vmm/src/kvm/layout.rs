@@ -28,8 +28,6 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Extended BIOS data area: the MP table lives here.
 pub const EBDA_START: u64 = 0x9fc00;
-/// Start of the BIOS ROM area (reserved in the e820 map).
-pub const BIOS_START: u64 = 0xf0000;
 /// First byte above the legacy 1 MiB.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Three pages for KVM's real-mode TSS (inside the 32-bit MMIO hole).

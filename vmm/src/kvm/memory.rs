@@ -6,9 +6,7 @@ use std::sync::Arc;
 use introspect::{MemError, PhysMemory};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::error::VmError;
 use super::layout::{ARENA_ALIGN, MMIO_HOLE_END, MMIO_HOLE_START};
@@ -19,7 +17,10 @@ pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, size - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -29,7 +30,7 @@ pub fn arena_range(size: u64, regions: &[(u64, u64)]) -> Result<Option<(u64, u64
     if size == 0 {
         return Ok(None);
     }
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(VmError::Config(format!(
             "patch arena size {size:#x} is not a multiple of 4 KiB"
         )));
@@ -62,7 +63,15 @@ pub fn create_guest_memory(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, Vm
                 .map_err(|_| VmError::Memory(format!("region size {l:#x} too large")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))?;
+    for region in mem.iter() {
+        if let Ok(host) = mem.get_host_address(region.start_addr()) {
+            // SAFETY: advisory only, on a mapping `mem` owns: `host` and `region.len()` describe
+            // exactly that mapping.
+            unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        }
+    }
+    Ok(mem)
 }
 
 /// Registers every region of `mem` as a KVM memory slot.
@@ -105,15 +114,22 @@ impl KvmMemory {
 
     /// Writes `data` at guest-physical `pa`; the whole range must be RAM.
     pub fn write(&self, pa: u64, data: &[u8]) -> Result<(), MemError> {
-        let oor = MemError::OutOfRange { pa, len: data.len() as u64 };
+        let oor = MemError::OutOfRange {
+            pa,
+            len: data.len() as u64,
+        };
         if !self.covers(pa, data.len() as u64) {
             return Err(oor);
         }
-        self.mem.write_slice(data, GuestAddress(pa)).map_err(|_| oor)
+        self.mem
+            .write_slice(data, GuestAddress(pa))
+            .map_err(|_| oor)
     }
 
     fn covers(&self, pa: u64, len: u64) -> bool {
-        let Some(end) = pa.checked_add(len) else { return false };
+        let Some(end) = pa.checked_add(len) else {
+            return false;
+        };
         // Ranges may span adjacent regions only if they are contiguous; our regions never are.
         self.mem.iter().any(|r| {
             let s = r.start_addr().0;
@@ -124,7 +140,10 @@ impl KvmMemory {
 
 impl PhysMemory for KvmMemory {
     fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        let oor = MemError::OutOfRange { pa, len: buf.len() as u64 };
+        let oor = MemError::OutOfRange {
+            pa,
+            len: buf.len() as u64,
+        };
         if !self.covers(pa, buf.len() as u64) {
             return Err(oor);
         }
@@ -132,7 +151,10 @@ impl PhysMemory for KvmMemory {
     }
 
     fn regions(&self) -> Vec<(u64, u64)> {
-        self.mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+        self.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
     }
 }
 
@@ -145,9 +167,15 @@ mod tests {
         assert_eq!(ram_regions(512 << 20), vec![(0, 512 << 20)]);
         let r = ram_regions(4 << 30);
         assert_eq!(r, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
-        assert_eq!(arena_range(2 << 20, &r).unwrap(), Some(((5 << 30) - (2 << 20), 2 << 20)));
+        assert_eq!(
+            arena_range(2 << 20, &r).unwrap(),
+            Some(((5 << 30) - (2 << 20), 2 << 20))
+        );
         let r = ram_regions((512 << 20) + 4096);
-        assert_eq!(arena_range(2 << 20, &r).unwrap(), Some(((510 << 20), 2 << 20)));
+        assert_eq!(
+            arena_range(2 << 20, &r).unwrap(),
+            Some(((510 << 20), 2 << 20))
+        );
         assert!(arena_range(123, &r).is_err());
         assert_eq!(arena_range(0, &r).unwrap(), None);
     }

@@ -38,7 +38,11 @@ const MTRR_MEM_TYPE_WB: u64 = 6;
 fn entries(list: &[(u32, u64)]) -> Result<Msrs, VmError> {
     let v: Vec<kvm_msr_entry> = list
         .iter()
-        .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
         .collect();
     Msrs::from_entries(&v).map_err(|e| VmError::Host(format!("MSR list: {e:?}")))
 }

@@ -40,7 +40,9 @@ pub fn install_kick_handler() -> Result<(), VmError> {
     // SAFETY: see above; after call_once returns, RESULT is never written again.
     let r = unsafe { RESULT };
     if r != 0 {
-        return Err(VmError::Host(format!("cannot install the vCPU kick signal handler: errno {r}")));
+        return Err(VmError::Host(format!(
+            "cannot install the vCPU kick signal handler: errno {r}"
+        )));
     }
     Ok(())
 }

@@ -41,7 +41,8 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, mode: EntryMode) -> Result<u64, 
     };
     let werr = |e: vm_memory::GuestMemoryError| VmError::Memory(format!("boot tables: {e}"));
     for (i, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_ADDR + i as u64 * 8)).map_err(werr)?;
+        mem.write_obj(*entry, GuestAddress(GDT_ADDR + i as u64 * 8))
+            .map_err(werr)?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(werr)?;
     match mode {
@@ -85,7 +86,8 @@ pub fn setup_sregs(vcpu: &VcpuFd, mode: EntryMode, cr3: u64) -> Result<(), VmErr
             sregs.efer = 0;
         }
     }
-    vcpu.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))
+    vcpu.set_sregs(&sregs)
+        .map_err(VmError::kvm("KVM_SET_SREGS"))
 }
 
 /// Sets general registers: `gprs` in [`introspect::VcpuRegs`] order, `rip`, RFLAGS = 2.
@@ -116,7 +118,11 @@ pub fn setup_regs(vcpu: &VcpuFd, rip: u64, gprs: &[u64; 16]) -> Result<(), VmErr
 
 /// Default x87/SSE control state.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), VmError> {
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(VmError::kvm("KVM_SET_FPU"))
 }
 
@@ -125,7 +131,10 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), VmError> {
     let msrs = boot_msrs()?;
     let n = vcpu.set_msrs(&msrs).map_err(VmError::kvm("KVM_SET_MSRS"))?;
     if n != msrs.as_slice().len() {
-        return Err(VmError::Host(format!("KVM set {n} of {} boot MSRs", msrs.as_slice().len())));
+        return Err(VmError::Host(format!(
+            "KVM set {n} of {} boot MSRs",
+            msrs.as_slice().len()
+        )));
     }
     Ok(())
 }

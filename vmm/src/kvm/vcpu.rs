@@ -31,7 +31,9 @@ enum Action {
 
 /// Body of vCPU thread `idx`.
 pub fn vcpu_thread(shared: Arc<Shared>, idx: usize) {
-    let Some(handle) = shared.vcpus.get(idx) else { return };
+    let Some(handle) = shared.vcpus.get(idx) else {
+        return;
+    };
     // SAFETY: pthread_self has no preconditions.
     handle.set_thread(Some(unsafe { libc::pthread_self() }));
     let outcome = run_loop(&shared, idx);
@@ -77,7 +79,10 @@ fn run_loop(shared: &Shared, idx: usize) -> Option<Outcome> {
             Ok(VcpuExit::Debug(_)) if stepping => Action::Stepped,
             Ok(exit) => handle_exit(shared, idx, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
-            Err(source) => Action::Fail(VmError::Kvm { what: "KVM_RUN", source }),
+            Err(source) => Action::Fail(VmError::Kvm {
+                what: "KVM_RUN",
+                source,
+            }),
         };
         match action {
             Action::Continue => {}
@@ -85,7 +90,10 @@ fn run_loop(shared: &Shared, idx: usize) -> Option<Outcome> {
                 handle.step_over.store(false, Ordering::SeqCst);
                 let dbg = *lock(&handle.debug);
                 if let Err(source) = fd.set_guest_debug(&dbg) {
-                    return Some(Outcome::Error(VmError::Kvm { what: "KVM_SET_GUEST_DEBUG", source }));
+                    return Some(Outcome::Error(VmError::Kvm {
+                        what: "KVM_SET_GUEST_DEBUG",
+                        source,
+                    }));
                 }
             }
             Action::Breakpoint(rip) => {
@@ -93,7 +101,8 @@ fn run_loop(shared: &Shared, idx: usize) -> Option<Outcome> {
                 handle.step_over.store(true, Ordering::SeqCst);
                 drop(fd);
                 let mut st = shared.state();
-                st.events.push_back(GuestEvent::Breakpoint { vcpu: idx, rip });
+                st.events
+                    .push_back(GuestEvent::Breakpoint { vcpu: idx, rip });
                 st.pause_requested = true;
                 drop(st);
                 shared.cond.notify_all();
@@ -103,7 +112,11 @@ fn run_loop(shared: &Shared, idx: usize) -> Option<Outcome> {
             Action::InternalError => {
                 let suberror = internal_suberror(&mut fd);
                 let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                return Some(Outcome::Error(VmError::InternalError { vcpu: idx, suberror, rip }));
+                return Some(Outcome::Error(VmError::InternalError {
+                    vcpu: idx,
+                    suberror,
+                    rip,
+                }));
             }
             Action::Fail(e) => return Some(Outcome::Error(e)),
         }
@@ -121,7 +134,10 @@ fn arm_single_step(fd: &VcpuFd) -> Result<(), VmError> {
         return Ok(());
     }
     d.control &= !KVM_GUESTDBG_BLOCKIRQ;
-    fd.set_guest_debug(&d).map_err(|source| VmError::Kvm { what: "KVM_SET_GUEST_DEBUG", source })
+    fd.set_guest_debug(&d).map_err(|source| VmError::Kvm {
+        what: "KVM_SET_GUEST_DEBUG",
+        source,
+    })
 }
 
 fn internal_suberror(fd: &mut VcpuFd) -> u32 {
@@ -161,7 +177,10 @@ fn handle_exit(shared: &Shared, idx: usize, exit: VcpuExit<'_>) -> Action {
         VcpuExit::Intr | VcpuExit::IrqWindowOpen => Action::Continue,
         VcpuExit::InternalError => Action::InternalError,
         VcpuExit::FailEntry(reason, _) => Action::Fail(VmError::FailEntry { vcpu: idx, reason }),
-        other => Action::Fail(VmError::UnexpectedExit { vcpu: idx, exit: format!("{other:?}") }),
+        other => Action::Fail(VmError::UnexpectedExit {
+            vcpu: idx,
+            exit: format!("{other:?}"),
+        }),
     }
 }
 

@@ -11,11 +11,12 @@ use kvm_bindings::{kvm_mp_state, kvm_pit_config, KVM_MP_STATE_RUNNABLE, KVM_PIT_
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::boot::acpi::write_acpi;
 use super::boot::e820::{build_e820, E820Entry};
 use super::boot::mptable::write_mptable;
 use super::boot::{load_linux, BootEntry, BootProtocol, LinuxBoot};
 use super::control::KvmControl;
-use super::cpuid::{supported_cpuid, to_kvm, vcpu_cpuid};
+use super::cpuid::{apply_compat_mask, supported_cpuid, to_kvm, vcpu_cpuid};
 use super::devices::{Devices, SerialOut};
 use super::error::VmError;
 use super::layout::{
@@ -60,6 +61,14 @@ impl Default for VmConfig {
             patch_arena: DEFAULT_ARENA_SIZE,
         }
     }
+}
+
+/// Less common VM options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmOptions {
+    /// Hide ISA extensions that emulating/nested KVM implementations cannot emulate (see
+    /// [`crate::kvm::cpuid::apply_compat_mask`]); lets stock kernels boot further there.
+    pub compat_cpuid: bool,
 }
 
 /// Initial state of one vCPU of a raw guest.
@@ -117,6 +126,7 @@ struct Base {
     mem: Arc<GuestMemoryMmap>,
     regions: Vec<(u64, u64)>,
     arena: Option<(u64, u64)>,
+    opts: VmOptions,
 }
 
 fn check_vcpus(n: usize) -> Result<u8, VmError> {
@@ -124,14 +134,18 @@ fn check_vcpus(n: usize) -> Result<u8, VmError> {
         return Err(VmError::Config("at least one vCPU is needed".into()));
     }
     if n > MAX_VCPUS as usize {
-        return Err(VmError::Config(format!("{n} vCPUs; at most {MAX_VCPUS} are supported")));
+        return Err(VmError::Config(format!(
+            "{n} vCPUs; at most {MAX_VCPUS} are supported"
+        )));
     }
     Ok(n as u8)
 }
 
-fn create_base(memory: u64, min: u64, arena: u64) -> Result<Base, VmError> {
-    if memory % 4096 != 0 {
-        return Err(VmError::Config(format!("memory size {memory:#x} is not a multiple of 4 KiB")));
+fn create_base(memory: u64, min: u64, arena: u64, opts: &VmOptions) -> Result<Base, VmError> {
+    if !memory.is_multiple_of(4096) {
+        return Err(VmError::Config(format!(
+            "memory size {memory:#x} is not a multiple of 4 KiB"
+        )));
     }
     if memory < min + arena {
         return Err(VmError::Config(format!(
@@ -142,28 +156,51 @@ fn create_base(memory: u64, min: u64, arena: u64) -> Result<Base, VmError> {
         )));
     }
     if memory > (1u64 << 40) {
-        return Err(VmError::Config(format!("memory too large: {} GiB", memory >> 30)));
+        return Err(VmError::Config(format!(
+            "memory too large: {} GiB",
+            memory >> 30
+        )));
     }
     let regions = ram_regions(memory);
     let arena = arena_range(arena, &regions)?;
     install_kick_handler()?;
     let kvm = Kvm::new().map_err(VmError::NoKvm)?;
     let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
         .map_err(VmError::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.create_irq_chip().map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
+    vm.create_irq_chip()
+        .map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
     let mem = Arc::new(create_guest_memory(&regions)?);
     register_memory(&vm, &mem)?;
-    Ok(Base { kvm, vm, mem, regions, arena })
+    Ok(Base {
+        kvm,
+        vm,
+        mem,
+        regions,
+        arena,
+        opts: opts.clone(),
+    })
 }
 
 fn create_vcpu(base: &Base, id: u8, count: u8) -> Result<VcpuFd, VmError> {
-    let fd = base.vm.create_vcpu(u64::from(id)).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
-    let cpuid = vcpu_cpuid(&supported_cpuid(&base.kvm)?, id, count);
-    fd.set_cpuid2(&to_kvm(&cpuid)?).map_err(VmError::kvm("KVM_SET_CPUID2"))?;
+    let fd = base
+        .vm
+        .create_vcpu(u64::from(id))
+        .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+    let mut cpuid = vcpu_cpuid(&supported_cpuid(&base.kvm)?, id, count);
+    if base.opts.compat_cpuid {
+        apply_compat_mask(&mut cpuid);
+    }
+    fd.set_cpuid2(&to_kvm(&cpuid)?)
+        .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
     setup_msrs(&fd)?;
     setup_fpu(&fd)?;
     setup_lint(&fd)?;
@@ -178,7 +215,9 @@ fn finish(
     boot: Option<BootEntry>,
 ) -> Result<Vm, VmError> {
     let (devices, serial_irq) = Devices::new(serial)?;
-    base.vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(VmError::kvm("KVM_IRQFD"))?;
+    base.vm
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(VmError::kvm("KVM_IRQFD"))?;
     // The irqfd holds its own reference to the eventfd; the device keeps the other end.
     drop(serial_irq);
     let shared = Arc::new(Shared {
@@ -203,6 +242,11 @@ fn finish(
 impl Vm {
     /// Creates a VM that boots a Linux kernel. Nothing runs until [`Vm::start`].
     pub fn create(cfg: &VmConfig) -> Result<Vm, VmError> {
+        Self::create_with(cfg, &VmOptions::default())
+    }
+
+    /// [`Vm::create`] with extra [`VmOptions`].
+    pub fn create_with(cfg: &VmConfig, opts: &VmOptions) -> Result<Vm, VmError> {
         let count = check_vcpus(cfg.vcpus as usize)?;
         if !cfg.kernel.is_file() {
             return Err(VmError::KernelFile {
@@ -211,8 +255,9 @@ impl Vm {
             });
         }
         super::boot::make_cmdline(&cfg.cmdline)?;
-        let base = create_base(cfg.memory, MIN_LINUX_MEMORY, cfg.patch_arena)?;
+        let base = create_base(cfg.memory, MIN_LINUX_MEMORY, cfg.patch_arena, opts)?;
         let e820 = build_e820(&base.regions, base.arena);
+        let rsdp = write_acpi(&base.mem, count)?;
         let boot = load_linux(
             &base.mem,
             &LinuxBoot {
@@ -220,6 +265,7 @@ impl Vm {
                 initrd: cfg.initrd.as_deref(),
                 cmdline: &cfg.cmdline,
                 e820: &e820,
+                rsdp,
             },
         )?;
         write_mptable(&base.mem, count)?;
@@ -253,15 +299,24 @@ impl Vm {
     pub fn create_raw(cfg: &RawConfig) -> Result<Vm, VmError> {
         let count = check_vcpus(cfg.vcpus.len())?;
         if cfg.mode != EntryMode::Long64 {
-            return Err(VmError::Config("raw guests start in 64-bit mode only".into()));
+            return Err(VmError::Config(
+                "raw guests start in 64-bit mode only".into(),
+            ));
         }
-        let base = create_base(cfg.memory, MIN_RAW_MEMORY, cfg.patch_arena)?;
+        let base = create_base(
+            cfg.memory,
+            MIN_RAW_MEMORY,
+            cfg.patch_arena,
+            &VmOptions::default(),
+        )?;
         let e820 = build_e820(&base.regions, base.arena);
         let cr3 = write_boot_tables(&base.mem, cfg.mode)?;
         for (gpa, bytes) in &cfg.code {
-            base.mem.write_slice(bytes, GuestAddress(*gpa)).map_err(|e| {
-                VmError::Memory(format!("raw code at {gpa:#x}+{:#x}: {e}", bytes.len()))
-            })?;
+            base.mem
+                .write_slice(bytes, GuestAddress(*gpa))
+                .map_err(|e| {
+                    VmError::Memory(format!("raw code at {gpa:#x}+{:#x}: {e}", bytes.len()))
+                })?;
         }
         let mut vcpus = Vec::new();
         for (id, v) in cfg.vcpus.iter().enumerate() {
@@ -269,8 +324,10 @@ impl Vm {
             setup_sregs(&fd, cfg.mode, cr3)?;
             setup_regs(&fd, v.rip, &v.gprs)?;
             // With the in-kernel LAPIC, APs wait for INIT/SIPI; raw APs start right away.
-            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
-                .map_err(VmError::kvm("KVM_SET_MP_STATE"))?;
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(VmError::kvm("KVM_SET_MP_STATE"))?;
             vcpus.push(fd);
         }
         finish(base, vcpus, &cfg.serial, e820, None)
@@ -306,15 +363,17 @@ impl Vm {
         if self.stdin_forward {
             let input = self.serial_input();
             // Detached: blocks on stdin; ends with the process.
-            let _ = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
-                let mut buf = [0u8; 64];
-                let mut stdin = std::io::stdin();
-                while let Ok(n) = stdin.read(&mut buf) {
-                    if n == 0 || !input.write_all(&buf[..n], Duration::from_secs(3600)) {
-                        break;
+            let _ = std::thread::Builder::new()
+                .name("serial-stdin".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 64];
+                    let mut stdin = std::io::stdin();
+                    while let Ok(n) = stdin.read(&mut buf) {
+                        if n == 0 || !input.write_all(&buf[..n], Duration::from_secs(3600)) {
+                            break;
+                        }
                     }
-                }
-            });
+                });
         }
         Ok(())
     }
@@ -346,7 +405,9 @@ impl Vm {
 
     /// A handle that feeds bytes to the guest's COM1 input.
     pub fn serial_input(&self) -> SerialInput {
-        SerialInput { shared: self.shared.clone() }
+        SerialInput {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Stops the VM from the host side (vCPU threads end; [`Vm::wait_exit`] then returns
@@ -363,7 +424,8 @@ impl Vm {
     /// Waits for the VM to end and joins its vCPU threads. Guest reset/shutdown and host stop
     /// are `Ok`; a KVM internal error (emulation failure) or failed entry is an `Err`.
     pub fn wait_exit(&mut self) -> Result<ExitReason, VmError> {
-        self.wait_exit_timeout(None)?.ok_or(VmError::State("unreachable: no timeout"))
+        self.wait_exit_timeout(None)?
+            .ok_or(VmError::State("unreachable: no timeout"))
     }
 
     /// Like [`Vm::wait_exit`] but gives up after `timeout` with `Ok(None)` (the VM keeps
@@ -388,7 +450,12 @@ impl Vm {
                 }
                 None => Duration::from_secs(1),
             };
-            st = self.shared.cond.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         let outcome = st.outcome.take();
         // Keep the VM marked as ended for controllers.

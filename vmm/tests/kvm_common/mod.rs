@@ -9,7 +9,10 @@ use iced_x86::BlockEncoderOptions;
 
 /// Fails (never skips) when /dev/kvm is not usable.
 pub fn require_kvm() {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
     if let Err(e) = f {
         panic!(
             "/dev/kvm is not usable ({e}): these tests need KVM. Enable hardware virtualization \
@@ -32,7 +35,9 @@ pub struct Asm {
 /// Assembles `f`'s instructions at `base`; returns bytes and the addresses of `labels`.
 pub fn assemble(
     base: u64,
-    f: impl FnOnce(&mut CodeAssembler) -> Result<Vec<iced_x86::code_asm::CodeLabel>, iced_x86::IcedError>,
+    f: impl FnOnce(
+        &mut CodeAssembler,
+    ) -> Result<Vec<iced_x86::code_asm::CodeLabel>, iced_x86::IcedError>,
 ) -> (Vec<u8>, Vec<u64>) {
     let mut a = CodeAssembler::new(64).unwrap();
     let labels = f(&mut a).unwrap();

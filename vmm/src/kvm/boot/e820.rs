@@ -1,6 +1,6 @@
 //! The e820 memory map the guest gets (zero page or PVH memmap).
 
-use crate::kvm::layout::{BIOS_START, EBDA_START, HIMEM_START};
+use crate::kvm::layout::{EBDA_START, HIMEM_START};
 
 /// e820 type: usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -19,7 +19,7 @@ pub struct E820Entry {
 }
 
 /// Builds the map: RAM from `regions`, minus the EBDA/legacy hole (reserved: EBDA with the MP
-/// table, BIOS ROM area) and minus the patch `arena` (reserved). Sorted by address.
+/// table, VGA hole, BIOS area with the ACPI tables) and minus the patch `arena` (reserved). Sorted by address.
 pub fn build_e820(regions: &[(u64, u64)], arena: Option<(u64, u64)>) -> Vec<E820Entry> {
     let mut holes: Vec<(u64, u64)> = vec![(EBDA_START, HIMEM_START)];
     if let Some((a, l)) = arena {
@@ -43,16 +43,25 @@ pub fn build_e820(regions: &[(u64, u64)], arena: Option<(u64, u64)>) -> Vec<E820
                 })
                 .collect();
         }
-        out.extend(
-            pieces
-                .into_iter()
-                .map(|(s, e)| E820Entry { addr: s, size: e - s, kind: E820_RAM }),
-        );
+        out.extend(pieces.into_iter().map(|(s, e)| E820Entry {
+            addr: s,
+            size: e - s,
+            kind: E820_RAM,
+        }));
     }
-    out.push(E820Entry { addr: EBDA_START, size: 0xa0000 - EBDA_START, kind: E820_RESERVED });
-    out.push(E820Entry { addr: BIOS_START, size: HIMEM_START - BIOS_START, kind: E820_RESERVED });
+    // EBDA (MP table), VGA hole and BIOS area (ACPI tables) as one reserved range, as PVH
+    // kernels reserve 640K-1M themselves and merge it with ours.
+    out.push(E820Entry {
+        addr: EBDA_START,
+        size: HIMEM_START - EBDA_START,
+        kind: E820_RESERVED,
+    });
     if let Some((a, l)) = arena {
-        out.push(E820Entry { addr: a, size: l, kind: E820_RESERVED });
+        out.push(E820Entry {
+            addr: a,
+            size: l,
+            kind: E820_RESERVED,
+        });
     }
     out.sort_by_key(|e| e.addr);
     out
@@ -67,8 +76,7 @@ mod tests {
         let m = build_e820(&[(0, 512 << 20)], Some(((510 << 20), 2 << 20)));
         let want = [
             (0, 0x9fc00, E820_RAM),
-            (0x9fc00, 0x400, E820_RESERVED),
-            (0xf0000, 0x10000, E820_RESERVED),
+            (0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED),
             (0x100000, (510 << 20) - 0x100000, E820_RAM),
             (510 << 20, 2 << 20, E820_RESERVED),
         ];

@@ -70,7 +70,10 @@ mod tests {
     #[test]
     fn long_mode_code_segment() {
         let s = segment_from_gdt(GDT_LONG[1], 1);
-        assert_eq!((s.selector, s.l, s.db, s.present, s.s, s.type_), (8, 1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (s.selector, s.l, s.db, s.present, s.s, s.type_),
+            (8, 1, 0, 1, 1, 0xb)
+        );
         assert_eq!(s.limit, 0xffff_ffff);
         let d = segment_from_gdt(GDT_PVH[2], 2);
         assert_eq!((d.selector, d.db, d.type_, d.base), (0x10, 1, 3, 0));

@@ -2,6 +2,7 @@
 //! initrd and command line, and the boot data the kernel reads: zero page or PVH start info,
 //! e820 map, MP table, identity page tables, GDT.
 
+pub mod acpi;
 pub mod e820;
 pub mod gdt;
 pub mod mptable;
@@ -25,8 +26,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use self::e820::{E820Entry, E820_RAM};
 use super::error::VmError;
 use super::layout::{
-    CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, PVH_INFO_ADDR, PVH_MEMMAP_ADDR,
-    PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
+    CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR,
+    ZERO_PAGE_ADDR,
 };
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -67,6 +68,8 @@ pub struct LinuxBoot<'a> {
     pub cmdline: &'a str,
     /// e820 map to hand over.
     pub e820: &'a [E820Entry],
+    /// Address of the ACPI RSDP (0 = none).
+    pub rsdp: u64,
 }
 
 /// Validates a command line and turns it into linux-loader's [`Cmdline`].
@@ -86,11 +89,17 @@ pub fn make_cmdline(s: &str) -> Result<Cmdline, VmError> {
 
 fn kernel_kind(path: &Path, f: &mut File) -> Result<bool, VmError> {
     // true = ELF, false = bzImage
-    let io = |source| VmError::KernelFile { path: path.to_owned(), source };
+    let io = |source| VmError::KernelFile {
+        path: path.to_owned(),
+        source,
+    };
     let mut head = [0u8; 0x210];
     let n = read_up_to(f, &mut head).map_err(io)?;
     f.seek(SeekFrom::Start(0)).map_err(io)?;
-    let not = |reason: &str| VmError::NotAKernel { path: path.to_owned(), reason: reason.into() };
+    let not = |reason: &str| VmError::NotAKernel {
+        path: path.to_owned(),
+        reason: reason.into(),
+    };
     if n >= 20 && head[..4] == *b"\x7fELF" {
         if head[4] != 2 || head[5] != 1 || u16::from_le_bytes([head[18], head[19]]) != 62 {
             return Err(not("ELF file is not x86-64 little-endian 64-bit"));
@@ -119,8 +128,10 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 pub fn load_linux(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEntry, VmError> {
     let cmdline = make_cmdline(boot.cmdline)?;
     let kpath = boot.kernel;
-    let mut f = File::open(kpath)
-        .map_err(|source| VmError::KernelFile { path: kpath.to_owned(), source })?;
+    let mut f = File::open(kpath).map_err(|source| VmError::KernelFile {
+        path: kpath.to_owned(),
+        source,
+    })?;
     let is_elf = kernel_kind(kpath, &mut f)?;
     let not = |e: linux_loader::loader::Error| VmError::NotAKernel {
         path: kpath.to_owned(),
@@ -156,28 +167,39 @@ pub fn load_linux(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEnt
         .filter(|&m| m != 0)
         .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
     let initrd = match boot.initrd {
-        Some(p) => Some(load_initrd(mem, p, boot.e820, loaded.kernel_end, initrd_max)?),
+        Some(p) => Some(load_initrd(
+            mem,
+            p,
+            boot.e820,
+            loaded.kernel_end,
+            initrd_max,
+        )?),
         None => None,
     };
 
     match (is_elf, loaded.pvh_boot_cap) {
         (true, PvhBootCapability::PvhEntryPresent(entry)) => {
-            write_pvh_info(mem, boot.e820, initrd, cmdline_len(boot.cmdline))?;
-            Ok(BootEntry { protocol: BootProtocol::Pvh, rip: entry.0 })
+            write_pvh_info(mem, boot.e820, initrd, boot.rsdp)?;
+            Ok(BootEntry {
+                protocol: BootProtocol::Pvh,
+                rip: entry.0,
+            })
         }
         (true, _) => {
-            write_zero_page(mem, None, boot.e820, initrd, boot.cmdline.len())?;
-            Ok(BootEntry { protocol: BootProtocol::Elf64, rip: loaded.kernel_load.0 })
+            write_zero_page(mem, None, boot, initrd)?;
+            Ok(BootEntry {
+                protocol: BootProtocol::Elf64,
+                rip: loaded.kernel_load.0,
+            })
         }
         (false, _) => {
-            write_zero_page(mem, hdr, boot.e820, initrd, boot.cmdline.len())?;
-            Ok(BootEntry { protocol: BootProtocol::BzImage64, rip: loaded.kernel_load.0 + 0x200 })
+            write_zero_page(mem, hdr, boot, initrd)?;
+            Ok(BootEntry {
+                protocol: BootProtocol::BzImage64,
+                rip: loaded.kernel_load.0 + 0x200,
+            })
         }
     }
-}
-
-fn cmdline_len(s: &str) -> usize {
-    s.len()
 }
 
 /// Places the initrd page-aligned at the top of the highest usable RAM below `max_addr`.
@@ -188,7 +210,10 @@ fn load_initrd(
     kernel_end: u64,
     max_addr: u64,
 ) -> Result<(u64, u64), VmError> {
-    let err = |reason: String| VmError::Initrd { path: path.to_owned(), reason };
+    let err = |reason: String| VmError::Initrd {
+        path: path.to_owned(),
+        reason,
+    };
     let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     let size = data.len() as u64;
     let limit = max_addr.saturating_add(1);
@@ -204,18 +229,22 @@ fn load_initrd(
         }
     }
     let addr = best.ok_or_else(|| err(format!("{size} bytes do not fit in guest RAM")))?;
-    mem.write_slice(&data, GuestAddress(addr)).map_err(|e| err(e.to_string()))?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(|e| err(e.to_string()))?;
     Ok((addr, size))
 }
 
 fn write_zero_page(
     mem: &GuestMemoryMmap,
     hdr: Option<setup_header>,
-    e820: &[E820Entry],
+    boot: &LinuxBoot<'_>,
     initrd: Option<(u64, u64)>,
-    cmdline_len: usize,
 ) -> Result<(), VmError> {
-    let mut params = boot_params::default();
+    let (e820, cmdline_len) = (boot.e820, boot.cmdline.len());
+    let mut params = boot_params {
+        acpi_rsdp_addr: boot.rsdp,
+        ..Default::default()
+    };
     if let Some(h) = hdr {
         params.hdr = h;
     }
@@ -233,7 +262,11 @@ fn write_zero_page(
         return Err(VmError::Config("too many e820 entries".into()));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
-        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind };
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
     }
     params.e820_entries = e820.len() as u8;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
@@ -247,11 +280,16 @@ fn write_pvh_info(
     mem: &GuestMemoryMmap,
     e820: &[E820Entry],
     initrd: Option<(u64, u64)>,
-    _cmdline_len: usize,
+    rsdp: u64,
 ) -> Result<(), VmError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820
         .iter()
-        .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 })
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        })
         .collect();
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
@@ -259,13 +297,18 @@ fn write_pvh_info(
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     let mut modules = Vec::new();
     if let Some((paddr, size)) = initrd {
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_ADDR;
-        modules.push(hvm_modlist_entry { paddr, size, ..Default::default() });
+        modules.push(hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        });
     }
     let mut params = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_ADDR));
     params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(PVH_MEMMAP_ADDR));
@@ -283,7 +326,10 @@ mod tests {
     #[test]
     fn cmdline_checks() {
         assert!(make_cmdline("console=ttyS0 quiet").is_ok());
-        assert!(matches!(make_cmdline(&"x".repeat(5000)), Err(VmError::Cmdline(_))));
+        assert!(matches!(
+            make_cmdline(&"x".repeat(5000)),
+            Err(VmError::Cmdline(_))
+        ));
         assert!(matches!(make_cmdline("a\nb"), Err(VmError::Cmdline(_))));
     }
 }

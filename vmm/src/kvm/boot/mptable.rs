@@ -25,7 +25,10 @@ const MP_EXTINT: u8 = 3;
 const IRQ_COUNT: u8 = 24;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the floating pointer structure followed by the MP configuration table, for a table
@@ -83,7 +86,9 @@ pub fn build_mptable(base: u64, vcpus: u8) -> Vec<u8> {
 pub fn write_mptable(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), VmError> {
     let t = build_mptable(EBDA_START, vcpus);
     if EBDA_START + t.len() as u64 > 0xa0000 {
-        return Err(VmError::Config(format!("MP table for {vcpus} vCPUs does not fit the EBDA")));
+        return Err(VmError::Config(format!(
+            "MP table for {vcpus} vCPUs does not fit the EBDA"
+        )));
     }
     mem.write_slice(&t, GuestAddress(EBDA_START))
         .map_err(|e| VmError::Memory(format!("MP table: {e}")))
