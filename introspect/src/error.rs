@@ -185,4 +185,14 @@ pub enum KernelError {
     /// Symbol lookup failure.
     #[error(transparent)]
     Symbol(#[from] SymbolError),
+    /// The guest no longer runs the kernel this model was built for (rebooted?).
+    #[error("kernel model is stale: {what} was {expected:#x}, now {found:#x}")]
+    Stale {
+        /// What changed.
+        what: &'static str,
+        /// Value at open.
+        expected: u64,
+        /// Value now.
+        found: u64,
+    },
 }

@@ -38,7 +38,8 @@ pub struct KernelInfo {
     pub phys_base: u64,
     /// Paging levels (4 or 5).
     pub paging_levels: u8,
-    /// Kernel PGD used for translations.
+    /// Kernel PGD used for translations: `init_top_pgt` (swapper_pg_dir) when it translates
+    /// the kernel like the vCPU's CR3 did, so that it never goes stale.
     pub pgd_pa: u64,
     /// Page-table isolation active (the user half of the PGD pair maps the kernel entry text).
     pub pti: bool,
@@ -85,7 +86,46 @@ fn roots(vcpus: &[VcpuRegs]) -> Vec<PageRoot> {
             out.push(r);
         }
     }
+    // Kernels built without page-table isolation may have a PGD on an odd page: also try the
+    // CR3 with only PCID bits cleared, after all the PTI-style roots.
+    for v in vcpus {
+        if v.cr0 & CR0_PG == 0 || v.efer & EFER_LMA == 0 {
+            continue;
+        }
+        let r = PageRoot {
+            pgd_pa: v.cr3 & paging::ENTRY_ADDR_MASK,
+            levels: if v.la57() { 5 } else { 4 },
+        };
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
     out
+}
+
+/// Switches from a vCPU's (process) PGD to `init_top_pgt` (swapper_pg_dir), which lives as
+/// long as the kernel, if it translates `_text` identically.
+fn stable_root(mem: &dyn PhysMemory, root: PageRoot, symbols: &Symbols, text: u64) -> PageRoot {
+    let Ok(pgt) = symbols
+        .lookup("init_top_pgt", None)
+        .or_else(|_| symbols.lookup("swapper_pg_dir", None))
+    else {
+        return root;
+    };
+    let Ok(pa) = paging::translate(mem, root, pgt) else {
+        return root;
+    };
+    let swapper = PageRoot {
+        pgd_pa: pa & paging::ENTRY_ADDR_MASK,
+        levels: root.levels,
+    };
+    match (
+        paging::translate(mem, root, text),
+        paging::translate(mem, swapper, text),
+    ) {
+        (Ok(a), Ok(b)) if a == b => swapper,
+        _ => root,
+    }
 }
 
 impl Kernel {
@@ -169,6 +209,7 @@ impl Kernel {
         symbols: Symbols,
         report: SlideReport,
     ) -> Kernel {
+        let root = stable_root(mem, root, &symbols, report.text);
         let banner = symbols
             .lookup("linux_banner", None)
             .ok()
@@ -199,6 +240,29 @@ impl Kernel {
             root,
             extras: Extras::default(),
         }
+    }
+
+    /// Cheap check that the model still describes the guest's kernel (e.g. after the guest ran
+    /// or rebooted): `kallsyms_relative_base` still holds `_text` and `_text` still translates
+    /// to the same physical address.
+    pub fn refresh(&self, mem: &dyn PhysMemory) -> Result<(), KernelError> {
+        let rb = mem.read_u64(self.info.kallsyms.relative_base_pa)?;
+        if rb != self.info.text {
+            return Err(KernelError::Stale {
+                what: "kallsyms_relative_base",
+                expected: self.info.text,
+                found: rb,
+            });
+        }
+        let pa = self.translate(mem, self.info.text)?;
+        if pa != self.info.text_pa {
+            return Err(KernelError::Stale {
+                what: "physical address of _text",
+                expected: self.info.text_pa,
+                found: pa,
+            });
+        }
+        Ok(())
     }
 
     /// Summary facts.

@@ -125,10 +125,7 @@ fn check_slide(d: &Dump, k: &Kernel) {
     vcpus.insert(0, garbage);
     let k4 = Kernel::open(&mem, &vcpus).expect("open with user CR3 + garbage CR3");
     assert_eq!(k4.info().text, info.text);
-    assert_eq!(
-        k4.page_root().pgd_pa,
-        d.vcpus[0].cr3 & 0x000f_ffff_ffff_e000
-    );
+    assert_eq!(k4.page_root(), k.page_root());
     // Without IDTR, the fixed cpu_entry_area IDT alias is used.
     let mut vcpus = d.vcpus.clone();
     for v in &mut vcpus {
@@ -181,6 +178,27 @@ fn check_paging(d: &Dump, k: &Kernel) {
     let mem = SliceMemory::flat(&d.ram);
     let root = k.page_root();
     let levels = if d.version == "6.1" { 4 } else { 5 };
+    // The root is swapper_pg_dir (init_top_pgt), not whichever process PGD a vCPU had.
+    let swapper = k.lookup("init_top_pgt", None).unwrap();
+    assert_eq!(Some(root.pgd_pa), k.image_pa(swapper));
+    assert_eq!(k.info().pgd_pa, root.pgd_pa);
+    // Both vCPU roots translate the kernel half the same way.
+    for v in &d.vcpus {
+        let r = introspect::PageRoot::from_regs(v);
+        assert_eq!(
+            introspect::paging::translate(&mem, r, k.text()),
+            Ok(k.info().text_pa)
+        );
+    }
+    k.refresh(&mem).expect("fresh model");
+    let mut moved = d.ram.clone();
+    let rb = k.info().kallsyms.relative_base_pa as usize;
+    moved[rb..rb + 8].copy_from_slice(&(k.text() + 0x20_0000).to_le_bytes());
+    assert!(matches!(
+        k.refresh(&SliceMemory::flat(&moved)),
+        Err(KernelError::Stale { .. })
+    ));
+    drop(moved);
     assert_eq!(root.levels, levels);
     assert_eq!(k.info().paging_levels, levels);
     // These snapshots booted without PTI (the user half of the PGD pair is empty). Cross-check

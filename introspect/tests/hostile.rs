@@ -306,12 +306,13 @@ fn looping_and_out_of_ram_page_tables() {
     let k = Kernel::open(&mem, &d.vcpus).unwrap();
     let root = k.page_root();
     // Every vCPU's PGD has its own copy of the top-level kernel entries: corrupt all of them.
+    // ... and that of swapper_pg_dir, the root the model keeps.
     let slots: Vec<u64> = d
         .vcpus
         .iter()
-        .map(|v| {
-            PageRoot::from_regs(v).pgd_pa + 8 * paging::table_index(k.text(), root.levels) as u64
-        })
+        .map(PageRoot::from_regs)
+        .chain([root])
+        .map(|r| r.pgd_pa + 8 * paging::table_index(k.text(), root.levels) as u64)
         .collect();
     let slot = slots[0];
     let orig = u64::from_le_bytes(d.ram[slot as usize..slot as usize + 8].try_into().unwrap());
