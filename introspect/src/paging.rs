@@ -307,7 +307,12 @@ pub fn mapped_ranges(
                 );
                 let len = (page_va.saturating_add(w.page_size)).min(va_end) - s_va;
                 match out.last_mut() {
-                    Some(m) if m.va + m.len == s_va && m.pa + m.len == s_pa => m.len += len,
+                    Some(m)
+                        if m.va.checked_add(m.len) == Some(s_va)
+                            && m.pa.checked_add(m.len) == Some(s_pa) =>
+                    {
+                        m.len += len
+                    }
                     _ => out.push(Mapping {
                         va: s_va,
                         pa: s_pa,
@@ -627,6 +632,50 @@ mod tests {
                 len
             }]
         );
+    }
+
+    #[test]
+    fn mapped_ranges_merge_and_top_of_address_space() {
+        let mut m = four_level();
+        // PDPT[511] -> PD 0x6000: PD[510] = 2 MiB at 0, PD[511] = 2 MiB at 0x20_0000.
+        put(&mut m, 0x2000 + 8 * 511, 0x6000 | 0x63);
+        put(&mut m, 0x6000 + 8 * 510, 0xe3);
+        put(&mut m, 0x6000 + 8 * 511, 0x20_0000 | 0xe3);
+        let mem = SliceMemory::flat(&m);
+        let root = PageRoot {
+            pgd_pa: 0x1000,
+            levels: 4,
+        };
+        let r = mapped_ranges(&mem, root, 0xffff_ffff_8000_0000, u64::MAX);
+        // 0xffffffff81000000 (2 MiB) and 0xffffffff81200000 (4 KiB pages at 0x5000, 0x7000),
+        // then the merged 4 MiB at the very top.
+        assert_eq!(r.len(), 4, "{r:x?}");
+        assert_eq!(
+            r[0],
+            Mapping {
+                va: 0xffff_ffff_8100_0000,
+                pa: 0x20_0000,
+                len: PAGE_2M
+            }
+        );
+        assert_eq!(
+            r[1],
+            Mapping {
+                va: 0xffff_ffff_8120_0000,
+                pa: 0x5000,
+                len: PAGE_4K
+            }
+        );
+        assert_eq!(
+            r[2],
+            Mapping {
+                va: 0xffff_ffff_8120_1000,
+                pa: 0x7000,
+                len: PAGE_4K
+            }
+        );
+        assert_eq!(r[3].va, 0xffff_ffff_ffc0_0000);
+        assert_eq!((r[3].pa, r[3].len), (0, 2 * PAGE_2M - 1));
     }
 
     #[test]
