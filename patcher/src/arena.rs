@@ -152,7 +152,7 @@ pub struct ArenaInfo {
 }
 
 /// The arena: pages, their use, the mapping.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Arena {
     /// Source.
     pub source: ArenaSource,

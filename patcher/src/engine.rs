@@ -188,13 +188,13 @@ impl<'a> Target<'a> {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct StackEntry {
     patch: String,
     new_addr: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SiteStack {
     func: String,
     site_pa: u64,
@@ -211,7 +211,7 @@ impl SiteStack {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Loaded {
     info: PatchInfo,
     code_run: (usize, usize),
@@ -230,12 +230,14 @@ struct Write {
     what: String,
 }
 
-/// The engine.
-#[derive(Debug, Default)]
+/// The engine. Its whole state is serde-serializable ([`Engine::state`]), so a host process
+/// can persist it and a later one continue ([`Engine::from_state`]).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Engine {
     arena: Option<Arena>,
     patches: Vec<Loaded>,
     sites: BTreeMap<u64, SiteStack>,
+    #[serde(skip)]
     last: OpTiming,
 }
 
@@ -393,6 +395,19 @@ impl Engine {
     /// The arena, once one was set up.
     pub fn arena(&self) -> Option<ArenaInfo> {
         self.arena.as_ref().map(Arena::info)
+    }
+
+    /// The engine state as JSON (arena with what was verified, loaded patches, function
+    /// stacks with the original bytes).
+    pub fn state(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// An engine continuing from [`Engine::state`]. Each later operation re-verifies the
+    /// guest bytes it overwrites, so a stale state fails cleanly instead of corrupting.
+    pub fn from_state(json: &str) -> Result<Engine, PatchError> {
+        serde_json::from_str(json)
+            .map_err(|e| PatchError::Changed(format!("bad engine state: {e}")))
     }
 
     /// Timing of the last successful load or unload.

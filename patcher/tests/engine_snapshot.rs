@@ -103,10 +103,17 @@ fn load_unload_roundtrip(s: &Snapshot) {
     e.unload(&mut g, "cmdline-fix").unwrap();
     assert!(e.list().is_empty());
     assert_ram_eq(&g, &s.ram);
-    // A second load uses a fresh slot (no stale TLB reuse) and works again.
+    // A second load uses a fresh slot (no stale TLB reuse) and works again; the state survives
+    // a round trip through JSON (another host process continues).
     let info2 = e.load(&mut g, &t, &cmdline_patch(), "cmdline.o").unwrap();
     assert_ne!(info2.code.va & !0x1f_ffff, info.code.va & !0x1f_ffff);
-    e.unload(&mut g, "cmdline-fix").unwrap();
+    let mut e2 = Engine::from_state(&e.state()).unwrap();
+    assert_eq!(e2.list(), e.list());
+    e2.unload(&mut g, "cmdline-fix").unwrap();
+    assert_ram_eq(&g, &s.ram);
+    // The stale original engine refuses instead of corrupting (our jmp is gone).
+    let err = e.unload(&mut g, "cmdline-fix").unwrap_err();
+    assert!(err.to_string().contains("verification failed"), "{err}");
     assert_ram_eq(&g, &s.ram);
 }
 
