@@ -376,3 +376,49 @@ fn with_introspect(s: &Snapshot, pg_reserved: u32) {
     assert_ram_eq(&g, &s.ram);
     let _ = mem.regions();
 }
+
+/// 6.12: a function whose ENDBR was sealed (`66 0f 1f 00`) is patched at fn+4, like a kept one.
+#[test]
+fn sealed_endbr_site_6_12() {
+    let s = snap_6_12();
+    let t = target(s);
+    let mut g = s.guest();
+    let p = t.paging;
+    let sealed = s
+        .kallsyms
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, ty, n) = (f.next()?, f.next()?, f.next()?);
+            (ty == "t"
+                && f.next().is_none()
+                && s.syms.addresses(n).len() == 1
+                && !n.starts_with("__pfx_"))
+            .then(|| (u64::from_str_radix(a, 16).ok(), n.to_string()))
+        })
+        .filter_map(|(a, n)| Some((a?, n)))
+        .take(20000)
+        .find(|&(a, _)| {
+            let mut b = [0u8; 9];
+            p.read_virt(&g.ram, a, &mut b).is_ok() && b[..4] == ENDBR_SEALED && b[4..] == NOP5
+        })
+        .expect("a sealed-ENDBR traceable function");
+    let obj = build_c(
+        "sealed",
+        &format!(
+            "static int n(void) {{ return 0; }}\nHVPATCH_FUNC({}, n);",
+            sealed.1
+        ),
+    );
+    let mut e = Engine::new();
+    let info = e.load(&mut g, &t, &obj, "sealed.o").unwrap();
+    assert_eq!(info.functions[0].site, sealed.0 + 4, "{}", sealed.1);
+    assert_eq!(
+        read_virt(&g, &p, sealed.0, 4),
+        ENDBR_SEALED,
+        "ENDBR poison untouched"
+    );
+    assert_eq!(read_virt(&g, &p, sealed.0 + 4, 1), [0xe9]);
+    e.unload(&mut g, "sealed").unwrap();
+    assert_ram_eq(&g, &s.ram);
+}
