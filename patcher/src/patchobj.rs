@@ -22,6 +22,8 @@ const FUNC_RECORD: usize = 32;
 const SYMPOS_RECORD: usize = 16;
 /// Cap on metadata records (hostile input).
 const MAX_RECORDS: usize = 4096;
+/// Largest code or data part (the arena maps at most 2 MiB).
+pub const MAX_PART: u64 = 2 << 20;
 
 /// Errors reading a patch object.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -340,6 +342,11 @@ impl PatchObject {
                 layout.got.insert(si, data_end);
                 data_end = data_end.saturating_add(8);
             }
+        }
+        if code_end > MAX_PART || data_end > MAX_PART {
+            return Err(malformed(format!(
+                "code part {code_end:#x} / data part {data_end:#x} bytes: larger than {MAX_PART:#x}"
+            )));
         }
         layout.code_size = code_end;
         layout.data_size = data_end;

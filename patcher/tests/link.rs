@@ -254,3 +254,65 @@ fn non_patch_inputs_are_refused() {
         let _ = PatchObject::parse(&b[..cut], "cut.o");
     }
 }
+
+/// Corrupted objects (byte flips everywhere, truncations) never panic the parser or linker.
+#[test]
+fn corrupted_objects_never_panic() {
+    let good = build("counter.c", None);
+    let m = map(None);
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut parsed = 0;
+    for i in 0..3000 {
+        let mut b = good.clone();
+        let flips = 1 + (next() % 4) as usize;
+        for _ in 0..flips {
+            let at = (next() % b.len() as u64) as usize;
+            b[at] = next() as u8;
+        }
+        if i % 10 == 0 {
+            b.truncate((next() % b.len() as u64) as usize);
+        }
+        if let Ok(obj) = PatchObject::parse(&b, "fuzz.o") {
+            parsed += 1;
+            let _ = link(&obj, &m, CODE, DATA);
+        }
+    }
+    assert!(
+        parsed > 100,
+        "mutations too destructive to exercise the linker ({parsed})"
+    );
+}
+
+#[test]
+fn build_command_line_has_kernel_flags() {
+    let o = BuildOptions::new("p.c", "p.o");
+    let argv = patcher::build::command_line(&o, std::path::Path::new("/inc"));
+    for f in [
+        "-mcmodel=kernel",
+        "-mno-red-zone",
+        "-mfunction-return=thunk-extern",
+        "-fno-pic",
+        "-I/inc",
+    ] {
+        assert!(argv.iter().any(|a| a == f), "{f} missing in {argv:?}");
+    }
+    assert_eq!(argv.last().map(String::as_str), Some("p.c"));
+    // A compile error is reported with the compiler's message.
+    let d = std::env::temp_dir().join(format!("hvpatch-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("bad.c"), "int f( {").unwrap();
+    let e = compile(&BuildOptions::new(d.join("bad.c"), d.join("bad.o"))).unwrap_err();
+    assert!(e.to_string().contains("error"), "{e}");
+    // A release mismatch between HVPATCH_KERNEL and --kernel-release is refused.
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/c/counter.c");
+    let mut o = BuildOptions::new(&src, d.join("c.o"));
+    o.kernel_release = Some("6.12.117+deb12-cloud-amd64".into());
+    let e = compile(&o).unwrap_err();
+    assert!(e.to_string().contains("6.1.0-56-cloud-amd64"), "{e}");
+}
