@@ -93,7 +93,10 @@ pub fn hvpatch(args: &[&str]) -> Result<CliOutput, HvpatchError> {
     let out = Command::new(&bin)
         .args(args)
         .output()
-        .map_err(|source| HvpatchError::Spawn { cmd: bin.display().to_string(), source })?;
+        .map_err(|source| HvpatchError::Spawn {
+            cmd: bin.display().to_string(),
+            source,
+        })?;
     Ok(CliOutput {
         success: out.status.success(),
         status: out.status.to_string(),
@@ -113,14 +116,21 @@ impl AttachServer {
     /// Starts `hvpatch attach` on `guest`'s gdbstub and RAM file.
     pub fn start(guest: &Guest) -> Result<AttachServer, HvpatchError> {
         let bin = hvpatch_bin()?;
-        let dir = guest.mem_file().parent().map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+        let dir = guest
+            .mem_file()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
         let socket = dir.join(format!("hvpatch-api-{}.sock", std::process::id()));
         let log = dir.join("hvpatch-attach.log");
-        let logf = std::fs::File::create(&log)
-            .map_err(|source| HvpatchError::Spawn { cmd: log.display().to_string(), source })?;
-        let errf = logf
-            .try_clone()
-            .map_err(|source| HvpatchError::Spawn { cmd: log.display().to_string(), source })?;
+        let logf = std::fs::File::create(&log).map_err(|source| HvpatchError::Spawn {
+            cmd: log.display().to_string(),
+            source,
+        })?;
+        let errf = logf.try_clone().map_err(|source| HvpatchError::Spawn {
+            cmd: log.display().to_string(),
+            source,
+        })?;
         let child = Command::new(&bin)
             .arg("attach")
             .arg("--qemu-gdb")
@@ -129,12 +139,18 @@ impl AttachServer {
             .arg(guest.mem_file())
             .arg("--api-socket")
             .arg(&socket)
-            .env("HVPATCH_LOG", std::env::var("HVPATCH_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "HVPATCH_LOG",
+                std::env::var("HVPATCH_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logf)
             .stderr(errf)
             .spawn()
-            .map_err(|source| HvpatchError::Spawn { cmd: bin.display().to_string(), source })?;
+            .map_err(|source| HvpatchError::Spawn {
+                cmd: bin.display().to_string(),
+                source,
+            })?;
         let mut server = AttachServer { child, socket, log };
         let timeout = Duration::from_secs(30);
         let start = Instant::now();
@@ -171,7 +187,11 @@ impl AttachServer {
         if out.success {
             Ok(out.stdout)
         } else {
-            Err(HvpatchError::Failed { args: args.join(" "), status: out.status, stderr: out.stderr })
+            Err(HvpatchError::Failed {
+                args: args.join(" "),
+                status: out.status,
+                stderr: out.stderr,
+            })
         }
     }
 
