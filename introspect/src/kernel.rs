@@ -186,7 +186,9 @@ impl Kernel {
         let ks = kallsyms::decode_at(mem, tt).inspect_err(|e| {
             tracing::debug!("kallsyms candidate at {tt:#x} rejected: {e}");
         })?;
-        let mut last = None;
+        // Report the most telling failure: a disagreement found through a root that maps the
+        // kernel beats "this root does not map _text" (e.g. a PTI user PGD).
+        let mut best: Option<crate::error::SlideError> = None;
         for &root in roots {
             match slide::compute(mem, root, &ks.layout, &ks.symbols, vcpus) {
                 Ok(report) => return Ok(Self::build(mem, root, ks.layout, ks.symbols, report)),
@@ -195,11 +197,16 @@ impl Kernel {
                         "kallsyms candidate at {tt:#x}, root {:#x}: {e}",
                         root.pgd_pa
                     );
-                    last = Some(e);
+                    let paging = |e: &crate::error::SlideError| {
+                        matches!(e, crate::error::SlideError::Paging { .. })
+                    };
+                    if best.as_ref().is_none_or(|b| paging(b) && !paging(&e)) {
+                        best = Some(e);
+                    }
                 }
             }
         }
-        Err(last.map_or(KernelError::NoLongModeVcpu, KernelError::from))
+        Err(best.map_or(KernelError::NoLongModeVcpu, KernelError::from))
     }
 
     fn build(

@@ -27,9 +27,17 @@ pub struct Dump {
     pub uname: String,
     /// ps output.
     pub ps: String,
+    /// /proc/cmdline.
+    pub cmdline: String,
 }
 
 fn dir(version: &str) -> PathBuf {
+    if let Some(v) = version.strip_suffix("-pti") {
+        return PathBuf::from(
+            std::env::var("HVPATCH_DUMPS_PTI").unwrap_or_else(|_| "/tmp/hvpatch-dumps-pti".into()),
+        )
+        .join(v);
+    }
     PathBuf::from(std::env::var("HVPATCH_DUMPS").unwrap_or_else(|_| "/tmp/hvpatch-dumps".into()))
         .join(version)
 }
@@ -38,8 +46,12 @@ fn read(version: &str, file: &str) -> Vec<u8> {
     let p = dir(version).join(file);
     std::fs::read(&p).unwrap_or_else(|e| {
         panic!(
-            "missing guest snapshot file {} ({e}): run `python3 /tmp/hvpatch-dumps/dump.py {version}` to make it",
-            p.display()
+            "missing guest snapshot file {} ({e}): run `{}` to make it",
+            p.display(),
+            match version.strip_suffix("-pti") {
+                Some(v) => format!("python3 introspect/tests/dump_pti.py {v}"),
+                None => format!("python3 /tmp/hvpatch-dumps/dump.py {version}"),
+            }
         )
     })
 }
@@ -60,6 +72,7 @@ fn load(version: &'static str) -> Dump {
         stacks: text("stacks.txt"),
         uname: text("uname.txt"),
         ps: text("ps.txt"),
+        cmdline: text("cmdline.txt"),
     }
 }
 
@@ -73,4 +86,11 @@ pub fn dump_6_1() -> &'static Dump {
 pub fn dump_6_12() -> &'static Dump {
     static D: OnceLock<Dump> = OnceLock::new();
     D.get_or_init(|| load("6.12"))
+}
+
+/// The 6.12 snapshot booted with `pti=on`, one vCPU caught in user mode
+/// (`python3 introspect/tests/dump_pti.py 6.12`).
+pub fn dump_6_12_pti() -> &'static Dump {
+    static D: OnceLock<Dump> = OnceLock::new();
+    D.get_or_init(|| load("6.12-pti"))
 }
