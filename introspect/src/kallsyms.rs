@@ -43,7 +43,7 @@ const WINDOWS: [(u64, u64); 2] = [(4 << 20, 4 << 20), (64 << 20, 64 << 20)];
 /// The two table orders of `scripts/kallsyms.c`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum TableOrder {
-    /// offsets, relative_base, num_syms, names, markers, [seqs_of_names], token_table,
+    /// offsets, relative_base, num_syms, names, markers, (seqs_of_names), token_table,
     /// token_index (6.1 and older).
     Old,
     /// num_syms, names, markers, token_table, token_index, offsets, relative_base,

@@ -24,7 +24,7 @@ const BANNER_MAX: usize = 512;
 /// Summary facts about the guest kernel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KernelInfo {
-    /// `uname -r`, from `linux_banner` ("Linux version <release> ...").
+    /// `uname -r`, from `linux_banner` (`"Linux version <release> ..."`).
     pub release: Option<String>,
     /// The whole `linux_banner` line.
     pub banner: Option<String>,
