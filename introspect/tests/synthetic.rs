@@ -103,3 +103,12 @@ fn crafted_names_search_is_bounded() {
         r.err().unwrap()
     );
 }
+
+/// The model can be shared across threads (API server, engine).
+#[test]
+fn kernel_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<introspect::Kernel>();
+    check::<introspect::Symbols>();
+    check::<introspect::KernelInfo>();
+}
