@@ -1,7 +1,8 @@
 //! Early boot of the stock Debian kernels (6.1, 6.12; bzImage and vmlinux) under our VMM on
 //! this machine's /dev/kvm, bounded in time. The guest's own console is the ground truth: it
 //! must echo our command line, print an e820 map equal to the one we built (patch arena
-//! reserved), detect KVM, and count the CPUs of our MP table.
+//! reserved), detect KVM, and count the CPUs of our ACPI MADT (Debian's kernels are built
+//! without MP-table parsing).
 
 mod kvm_common;
 
@@ -108,11 +109,17 @@ fn early_boot(kernel_rel: &str) {
         ("KVM detected", &|c: &str| {
             c.contains("Hypervisor detected: KVM")
         }),
-        ("2 CPUs from the MP table", &|c: &str| {
-            c.contains("smpboot: Allowing 2 CPUs") || c.contains("Processor #1")
+        // 6.1 prints "smpboot: Allowing 2 CPUs", 6.12 "CPU topo: Allowing 2 present CPUs";
+        // Debian's kernels lack CONFIG_X86_MPPARSE, so the count comes from our MADT.
+        ("2 CPUs from our MADT", &|c: &str| {
+            c.contains("smpboot: Allowing 2 CPUs")
+                || c.contains("CPU topo: Allowing 2 present CPUs")
+                || c.contains("Processor #1")
         }),
     ];
-    let limit = Duration::from_secs(55);
+    // Measured on the 2-core emulating-KVM CI machine: all seen after 42-90 s depending on load (the kernel runs
+    // ~1.5 M instr/s there); on VT-x/AMD-V hosts after ~1 s.
+    let limit = Duration::from_secs(180);
     let mut console = String::new();
     let mut exit = None;
     while t0.elapsed() < limit && seen.len() < checks.len() {
