@@ -9,8 +9,7 @@ use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
 use serde_json::Value;
 
 /// Renders every task's /proc/PID/stack as "== PID COMM" blocks.
-const PROC_STACKS: &str =
-    r#"for p in /proc/[0-9]*; do echo "== ${p#/proc/} $(cat $p/comm)"; cat $p/stack; done 2>/dev/null"#;
+const PROC_STACKS: &str = r#"for p in /proc/[0-9]*; do echo "== ${p#/proc/} $(cat $p/comm)"; cat $p/stack; done 2>/dev/null"#;
 
 /// Parses "== PID COMM" blocks into pid → stack lines.
 fn parse_stacks(text: &str) -> BTreeMap<i64, Vec<String>> {
@@ -20,17 +19,31 @@ fn parse_stacks(text: &str) -> BTreeMap<i64, Vec<String>> {
         .collect()
 }
 
+/// Boots `series`; 6.1 runs with `pti=on` (the emulated CPU is not Meltdown-affected, so PTI is
+/// otherwise off) so both the PTI and the non-PTI address-space layouts are covered.
 fn boot(series: KernelSeries) -> Guest {
-    Guest::boot(GuestSpec::new(series)).unwrap_or_else(|e| panic!("booting {series:?}: {e}"))
+    let mut spec = GuestSpec::new(series);
+    if series == KernelSeries::V6_1 {
+        spec = spec.cmdline("pti=on");
+    }
+    Guest::boot(spec).unwrap_or_else(|e| panic!("booting {series:?}: {e}"))
 }
 
 /// Every line of `hvpatch inspect symbols` equals /proc/kallsyms: count, address, type, name.
 fn check_symbols(g: &mut Guest, srv: &AttachServer) {
-    let proc = g.run_bulk("cat /proc/kallsyms").expect("cat /proc/kallsyms");
-    let ours = srv.cli_ok(&["inspect", "symbols"]).expect("inspect symbols");
+    let proc = g
+        .run_bulk("cat /proc/kallsyms")
+        .expect("cat /proc/kallsyms");
+    let ours = srv
+        .cli_ok(&["inspect", "symbols"])
+        .expect("inspect symbols");
     let p: Vec<&str> = proc.lines().map(str::trim_end).collect();
     let o: Vec<&str> = ours.lines().collect();
-    assert!(p.len() > 80_000, "/proc/kallsyms has only {} lines", p.len());
+    assert!(
+        p.len() > 80_000,
+        "/proc/kallsyms has only {} lines",
+        p.len()
+    );
     assert!(
         !p.iter().any(|l| l.starts_with("0000000000000000 T")),
         "/proc/kallsyms shows zeroed addresses: not read as root?"
@@ -54,7 +67,12 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
     let procs: BTreeMap<i64, String> = tasks
         .iter()
         .filter(|t| t["pid"] == t["tgid"] && t["is_idle"] != Value::Bool(true))
-        .map(|t| (t["pid"].as_i64().unwrap(), t["comm"].as_str().unwrap().to_string()))
+        .map(|t| {
+            (
+                t["pid"].as_i64().unwrap(),
+                t["comm"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let rows = introspect::tasks::parse_ps(&ps);
     assert!(rows.len() > 20, "ps printed too few rows:\n{ps}");
@@ -62,7 +80,9 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
     let mut errors = Vec::new();
     for (pid, comm, _) in rows.iter().filter(|r| Some(r.0 as i64) != ps_pid) {
         match procs.get(&(*pid as i64)) {
-            None => errors.push(format!("pid {pid} ({comm}) in ps, not in hvpatch's task list")),
+            None => errors.push(format!(
+                "pid {pid} ({comm}) in ps, not in hvpatch's task list"
+            )),
             // ps shows workqueue workers as `comm-<wq>` truncated to 15 characters.
             Some(c) if c != comm && !(comm.starts_with(&format!("{c}-")) && comm.len() == 15) => {
                 errors.push(format!("pid {pid}: ps comm {comm}, hvpatch comm {c}"))
@@ -72,15 +92,25 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
     }
     for (pid, comm) in &procs {
         if !rows.iter().any(|r| r.0 as i64 == *pid) {
-            errors.push(format!("pid {pid} ({comm}) in hvpatch's task list, not in ps"));
+            errors.push(format!(
+                "pid {pid} ({comm}) in hvpatch's task list, not in ps"
+            ));
         }
     }
-    assert!(errors.is_empty(), "task list differs from ps:\n{}\nps:\n{ps}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "task list differs from ps:\n{}\nps:\n{ps}",
+        errors.join("\n")
+    );
 
     // Stacks: every task whose /proc/PID/stack was the same before and after our snapshot was
     // asleep in the same place throughout: ours must equal it line for line.
-    let ours: BTreeMap<i64, &Value> =
-        stacks["tasks"].as_array().expect("tasks").iter().map(|t| (t["pid"].as_i64().unwrap(), &t["stack"])).collect();
+    let ours: BTreeMap<i64, &Value> = stacks["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| (t["pid"].as_i64().unwrap(), &t["stack"]))
+        .collect();
     let mut compared = Vec::new();
     let mut errors = Vec::new();
     for (pid, lines) in &before {
@@ -88,17 +118,28 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
             continue;
         }
         let Some(st) = ours.get(pid) else { continue };
-        let view: Vec<String> =
-            st["proc"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+        let view: Vec<String> = st["proc"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_string())
+            .collect();
         if let Err(e) = introspect::stack::compare_with_proc(&view, lines) {
             errors.push(format!("pid {pid}: {e}"));
         }
         if st["reliable"] != Value::Bool(true) {
-            errors.push(format!("pid {pid}: sleeping task's stack unreliable: {}", st["reason"]));
+            errors.push(format!(
+                "pid {pid}: sleeping task's stack unreliable: {}",
+                st["reason"]
+            ));
         }
         compared.push(*pid);
     }
-    assert!(errors.is_empty(), "stacks differ from /proc/PID/stack:\n{}", errors.join("\n\n"));
+    assert!(
+        errors.is_empty(),
+        "stacks differ from /proc/PID/stack:\n{}",
+        errors.join("\n\n")
+    );
     for (pid, what) in parked {
         assert!(
             compared.contains(&(*pid as i64)),
@@ -110,7 +151,11 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
             "parked task {pid} is not where it was parked ({what}): {lines:?}"
         );
     }
-    assert!(compared.len() >= 20, "only {} sleeping tasks compared", compared.len());
+    assert!(
+        compared.len() >= 20,
+        "only {} sleeping tasks compared",
+        compared.len()
+    );
 }
 
 /// vCPUs: idle, user mode and kernel mode are told apart; kernel and idle stacks are reliable
@@ -120,7 +165,9 @@ fn check_vcpus(g: &mut Guest, srv: &AttachServer) {
     let sample = |seen: &mut BTreeMap<String, Vec<Value>>| {
         let v = srv.json(&["inspect", "vcpus"]).expect("inspect vcpus");
         for c in v.as_array().unwrap() {
-            seen.entry(c["mode"].as_str().unwrap_or("?").to_string()).or_insert_with(Vec::new).push(c.clone());
+            seen.entry(c["mode"].as_str().unwrap_or("?").to_string())
+                .or_insert_with(Vec::new)
+                .push(c.clone());
         }
     };
     for _ in 0..3 {
@@ -131,10 +178,15 @@ fn check_vcpus(g: &mut Guest, srv: &AttachServer) {
         sample(&mut seen);
     }
     g.run(&format!("kill {spin}")).unwrap();
-    let busy = g.spawn("while :; do cat /proc/kallsyms >/dev/null; done").expect("kernel loop");
+    let busy = g
+        .spawn("while :; do cat /proc/kallsyms >/dev/null; done")
+        .expect("kernel loop");
     for _ in 0..12 {
         sample(&mut seen);
-        if seen.get("RunningKernel").is_some_and(|v| v.iter().any(|c| c["stack"]["reliable"] == Value::Bool(true))) {
+        if seen.get("RunningKernel").is_some_and(|v| {
+            v.iter()
+                .any(|c| c["stack"]["reliable"] == Value::Bool(true))
+        }) {
             break;
         }
     }
@@ -143,20 +195,50 @@ fn check_vcpus(g: &mut Guest, srv: &AttachServer) {
     let idle = seen.get("Idle").expect("no vCPU was ever seen idle");
     for c in idle {
         let st = &c["stack"];
-        assert_eq!(st["reliable"], Value::Bool(true), "idle vCPU stack unreliable: {c}");
-        let frames: Vec<&str> = st["frames"].as_array().unwrap().iter().map(|f| f["symbol"].as_str().unwrap()).collect();
-        assert!(frames.iter().any(|f| f.starts_with("do_idle+")), "idle stack without do_idle: {frames:?}");
+        assert_eq!(
+            st["reliable"],
+            Value::Bool(true),
+            "idle vCPU stack unreliable: {c}"
+        );
+        let frames: Vec<&str> = st["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["symbol"].as_str().unwrap())
+            .collect();
+        assert!(
+            frames.iter().any(|f| f.starts_with("do_idle+")),
+            "idle stack without do_idle: {frames:?}"
+        );
     }
-    let user = seen.get("User").expect("no vCPU was ever seen in user mode while `spin` ran");
-    assert!(user.iter().all(|c| c["cpl"] == 3), "user-mode vCPU not at CPL 3: {user:?}");
-    let kernel = seen.get("RunningKernel").expect("no vCPU was ever seen running kernel code");
-    let reliable: Vec<&Value> = kernel.iter().filter(|c| c["stack"]["reliable"] == Value::Bool(true)).collect();
-    assert!(!reliable.is_empty(), "no kernel-mode vCPU stack was reliable: {kernel:?}");
+    let user = seen
+        .get("User")
+        .expect("no vCPU was ever seen in user mode while `spin` ran");
+    assert!(
+        user.iter().all(|c| c["cpl"] == 3),
+        "user-mode vCPU not at CPL 3: {user:?}"
+    );
+    let kernel = seen
+        .get("RunningKernel")
+        .expect("no vCPU was ever seen running kernel code");
+    let reliable: Vec<&Value> = kernel
+        .iter()
+        .filter(|c| c["stack"]["reliable"] == Value::Bool(true))
+        .collect();
+    assert!(
+        !reliable.is_empty(),
+        "no kernel-mode vCPU stack was reliable: {kernel:?}"
+    );
     for c in reliable {
         let frames = c["stack"]["frames"].as_array().unwrap();
-        let last = frames.last().and_then(|f| f["symbol"].as_str()).unwrap_or("");
+        let last = frames
+            .last()
+            .and_then(|f| f["symbol"].as_str())
+            .unwrap_or("");
         assert!(
-            last.starts_with("entry_SYSCALL_64") || last.starts_with("asm_") || last.starts_with("ret_from_fork"),
+            last.starts_with("entry_SYSCALL_64")
+                || last.starts_with("asm_")
+                || last.starts_with("ret_from_fork"),
             "reliable kernel-mode stack does not end at an entry point: {c}"
         );
     }
@@ -174,9 +256,19 @@ fn introspection_matches_guest(series: KernelSeries) {
     std::thread::sleep(Duration::from_secs(2));
     let srv = AttachServer::start(&g).expect("hvpatch attach");
     let kernel = srv.json(&["inspect", "kernel"]).expect("inspect kernel");
-    assert_eq!(kernel["release"].as_str(), Some(g.kernel().release.as_str()), "release: {kernel}");
-    assert_eq!(kernel["paging_levels"], if series == KernelSeries::V6_12 { 5 } else { 4 });
-    assert_ne!(kernel["slide"], 0, "KASLR is on, the slide cannot be 0: {kernel}");
+    assert_eq!(
+        kernel["release"].as_str(),
+        Some(g.kernel().release.as_str()),
+        "release: {kernel}"
+    );
+    assert_eq!(
+        kernel["paging_levels"],
+        if series == KernelSeries::V6_12 { 5 } else { 4 }
+    );
+    assert_ne!(
+        kernel["slide"], 0,
+        "KASLR is on, the slide cannot be 0: {kernel}"
+    );
     check_symbols(&mut g, &srv);
     check_tasks_and_stacks(&mut g, &srv, &parked);
     check_vcpus(&mut g, &srv);
