@@ -34,14 +34,14 @@ use crate::symbols::SymbolSource;
 pub enum PatchError {
     /// The object is not a valid patch.
     #[error(transparent)]
-    Object(#[from] ObjectError),
+    Object(#[from] Box<ObjectError>),
     /// Linking failed.
     #[error("{patch}: {source}")]
     Link {
         /// Patch name.
         patch: String,
         /// The error.
-        source: LinkError,
+        source: Box<LinkError>,
     },
     /// A patch of that name is loaded.
     #[error("a patch named {0} is already loaded")]
@@ -436,7 +436,7 @@ impl Engine {
         file_name: &str,
     ) -> Result<PatchInfo, PatchError> {
         let t0 = Instant::now();
-        let obj = PatchObject::parse(object, file_name)?;
+        let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
         if self.patches.iter().any(|p| p.info.name == obj.name) {
             return Err(PatchError::AlreadyLoaded(obj.name));
         }
@@ -483,7 +483,7 @@ impl Engine {
         let linked =
             link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
                 patch: obj.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
 
         // Entry sites.

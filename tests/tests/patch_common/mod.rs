@@ -28,7 +28,10 @@ pub struct RamFile {
 
 impl PhysMemory for RamFile {
     fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        let err = MemError::OutOfRange { pa, len: buf.len() as u64 };
+        let err = MemError::OutOfRange {
+            pa,
+            len: buf.len() as u64,
+        };
         let end = pa.checked_add(buf.len() as u64).ok_or(err.clone())?;
         if end > self.size {
             return Err(err);
@@ -52,7 +55,8 @@ pub struct QemuCtl {
 
 fn qmp(path: &Path, cmd: &str, args: Value) -> Result<Value, GuestError> {
     let s = UnixStream::connect(path).map_err(be)?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).map_err(be)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(be)?;
     let mut w = s.try_clone().map_err(be)?;
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -81,7 +85,10 @@ fn qmp(path: &Path, cmd: &str, args: Value) -> Result<Value, GuestError> {
 
 fn hex_after(block: &str, key: &str) -> Option<u64> {
     let i = block.find(key)? + key.len();
-    let h: String = block[i..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    let h: String = block[i..]
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
     u64::from_str_radix(&h, 16).ok()
 }
 
@@ -90,12 +97,16 @@ impl QemuCtl {
     pub fn connect(gdb_sock: &Path, mem_file: &Path, mem_size: u64) -> Result<QemuCtl, GuestError> {
         let qmp_path = gdb_sock.with_file_name("qmp.sock");
         let gdb = UnixStream::connect(gdb_sock).map_err(be)?;
-        gdb.set_read_timeout(Some(Duration::from_secs(20))).map_err(be)?;
+        gdb.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(be)?;
         let file = File::open(mem_file).map_err(be)?;
         let mut c = QemuCtl {
             qmp: qmp_path,
             gdb,
-            mem: RamFile { file, size: mem_size },
+            mem: RamFile {
+                file,
+                size: mem_size,
+            },
             paused: true,
             vcpus: 0,
             regs: None,
@@ -150,7 +161,11 @@ impl QemuCtl {
     }
 
     fn read_regs(&mut self) -> Result<Vec<VcpuRegs>, GuestError> {
-        let out = qmp(&self.qmp, "human-monitor-command", json!({"command-line": "info registers -a"}))?;
+        let out = qmp(
+            &self.qmp,
+            "human-monitor-command",
+            json!({"command-line": "info registers -a"}),
+        )?;
         let text = out.as_str().unwrap_or_default().to_string();
         let v: Vec<VcpuRegs> = text
             .split("CPU#")
@@ -211,7 +226,10 @@ impl GuestControl for QemuCtl {
         if self.regs.is_none() {
             self.regs = Some(self.read_regs()?);
         }
-        self.regs.as_ref().and_then(|r| r.get(vcpu).copied()).ok_or(GuestError::NoSuchVcpu(vcpu))
+        self.regs
+            .as_ref()
+            .and_then(|r| r.get(vcpu).copied())
+            .ok_or(GuestError::NoSuchVcpu(vcpu))
     }
     fn memory(&self) -> &dyn PhysMemory {
         &self.mem
@@ -221,7 +239,10 @@ impl GuestControl for QemuCtl {
             return Err(GuestError::NotPaused);
         }
         if !matches!(pa.checked_add(data.len() as u64), Some(e) if e <= self.mem.size) {
-            return Err(GuestError::WriteOutOfRange { pa, len: data.len() });
+            return Err(GuestError::WriteOutOfRange {
+                pa,
+                len: data.len(),
+            });
         }
         for (i, chunk) in data.chunks(1024).enumerate() {
             let a = pa + (i * 1024) as u64;
