@@ -306,6 +306,25 @@ pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchEr
     Ok(rel.to_string())
 }
 
+/// Names a dynamically allocated ftrace ops trampoline: ftrace copies `ftrace_caller` or
+/// `ftrace_regs_caller` into module space (`create_trampoline()`), so its first bytes match.
+fn ftrace_trampoline(mem: &dyn PhysMemory, t: &Target, addr: u64) -> Option<String> {
+    let mut here = [0u8; 24];
+    t.paging.read_virt(mem, addr, &mut here).ok()?;
+    for name in ["ftrace_regs_caller", "ftrace_caller"] {
+        let Some(&orig) = t.symbols.addresses(name).first() else {
+            continue;
+        };
+        let mut b = [0u8; 24];
+        if t.paging.read_virt(mem, orig, &mut b).is_ok() && b == here {
+            return Some(format!(
+                "{name} (a copy: ftrace ops trampoline at {addr:#x})"
+            ));
+        }
+    }
+    None
+}
+
 fn read(mem: &dyn PhysMemory, pa: u64, len: usize) -> Result<Vec<u8>, PatchError> {
     let mut b = vec![0u8; len];
     mem.read_phys(pa, &mut b)
@@ -521,7 +540,12 @@ impl Engine {
                 None => (NOP5, Some(NOP5)),
             };
             if cur != expect {
-                let sym = |a: u64| t.symbols.symbolize(a).map(|(n, o)| format!("{n}+{o:#x}"));
+                let sym = |a: u64| {
+                    t.symbols
+                        .symbolize(a)
+                        .map(|(n, o)| format!("{n}+{o:#x}"))
+                        .or_else(|| ftrace_trampoline(mem, t, a))
+                };
                 let owner = site::classify(site, &cur, &sym);
                 let what = match owner {
                     SiteOwner::Unexpected if self.sites.contains_key(&site) => {

@@ -380,7 +380,11 @@ fn refused(series: KernelSeries) {
         &mut e,
         &show_patch("cmdline-fix", &[("cmdline_proc_show", "patched")]),
         "cmdline.o",
-        &["ftrace", "cmdline_proc_show"],
+        &[
+            "owned by ftrace",
+            "ftrace ops trampoline",
+            "cmdline_proc_show",
+        ],
     );
     assert_same(
         &r.snapshot(),
