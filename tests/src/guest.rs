@@ -598,6 +598,13 @@ impl Guest {
         self.child.id()
     }
 
+    /// Kills QEMU with SIGKILL now (to test how clients cope with a vanishing guest). The
+    /// [`Guest`] stays usable for its paths and transcript.
+    pub fn kill_qemu(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -1,0 +1,231 @@
+//! QEMU attach backend (`vmm::attach::QemuAttach`) on booted 6.1 and 6.12 guests: pause and
+//! registers, pause/resume while the guest works, physical writes seen by the guest, hardware
+//! breakpoints reported with vCPU and RIP, wait timeouts, and QEMU vanishing underneath.
+
+use std::time::{Duration, Instant};
+
+use harness::{Guest, GuestSpec, KernelSeries};
+use introspect::PhysMemory;
+use patcher::{GuestControl, GuestError, GuestEvent};
+use vmm::attach::QemuAttach;
+
+/// Address of `name` from the guest's own /proc/kallsyms.
+fn ksym(g: &mut Guest, name: &str) -> u64 {
+    let out = g
+        .run(&format!(
+            "awk '$3 == \"{name}\" {{ print $1; exit }}' /proc/kallsyms"
+        ))
+        .unwrap();
+    let addr = out
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("{name} not in kallsyms"));
+    u64::from_str_radix(addr, 16).unwrap()
+}
+
+fn check_regs(series: KernelSeries, g: &mut Guest, a: &mut QemuAttach) {
+    let stext = ksym(g, "_stext");
+    let etext = ksym(g, "_etext");
+    a.pause().unwrap();
+    assert!(a.is_paused());
+    assert_eq!(a.vcpu_count(), 2);
+    for vcpu in 0..2 {
+        let r = a.regs(vcpu).unwrap();
+        eprintln!(
+            "{series:?} vCPU{vcpu}: rip {:#x} cs {:#x} cr3 {:#x} cr4 {:#x}",
+            r.rip, r.cs, r.cr3, r.cr4
+        );
+        assert_eq!(r.la57(), series.la57(), "CR4.LA57 on vCPU{vcpu}");
+        assert_ne!(r.cr3 & !0xfff, 0, "CR3");
+        assert_ne!(r.cr0 & (1 << 31), 0, "CR0.PG");
+        assert_ne!(r.efer & (1 << 10), 0, "EFER.LMA");
+        match r.cpl() {
+            0 => {
+                assert!(
+                    (stext..etext).contains(&r.rip),
+                    "kernel RIP {:#x} outside text",
+                    r.rip
+                );
+                assert!(
+                    r.gs_base >= 0xff00_0000_0000_0000,
+                    "kernel GS base {:#x}",
+                    r.gs_base
+                );
+            }
+            3 => assert!(r.rip < 0x0100_0000_0000_0000, "user RIP {:#x}", r.rip),
+            cpl => panic!("CPL {cpl}"),
+        }
+        assert_eq!(r.lstar, None);
+    }
+    assert!(matches!(a.regs(2), Err(GuestError::NoSuchVcpu(2))));
+    a.resume().unwrap();
+    assert!(matches!(a.regs(0), Err(GuestError::NotPaused)));
+}
+
+fn pause_resume_loop(g: &mut Guest, a: &mut QemuAttach) {
+    for i in 0..5 {
+        a.pause().unwrap();
+        let r0 = a.regs(0).unwrap();
+        assert_ne!(r0.cr3, 0);
+        a.resume().unwrap();
+        assert_eq!(
+            g.run(&format!("echo round{i}")).unwrap(),
+            format!("round{i}\n")
+        );
+    }
+}
+
+fn find_all(mem: &dyn PhysMemory, needle: &[u8], page_aligned: bool) -> Vec<u64> {
+    let mut hits = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for (start, len) in mem.regions() {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            mem.read_phys(start + off, &mut buf[..n]).unwrap();
+            if page_aligned {
+                for p in (0..n).step_by(4096) {
+                    if buf[p..].starts_with(needle) {
+                        hits.push(start + off + p as u64);
+                    }
+                }
+            } else {
+                for (i, w) in buf[..n].windows(needle.len()).enumerate() {
+                    if w == needle {
+                        hits.push(start + off + i as u64);
+                    }
+                }
+            }
+            off += n as u64;
+        }
+    }
+    hits
+}
+
+fn write_phys_seen_by_guest(g: &mut Guest, a: &mut QemuAttach) {
+    // Page 2 of a tmpfs file starts with a marker that is never typed in one piece.
+    g.run("{ head -c 4096 /dev/zero; printf 'HVPATCH-%s-%s' marker 4242; } > /tmp/m")
+        .unwrap();
+    let old = b"HVPATCH-marker-4242";
+    let new = b"HVPATCH-Patched-777";
+    a.pause().unwrap();
+    let hits = find_all(a.memory(), old, true);
+    assert!(
+        !hits.is_empty() && hits.len() <= 8,
+        "page-aligned marker copies: {hits:x?}"
+    );
+    for &pa in &hits {
+        a.write_phys(pa, new).unwrap();
+        let mut back = [0u8; 19];
+        a.memory().read_phys(pa, &mut back).unwrap();
+        assert_eq!(&back, new);
+    }
+    assert!(matches!(
+        a.write_phys(a.memory().regions()[0].1 - 4, new),
+        Err(GuestError::WriteOutOfRange { .. })
+    ));
+    a.resume().unwrap();
+    assert_eq!(
+        g.run("tail -c +4097 /tmp/m").unwrap(),
+        "HVPATCH-Patched-777"
+    );
+    // A write while running (the backend pauses around it).
+    assert!(!a.is_paused());
+    let back = b"HVPATCH-Running-123";
+    for &pa in &hits {
+        a.write_phys(pa, back).unwrap();
+    }
+    assert!(!a.is_paused());
+    assert_eq!(
+        g.run("tail -c +4097 /tmp/m").unwrap(),
+        "HVPATCH-Running-123"
+    );
+}
+
+fn breakpoints(g: &mut Guest, a: &mut QemuAttach) {
+    let addr = ksym(g, "cmdline_proc_show");
+    let expected = g.run("cat /proc/cmdline").unwrap();
+    assert!(matches!(
+        a.set_breakpoints(&[1, 2, 3, 4, 5]),
+        Err(GuestError::TooManyBreakpoints(5))
+    ));
+    a.set_breakpoints(&[addr]).unwrap();
+    // Nothing reads /proc/cmdline: the wait times out and the guest keeps running.
+    let t = Instant::now();
+    assert_eq!(a.wait_event(Duration::from_secs(2)).unwrap(), None);
+    assert!(t.elapsed() >= Duration::from_secs(2) && t.elapsed() < Duration::from_secs(10));
+    assert!(!a.is_paused());
+    assert_eq!(g.run("echo alive").unwrap(), "alive\n");
+
+    // Two reads, one second apart: two hits, the second after stepping over the first.
+    g.spawn("sleep 1; cat /proc/cmdline > /tmp/c1; sleep 1; cat /proc/cmdline > /tmp/c2")
+        .unwrap();
+    for hit in 0..2 {
+        let ev = a.wait_event(Duration::from_secs(60)).unwrap();
+        let Some(GuestEvent::Breakpoint { vcpu, rip }) = ev else {
+            panic!("hit {hit}: expected a breakpoint, got {ev:?}");
+        };
+        assert_eq!(rip, addr, "hit {hit}");
+        assert!(vcpu < 2);
+        assert!(a.is_paused());
+        let r = a.regs(vcpu).unwrap();
+        assert_eq!(r.rip, addr);
+        assert_eq!(r.cpl(), 0);
+    }
+    a.set_breakpoints(&[]).unwrap();
+    a.resume().unwrap();
+    // Let the spawned job finish.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while g.run_status("test -s /tmp/c2").unwrap().0 != 0 {
+        assert!(Instant::now() < deadline, "second cat never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(g.run("cat /tmp/c1").unwrap(), expected);
+    assert_eq!(g.run("cat /tmp/c2").unwrap(), expected);
+    // Breakpoints cleared: nothing stops the guest any more.
+    g.run("cat /proc/cmdline").unwrap();
+    assert_eq!(a.wait_event(Duration::from_millis(500)).unwrap(), None);
+}
+
+fn qemu_vanishes(g: &mut Guest, mut a: QemuAttach) {
+    g.kill_qemu();
+    let t = Instant::now();
+    let r = a.wait_event(Duration::from_secs(30));
+    assert!(matches!(r, Err(GuestError::Gone(_))), "{r:?}");
+    assert!(matches!(a.pause(), Err(GuestError::Gone(_))));
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
+    drop(a); // must not hang
+}
+
+fn attach_suite(series: KernelSeries) {
+    let mut g = Guest::boot(GuestSpec::new(series)).unwrap();
+    let t = Instant::now();
+    let mut a = QemuAttach::connect(&g.gdb_socket(), &g.mem_file()).unwrap();
+    eprintln!("{series:?}: attached in {:?}", t.elapsed());
+    assert!(!a.is_paused(), "connect leaves the guest running");
+    assert_eq!(g.run("echo attached").unwrap(), "attached\n");
+    check_regs(series, &mut g, &mut a);
+    pause_resume_loop(&mut g, &mut a);
+    write_phys_seen_by_guest(&mut g, &mut a);
+    breakpoints(&mut g, &mut a);
+    // Detach (drop) leaves the guest running; attaching again works.
+    drop(a);
+    assert_eq!(g.run("echo detached").unwrap(), "detached\n");
+    let a = QemuAttach::connect(&g.gdb_socket(), &g.mem_file()).unwrap();
+    assert_eq!(g.run("echo reattached").unwrap(), "reattached\n");
+    qemu_vanishes(&mut g, a);
+}
+
+#[test]
+fn attach_6_1() {
+    attach_suite(KernelSeries::V6_1);
+}
+
+#[test]
+fn attach_6_12() {
+    attach_suite(KernelSeries::V6_12);
+}

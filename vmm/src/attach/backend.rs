@@ -1,0 +1,560 @@
+//! [`QemuAttach`]: `patcher::GuestControl` over QEMU's gdbstub and RAM file.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use introspect::{PhysMemory, VcpuRegs};
+use patcher::{GuestControl, GuestError, GuestEvent};
+
+use super::gdb::{hex_decode, hex_encode, parse_thread_id, GdbClient, StopReply};
+use super::layout::{includes, RegLayout};
+use super::ram::{MemLayout, RamFile};
+use super::AttachError;
+
+/// Most hardware breakpoints (x86 has four debug address registers).
+const MAX_BREAKPOINTS: usize = 4;
+/// Most vCPUs accepted from the thread list.
+const MAX_VCPUS: usize = 1024;
+/// Bytes per memory-write packet (hex-encoded: twice that on the wire; QEMU's packet
+/// buffer is 4 KiB).
+const WRITE_CHUNK: usize = 1024;
+/// Register names the backend needs from the target description.
+const GPR_NAMES: [&str; 16] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15",
+];
+
+/// Options of [`QemuAttach::connect_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttachOptions {
+    /// RAM file to guest-physical mapping.
+    pub mem_layout: MemLayout,
+    /// Guest RAM size, checked against the RAM file when given.
+    pub mem_size: Option<u64>,
+    /// Time allowed for each gdbstub request.
+    pub timeout: Duration,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions {
+            mem_layout: MemLayout::Flat,
+            mem_size: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A QEMU guest controlled through its gdbstub (all-stop mode) and shared RAM file.
+///
+/// Connecting leaves the guest running. Dropping it removes its breakpoints and detaches,
+/// so the guest keeps running after hvpatch exits.
+pub struct QemuAttach {
+    gdb: GdbClient,
+    ram: RamFile,
+    layout: RegLayout,
+    /// gdbstub thread id of each vCPU (vCPU index = position).
+    threads: Vec<u64>,
+    paused: bool,
+    gone: Option<String>,
+    breakpoints: Vec<u64>,
+    /// vCPU that last stopped on one of our breakpoints (needs a step over it on resume).
+    bp_vcpu: Option<usize>,
+    /// A breakpoint stop that arrived while we were pausing.
+    pending: Option<GuestEvent>,
+    timeout: Duration,
+}
+
+fn gerr(e: AttachError) -> GuestError {
+    match e {
+        AttachError::Closed => GuestError::Gone("QEMU closed the gdbstub connection".into()),
+        e => GuestError::Backend(e.to_string()),
+    }
+}
+
+impl QemuAttach {
+    /// Attaches to the QEMU whose gdbstub listens on `gdb_socket` and whose guest RAM is the
+    /// `memory-backend-file` `mem_file` (flat layout, guests up to 2.75 GiB).
+    pub fn connect(gdb_socket: &Path, mem_file: &Path) -> Result<QemuAttach, AttachError> {
+        Self::connect_with(gdb_socket, mem_file, AttachOptions::default())
+    }
+
+    /// [`QemuAttach::connect`] with options.
+    pub fn connect_with(
+        gdb_socket: &Path,
+        mem_file: &Path,
+        opts: AttachOptions,
+    ) -> Result<QemuAttach, AttachError> {
+        let ram = RamFile::open(mem_file, opts.mem_layout, opts.mem_size)?;
+        let mut gdb = GdbClient::connect(gdb_socket)?;
+        let t = opts.timeout;
+        // QEMU stops the VM when a debugger connects. Ask why it stopped; if the VM was
+        // running after all, the first byte stopped it and the packet was dropped: ask again.
+        let mut stopped = false;
+        for _ in 0..3 {
+            match gdb.command("?", Duration::from_secs(2)) {
+                Ok(r) if StopReply::parse(&r).is_some() => {
+                    stopped = true;
+                    break;
+                }
+                Ok(_) | Err(AttachError::Timeout) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if !stopped {
+            return Err(AttachError::Protocol("no stop reply to `?`".into()));
+        }
+        let sup = gdb.command("qSupported:xmlRegisters=i386", t)?;
+        let sup = String::from_utf8_lossy(&sup).into_owned();
+        if !sup.contains("qXfer:features:read+") {
+            return Err(AttachError::Unsupported(format!(
+                "target descriptions (qSupported: {sup})"
+            )));
+        }
+        if sup.contains("QStartNoAckMode+") {
+            gdb.start_no_ack(t)?;
+        }
+        let layout = Self::read_layout(&mut gdb, t)?;
+        let mut me = QemuAttach {
+            gdb,
+            ram,
+            layout,
+            threads: Vec::new(),
+            paused: true,
+            gone: None,
+            breakpoints: Vec::new(),
+            bp_vcpu: None,
+            pending: None,
+            timeout: t,
+        };
+        me.threads = me.read_threads()?;
+        me.check_phys_mode_and_ram()?;
+        me.gdb.clear_stops();
+        me.cont()?;
+        Ok(me)
+    }
+
+    fn read_layout(gdb: &mut GdbClient, t: Duration) -> Result<RegLayout, AttachError> {
+        let main = gdb.xfer_read("features", "target.xml", t)?;
+        let main = String::from_utf8_lossy(&main).into_owned();
+        let mut docs = vec![main.clone()];
+        for inc in includes(&main).into_iter().take(16) {
+            if inc.is_empty() || inc.contains([':', '#', '$', '}', '*']) {
+                return Err(AttachError::Protocol(format!("bad include name {inc:?}")));
+            }
+            let d = gdb.xfer_read("features", &inc, t)?;
+            docs.push(String::from_utf8_lossy(&d).into_owned());
+        }
+        let layout = RegLayout::from_xml(&docs)?;
+        for name in GPR_NAMES
+            .iter()
+            .chain(&["rip", "eflags", "cs", "ss", "cr0", "cr3", "cr4"])
+        {
+            if layout.find(name).is_none() {
+                return Err(AttachError::Unsupported(format!("register {name}")));
+            }
+        }
+        Ok(layout)
+    }
+
+    fn read_threads(&mut self) -> Result<Vec<u64>, AttachError> {
+        let mut threads = Vec::new();
+        let mut reply = self.gdb.command_ok("qfThreadInfo", self.timeout)?;
+        for _ in 0..MAX_VCPUS {
+            match reply.split_first() {
+                Some((b'm', list)) => {
+                    for id in list.split(|&b| b == b',') {
+                        let tid = parse_thread_id(id)
+                            .ok_or_else(|| AttachError::Protocol("bad thread id".into()))?;
+                        if threads.len() >= MAX_VCPUS {
+                            return Err(AttachError::Protocol("too many threads".into()));
+                        }
+                        threads.push(tid);
+                    }
+                }
+                Some((b'l', _)) => break,
+                _ => return Err(AttachError::Protocol("bad thread list reply".into())),
+            }
+            reply = self.gdb.command_ok("qsThreadInfo", self.timeout)?;
+        }
+        if threads.is_empty() {
+            return Err(AttachError::Protocol("no vCPU threads".into()));
+        }
+        Ok(threads)
+    }
+
+    /// Checks that physical-memory mode works and that the RAM file is this guest's RAM:
+    /// the page under vCPU 0's CR3 must read the same through the stub and the file.
+    fn check_phys_mode_and_ram(&mut self) -> Result<(), AttachError> {
+        let regs = self.read_regs(0)?;
+        let pa = regs.cr3 & 0x000f_ffff_ffff_f000;
+        let mut from_file = [0u8; 64];
+        self.ram.read_phys(pa, &mut from_file).map_err(|_| {
+            AttachError::MemLayout(format!("CR3 page {pa:#x} is outside the RAM file"))
+        })?;
+        self.phys_mode(true)?;
+        let r = self.gdb.command_ok(&format!("m{pa:x},40"), self.timeout);
+        self.phys_mode(false)?;
+        let from_stub =
+            hex_decode(&r?).ok_or_else(|| AttachError::Protocol("bad memory reply".into()))?;
+        if from_stub != from_file {
+            return Err(AttachError::MemLayout(format!(
+                "guest-physical {pa:#x} differs between the gdbstub and the RAM file: wrong file or layout"
+            )));
+        }
+        Ok(())
+    }
+
+    fn phys_mode(&mut self, on: bool) -> Result<(), AttachError> {
+        let r = self
+            .gdb
+            .command(&format!("Qqemu.PhyMemMode:{}", u8::from(on)), self.timeout)?;
+        if r.as_slice() != b"OK" {
+            return Err(AttachError::Unsupported(format!(
+                "physical memory mode (Qqemu.PhyMemMode: {})",
+                String::from_utf8_lossy(&r)
+            )));
+        }
+        Ok(())
+    }
+
+    fn read_regs(&mut self, vcpu: usize) -> Result<VcpuRegs, AttachError> {
+        let tid = *self
+            .threads
+            .get(vcpu)
+            .ok_or_else(|| AttachError::Protocol(format!("no vCPU {vcpu}")))?;
+        let r = self.gdb.command_ok(&format!("Hg{tid:x}"), self.timeout)?;
+        if r.as_slice() != b"OK" {
+            return Err(AttachError::Protocol(format!(
+                "Hg{tid:x}: {}",
+                String::from_utf8_lossy(&r)
+            )));
+        }
+        let g = self.gdb.command_ok("g", self.timeout)?;
+        let g = hex_decode(&g).ok_or_else(|| AttachError::Protocol("bad register reply".into()))?;
+        let l = &self.layout;
+        let get = |name: &str| -> Result<u64, AttachError> {
+            l.get(&g, name).ok_or_else(|| {
+                AttachError::Protocol(format!("register {name} missing in `g` reply"))
+            })
+        };
+        let opt = |name: &str| l.get(&g, name).unwrap_or(0);
+        let mut gprs = [0u64; 16];
+        for (slot, name) in gprs.iter_mut().zip(GPR_NAMES) {
+            *slot = get(name)?;
+        }
+        Ok(VcpuRegs {
+            gprs,
+            rip: get("rip")?,
+            rflags: get("eflags")?,
+            cs: get("cs")? as u16,
+            ss: get("ss")? as u16,
+            cr0: get("cr0")?,
+            cr2: opt("cr2"),
+            cr3: get("cr3")?,
+            cr4: get("cr4")?,
+            efer: opt("efer"),
+            fs_base: opt("fs_base"),
+            gs_base: opt("gs_base"),
+            kernel_gs_base: opt("k_gs_base"),
+            lstar: None,
+            idtr_base: None,
+        })
+    }
+
+    /// Continues all vCPUs.
+    fn cont(&mut self) -> Result<(), AttachError> {
+        let deadline = Instant::now() + self.timeout;
+        self.gdb.send(b"c", deadline)?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Interrupts and waits for the stop. A breakpoint stop that raced with the interrupt
+    /// is kept for the next `wait_event`.
+    fn stop(&mut self) -> Result<(), AttachError> {
+        self.gdb.send_interrupt()?;
+        let deadline = Instant::now() + self.timeout;
+        match self.gdb.wait_stop(deadline)? {
+            None => Err(AttachError::Timeout),
+            Some(StopReply::Exited(code)) => {
+                self.gone = Some(format!("guest exited ({code})"));
+                Err(AttachError::Closed)
+            }
+            Some(StopReply::Signal { signal, thread }) => {
+                self.paused = true;
+                if signal == 5 {
+                    if let Some(ev) = self.breakpoint_event(thread)? {
+                        self.pending = Some(ev);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The event for a SIGTRAP stop of `thread`, if it stopped on one of our breakpoints.
+    fn breakpoint_event(&mut self, thread: Option<u64>) -> Result<Option<GuestEvent>, AttachError> {
+        let Some(tid) = thread else { return Ok(None) };
+        let Some(vcpu) = self.threads.iter().position(|&t| t == tid) else {
+            return Ok(None);
+        };
+        let rip = self.read_regs(vcpu)?.rip;
+        if self.breakpoints.contains(&rip) {
+            self.bp_vcpu = Some(vcpu);
+            Ok(Some(GuestEvent::Breakpoint { vcpu, rip }))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Resumes; first steps the vCPU that sits on one of our breakpoints past it (QEMU would
+    /// report the same breakpoint again at once).
+    fn do_resume(&mut self) -> Result<(), AttachError> {
+        if let Some(vcpu) = self.bp_vcpu.take() {
+            let rip = self.read_regs(vcpu)?.rip;
+            if self.breakpoints.contains(&rip) {
+                self.step_over(vcpu)?;
+            }
+        }
+        self.cont()
+    }
+
+    fn step_over(&mut self, vcpu: usize) -> Result<(), AttachError> {
+        let tid = self.threads[vcpu];
+        let bps = self.breakpoints.clone();
+        for &a in &bps {
+            self.gdb.command_ok(&format!("z1,{a:x},1"), self.timeout)?;
+        }
+        let deadline = Instant::now() + self.timeout;
+        self.gdb
+            .send(format!("vCont;s:{tid:x}").as_bytes(), deadline)?;
+        let stop = self.gdb.wait_stop(deadline)?;
+        for &a in &bps {
+            self.gdb.command_ok(&format!("Z1,{a:x},1"), self.timeout)?;
+        }
+        match stop {
+            Some(StopReply::Signal { .. }) => Ok(()),
+            Some(StopReply::Exited(code)) => {
+                self.gone = Some(format!("guest exited ({code})"));
+                Err(AttachError::Closed)
+            }
+            None => Err(AttachError::Timeout),
+        }
+    }
+
+    fn check_alive(&self) -> Result<(), GuestError> {
+        match &self.gone {
+            Some(why) => Err(GuestError::Gone(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the guest gone on connection loss.
+    fn track<T>(&mut self, r: Result<T, AttachError>) -> Result<T, GuestError> {
+        if let Err(AttachError::Closed) = &r {
+            if self.gone.is_none() {
+                self.gone = Some("QEMU closed the gdbstub connection".into());
+            }
+        }
+        r.map_err(gerr)
+    }
+
+    /// Runs `f` with the guest paused, restoring the run state afterwards.
+    fn paused_op<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, AttachError>,
+    ) -> Result<T, GuestError> {
+        self.check_alive()?;
+        let was_running = !self.paused;
+        if was_running {
+            let r = self.stop();
+            self.track(r)?;
+        }
+        let r = f(self);
+        let r = self.track(r)?;
+        if was_running {
+            let c = self.do_resume();
+            self.track(c)?;
+        }
+        Ok(r)
+    }
+
+    /// gdbstub thread ids of the vCPUs.
+    pub fn threads(&self) -> &[u64] {
+        &self.threads
+    }
+
+    /// The mapped RAM file.
+    pub fn ram(&self) -> &RamFile {
+        &self.ram
+    }
+}
+
+impl GuestControl for QemuAttach {
+    fn vcpu_count(&self) -> usize {
+        self.threads.len()
+    }
+
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.check_alive()?;
+        if self.paused {
+            return Ok(());
+        }
+        let r = self.stop();
+        self.track(r)
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.check_alive()?;
+        if !self.paused {
+            return Ok(());
+        }
+        let r = self.do_resume();
+        self.track(r)
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    fn regs(&mut self, vcpu: usize) -> Result<VcpuRegs, GuestError> {
+        self.check_alive()?;
+        if vcpu >= self.threads.len() {
+            return Err(GuestError::NoSuchVcpu(vcpu));
+        }
+        if !self.paused {
+            return Err(GuestError::NotPaused);
+        }
+        let r = self.read_regs(vcpu);
+        self.track(r)
+    }
+
+    fn memory(&self) -> &dyn PhysMemory {
+        &self.ram
+    }
+
+    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), GuestError> {
+        if !self.ram.contains(pa, data.len() as u64) {
+            return Err(GuestError::WriteOutOfRange {
+                pa,
+                len: data.len(),
+            });
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.paused_op(|me| {
+            me.phys_mode(true)?;
+            let mut res = Ok(());
+            for (i, chunk) in data.chunks(WRITE_CHUNK).enumerate() {
+                let a = pa + (i * WRITE_CHUNK) as u64;
+                let cmd = format!("M{a:x},{:x}:{}", chunk.len(), hex_encode(chunk));
+                match me.gdb.command_ok(&cmd, me.timeout) {
+                    Ok(r) if r.as_slice() == b"OK" => {}
+                    Ok(r) => {
+                        res = Err(AttachError::Protocol(format!(
+                            "M: {}",
+                            String::from_utf8_lossy(&r)
+                        )));
+                        break;
+                    }
+                    Err(e) => {
+                        res = Err(e);
+                        break;
+                    }
+                }
+            }
+            // Always leave physical mode, even after a failed write.
+            let off = me.phys_mode(false);
+            res?;
+            off?;
+            // The RAM file must now hold the bytes.
+            let mut back = vec![0u8; data.len()];
+            me.ram
+                .read_phys(pa, &mut back)
+                .map_err(|e| AttachError::MemLayout(e.to_string()))?;
+            if back != data {
+                return Err(AttachError::MemLayout(format!(
+                    "write at {pa:#x} through the gdbstub is not visible in the RAM file"
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<(), GuestError> {
+        if addrs.len() > MAX_BREAKPOINTS {
+            return Err(GuestError::TooManyBreakpoints(addrs.len()));
+        }
+        let mut new: Vec<u64> = addrs.to_vec();
+        new.sort_unstable();
+        new.dedup();
+        self.paused_op(|me| {
+            for a in std::mem::take(&mut me.breakpoints) {
+                me.gdb.command_ok(&format!("z1,{a:x},1"), me.timeout)?;
+            }
+            for &a in &new {
+                let r = me.gdb.command_ok(&format!("Z1,{a:x},1"), me.timeout)?;
+                if r.as_slice() != b"OK" {
+                    return Err(AttachError::Unsupported(format!(
+                        "hardware breakpoints (Z1: {})",
+                        String::from_utf8_lossy(&r)
+                    )));
+                }
+                me.breakpoints.push(a);
+            }
+            Ok(())
+        })
+    }
+
+    fn wait_event(&mut self, timeout: Duration) -> Result<Option<GuestEvent>, GuestError> {
+        self.check_alive()?;
+        if let Some(ev) = self.pending.take() {
+            return Ok(Some(ev));
+        }
+        if self.paused {
+            let r = self.do_resume();
+            self.track(r)?;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.gdb.wait_stop(deadline);
+            match self.track(r)? {
+                None => return Ok(None),
+                Some(StopReply::Exited(code)) => {
+                    self.gone = Some(format!("guest exited ({code})"));
+                    return Ok(Some(GuestEvent::Exited));
+                }
+                Some(StopReply::Signal { signal, thread }) => {
+                    self.paused = true;
+                    if signal == 5 {
+                        let r = self.breakpoint_event(thread);
+                        if let Some(ev) = self.track(r)? {
+                            return Ok(Some(ev));
+                        }
+                    }
+                    // Some other stop (e.g. a monitor `stop`): keep the guest running.
+                    let r = self.do_resume();
+                    self.track(r)?;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for QemuAttach {
+    fn drop(&mut self) {
+        if self.gone.is_some() {
+            return;
+        }
+        if !self.paused && self.stop().is_err() {
+            return;
+        }
+        for a in std::mem::take(&mut self.breakpoints) {
+            let _ = self.gdb.command(&format!("z1,{a:x},1"), self.timeout);
+        }
+        // Detach: QEMU resumes the guest.
+        let _ = self.gdb.command("D", self.timeout);
+    }
+}
