@@ -410,3 +410,83 @@ fn kvm_emulation_failure_is_a_clear_error() {
         "{msg}"
     );
 }
+
+#[test]
+fn kvm_guest_sees_our_cpuid() {
+    require_kvm();
+    // Each vCPU stores cpuid(1).{ebx,ecx}, cpuid(0x40000000).{ebx,ecx,edx} and
+    // cpuid(0xb, 1).{eax,ebx,edx} at rdi, then spins.
+    let (code, _) = assemble(CODE_BASE, |a| {
+        let mut spin = a.create_label();
+        a.mov(eax, 1u32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(dword_ptr(rdi), ebx)?;
+        a.mov(dword_ptr(rdi + 4), ecx)?;
+        a.mov(eax, 0x4000_0000u32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(dword_ptr(rdi + 8), ebx)?;
+        a.mov(dword_ptr(rdi + 12), ecx)?;
+        a.mov(dword_ptr(rdi + 16), edx)?;
+        a.mov(eax, 0xbu32)?;
+        a.mov(ecx, 1u32)?;
+        a.cpuid()?;
+        a.mov(dword_ptr(rdi + 20), eax)?;
+        a.mov(dword_ptr(rdi + 24), ebx)?;
+        a.mov(dword_ptr(rdi + 28), edx)?;
+        a.mov(dword_ptr(rdi + 32), 1)?;
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)?;
+        Ok(vec![])
+    });
+    let n = 4;
+    let vcpus = (0..n)
+        .map(|i| {
+            let mut gprs = [0u64; 16];
+            gprs[5] = counter_addr(i);
+            gprs[7] = 0x8_0000 - i as u64 * 0x1000;
+            RawVcpu {
+                rip: CODE_BASE,
+                gprs,
+            }
+        })
+        .collect();
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code)],
+        vcpus,
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 0,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    let c = vm.control();
+    let rd = |i: usize, off: u64| c.memory().read_u32(counter_addr(i) + off).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || (0..n).all(|i| rd(i, 32) == 1)));
+    for i in 0..n {
+        let (ebx1, ecx1) = (rd(i, 0), rd(i, 4));
+        assert_eq!(ebx1 >> 24, i as u32, "vCPU {i}: initial APIC id");
+        assert_eq!(
+            (ebx1 >> 16) & 0xff,
+            n as u32,
+            "vCPU {i}: logical processor count"
+        );
+        assert_ne!(ecx1 & (1 << 31), 0, "vCPU {i}: hypervisor bit");
+        let mut sig = Vec::new();
+        for off in [8, 12, 16] {
+            sig.extend_from_slice(&rd(i, off).to_le_bytes());
+        }
+        assert_eq!(&sig[..9], b"KVMKVMKVM", "vCPU {i}: KVM signature");
+        // Leaf 0xb core level: shift 2 (4 vCPUs), 4 logical processors, x2APIC id = index.
+        assert_eq!(
+            (rd(i, 20), rd(i, 24), rd(i, 28)),
+            (2, 4, i as u32),
+            "vCPU {i}: leaf 0xb"
+        );
+    }
+    vm.stop();
+    vm.wait_exit().unwrap();
+}

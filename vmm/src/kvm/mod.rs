@@ -27,4 +27,4 @@ pub use error::VmError;
 pub use memory::KvmMemory;
 pub use pause::ExitReason;
 pub use regs::EntryMode;
-pub use vm::{RawConfig, RawVcpu, SerialInput, Vm, VmConfig, VmOptions};
+pub use vm::{RawConfig, RawVcpu, SerialInput, Vm, VmConfig};

@@ -16,7 +16,7 @@ use super::boot::e820::{build_e820, E820Entry};
 use super::boot::mptable::write_mptable;
 use super::boot::{load_linux, BootEntry, BootProtocol, LinuxBoot};
 use super::control::KvmControl;
-use super::cpuid::{apply_compat_mask, supported_cpuid, to_kvm, vcpu_cpuid};
+use super::cpuid::{supported_cpuid, to_kvm, vcpu_cpuid};
 use super::devices::{Devices, SerialOut};
 use super::error::VmError;
 use super::layout::{
@@ -61,14 +61,6 @@ impl Default for VmConfig {
             patch_arena: DEFAULT_ARENA_SIZE,
         }
     }
-}
-
-/// Less common VM options.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct VmOptions {
-    /// Hide ISA extensions that emulating/nested KVM implementations cannot emulate (see
-    /// [`crate::kvm::cpuid::apply_compat_mask`]); lets stock kernels boot further there.
-    pub compat_cpuid: bool,
 }
 
 /// Initial state of one vCPU of a raw guest.
@@ -126,7 +118,6 @@ struct Base {
     mem: Arc<GuestMemoryMmap>,
     regions: Vec<(u64, u64)>,
     arena: Option<(u64, u64)>,
-    opts: VmOptions,
 }
 
 fn check_vcpus(n: usize) -> Result<u8, VmError> {
@@ -141,7 +132,7 @@ fn check_vcpus(n: usize) -> Result<u8, VmError> {
     Ok(n as u8)
 }
 
-fn create_base(memory: u64, min: u64, arena: u64, opts: &VmOptions) -> Result<Base, VmError> {
+fn create_base(memory: u64, min: u64, arena: u64) -> Result<Base, VmError> {
     if !memory.is_multiple_of(4096) {
         return Err(VmError::Config(format!(
             "memory size {memory:#x} is not a multiple of 4 KiB"
@@ -186,7 +177,6 @@ fn create_base(memory: u64, min: u64, arena: u64, opts: &VmOptions) -> Result<Ba
         mem,
         regions,
         arena,
-        opts: opts.clone(),
     })
 }
 
@@ -195,10 +185,7 @@ fn create_vcpu(base: &Base, id: u8, count: u8) -> Result<VcpuFd, VmError> {
         .vm
         .create_vcpu(u64::from(id))
         .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
-    let mut cpuid = vcpu_cpuid(&supported_cpuid(&base.kvm)?, id, count);
-    if base.opts.compat_cpuid {
-        apply_compat_mask(&mut cpuid);
-    }
+    let cpuid = vcpu_cpuid(&supported_cpuid(&base.kvm)?, id, count);
     fd.set_cpuid2(&to_kvm(&cpuid)?)
         .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
     setup_msrs(&fd)?;
@@ -242,11 +229,6 @@ fn finish(
 impl Vm {
     /// Creates a VM that boots a Linux kernel. Nothing runs until [`Vm::start`].
     pub fn create(cfg: &VmConfig) -> Result<Vm, VmError> {
-        Self::create_with(cfg, &VmOptions::default())
-    }
-
-    /// [`Vm::create`] with extra [`VmOptions`].
-    pub fn create_with(cfg: &VmConfig, opts: &VmOptions) -> Result<Vm, VmError> {
         let count = check_vcpus(cfg.vcpus as usize)?;
         if !cfg.kernel.is_file() {
             return Err(VmError::KernelFile {
@@ -255,7 +237,7 @@ impl Vm {
             });
         }
         super::boot::make_cmdline(&cfg.cmdline)?;
-        let base = create_base(cfg.memory, MIN_LINUX_MEMORY, cfg.patch_arena, opts)?;
+        let base = create_base(cfg.memory, MIN_LINUX_MEMORY, cfg.patch_arena)?;
         let e820 = build_e820(&base.regions, base.arena);
         let rsdp = write_acpi(&base.mem, count)?;
         let boot = load_linux(
@@ -303,12 +285,7 @@ impl Vm {
                 "raw guests start in 64-bit mode only".into(),
             ));
         }
-        let base = create_base(
-            cfg.memory,
-            MIN_RAW_MEMORY,
-            cfg.patch_arena,
-            &VmOptions::default(),
-        )?;
+        let base = create_base(cfg.memory, MIN_RAW_MEMORY, cfg.patch_arena)?;
         let e820 = build_e820(&base.regions, base.arena);
         let cr3 = write_boot_tables(&base.mem, cfg.mode)?;
         for (gpa, bytes) in &cfg.code {
