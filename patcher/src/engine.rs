@@ -237,6 +237,8 @@ pub struct Engine {
     arena: Option<Arena>,
     patches: Vec<Loaded>,
     sites: BTreeMap<u64, SiteStack>,
+    /// Kernel paging of the last load (used by unload to read vCPU stacks).
+    paging: Option<KernelPaging>,
     #[serde(skip)]
     last: OpTiming,
 }
@@ -304,6 +306,34 @@ pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchEr
         return Err(PatchError::Release(format!("unexpected banner {s:?}")));
     }
     Ok(rel.to_string())
+}
+
+/// Stack slot (VA) in `[rsp, next 16 KiB boundary)` holding a value in `[code.0, code.1)`.
+fn stack_refers_to(
+    mem: &dyn PhysMemory,
+    p: &KernelPaging,
+    rsp: u64,
+    code: (u64, u64),
+) -> Option<u64> {
+    const STACK: u64 = 16 * 1024;
+    let rsp = rsp & !7;
+    let end = (rsp | (STACK - 1)).checked_add(1)?;
+    let mut va = rsp;
+    while va < end {
+        let n = (0x1000 - (va & 0xfff)).min(end - va);
+        let mut b = vec![0u8; n as usize];
+        if p.read_virt(mem, va, &mut b).is_err() {
+            return None;
+        }
+        for (i, w) in b.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            if v >= code.0 && v < code.1 {
+                return Some(va + i as u64 * 8);
+            }
+        }
+        va += n;
+    }
+    None
 }
 
 /// Names a dynamically allocated ftrace ops trampoline: ftrace copies `ftrace_caller` or
@@ -712,6 +742,7 @@ impl Engine {
             load_us: us(total),
         };
         self.arena = Some(arena);
+        self.paging = Some(t.paging);
         self.patches.push(Loaded {
             info: info.clone(),
             code_run: (code_start, ncode),
@@ -814,13 +845,25 @@ impl Engine {
             p.info.code.va.saturating_add(p.info.code.len),
         );
         let prepare = t0.elapsed();
+        let paging = self.paging;
         let ((), pause) = paused(ctl, |ctl| {
             for v in 0..ctl.vcpu_count() {
-                let rip = ctl.regs(v)?.rip;
+                let regs = ctl.regs(v)?;
+                let rip = regs.rip;
                 if rip >= code.0 && rip < code.1 {
                     return Err(PatchError::Busy(format!(
                         "vCPU {v} is executing {name}'s code (rip {rip:#x}); retry"
                     )));
+                }
+                // In the kernel: a return address into the patch on the current stack (the
+                // patch called something that is running now). Conservative word scan up to the
+                // end of the 16 KiB-aligned stack.
+                if let (Some(p), true) = (paging, regs.cs & 3 == 0) {
+                    if let Some(at) = stack_refers_to(ctl.memory(), &p, regs.rsp(), code) {
+                        return Err(PatchError::Busy(format!(
+                            "vCPU {v}'s stack holds {name}'s code address at {at:#x}; retry"
+                        )));
+                    }
                 }
             }
             apply(ctl, &mut writes)

@@ -180,6 +180,26 @@ fn unload_refuses_while_a_vcpu_runs_the_patch() {
     assert!(err.to_string().contains("vCPU 0"), "{err}");
     assert!(g.ram.0 == snapshot, "a refused unload wrote memory");
     assert!(!g.is_paused_for_test());
+    // A return address into the patch on the vCPU's kernel stack (the patch called something
+    // that is running now) also makes unload refuse. Stack: a page mapped at TEXT + 0x10_0000.
     g.vcpus[0].rip = TEXT + 5;
+    let stack_va = TEXT + 0x10_0000;
+    let stack_pa = CODE_PA + 0x10_0000;
+    let ret = info.functions[0].new_addr + 9;
+    g.ram.0[(stack_pa + 0x3f80) as usize..(stack_pa + 0x3f88) as usize]
+        .copy_from_slice(&ret.to_le_bytes());
+    g.vcpus[0].gprs[VcpuRegs::RSP] = stack_va + 0x3f00;
+    let snapshot = g.ram.0.clone();
+    let err = e.unload(&mut g, "busy").unwrap_err();
+    assert!(
+        err.to_string().contains("stack")
+            && err
+                .to_string()
+                .contains(&format!("{:#x}", stack_va + 0x3f80)),
+        "{err}"
+    );
+    assert!(g.ram.0 == snapshot);
+    // A stack address above the 16 KiB-aligned end is not looked at.
+    g.vcpus[0].gprs[VcpuRegs::RSP] = stack_va + 0x4000;
     e.unload(&mut g, "busy").unwrap();
 }

@@ -170,7 +170,14 @@ impl QemuCtl {
         let v: Vec<VcpuRegs> = text
             .split("CPU#")
             .skip(1)
-            .map(|b| VcpuRegs {
+            .map(|b| {
+                let mut gprs = [0u64; 16];
+                gprs[VcpuRegs::RSP] = hex_after(b, "RSP=").unwrap_or(0);
+                (b, gprs)
+            })
+            .map(|(b, gprs)| VcpuRegs {
+                gprs,
+                cs: hex_after(b, "CS =").unwrap_or(0) as u16,
                 rip: hex_after(b, "RIP=").unwrap_or(0),
                 cr0: hex_after(b, "CR0=").unwrap_or(0),
                 cr2: hex_after(b, "CR2=").unwrap_or(0),
