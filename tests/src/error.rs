@@ -18,6 +18,9 @@ pub enum HarnessError {
         /// Where it was looked for.
         path: PathBuf,
     },
+    /// The image cache is incomplete or stale (the message says how to fetch it).
+    #[error(transparent)]
+    Images(guest_images::ImagesError),
     /// `qemu-system-x86_64` is not installed.
     #[error("qemu-system-x86_64 not found ({0}); run `apt-get install qemu-system-x86`")]
     QemuMissing(std::io::Error),
