@@ -117,8 +117,8 @@ fn early_boot(kernel_rel: &str) {
                 || c.contains("Processor #1")
         }),
     ];
-    // Measured on the 2-core emulating-KVM CI machine: all seen after 42-90 s depending on load (the kernel runs
-    // ~1.5 M instr/s there); on VT-x/AMD-V hosts after ~1 s.
+    // Measured on the 2-core emulating-KVM CI machine: all seen after 42-90 s depending on
+    // load (the kernel runs ~1.5 M instr/s there); on VT-x/AMD-V hosts after ~1 s.
     let limit = Duration::from_secs(180);
     let mut console = String::new();
     let mut exit = None;

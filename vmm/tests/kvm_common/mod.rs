@@ -66,3 +66,45 @@ pub fn temp_path(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
+
+/// Physical load address of the tiny test kernels (like vmlinux's 16 MiB).
+pub const TINY_KERNEL_ADDR: u64 = 0x100_0000;
+
+/// A minimal x86-64 ELF "kernel": one PT_LOAD of `code` at [`TINY_KERNEL_ADDR`] (entry there)
+/// and, with `pvh`, a PT_NOTE carrying the Xen PVH 32-bit entry (also the start of `code`).
+pub fn tiny_elf_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
+    let phnum: u16 = if pvh { 2 } else { 1 };
+    let code_off = 0x1000u64;
+    let note_off = 64 + 56 * u64::from(phnum);
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&TINY_KERNEL_ADDR.to_le_bytes()); // e_entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, phnum, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    let phdr = |f: &mut Vec<u8>, ty: u32, off: u64, addr: u64, size: u64| {
+        f.extend_from_slice(&ty.to_le_bytes());
+        f.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        for v in [off, addr, addr, size, size, 4] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    phdr(&mut f, 1, code_off, TINY_KERNEL_ADDR, code.len() as u64);
+    if pvh {
+        phdr(&mut f, 4, note_off, 0, 20);
+        f.extend_from_slice(&4u32.to_le_bytes()); // namesz
+        f.extend_from_slice(&4u32.to_le_bytes()); // descsz
+        f.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        f.extend_from_slice(b"Xen\0");
+        f.extend_from_slice(&(TINY_KERNEL_ADDR as u32).to_le_bytes());
+    }
+    f.resize(code_off as usize, 0);
+    f.extend_from_slice(code);
+    f
+}
