@@ -490,3 +490,54 @@ fn kvm_guest_sees_our_cpuid() {
     vm.stop();
     vm.wait_exit().unwrap();
 }
+
+#[test]
+fn kvm_pause_reaches_halted_vcpus() {
+    require_kvm();
+    // vCPU 0 halts with interrupts off (stays in the in-kernel halt); vCPU 1 spins.
+    let (code, labels) = assemble(CODE_BASE, |a| {
+        let mut halt = a.create_label();
+        let mut spin = a.create_label();
+        a.set_label(&mut halt)?;
+        a.mov(qword_ptr(rdi), 1)?;
+        a.hlt()?;
+        a.jmp(halt)?;
+        a.set_label(&mut spin)?;
+        a.inc(qword_ptr(rdi))?;
+        a.jmp(spin)?;
+        Ok(vec![halt, spin])
+    });
+    let mk = |rip, i| {
+        let mut gprs = [0u64; 16];
+        gprs[5] = counter_addr(i);
+        gprs[7] = 0x8_0000 - i as u64 * 0x1000;
+        RawVcpu { rip, gprs }
+    };
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code)],
+        vcpus: vec![mk(labels[0], 0), mk(labels[1], 1)],
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 0,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    let mut c = vm.control();
+    assert!(wait_until(Duration::from_secs(10), || counters(&c, 2)
+        .iter()
+        .all(|&v| v >= 1)));
+    for _ in 0..20 {
+        c.pause().unwrap();
+        let r = c.regs(0).unwrap();
+        assert!(
+            r.rip > labels[0] && r.rip <= labels[1],
+            "vCPU 0 rip {:#x}",
+            r.rip
+        );
+        c.resume().unwrap();
+    }
+    assert!(!vm.has_exited(), "HLT must not end the VM");
+    vm.stop();
+    assert_eq!(vm.wait_exit().unwrap(), ExitReason::Stopped);
+}

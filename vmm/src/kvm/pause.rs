@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
@@ -29,19 +29,16 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 /// Installs the no-op kick handler (once per process).
 pub fn install_kick_handler() -> Result<(), VmError> {
-    static ONCE: Once = Once::new();
-    static mut RESULT: i32 = 0;
-    ONCE.call_once(|| {
-        let r = register_signal_handler(kick_signal(), noop_handler);
-        // SAFETY: written only here, inside call_once, before any read below (call_once
-        // synchronises with later callers).
-        unsafe { RESULT = r.err().map(|e| e.errno()).unwrap_or(0) };
+    static RESULT: OnceLock<i32> = OnceLock::new();
+    let errno = *RESULT.get_or_init(|| {
+        register_signal_handler(kick_signal(), noop_handler)
+            .err()
+            .map(|e| e.errno())
+            .unwrap_or(0)
     });
-    // SAFETY: see above; after call_once returns, RESULT is never written again.
-    let r = unsafe { RESULT };
-    if r != 0 {
+    if errno != 0 {
         return Err(VmError::Host(format!(
-            "cannot install the vCPU kick signal handler: errno {r}"
+            "cannot install the vCPU kick signal handler: errno {errno}"
         )));
     }
     Ok(())
