@@ -204,11 +204,7 @@ impl Guest {
         files: crate::images::KernelFiles,
         dir: PathBuf,
     ) -> Result<Guest, HarnessError> {
-        let cpu = if spec.series.la57() {
-            "max"
-        } else {
-            "max,la57=off"
-        };
+        let cpu = spec.series.qemu_cpu();
         let mem = format!("{}M", spec.mem_mib);
         let p = |name: &str| dir.join(name).display().to_string();
         let cmdline = format!("console=ttyS0 panic=-1 {}", spec.extra_cmdline);
@@ -466,14 +462,17 @@ impl Guest {
         Ok(output)
     }
 
-    /// Runs a command with its stdout on the second serial port (ttyS1, written to a host
-    /// file) and returns that output as bytes; for large outputs. Stderr stays on the console
-    /// and is part of the error if the command fails (non-zero status is an error).
+    /// Runs a command with its stdout gzip-compressed on the second serial port (ttyS1, a
+    /// host file) and returns that output as bytes; for large outputs (`cat /proc/kallsyms`).
+    /// Stderr stays on the console and is part of the error if the command fails (non-zero
+    /// status is an error).
     pub fn run_bulk_bytes(&mut self, cmd: &str) -> Result<Vec<u8>, HarnessError> {
         Self::check_cmd(cmd)?;
         let bulk_seq = self.seq + 1;
+        // pipefail: the status is the command's, not gzip's. The end marker follows the gzip
+        // stream on ttyS1, so once it is in the file, all of the stream is.
         let text = format!(
-            "sh -c {} </dev/null >/dev/ttyS1; __hvs=$?; \
+            "set -o pipefail; sh -c {} </dev/null | gzip -1 >/dev/ttyS1; __hvs=$?; \
              printf '__HVPB%s__\\n' {bulk_seq} >/dev/ttyS1; ",
             quote(cmd)
         );
@@ -482,7 +481,7 @@ impl Guest {
         let tag = format!("__HVPB{bulk_seq}__\n");
         let deadline = Instant::now() + Duration::from_secs(30);
         let path = self.bulk_log();
-        loop {
+        let data = loop {
             let mut f =
                 File::open(&path).map_err(|e| HarnessError::io("opening the bulk file", e))?;
             f.seek(SeekFrom::Start(self.bulk_consumed))
@@ -490,17 +489,10 @@ impl Guest {
             let mut data = Vec::new();
             f.read_to_end(&mut data)
                 .map_err(|e| HarnessError::io("reading the bulk file", e))?;
-            if let Some(pos) = data.windows(tag.len()).position(|w| w == tag.as_bytes()) {
-                self.bulk_consumed += (pos + tag.len()) as u64;
-                data.truncate(pos);
-                if status != 0 {
-                    return Err(HarnessError::CommandFailed {
-                        cmd: cmd.to_string(),
-                        status: status as i32,
-                        output: normalize(&console_out),
-                    });
-                }
-                return Ok(data);
+            if data.ends_with(tag.as_bytes()) {
+                self.bulk_consumed += data.len() as u64;
+                data.truncate(data.len() - tag.len());
+                break data;
             }
             if Instant::now() >= deadline {
                 return Err(HarnessError::Protocol(format!(
@@ -508,7 +500,21 @@ impl Guest {
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
+        };
+        if status != 0 {
+            return Err(HarnessError::CommandFailed {
+                cmd: cmd.to_string(),
+                status: status as i32,
+                output: normalize(&console_out),
+            });
         }
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(data.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                HarnessError::Protocol(format!("bulk output of `{cmd}`: bad gzip stream: {e}"))
+            })?;
+        Ok(out)
     }
 
     /// [`Guest::run_bulk_bytes`] as text (lossy UTF-8, CRLF normalised).
