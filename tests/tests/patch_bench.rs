@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-mod patch_common;
-
 use harness::{Guest, GuestSpec, KernelSeries};
 use introspect::Kernel;
 use patcher::build::{compile, BuildOptions};
@@ -50,8 +48,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn bench(series: KernelSeries) {
     let mut g = Guest::boot(GuestSpec::new(series)).expect("boot");
-    let mut ctl = patch_common::QemuCtl::connect(&g.gdb_socket(), &g.mem_file(), g.mem_size())
-        .expect("attach");
+    let mut ctl = vmm::attach::QemuAttach::connect(&g.gdb_socket(), &g.mem_file()).expect("attach");
     ctl.pause().unwrap();
     let regs: Vec<_> = (0..ctl.vcpu_count())
         .map(|v| ctl.regs(v).unwrap())

@@ -5,8 +5,6 @@
 
 use std::path::PathBuf;
 
-mod patch_common;
-
 use harness::{Guest, GuestSpec, KernelSeries};
 use introspect::Kernel;
 use patcher::build::{compile, BuildOptions};
@@ -14,8 +12,8 @@ use patcher::kernel::KernelSymbols;
 use patcher::{Engine, GuestControl, KernelPaging, PatchError, SymbolMap, SymbolSource, Target};
 
 /// Connects the attach backend to a harness guest.
-fn attach(g: &Guest) -> patch_common::QemuCtl {
-    patch_common::QemuCtl::connect(&g.gdb_socket(), &g.mem_file(), g.mem_size())
+fn attach(g: &Guest) -> vmm::attach::QemuAttach {
+    vmm::attach::QemuAttach::connect(&g.gdb_socket(), &g.mem_file())
         .unwrap_or_else(|e| panic!("QemuAttach::connect: {e}\n{}", g.tail()))
 }
 
@@ -45,7 +43,7 @@ fn show_patch(name: &str, funcs: &[(&str, &str)]) -> Vec<u8> {
 /// The guest, its attach control, and its kernel.
 struct Rig {
     g: Guest,
-    ctl: patch_common::QemuCtl,
+    ctl: vmm::attach::QemuAttach,
     kernel: Kernel,
     /// The guest's own /proc/kallsyms.
     truth: SymbolMap,
