@@ -83,7 +83,7 @@ pub fn hex_encode(data: &[u8]) -> String {
 
 /// Decodes hex; `None` on odd length or a non-hex digit.
 pub fn hex_decode(h: &[u8]) -> Option<Vec<u8>> {
-    if h.len() % 2 != 0 {
+    if !h.len().is_multiple_of(2) {
         return None;
     }
     h.chunks(2)
