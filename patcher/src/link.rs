@@ -16,7 +16,7 @@ use object::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::patchobj::{is_got_reloc, sym_index, Part, PatchObject, SUPPORTED_RELOCS};
+use crate::patchobj::{is_got_reloc, Part, PatchObject, SUPPORTED_RELOCS};
 
 /// Name of the kernel's compile-time return thunk.
 pub const RETURN_THUNK: &str = "__x86_return_thunk";
@@ -460,7 +460,6 @@ pub fn link(
             flags: f.flags,
         });
     }
-    let _ = sym_index;
     Ok(Linked {
         code,
         data,

@@ -11,7 +11,7 @@ use object::elf;
 use object::read::elf::{ElfFile64, SectionHeader};
 use object::{
     Endianness, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget,
-    SectionIndex, SymbolIndex, SymbolSection,
+    SectionIndex, SymbolSection,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -536,9 +536,4 @@ impl PatchObject {
             bytes: bytes.to_vec(),
         })
     }
-}
-
-/// Index type re-exported for the linker.
-pub(crate) fn sym_index(i: usize) -> SymbolIndex {
-    SymbolIndex(i)
 }
