@@ -3,6 +3,8 @@
 mod kvm_common;
 
 use kvm_common::*;
+use vmm::kvm::boot::BootError;
+use vmm::kvm::devices::DeviceError;
 use vmm::kvm::{EntryMode, RawConfig, RawVcpu, SerialOut, Vm, VmConfig, VmError};
 
 fn kernel_cfg(kernel: std::path::PathBuf) -> VmConfig {
@@ -26,7 +28,10 @@ fn not_a_kernel_file() -> std::path::PathBuf {
 #[test]
 fn kvm_error_missing_kernel() {
     let e = Vm::create(&kernel_cfg("/nonexistent/vmlinuz".into())).unwrap_err();
-    assert!(matches!(e, VmError::KernelFile { .. }), "{e}");
+    assert!(
+        matches!(e, VmError::Boot(BootError::KernelFile { .. })),
+        "{e}"
+    );
     assert!(e.to_string().contains("/nonexistent/vmlinuz"), "{e}");
 }
 
@@ -34,7 +39,10 @@ fn kvm_error_missing_kernel() {
 fn kvm_error_not_a_kernel() {
     require_kvm();
     let e = Vm::create(&kernel_cfg(not_a_kernel_file())).unwrap_err();
-    assert!(matches!(e, VmError::NotAKernel { .. }), "{e}");
+    assert!(
+        matches!(e, VmError::Boot(BootError::NotAKernel { .. })),
+        "{e}"
+    );
     assert!(e.to_string().contains("is not a kernel"), "{e}");
 }
 
@@ -59,10 +67,13 @@ fn kvm_error_bad_cmdline() {
     let mut cfg = kernel_cfg(not_a_kernel_file());
     cfg.cmdline = "x".repeat(4096);
     let e = Vm::create(&cfg).unwrap_err();
-    assert!(matches!(e, VmError::Cmdline(_)), "{e}");
+    assert!(matches!(e, VmError::Boot(BootError::Cmdline(_))), "{e}");
     assert!(e.to_string().contains("at most 2047"), "{e}");
     cfg.cmdline = "console=ttyS0\nfoo".into();
-    assert!(matches!(Vm::create(&cfg).unwrap_err(), VmError::Cmdline(_)));
+    assert!(matches!(
+        Vm::create(&cfg).unwrap_err(),
+        VmError::Boot(BootError::Cmdline(_))
+    ));
 }
 
 #[test]
@@ -120,7 +131,7 @@ fn kvm_error_serial_file_unwritable() {
     };
     assert!(matches!(
         Vm::create_raw(&raw).unwrap_err(),
-        VmError::Serial { .. }
+        VmError::Device(DeviceError::Serial { .. })
     ));
 }
 

@@ -11,8 +11,8 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::error::VmError;
 use super::layout::{COM1_PORT, I8042_PORT};
+use thiserror::Error;
 
 /// Where the guest's COM1 output goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -36,6 +36,23 @@ impl std::str::FromStr for SerialOut {
             p => SerialOut::File(PathBuf::from(p)),
         })
     }
+}
+
+/// Errors creating the devices.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// Serial output could not be opened.
+    #[error("serial output {path}: {source}")]
+    Serial {
+        /// Path given.
+        path: PathBuf,
+        /// I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("eventfd: {0}")]
+    EventFd(#[source] io::Error),
 }
 
 /// An [`EventFd`] as a vm-superio interrupt/reset trigger.
@@ -78,29 +95,27 @@ impl std::fmt::Debug for Devices {
     }
 }
 
-fn evt() -> Result<EventFd, VmError> {
-    EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host(format!("eventfd: {e}")))
+fn evt() -> Result<EventFd, DeviceError> {
+    EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)
 }
 
 impl Devices {
     /// Creates the devices; returns them and the eventfd to register as COM1's irqfd.
-    pub fn new(out: &SerialOut) -> Result<(Devices, EventFd), VmError> {
+    pub fn new(out: &SerialOut) -> Result<(Devices, EventFd), DeviceError> {
         let writer: Box<dyn Write + Send> = match out {
             SerialOut::Stdio => Box::new(Flushing(io::stdout())),
-            SerialOut::File(p) => Box::new(File::create(p).map_err(|source| VmError::Serial {
-                path: p.clone(),
-                source,
-            })?),
+            SerialOut::File(p) => {
+                Box::new(File::create(p).map_err(|source| DeviceError::Serial {
+                    path: p.clone(),
+                    source,
+                })?)
+            }
             SerialOut::Null => Box::new(io::sink()),
         };
         let irq = evt()?;
-        let irq_clone = irq
-            .try_clone()
-            .map_err(|e| VmError::Host(format!("eventfd: {e}")))?;
+        let irq_clone = irq.try_clone().map_err(DeviceError::EventFd)?;
         let reset_evt = evt()?;
-        let reset_clone = reset_evt
-            .try_clone()
-            .map_err(|e| VmError::Host(format!("eventfd: {e}")))?;
+        let reset_clone = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
         Ok((
             Devices {
                 serial: Serial::new(EventFdTrigger(irq), writer),

@@ -1,7 +1,5 @@
 //! Errors of the KVM VMM.
 
-use std::path::PathBuf;
-
 use thiserror::Error;
 
 /// Errors creating, booting or running a VM.
@@ -22,46 +20,15 @@ pub enum VmError {
     /// The configuration is invalid.
     #[error("invalid VM configuration: {0}")]
     Config(String),
-    /// The kernel file is missing or unreadable.
-    #[error("cannot read kernel {path}: {source}")]
-    KernelFile {
-        /// Path given.
-        path: PathBuf,
-        /// I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The kernel file is neither a bzImage nor an x86-64 ELF vmlinux.
-    #[error("{path} is not a kernel (neither a bzImage nor an x86-64 ELF vmlinux): {reason}")]
-    NotAKernel {
-        /// Path given.
-        path: PathBuf,
-        /// What the loader said.
-        reason: String,
-    },
-    /// The initrd file is missing, unreadable or does not fit.
-    #[error("initrd {path}: {reason}")]
-    Initrd {
-        /// Path given.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The kernel command line is invalid or too long.
-    #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
+    /// Loading the kernel or writing boot data failed.
+    #[error(transparent)]
+    Boot(#[from] super::boot::BootError),
+    /// A device could not be created.
+    #[error(transparent)]
+    Device(#[from] super::devices::DeviceError),
     /// Guest memory could not be created or written.
     #[error("guest memory: {0}")]
     Memory(String),
-    /// Serial output could not be opened.
-    #[error("serial output {path}: {source}")]
-    Serial {
-        /// Path given.
-        path: PathBuf,
-        /// I/O error.
-        #[source]
-        source: std::io::Error,
-    },
     /// A host resource (eventfd, thread, signal handler) failed.
     #[error("host: {0}")]
     Host(String),

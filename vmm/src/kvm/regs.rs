@@ -46,7 +46,7 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, mode: EntryMode) -> Result<u64, 
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(werr)?;
     match mode {
-        EntryMode::Long64 => write_identity_tables(mem),
+        EntryMode::Long64 => Ok(write_identity_tables(mem)?),
         EntryMode::Protected32 => Ok(0),
     }
 }

@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::boot::acpi::write_acpi;
 use super::boot::e820::{build_e820, E820Entry};
 use super::boot::mptable::write_mptable;
-use super::boot::{load_linux, BootEntry, BootProtocol, LinuxBoot};
+use super::boot::{load_linux, BootEntry, BootError, BootProtocol, LinuxBoot};
 use super::control::KvmControl;
 use super::cpuid::{supported_cpuid, to_kvm, vcpu_cpuid};
 use super::devices::{Devices, SerialOut};
@@ -231,10 +231,11 @@ impl Vm {
     pub fn create(cfg: &VmConfig) -> Result<Vm, VmError> {
         let count = check_vcpus(cfg.vcpus as usize)?;
         if !cfg.kernel.is_file() {
-            return Err(VmError::KernelFile {
+            return Err(BootError::KernelFile {
                 path: cfg.kernel.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
+            }
+            .into());
         }
         super::boot::make_cmdline(&cfg.cmdline)?;
         let base = create_base(cfg.memory, MIN_LINUX_MEMORY, cfg.patch_arena)?;

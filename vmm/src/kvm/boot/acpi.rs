@@ -5,7 +5,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::kvm::error::VmError;
+use super::BootError;
 use crate::kvm::layout::{APIC_ADDR, IOAPIC_ADDR};
 
 /// Where the RSDP goes (the BIOS area Linux scans; reserved in the e820 map).
@@ -122,15 +122,15 @@ pub fn build_acpi(vcpus: u8) -> Vec<(u64, Vec<u8>)> {
 }
 
 /// Writes the ACPI tables for `vcpus` vCPUs; returns the RSDP address.
-pub fn write_acpi(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, VmError> {
+pub fn write_acpi(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, BootError> {
     for (addr, bytes) in build_acpi(vcpus) {
         if addr + bytes.len() as u64 > END {
-            return Err(VmError::Config(format!(
+            return Err(BootError::DoesNotFit(format!(
                 "ACPI tables for {vcpus} vCPUs do not fit"
             )));
         }
         mem.write_slice(&bytes, GuestAddress(addr))
-            .map_err(|e| VmError::Memory(format!("ACPI tables: {e}")))?;
+            .map_err(|e| BootError::GuestMemory(format!("ACPI tables: {e}")))?;
     }
     Ok(RSDP_ADDR)
 }

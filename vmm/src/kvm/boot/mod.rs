@@ -10,7 +10,9 @@ pub mod paging;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -24,11 +26,49 @@ use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use self::e820::{E820Entry, E820_RAM};
-use super::error::VmError;
 use super::layout::{
     CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR,
     ZERO_PAGE_ADDR,
 };
+
+/// Errors loading the kernel, initrd and command line and writing the boot data.
+#[derive(Debug, Error)]
+pub enum BootError {
+    /// The kernel file is missing or unreadable.
+    #[error("cannot read kernel {path}: {source}")]
+    KernelFile {
+        /// Path given.
+        path: PathBuf,
+        /// I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel file is neither a bzImage nor an x86-64 ELF vmlinux.
+    #[error("{path} is not a kernel (neither a bzImage nor an x86-64 ELF vmlinux): {reason}")]
+    NotAKernel {
+        /// Path given.
+        path: PathBuf,
+        /// What the loader said.
+        reason: String,
+    },
+    /// The initrd file is missing, unreadable or does not fit.
+    #[error("initrd {path}: {reason}")]
+    Initrd {
+        /// Path given.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The kernel command line is invalid or too long.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// Boot data could not be written to guest memory.
+    #[error("writing boot data: {0}")]
+    GuestMemory(String),
+    /// Boot data does not fit where it must go.
+    #[error("boot data does not fit: {0}")]
+    DoesNotFit(String),
+}
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
@@ -73,30 +113,30 @@ pub struct LinuxBoot<'a> {
 }
 
 /// Validates a command line and turns it into linux-loader's [`Cmdline`].
-pub fn make_cmdline(s: &str) -> Result<Cmdline, VmError> {
+pub fn make_cmdline(s: &str) -> Result<Cmdline, BootError> {
     if s.len() >= CMDLINE_MAX_SIZE {
-        return Err(VmError::Cmdline(format!(
+        return Err(BootError::Cmdline(format!(
             "{} bytes; at most {} fit",
             s.len(),
             CMDLINE_MAX_SIZE - 1
         )));
     }
     if let Some(c) = s.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
-        return Err(VmError::Cmdline(format!("contains the character {c:?}")));
+        return Err(BootError::Cmdline(format!("contains the character {c:?}")));
     }
-    Cmdline::try_from(s, CMDLINE_MAX_SIZE).map_err(|e| VmError::Cmdline(e.to_string()))
+    Cmdline::try_from(s, CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))
 }
 
-fn kernel_kind(path: &Path, f: &mut File) -> Result<bool, VmError> {
+fn kernel_kind(path: &Path, f: &mut File) -> Result<bool, BootError> {
     // true = ELF, false = bzImage
-    let io = |source| VmError::KernelFile {
+    let io = |source| BootError::KernelFile {
         path: path.to_owned(),
         source,
     };
     let mut head = [0u8; 0x210];
     let n = read_up_to(f, &mut head).map_err(io)?;
     f.seek(SeekFrom::Start(0)).map_err(io)?;
-    let not = |reason: &str| VmError::NotAKernel {
+    let not = |reason: &str| BootError::NotAKernel {
         path: path.to_owned(),
         reason: reason.into(),
     };
@@ -125,15 +165,15 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Loads kernel, initrd and command line and writes the zero page or PVH start info. Returns
 /// the boot entry of vCPU 0.
-pub fn load_linux(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEntry, VmError> {
+pub fn load_linux(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEntry, BootError> {
     let cmdline = make_cmdline(boot.cmdline)?;
     let kpath = boot.kernel;
-    let mut f = File::open(kpath).map_err(|source| VmError::KernelFile {
+    let mut f = File::open(kpath).map_err(|source| BootError::KernelFile {
         path: kpath.to_owned(),
         source,
     })?;
     let is_elf = kernel_kind(kpath, &mut f)?;
-    let not = |e: linux_loader::loader::Error| VmError::NotAKernel {
+    let not = |e: linux_loader::loader::Error| BootError::NotAKernel {
         path: kpath.to_owned(),
         reason: e.to_string(),
     };
@@ -145,21 +185,21 @@ pub fn load_linux(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEnt
     let hdr = loaded.setup_header;
     if let Some(h) = &hdr {
         if h.xloadflags & XLF_KERNEL_64 == 0 {
-            return Err(VmError::NotAKernel {
+            return Err(BootError::NotAKernel {
                 path: kpath.to_owned(),
                 reason: "bzImage lacks the 64-bit entry point (XLF_KERNEL_64)".into(),
             });
         }
         let max = h.cmdline_size as usize;
         if max != 0 && boot.cmdline.len() > max {
-            return Err(VmError::Cmdline(format!(
+            return Err(BootError::Cmdline(format!(
                 "{} bytes; this kernel takes at most {max}",
                 boot.cmdline.len()
             )));
         }
     }
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
-        .map_err(|e| VmError::Cmdline(e.to_string()))?;
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
 
     let initrd_max = hdr
         .as_ref()
@@ -209,8 +249,8 @@ fn load_initrd(
     e820: &[E820Entry],
     kernel_end: u64,
     max_addr: u64,
-) -> Result<(u64, u64), VmError> {
-    let err = |reason: String| VmError::Initrd {
+) -> Result<(u64, u64), BootError> {
+    let err = |reason: String| BootError::Initrd {
         path: path.to_owned(),
         reason,
     };
@@ -239,7 +279,7 @@ fn write_zero_page(
     hdr: Option<setup_header>,
     boot: &LinuxBoot<'_>,
     initrd: Option<(u64, u64)>,
-) -> Result<(), VmError> {
+) -> Result<(), BootError> {
     let (e820, cmdline_len) = (boot.e820, boot.cmdline.len());
     let mut params = boot_params {
         acpi_rsdp_addr: boot.rsdp,
@@ -259,7 +299,7 @@ fn write_zero_page(
         params.hdr.ramdisk_size = size as u32;
     }
     if e820.len() > params.e820_table.len() {
-        return Err(VmError::Config("too many e820 entries".into()));
+        return Err(BootError::DoesNotFit("too many e820 entries".into()));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
         *slot = boot_e820_entry {
@@ -273,7 +313,7 @@ fn write_zero_page(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_ADDR)),
         mem,
     )
-    .map_err(|e| VmError::Memory(format!("zero page: {e}")))
+    .map_err(|e| BootError::GuestMemory(format!("zero page: {e}")))
 }
 
 fn write_pvh_info(
@@ -281,7 +321,7 @@ fn write_pvh_info(
     e820: &[E820Entry],
     initrd: Option<(u64, u64)>,
     rsdp: u64,
-) -> Result<(), VmError> {
+) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820
         .iter()
         .map(|e| hvm_memmap_table_entry {
@@ -316,7 +356,7 @@ fn write_pvh_info(
         params.set_modules::<hvm_modlist_entry>(&modules, GuestAddress(PVH_MODLIST_ADDR));
     }
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
-        .map_err(|e| VmError::Memory(format!("PVH start info: {e}")))
+        .map_err(|e| BootError::GuestMemory(format!("PVH start info: {e}")))
 }
 
 #[cfg(test)]
@@ -328,8 +368,8 @@ mod tests {
         assert!(make_cmdline("console=ttyS0 quiet").is_ok());
         assert!(matches!(
             make_cmdline(&"x".repeat(5000)),
-            Err(VmError::Cmdline(_))
+            Err(BootError::Cmdline(_))
         ));
-        assert!(matches!(make_cmdline("a\nb"), Err(VmError::Cmdline(_))));
+        assert!(matches!(make_cmdline("a\nb"), Err(BootError::Cmdline(_))));
     }
 }

@@ -4,7 +4,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::kvm::error::VmError;
+use super::BootError;
 use crate::kvm::layout::{APIC_ADDR, EBDA_START, IOAPIC_ADDR};
 
 const APIC_VERSION: u8 = 0x14;
@@ -83,15 +83,15 @@ pub fn build_mptable(base: u64, vcpus: u8) -> Vec<u8> {
 }
 
 /// Writes the MP table for `vcpus` vCPUs into the EBDA.
-pub fn write_mptable(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), VmError> {
+pub fn write_mptable(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), BootError> {
     let t = build_mptable(EBDA_START, vcpus);
     if EBDA_START + t.len() as u64 > 0xa0000 {
-        return Err(VmError::Config(format!(
+        return Err(BootError::DoesNotFit(format!(
             "MP table for {vcpus} vCPUs does not fit the EBDA"
         )));
     }
     mem.write_slice(&t, GuestAddress(EBDA_START))
-        .map_err(|e| VmError::Memory(format!("MP table: {e}")))
+        .map_err(|e| BootError::GuestMemory(format!("MP table: {e}")))
 }
 
 #[cfg(test)]

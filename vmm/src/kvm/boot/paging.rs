@@ -2,17 +2,17 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::kvm::error::VmError;
+use super::BootError;
 use crate::kvm::layout::{IDENTITY_GIBS, PDPT_ADDR, PD_ADDR, PML4_ADDR};
 
 const PRESENT_RW: u64 = 0x3;
 const PAGE_SIZE_2M: u64 = 0x80;
 
 /// Writes PML4, PDPT and page directories; returns the CR3 value.
-pub fn write_identity_tables(mem: &GuestMemoryMmap) -> Result<u64, VmError> {
+pub fn write_identity_tables(mem: &GuestMemoryMmap) -> Result<u64, BootError> {
     let w = |addr: u64, val: u64| {
         mem.write_obj(val, GuestAddress(addr))
-            .map_err(|e| VmError::Memory(format!("page tables at {addr:#x}: {e}")))
+            .map_err(|e| BootError::GuestMemory(format!("page tables at {addr:#x}: {e}")))
     };
     w(PML4_ADDR, PDPT_ADDR | PRESENT_RW)?;
     for gib in 0..IDENTITY_GIBS {
