@@ -142,6 +142,43 @@ fn write_phys_seen_by_guest(g: &mut Guest, a: &mut QemuAttach) {
     );
 }
 
+/// Guest-physical address of kernel symbol `name`: "Kernel code" in /proc/iomem is
+/// `__pa_symbol(_text)`.
+fn kernel_pa(g: &mut Guest, name: &str) -> u64 {
+    let iomem = g.run("grep 'Kernel code' /proc/iomem").unwrap();
+    let start = iomem.trim().split('-').next().unwrap().trim();
+    let text_pa = u64::from_str_radix(start, 16).unwrap();
+    assert_ne!(text_pa, 0, "/proc/iomem hides addresses: {iomem}");
+    text_pa + (ksym(g, name) - ksym(g, "_text"))
+}
+
+/// A code write through `write_phys` makes TCG drop code it has already translated: make
+/// `cmdline_proc_show` return 0 at once (after it ran, so its translation is cached), then
+/// restore it.
+fn code_write_invalidates_translations(g: &mut Guest, a: &mut QemuAttach) {
+    let expected = g.run("cat /proc/cmdline").unwrap();
+    assert!(expected.contains("console=ttyS0"), "{expected}");
+    for _ in 0..3 {
+        assert_eq!(g.run("cat /proc/cmdline").unwrap(), expected);
+    }
+    let mut pa = kernel_pa(g, "cmdline_proc_show");
+    a.pause().unwrap();
+    let mut orig = [0u8; 16];
+    a.memory().read_phys(pa, &mut orig).unwrap();
+    // Keep an ENDBR64 in place.
+    if orig.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+        pa += 4;
+        a.memory().read_phys(pa, &mut orig).unwrap();
+    }
+    a.write_phys(pa, &[0x31, 0xc0, 0xc3]).unwrap(); // xor eax, eax; ret
+    a.resume().unwrap();
+    assert_eq!(g.run("cat /proc/cmdline").unwrap(), "", "stale translation still ran");
+    a.pause().unwrap();
+    a.write_phys(pa, &orig[..3]).unwrap();
+    a.resume().unwrap();
+    assert_eq!(g.run("cat /proc/cmdline").unwrap(), expected);
+}
+
 fn breakpoints(g: &mut Guest, a: &mut QemuAttach) {
     let addr = ksym(g, "cmdline_proc_show");
     let expected = g.run("cat /proc/cmdline").unwrap();
@@ -211,6 +248,7 @@ fn attach_suite(series: KernelSeries) {
     check_regs(series, &mut g, &mut a);
     pause_resume_loop(&mut g, &mut a);
     write_phys_seen_by_guest(&mut g, &mut a);
+    code_write_invalidates_translations(&mut g, &mut a);
     breakpoints(&mut g, &mut a);
     // Detach (drop) leaves the guest running; attaching again works.
     drop(a);
