@@ -541,3 +541,84 @@ fn kvm_pause_reaches_halted_vcpus() {
     vm.stop();
     assert_eq!(vm.wait_exit().unwrap(), ExitReason::Stopped);
 }
+
+#[test]
+fn kvm_msrs_and_idtr_read_back_as_the_guest_set_them() {
+    require_kvm();
+    const LSTAR: u64 = 0xffff_ffff_8123_4560;
+    const KGS: u64 = 0xffff_8880_1234_5000;
+    const IDT: u64 = 0x3000;
+    let (code, _) = assemble(CODE_BASE, |a| {
+        let mut spin = a.create_label();
+        let mut idtr = a.create_label();
+        for (msr, v) in [(0xc000_0082u32, LSTAR), (0xc000_0102u32, KGS)] {
+            a.mov(ecx, msr)?;
+            a.mov(eax, v as u32)?;
+            a.mov(edx, (v >> 32) as u32)?;
+            a.wrmsr()?;
+        }
+        a.lidt(ptr(idtr))?;
+        a.mov(qword_ptr(rdi), 1)?;
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)?;
+        a.set_label(&mut idtr)?;
+        a.dw(&[0xfff])?;
+        a.dq(&[IDT])?;
+        Ok(vec![])
+    });
+    let mut gprs = [0u64; 16];
+    gprs[5] = counter_addr(0);
+    gprs[7] = 0x8_0000;
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code)],
+        vcpus: vec![RawVcpu {
+            rip: CODE_BASE,
+            gprs,
+        }],
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 0,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    let mut c = vm.control();
+    assert!(wait_until(Duration::from_secs(10), || counters(&c, 1)[0] == 1));
+    c.pause().unwrap();
+    let r = c.regs(0).unwrap();
+    assert_eq!(r.lstar, Some(LSTAR));
+    assert_eq!(r.kernel_gs_base, KGS);
+    assert_eq!(r.idtr_base, Some(IDT));
+    c.resume().unwrap();
+    vm.stop();
+    vm.wait_exit().unwrap();
+}
+
+#[test]
+fn kvm_triple_fault_is_a_shutdown() {
+    require_kvm();
+    // The boot IDT is empty: #UD -> #GP -> #DF -> triple fault.
+    let (code, _) = assemble(CODE_BASE, |a| {
+        a.ud2()?;
+        Ok(vec![])
+    });
+    let mut gprs = [0u64; 16];
+    gprs[7] = 0x8_0000;
+    let mut vm = Vm::create_raw(&RawConfig {
+        memory: 8 << 20,
+        code: vec![(CODE_BASE, code)],
+        vcpus: vec![RawVcpu {
+            rip: CODE_BASE,
+            gprs,
+        }],
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 0,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    let r = vm.wait_exit_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(r, Some(ExitReason::Shutdown));
+    assert_eq!(ExitReason::Shutdown.exit_code(), 0);
+}
