@@ -172,7 +172,11 @@ fn code_write_invalidates_translations(g: &mut Guest, a: &mut QemuAttach) {
     }
     a.write_phys(pa, &[0x31, 0xc0, 0xc3]).unwrap(); // xor eax, eax; ret
     a.resume().unwrap();
-    assert_eq!(g.run("cat /proc/cmdline").unwrap(), "", "stale translation still ran");
+    assert_eq!(
+        g.run("cat /proc/cmdline").unwrap(),
+        "",
+        "stale translation still ran"
+    );
     a.pause().unwrap();
     a.write_phys(pa, &orig[..3]).unwrap();
     a.resume().unwrap();
@@ -224,6 +228,25 @@ fn breakpoints(g: &mut Guest, a: &mut QemuAttach) {
     assert_eq!(a.wait_event(Duration::from_millis(500)).unwrap(), None);
 }
 
+/// QEMU frozen (SIGSTOP): requests time out instead of hanging; after SIGCONT the backend
+/// recovers.
+fn qemu_freezes(g: &mut Guest, a: &mut QemuAttach) {
+    let pid = g.qemu_pid() as libc::pid_t;
+    // SAFETY: signals our own child QEMU process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let t = Instant::now();
+    let r = a.pause();
+    let took = t.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert!(r.is_err(), "pause of a frozen QEMU succeeded");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    a.pause().unwrap();
+    assert_ne!(a.regs(0).unwrap().cr3, 0);
+    a.resume().unwrap();
+    assert_eq!(g.run("echo thawed").unwrap(), "thawed\n");
+}
+
 fn qemu_vanishes(g: &mut Guest, mut a: QemuAttach) {
     g.kill_qemu();
     let t = Instant::now();
@@ -250,6 +273,7 @@ fn attach_suite(series: KernelSeries) {
     write_phys_seen_by_guest(&mut g, &mut a);
     code_write_invalidates_translations(&mut g, &mut a);
     breakpoints(&mut g, &mut a);
+    qemu_freezes(&mut g, &mut a);
     // Detach (drop) leaves the guest running; attaching again works.
     drop(a);
     assert_eq!(g.run("echo detached").unwrap(), "detached\n");
