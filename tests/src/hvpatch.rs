@@ -206,6 +206,13 @@ impl AttachServer {
 
 impl Drop for AttachServer {
     fn drop(&mut self) {
+        // SIGTERM first: hvpatch detaches from the gdbstub and leaves the guest running.
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);

@@ -1,12 +1,13 @@
 //! The server and build commands: `hvpatch run`, `hvpatch attach`, `hvpatch build`.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use patcher::build::{compile, BuildOptions};
 use patcher::GuestControl;
 
 use crate::api::{Server, Session};
+use crate::attach::QemuAttach;
 use crate::cli::{AttachArgs, BuildArgs, CliError, RunArgs};
 use crate::kvm::{SerialOut, Vm, VmConfig};
 
@@ -59,10 +60,43 @@ pub fn run(args: &RunArgs) -> Result<i32, CliError> {
     Ok(reason.exit_code())
 }
 
-/// `hvpatch attach`: attach to QEMU and serve the API until the VM goes away or SIGINT/SIGTERM.
+/// Set by SIGINT/SIGTERM: the attach server stops, detaches and leaves the guest running.
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    TERMINATE.store(true, Ordering::Relaxed);
+}
+
+/// Makes SIGINT and SIGTERM set [`TERMINATE`].
+fn install_terminate_handler() -> Result<(), CliError> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `on_terminate` only stores to an atomic, which is async-signal-safe; the
+        // sigaction struct is fully initialised (zeroed, then the handler set).
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_terminate as *const () as usize;
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(other(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// `hvpatch attach`: attach to QEMU and serve the API until SIGINT/SIGTERM; then detach,
+/// leaving the guest running.
 pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
-    let _ = args;
-    Err(CliError::Other("hvpatch attach: the QEMU backend is not wired up yet".into()))
+    install_terminate_handler()?;
+    let control = QemuAttach::connect(&args.qemu_gdb, &args.qemu_mem).map_err(other)?;
+    let server = Server::bind(&args.api_socket).map_err(other)?;
+    let (stop, api) = serve_in_background(server, Box::new(control), "qemu-attach");
+    while !TERMINATE.load(Ordering::Relaxed) && !api.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = api.join();
+    Ok(0)
 }
 
 /// `hvpatch build`: compile a patch source into a patch object.
