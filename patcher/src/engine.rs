@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use introspect::PhysMemory;
+use introspect::{PhysMemory, VcpuRegs};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -308,19 +308,34 @@ pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchEr
     Ok(rel.to_string())
 }
 
-/// Stack slot (VA) in `[rsp, next 16 KiB boundary)` holding a value in `[code.0, code.1)`.
+/// Kernel stack size (THREAD_SIZE: 16 KiB on x86-64 without KASAN, both supported guests).
+pub const THREAD_SIZE: u64 = 16 * 1024;
+
+/// Stack slot (VA) in `[rsp, next THREAD_SIZE boundary)` holding a value in `[code.0, code.1)`.
 fn stack_refers_to(
     mem: &dyn PhysMemory,
     p: &KernelPaging,
     rsp: u64,
     code: (u64, u64),
 ) -> Option<u64> {
-    const STACK: u64 = 16 * 1024;
     let rsp = rsp & !7;
-    let end = (rsp | (STACK - 1)).checked_add(1)?;
-    let mut va = rsp;
-    while va < end {
-        let n = (0x1000 - (va & 0xfff)).min(end - va);
+    let end = (rsp | (THREAD_SIZE - 1)).checked_add(1)?;
+    scan_range(mem, p, rsp, end, code)
+}
+
+/// First 8-byte slot in `[lo, hi)` (at most 64 KiB) holding a value in `[code.0, code.1)`.
+fn scan_range(
+    mem: &dyn PhysMemory,
+    p: &KernelPaging,
+    lo: u64,
+    hi: u64,
+    code: (u64, u64),
+) -> Option<u64> {
+    let lo = lo & !7;
+    let hi = hi.min(lo.saturating_add(0x1_0000));
+    let mut va = lo;
+    while va < hi {
+        let n = (0x1000 - (va & 0xfff)).min(hi - va);
         let mut b = vec![0u8; n as usize];
         if p.read_virt(mem, va, &mut b).is_err() {
             return None;
@@ -334,6 +349,17 @@ fn stack_refers_to(
         va += n;
     }
     None
+}
+
+/// Kernel stacks of tasks that are not running on a vCPU, for [`Engine::unload_checked`].
+pub trait SleepingStacks {
+    /// `(task description, lo, hi)`: from a switched-out task's saved stack pointer to the end
+    /// of its kernel stack. Called inside the pause window.
+    fn sleeping_stacks(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+    ) -> Result<Vec<(String, u64, u64)>, String>;
 }
 
 /// Names a dynamically allocated ftrace ops trampoline: ftrace copies `ftrace_caller` or
@@ -761,7 +787,23 @@ impl Engine {
     /// Unloads a patch: each function it tops goes back to the previous patch's version or to
     /// the original bytes; arena pages are zeroed and unmapped; the last patch also removes
     /// the arena mapping (PMD restored exactly).
+    ///
+    /// Refuses (guest unchanged) while a vCPU executes the patch's code or has a return address
+    /// into it on its kernel stack. Sleeping tasks are not checked: see
+    /// [`Engine::unload_checked`].
     pub fn unload(&mut self, ctl: &mut dyn GuestControl, name: &str) -> Result<(), PatchError> {
+        self.unload_checked(ctl, name, None)
+    }
+
+    /// [`Engine::unload`] that also refuses while any sleeping task's kernel stack holds an
+    /// address inside the patch's code (conservative word scan, e.g. the patch called
+    /// something that slept).
+    pub fn unload_checked(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        name: &str,
+        sleeping: Option<&dyn SleepingStacks>,
+    ) -> Result<(), PatchError> {
         let t0 = Instant::now();
         let idx = self
             .patches
@@ -847,8 +889,22 @@ impl Engine {
         let prepare = t0.elapsed();
         let paging = self.paging;
         let ((), pause) = paused(ctl, |ctl| {
-            for v in 0..ctl.vcpu_count() {
-                let regs = ctl.regs(v)?;
+            let vcpus = (0..ctl.vcpu_count())
+                .map(|v| ctl.regs(v))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let (Some(s), Some(p)) = (sleeping, paging) {
+                let stacks = s
+                    .sleeping_stacks(ctl.memory(), &vcpus)
+                    .map_err(|e| PatchError::Busy(format!("cannot list the guest's tasks: {e}")))?;
+                for (task, lo, hi) in stacks {
+                    if let Some(at) = scan_range(ctl.memory(), &p, lo, hi, code) {
+                        return Err(PatchError::Busy(format!(
+                            "task {task} has {name}'s code address on its stack at {at:#x}; retry"
+                        )));
+                    }
+                }
+            }
+            for (v, regs) in vcpus.iter().enumerate() {
                 let rip = regs.rip;
                 if rip >= code.0 && rip < code.1 {
                     return Err(PatchError::Busy(format!(

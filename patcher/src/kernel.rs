@@ -1,6 +1,8 @@
 //! [`SymbolSource`] for `introspect::Kernel` (kallsyms decoded from guest memory, BTF).
 
-use introspect::{Kernel, PhysMemory};
+use introspect::{Kernel, PhysMemory, VcpuRegs};
+
+use crate::engine::{SleepingStacks, THREAD_SIZE};
 
 use crate::paging::KernelPaging;
 use crate::symbols::SymbolSource;
@@ -67,5 +69,24 @@ impl SymbolSource for KernelSymbols<'_> {
 
     fn type_size(&self, struct_name: &str) -> Option<u64> {
         (struct_name == "page").then_some(self.page_size).flatten()
+    }
+}
+
+impl SleepingStacks for KernelSymbols<'_> {
+    fn sleeping_stacks(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+    ) -> Result<Vec<(String, u64, u64)>, String> {
+        let tasks = self.kernel.tasks(mem, vcpus).map_err(|e| e.to_string())?;
+        Ok(tasks
+            .iter()
+            .filter(|t| t.running_on_vcpu.is_none())
+            .filter_map(|t| {
+                let hi = t.stack_base.checked_add(THREAD_SIZE)?;
+                (t.thread_sp >= t.stack_base && t.thread_sp < hi)
+                    .then(|| (format!("{} ({})", t.pid, t.comm), t.thread_sp, hi))
+            })
+            .collect())
     }
 }

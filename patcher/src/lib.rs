@@ -12,7 +12,7 @@ pub mod patchobj;
 pub mod site;
 pub mod symbols;
 
-pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, Target};
+pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, SleepingStacks, Target};
 pub use guest::{GuestControl, GuestError, GuestEvent};
 pub use paging::KernelPaging;
 pub use symbols::{SymbolMap, SymbolSource};

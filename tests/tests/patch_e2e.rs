@@ -273,6 +273,38 @@ fn cmdline_and_stacking(series: KernelSeries) {
     e.unload(&mut r.ctl, "klp-b").unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
     assert_same(&r.snapshot(), &snap, "after all unloads");
+
+    // A patch that sleeps: while a task sleeps inside it, a checked unload refuses.
+    let sleeper = build(
+        "sleeper",
+        "HVPATCH_NAME(\"sleeper\");\n\
+         extern void msleep(unsigned int msecs);\n\
+         static int show(struct seq_file *m, void *v) { msleep(5000); seq_printf(m, \"slept\\n\"); return 0; }\n\
+         HVPATCH_FUNC(cmdline_proc_show, show);",
+    );
+    r.load(&mut e, &sleeper, "sleeper.o").unwrap();
+    r.g.spawn("cat /proc/cmdline > /tmp/slept").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let ks = KernelSymbols::new(&r.kernel, r.ctl.memory());
+    let err = e
+        .unload_checked(&mut r.ctl, "sleeper", Some(&ks))
+        .unwrap_err()
+        .to_string();
+    eprintln!("{series:?}: {err}");
+    assert!(err.contains("(cat)") && err.contains("sleeper"), "{err}");
+    let mut done = String::new();
+    for _ in 0..40 {
+        done = r.g.run("cat /tmp/slept").unwrap();
+        if done == "slept\n" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(done, "slept\n");
+    let ks = KernelSymbols::new(&r.kernel, r.ctl.memory());
+    e.unload_checked(&mut r.ctl, "sleeper", Some(&ks)).unwrap();
+    assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
+    assert_same(&r.snapshot(), &snap, "after the sleeper");
     // The guest is healthy.
     assert_eq!(r.g.run("echo ok").unwrap(), "ok\n");
     let dmesg = r.g.run("dmesg").unwrap();
