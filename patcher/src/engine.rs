@@ -116,6 +116,8 @@ pub struct FuncInfo {
     pub new_addr: u64,
     /// Whether this patch's version is the one running (top of the function's stack).
     pub active: bool,
+    /// `HVPATCH_*` flags of the record (`HVPATCH_IMMEDIATE` = 1; every load is immediate today).
+    pub flags: u64,
 }
 
 /// A range of the arena used by a patch.
@@ -635,6 +637,7 @@ impl Engine {
                 site,
                 new_addr: f.new_addr,
                 active: true,
+                flags: f.flags,
             });
         }
 
