@@ -122,6 +122,8 @@ fn early_boot(kernel_rel: &str) {
     let limit = Duration::from_secs(180);
     let mut console = String::new();
     let mut exit = None;
+    let mut control = vm.control();
+    let mut inspected = false;
     while t0.elapsed() < limit && seen.len() < checks.len() {
         std::thread::sleep(Duration::from_millis(100));
         console =
@@ -135,7 +137,12 @@ fn early_boot(kernel_rel: &str) {
             exit = Some(vm.wait_exit());
             break;
         }
+        if !inspected && seen.contains_key("command line") {
+            inspected = true;
+            inspect_paused_kernel(&mut control, &console_path);
+        }
     }
+    assert!(inspected, "{kernel_rel}: never paused the booting kernel");
     let elapsed = t0.elapsed();
     vm.stop();
     let _ = vm.wait_exit_timeout(Some(Duration::from_secs(5)));
@@ -157,6 +164,43 @@ fn early_boot(kernel_rel: &str) {
             console_e820(&console)
         );
     }
+}
+
+/// Pauses the kernel mid-boot: vCPU 0 is in 64-bit kernel mode with the kernel's own page
+/// tables and IDT, its page tables are readable, the console stays quiet while paused; then
+/// resumes (the caller's later console checks prove the guest runs on).
+fn inspect_paused_kernel(c: &mut vmm::kvm::KvmControl, console_path: &std::path::Path) {
+    use patcher::GuestControl;
+    c.pause().expect("pause the booting kernel");
+    assert!(c.is_paused());
+    let r = c.regs(0).unwrap();
+    assert!(
+        r.rip >= 0xffff_ffff_8000_0000,
+        "rip {:#x} not in kernel text",
+        r.rip
+    );
+    assert_eq!(r.cpl(), 0);
+    assert_eq!(r.efer & 0x500, 0x500, "long mode");
+    assert_ne!(r.cr0 & 0x8000_0000, 0, "paging");
+    let idt = r.idtr_base.unwrap();
+    assert!(
+        idt >= 0xffff_0000_0000_0000,
+        "kernel IDT expected, got {idt:#x}"
+    );
+    let pml4 = r.cr3 & 0x000f_ffff_ffff_f000;
+    assert_ne!(pml4, 0x9000, "still on the VMM's boot page tables");
+    // The top-level entry mapping the kernel image (slot 511) is present.
+    let top = c.memory().read_u64(pml4 + 511 * 8).unwrap();
+    assert_eq!(top & 1, 1, "PML4[511] = {top:#x}");
+    let len = std::fs::metadata(console_path).unwrap().len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::metadata(console_path).unwrap().len(),
+        len,
+        "output while paused"
+    );
+    c.resume().unwrap();
+    assert!(!c.is_paused());
 }
 
 #[test]
