@@ -2,8 +2,10 @@
 //! linux-loader, vm-superio, vmm-sys-util.
 //!
 //! [`Vm::create`] boots a stock Linux kernel (bzImage via the 64-bit boot protocol, ELF
-//! vmlinux via PVH or 64-bit entry) with an e820 map that reserves the patch arena, an MP
-//! table, normalised CPUID and boot MSRs; [`Vm::create_raw`] runs raw code for tests.
+//! vmlinux via PVH or 64-bit entry) with an e820 map that reserves the patch arena, ACPI
+//! tables (MADT: Debian's kernels enumerate CPUs only from ACPI) and an MP table, normalised
+//! CPUID and boot MSRs; [`Vm::create_raw`] runs raw code for tests. One thread per vCPU;
+//! pausing uses a signal plus `kvm_run.immediate_exit` ([`pause`]).
 //! [`Vm::control`] gives a [`KvmControl`], the [`patcher::GuestControl`] of the VM.
 
 pub mod boot;

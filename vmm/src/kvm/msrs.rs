@@ -64,7 +64,7 @@ pub fn boot_msrs() -> Result<Msrs, VmError> {
     ])
 }
 
-/// The MSRs [`crate::kvm::KvmControl::regs`] reads: LSTAR and KERNEL_GS_BASE.
+/// The MSRs `KvmControl::regs` reads: LSTAR and KERNEL_GS_BASE.
 pub fn introspection_msrs() -> Result<Msrs, VmError> {
     entries(&[(MSR_LSTAR, 0), (MSR_KERNEL_GS_BASE, 0)])
 }
