@@ -622,3 +622,47 @@ fn kvm_triple_fault_is_a_shutdown() {
     assert_eq!(r, Some(ExitReason::Shutdown));
     assert_eq!(ExitReason::Shutdown.exit_code(), 0);
 }
+
+#[test]
+fn kvm_large_memory_splits_around_the_mmio_hole() {
+    require_kvm();
+    let vm = Vm::create_raw(&RawConfig {
+        memory: 5 << 30,
+        code: vec![],
+        vcpus: vec![RawVcpu::default()],
+        mode: EntryMode::Long64,
+        serial: SerialOut::Null,
+        patch_arena: 4 << 20,
+    })
+    .unwrap();
+    let mut c = vm.control();
+    assert_eq!(
+        c.memory().regions(),
+        vec![(0, 3 << 30), (4 << 30, 2 << 30)],
+        "RAM below the 3 GiB hole and the rest from 4 GiB"
+    );
+    let arena = (6u64 << 30) - (4 << 20);
+    assert_eq!(c.patch_arena(), Some((arena, 4 << 20)));
+    let e820: Vec<_> = vm.e820().iter().map(|e| (e.addr, e.size, e.kind)).collect();
+    assert!(
+        e820.contains(&(4 << 30, arena - (4 << 30), vmm::kvm::E820_RAM)),
+        "{e820:x?}"
+    );
+    assert!(
+        e820.contains(&(arena, 4 << 20, vmm::kvm::E820_RESERVED)),
+        "{e820:x?}"
+    );
+    assert!(
+        !e820.iter().any(|e| e.0 < 4 << 30 && e.0 + e.1 > 3 << 30),
+        "{e820:x?}"
+    );
+    c.write_phys(arena + 8, &[0xab; 8]).unwrap();
+    assert_eq!(
+        c.memory().read_u64(arena + 8).unwrap(),
+        0xabab_abab_abab_abab
+    );
+    assert!(
+        c.write_phys((3 << 30) + 8, &[1]).is_err(),
+        "the MMIO hole is not RAM"
+    );
+}
