@@ -487,6 +487,39 @@ impl Engine {
             .map_err(|e| PatchError::Changed(format!("bad engine state: {e}")))
     }
 
+    /// Checks that the guest still holds what the engine installed: every patched entry site
+    /// has the expected `jmp`, and the arena's PMD entry is ours. Returns the problems found
+    /// (empty = healthy). Reads only; racy while the guest runs (pause for a firm answer).
+    pub fn check(&self, ctl: &dyn GuestControl) -> Vec<String> {
+        let mem = ctl.memory();
+        let mut problems = Vec::new();
+        for (&site, st) in &self.sites {
+            let want = st.current_bytes(site);
+            let mut cur = [0u8; 5];
+            match mem.read_phys(st.site_pa, &mut cur) {
+                Ok(()) if cur == want => {}
+                Ok(()) => problems.push(format!(
+                    "{} (site {site:#x}): expected {}, found {}",
+                    st.func,
+                    site::hex(&want),
+                    site::hex(&cur)
+                )),
+                Err(e) => problems.push(format!("{} (site {site:#x}): {e}", st.func)),
+            }
+        }
+        if let Some(m) = self.arena.as_ref().and_then(|a| a.mapping) {
+            match mem.read_u64(m.pmd_pa) {
+                Ok(v) if v == m.pmd_new => {}
+                Ok(v) => problems.push(format!(
+                    "arena PMD entry at {:#x} for {:#x}: expected {:#x}, found {v:#x}",
+                    m.pmd_pa, m.va, m.pmd_new
+                )),
+                Err(e) => problems.push(format!("arena PMD entry at {:#x}: {e}", m.pmd_pa)),
+            }
+        }
+        problems
+    }
+
     /// Timing of the last successful load or unload.
     pub fn last_timing(&self) -> OpTiming {
         self.last

@@ -96,6 +96,17 @@ fn load_unload_roundtrip(s: &Snapshot) {
         }
         other => panic!("unexpected arena source {other:?}"),
     }
+    assert!(e.check(&g).is_empty(), "{:?}", e.check(&g));
+    // Someone overwrites our jmp: check names the function.
+    let spa = t.paging.translate(&g.ram, site0).unwrap() as usize;
+    let ours: [u8; 5] = g.ram.0[spa..spa + 5].try_into().unwrap();
+    g.ram.0[spa..spa + 5].copy_from_slice(&NOP5);
+    let problems = e.check(&g);
+    assert!(
+        problems.len() == 1 && problems[0].contains("cmdline_proc_show"),
+        "{problems:?}"
+    );
+    g.ram.0[spa..spa + 5].copy_from_slice(&ours);
     let json = serde_json::to_string(&e.list()).unwrap();
     assert!(json.contains("cmdline_proc_show") && json.contains("cmdline-fix"));
     assert_eq!(e.info("cmdline-fix").unwrap(), info);
