@@ -33,6 +33,10 @@ pub const PROGS: &[Prog] = &[
         name: "pipewait",
         source: include_str!("../progs/pipewait.c"),
     },
+    Prog {
+        name: "ttyread",
+        source: include_str!("../progs/ttyread.c"),
+    },
 ];
 
 /// Compiler flags of every program.

@@ -8,14 +8,16 @@ use std::time::Duration;
 use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
 use serde_json::Value;
 
-/// Renders every task's /proc/PID/stack as "== PID COMM" blocks.
-const PROC_STACKS: &str = r#"for p in /proc/[0-9]*; do echo "== ${p#/proc/} $(cat $p/comm)"; cat $p/stack; done 2>/dev/null"#;
+/// Renders every task's /proc/PID/stack as "== PID SWITCHES" blocks, where SWITCHES is its
+/// voluntary+involuntary context-switch count: a task whose count did not move between two
+/// readings did not run in between, so its stack was the same all that time.
+const PROC_STACKS: &str = r#"for p in /proc/[0-9]*; do echo "== ${p#/proc/} $(grep ctxt_switches $p/status | tr -dc '0-9\n' | tr '\n' '+')0"; cat $p/stack; done 2>/dev/null"#;
 
-/// Parses "== PID COMM" blocks into pid → stack lines.
-fn parse_stacks(text: &str) -> BTreeMap<i64, Vec<String>> {
+/// Parses "== PID SWITCHES" blocks into pid → (switches, stack lines).
+fn parse_stacks(text: &str) -> BTreeMap<i64, (String, Vec<String>)> {
     introspect::stack::parse_proc_stacks(text)
         .into_iter()
-        .map(|(pid, _, lines)| (pid as i64, lines))
+        .map(|(pid, switches, lines)| (pid as i64, (switches, lines)))
         .collect()
 }
 
@@ -83,8 +85,8 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
             None => errors.push(format!(
                 "pid {pid} ({comm}) in ps, not in hvpatch's task list"
             )),
-            // ps shows workqueue workers as `comm-<wq>` truncated to 15 characters.
-            Some(c) if c != comm && !(comm.starts_with(&format!("{c}-")) && comm.len() == 15) => {
+            // ps shows a workqueue worker as `comm-<workqueue it runs>`, cut to 15 characters.
+            Some(c) if c != comm && !(c.starts_with("kworker/") && comm.starts_with(&format!("{c}-"))) => {
                 errors.push(format!("pid {pid}: ps comm {comm}, hvpatch comm {c}"))
             }
             Some(_) => {}
@@ -103,8 +105,8 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
         errors.join("\n")
     );
 
-    // Stacks: every task whose /proc/PID/stack was the same before and after our snapshot was
-    // asleep in the same place throughout: ours must equal it line for line.
+    // Stacks: every task that did not run between the two /proc readings (same context-switch
+    // count) was asleep in the same place throughout: ours must equal /proc line for line.
     let ours: BTreeMap<i64, &Value> = stacks["tasks"]
         .as_array()
         .expect("tasks")
@@ -113,8 +115,8 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
         .collect();
     let mut compared = Vec::new();
     let mut errors = Vec::new();
-    for (pid, lines) in &before {
-        if lines.is_empty() || after.get(pid) != Some(lines) {
+    for (pid, (switches, lines)) in &before {
+        if lines.is_empty() || after.get(pid) != Some(&(switches.clone(), lines.clone())) {
             continue;
         }
         let Some(st) = ours.get(pid) else { continue };
@@ -145,7 +147,7 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
             compared.contains(&(*pid as i64)),
             "parked task {pid} ({what}) was not compared (its /proc stack moved or hvpatch missed it)"
         );
-        let lines = &before[&(*pid as i64)];
+        let lines = &before[&(*pid as i64)].1;
         assert!(
             lines.iter().any(|l| l.contains(what)),
             "parked task {pid} is not where it was parked ({what}): {lines:?}"
@@ -246,12 +248,17 @@ fn check_vcpus(g: &mut Guest, srv: &AttachServer) {
 
 fn introspection_matches_guest(series: KernelSeries) {
     let mut g = boot(series);
+    let pipewait = g.spawn("pipewait").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let children = g.run(&format!("cat /proc/{pipewait}/task/{pipewait}/children")).unwrap();
+    let pipe_reader: u32 = children.trim().parse().unwrap_or_else(|_| panic!("pipewait child: {children:?}"));
     let parked = [
         (g.spawn("sleep 1000").unwrap(), "hrtimer_nanosleep"),
-        (g.spawn("sleep 1001 | cat").unwrap(), "pipe_read"),
+        (pipe_reader, "pipe_read"),
+        (pipewait, "do_wait"),
         (g.spawn("sh -c 'sleep 1002; true'").unwrap(), "do_wait"),
         (g.spawn("hvpoll").unwrap(), "do_sys_poll"),
-        (g.spawn("cat /dev/ttyS1 > /dev/null").unwrap(), "n_tty_read"),
+        (g.spawn("ttyread").unwrap(), "n_tty_read"),
     ];
     std::thread::sleep(Duration::from_secs(2));
     let srv = AttachServer::start(&g).expect("hvpatch attach");
