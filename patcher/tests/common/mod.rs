@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod scenarios;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -161,6 +163,26 @@ pub fn parse_regs(text: &str) -> Vec<VcpuRegs> {
             ..Default::default()
         })
         .collect()
+}
+
+impl Snapshot {
+    /// A snapshot from parts (e.g. taken from a live guest).
+    pub fn from_parts(
+        version: &'static str,
+        ram: Vec<u8>,
+        vcpus: Vec<VcpuRegs>,
+        kallsyms: String,
+        release: String,
+    ) -> Self {
+        Snapshot {
+            version,
+            ram,
+            vcpus,
+            syms: SymbolMap::from_kallsyms(&kallsyms),
+            kallsyms,
+            release,
+        }
+    }
 }
 
 fn load(version: &'static str) -> Snapshot {
