@@ -41,21 +41,42 @@ pub fn status(v: &Value) -> String {
     s
 }
 
-/// `inspect kernel`: one `key: value` line per field.
+/// `inspect kernel`: release, KASLR, paging, where kallsyms is, and the slide cross-checks.
 pub fn kernel(v: &Value) -> String {
-    let Some(o) = v.as_object() else {
+    if !v.is_object() {
         return pretty(v);
-    };
+    }
+    let h = |k: &str| v[k].as_u64().map(|n| format!("{n:#x}")).unwrap_or_else(|| "?".into());
     let mut s = String::new();
-    for (k, val) in o {
-        let shown = match val {
-            Value::Number(n) if n.as_u64().is_some_and(|x| x > 0xffff) => {
-                format!("{:#x}", n.as_u64().unwrap_or(0))
-            }
-            Value::String(t) => t.clone(),
+    let _ = writeln!(s, "release:        {}", v["release"].as_str().unwrap_or("?"));
+    let _ = writeln!(s, "_text:          {} (physical {})", h("text"), h("text_pa"));
+    let _ = writeln!(s, "KASLR slide:    {}", h("slide"));
+    let _ = writeln!(s, "phys_base:      {}", h("phys_base"));
+    let _ = writeln!(
+        s,
+        "paging:         {}-level, kernel PGD at {}, PTI {}",
+        v["paging_levels"],
+        h("pgd_pa"),
+        if v["pti"].as_bool() == Some(true) { "on" } else { "off" }
+    );
+    let k = &v["kallsyms"];
+    let _ = writeln!(
+        s,
+        "kallsyms:       {} symbols, {} table order, token table at physical {}",
+        v["num_syms"],
+        k["order"].as_str().unwrap_or("?"),
+        k["token_table_pa"].as_u64().map(|n| format!("{n:#x}")).unwrap_or_else(|| "?".into())
+    );
+    for c in v["slide_report"]["checks"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let outcome = match &c["outcome"] {
+            Value::String(o) => o.to_lowercase(),
+            Value::Object(o) => o
+                .iter()
+                .map(|(k, why)| format!("{} ({})", k.to_lowercase(), why.as_str().unwrap_or("")))
+                .collect(),
             other => other.to_string(),
         };
-        let _ = writeln!(s, "{k:<24} {shown}");
+        let _ = writeln!(s, "slide check:    {:<16} {outcome}", c["kind"].as_str().unwrap_or("?"));
     }
     s
 }
@@ -191,29 +212,24 @@ pub fn vcpus(v: &Value) -> String {
 
 /// `patch load|unload|info`.
 pub fn patch(v: &Value) -> String {
+    let Some(name) = v["name"].as_str() else { return pretty(v) };
     let mut s = String::new();
-    if let Some(name) = v["name"].as_str() {
-        let _ = writeln!(s, "patch {name}: {}", v["state"].as_str().unwrap_or("?"));
-        for f in v["functions"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            let _ = writeln!(
-                s,
-                "    {} ({}) -> {} ({})",
-                f["old_name"].as_str().unwrap_or("?"),
-                hex(&f["old_addr"]),
-                f["new_name"].as_str().unwrap_or("?"),
-                hex(&f["new_addr"])
-            );
-        }
-        if let Some(p) = v["pause_us"].as_u64() {
-            let _ = writeln!(s, "    guest paused for {p} µs");
-        }
-        return s;
+    let _ = writeln!(s, "patch {name}: {}", v["state"].as_str().unwrap_or("?"));
+    for f in v["functions"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let pos = f["sympos"].as_u64().filter(|p| *p > 0).map(|p| format!(",{p}")).unwrap_or_default();
+        let active = if f["active"].as_bool() == Some(true) { "active" } else { "superseded" };
+        let _ = writeln!(
+            s,
+            "    {}{pos} at {} -> {} ({active})",
+            f["old_name"].as_str().unwrap_or("?"),
+            hex(&f["old_addr"]),
+            hex(&f["new_addr"])
+        );
     }
-    pretty(v)
+    if let (Some(p), Some(t)) = (v["pause_us"].as_u64(), v["load_us"].as_u64()) {
+        let _ = writeln!(s, "    load took {t} µs, of which the guest was paused {p} µs");
+    }
+    s
 }
 
 /// `patch list`.
