@@ -11,7 +11,11 @@ fn build(name: &str, release: Option<&str>) -> Vec<u8> {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/c")
         .join(name);
-    let out = std::env::temp_dir().join(format!("hvpatch-test-{}-{name}.o", std::process::id()));
+    // One output per call: tests build the same sources concurrently.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out =
+        std::env::temp_dir().join(format!("hvpatch-test-{}-{n}-{name}.o", std::process::id()));
     let mut o = BuildOptions::new(&src, &out);
     o.kernel_release = release.map(str::to_string);
     compile(&o).unwrap_or_else(|e| panic!("building {name} (needs gcc): {e}"));

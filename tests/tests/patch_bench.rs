@@ -32,7 +32,9 @@ fn build(n: usize) -> Vec<u8> {
              HVPATCH_FUNC({f}, new_{f});\n"
         );
     }
-    let d = std::env::temp_dir().join(format!("hvpatch-bench-{}", std::process::id()));
+    static K: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = K.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("hvpatch-bench-{}-{k}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     let c = d.join(format!("bench{n}.c"));
     std::fs::write(&c, s).unwrap();

@@ -19,7 +19,10 @@ fn attach(g: &Guest) -> vmm::attach::QemuAttach {
 
 /// Compiles a patch (C body after `#include <hvpatch.h>`).
 fn build(tag: &str, body: &str) -> Vec<u8> {
-    let d = std::env::temp_dir().join(format!("hvpatch-e2e-{}", std::process::id()));
+    // A directory per call: the 6.1 and 6.12 tests build the same tags concurrently.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("hvpatch-e2e-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     let c: PathBuf = d.join(format!("{tag}.c"));
     std::fs::write(&c, format!("#include <hvpatch.h>\n{body}\n")).unwrap();

@@ -228,7 +228,10 @@ impl Snapshot {
 
 /// Compiles C source (with `#include <hvpatch.h>` prepended) into an object.
 pub fn build_c(tag: &str, src: &str) -> Vec<u8> {
-    let d = std::env::temp_dir().join(format!("hvpatch-ptest-{}", std::process::id()));
+    // A directory per call: tests in one process build the same tags concurrently.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("hvpatch-ptest-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     let c = d.join(format!("{tag}.c"));
     std::fs::write(&c, format!("#include <hvpatch.h>\n{src}\n")).unwrap();
