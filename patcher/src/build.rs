@@ -178,6 +178,13 @@ pub fn command_line(opts: &BuildOptions, header_dir: &Path) -> Vec<String> {
 /// Returns the parsed patch's name.
 pub fn compile(opts: &BuildOptions) -> Result<String, BuildError> {
     let hdir = header_dir()?;
+    let r = compile_in(opts, &hdir);
+    let _ = std::fs::remove_dir_all(&hdir);
+    r
+}
+
+fn compile_in(opts: &BuildOptions, hdir: &Path) -> Result<String, BuildError> {
+    let hdir = hdir.to_path_buf();
     let argv = command_line(opts, &hdir);
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
