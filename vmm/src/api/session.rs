@@ -78,11 +78,10 @@ impl Session {
             banner.is_some() && banner.as_deref() == k.info().banner.as_deref()
         });
         if !still_valid {
-            if !self.engine.list().is_empty() && self.kernel.is_some() {
-                return Err((
-                    "introspect",
-                    "the guest kernel changed under loaded patches (rebooted?); refusing to guess".into(),
-                ));
+            if self.kernel.is_some() && !self.engine.list().is_empty() {
+                // The guest runs another kernel (rebooted): its patches went with the old one.
+                tracing::warn!("guest kernel changed; forgetting {} loaded patches", self.engine.list().len());
+                self.engine = Engine::new();
             }
             let k = Kernel::open(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
             self.kernel = Some(k);
@@ -198,7 +197,15 @@ impl Session {
 
     fn patch_unload(&mut self, name: &str) -> Result<Value, ReqError> {
         let info = self.engine.info(name).ok_or(("not_found", format!("no patch named {name} is loaded")))?;
-        self.engine.unload(self.control.as_mut(), name).map_err(patch_err)?;
+        self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
+        let Some(kernel) = self.kernel.as_ref() else {
+            return Err(("internal", "kernel model missing".into()));
+        };
+        // Refuses while a vCPU or a sleeping task still has the patch's code on its stack.
+        let syms = KernelSymbols::new(kernel, self.control.memory());
+        self.engine
+            .unload_checked(self.control.as_mut(), name, Some(&syms))
+            .map_err(patch_err)?;
         let mut v = to_json(&info)?;
         v["state"] = json!("Unloaded");
         Ok(v)
