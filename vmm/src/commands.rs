@@ -88,8 +88,9 @@ fn install_terminate_handler() -> Result<(), CliError> {
 /// leaving the guest running.
 pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
     install_terminate_handler()?;
-    let control = QemuAttach::connect(&args.qemu_gdb, &args.qemu_mem).map_err(other)?;
+    // Claim the API socket first: a second server fails before touching QEMU's gdbstub.
     let server = Server::bind(&args.api_socket).map_err(other)?;
+    let control = QemuAttach::connect(&args.qemu_gdb, &args.qemu_mem).map_err(other)?;
     let (stop, api) = serve_in_background(server, Box::new(control), "qemu-attach");
     while !TERMINATE.load(Ordering::Relaxed) && !api.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -1,0 +1,113 @@
+//! The `hvpatch` CLI and API against a live guest through `hvpatch attach`: VM control, patch
+//! build/load/list/info/unload as an operator runs them, and clear errors for bad input.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use harness::{hvpatch, AttachServer, Guest, GuestSpec, KernelSeries};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Sends one raw request line; returns the parsed response.
+fn raw(srv: &AttachServer, line: &[u8]) -> serde_json::Value {
+    let mut s = UnixStream::connect(srv.socket()).expect("connect");
+    s.write_all(line).unwrap();
+    let mut resp = String::new();
+    BufReader::new(&s).read_line(&mut resp).unwrap();
+    serde_json::from_str(&resp).unwrap_or_else(|e| panic!("bad response {resp:?}: {e}"))
+}
+
+#[test]
+fn cli_controls_and_patches_a_live_guest() {
+    let mut g = Guest::boot(GuestSpec::new(KernelSeries::V6_12)).expect("boot");
+    let original = g.run("cat /proc/cmdline").unwrap();
+    let srv = AttachServer::start(&g).expect("hvpatch attach");
+
+    // VM control.
+    let st = srv.json(&["vm", "status"]).unwrap();
+    assert_eq!(st["host"], "qemu-attach");
+    assert_eq!(st["vcpus"], 2);
+    assert_eq!(st["paused"], false);
+    srv.cli_ok(&["vm", "pause"]).unwrap();
+    assert_eq!(srv.json(&["vm", "status"]).unwrap()["paused"], true);
+    // Inspection keeps an operator's pause.
+    srv.json(&["inspect", "tasks"]).unwrap();
+    assert_eq!(srv.json(&["vm", "status"]).unwrap()["paused"], true);
+    srv.cli_ok(&["vm", "resume"]).unwrap();
+    assert_eq!(g.run("echo alive").unwrap().trim(), "alive");
+
+    // Build, load, list, info, unload.
+    let obj = std::env::temp_dir().join(format!("hvpatch-cli-{}.o", std::process::id()));
+    let src = repo().join("examples/patches/cmdline.c");
+    let out = hvpatch(&["build", src.to_str().unwrap(), "-o", obj.to_str().unwrap()]).unwrap();
+    assert!(out.success, "hvpatch build: {}", out.stderr);
+    let loaded = srv.json(&["patch", "load", obj.to_str().unwrap()]).unwrap();
+    assert_eq!(loaded["name"], "livepatch-sample");
+    assert_eq!(loaded["functions"][0]["old_name"], "cmdline_proc_show");
+    assert_eq!(g.run("cat /proc/cmdline").unwrap().trim(), "this has been live patched");
+    let list = srv.json(&["patch", "list"]).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let info = srv.json(&["patch", "info", "livepatch-sample"]).unwrap();
+    assert_eq!(info["functions"][0]["active"], true);
+    // Loading the same patch twice is refused.
+    let again = srv.cli(&["patch", "load", obj.to_str().unwrap()]).unwrap();
+    assert!(!again.success && again.stderr.contains("already loaded"), "{again:?}");
+    srv.cli_ok(&["patch", "unload", "livepatch-sample"]).unwrap();
+    assert_eq!(g.run("cat /proc/cmdline").unwrap(), original);
+    assert_eq!(srv.json(&["patch", "list"]).unwrap().as_array().map(Vec::len), Some(0));
+
+    // Bad input: clear errors, non-zero exit, guest unchanged.
+    let not_elf = srv.cli(&["patch", "load", "/etc/hostname"]).unwrap();
+    assert!(!not_elf.success, "loading a text file succeeded");
+    assert!(not_elf.stderr.to_lowercase().contains("elf"), "error does not say what is wrong: {}", not_elf.stderr);
+    let missing = srv.cli(&["patch", "unload", "no-such-patch"]).unwrap();
+    assert!(!missing.success && missing.stderr.contains("no-such-patch"), "{missing:?}");
+    let nosym = srv.cli(&["inspect", "symbol", "no_such_symbol_xyz"]).unwrap();
+    assert!(!nosym.success && nosym.stderr.contains("no_such_symbol_xyz"), "{nosym:?}");
+    let nofile = srv.cli(&["patch", "load", "/nonexistent.o"]).unwrap();
+    assert!(!nofile.success && nofile.stderr.contains("/nonexistent.o"), "{nofile:?}");
+    let nosock = hvpatch(&["--api-socket", "/nonexistent.sock", "vm", "status"]).unwrap();
+    assert!(!nosock.success && nosock.stderr.contains("/nonexistent.sock"), "{nosock:?}");
+
+    // Bad API requests.
+    for (line, what) in [
+        (&b"{not json\n"[..], "malformed"),
+        (b"{\"op\":\"format_disk\"}\n", "malformed"),
+        (b"{\"op\":\"status\",\"extra\":1}\n", "malformed"),
+        (b"{\"op\":\"patch_load\",\"object_base64\":\"!!!\",\"file_name\":\"x.o\"}\n", "base64"),
+        (b"{\"op\":\"inspect\",\"what\":\"symbol\"}\n", "name"),
+    ] {
+        let r = raw(&srv, line);
+        assert_eq!(r["ok"], false, "{}: {r}", String::from_utf8_lossy(line));
+        assert!(r["error"]["message"].as_str().unwrap_or("").contains(what), "{r}");
+    }
+    assert_eq!(g.run("cat /proc/cmdline").unwrap(), original);
+    let _ = std::fs::remove_file(obj);
+}
+
+#[test]
+fn socket_is_private_and_client_needs_a_socket() {
+    let out = hvpatch(&["vm", "status"]).unwrap();
+    assert!(!out.success && out.stderr.contains("--api-socket"), "{out:?}");
+    let g = Guest::boot(GuestSpec::new(KernelSeries::V6_1)).expect("boot");
+    let srv = AttachServer::start(&g).expect("hvpatch attach");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(srv.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "API socket mode {mode:o}");
+    // A second server on the same socket is refused, the first keeps serving.
+    let second = hvpatch(&[
+        "attach",
+        "--qemu-gdb",
+        g.gdb_socket().to_str().unwrap(),
+        "--qemu-mem",
+        g.mem_file().to_str().unwrap(),
+        "--api-socket",
+        srv.socket().to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(!second.success && second.stderr.contains("in use"), "a second server took the socket: {second:?}");
+    assert_eq!(srv.json(&["vm", "status"]).unwrap()["host"], "qemu-attach");
+}
