@@ -36,7 +36,10 @@ fn demo(series: KernelSeries) -> Result<(), String> {
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     let patch_obj = out_dir.join("cmdline.o");
 
-    step(&format!("Booting a Debian {} cloud kernel in QEMU (TCG, 2 vCPUs, 512 MiB, KASLR on)", series.dir_name()));
+    step(&format!(
+        "Booting a Debian {} cloud kernel in QEMU (TCG, 2 vCPUs, 512 MiB, KASLR on)",
+        series.dir_name()
+    ));
     let mut g = Guest::boot(GuestSpec::new(series)).map_err(|e| e.to_string())?;
     guest(&mut g, "uname -r")?;
     let before = guest(&mut g, "cat /proc/cmdline")?;
@@ -44,13 +47,34 @@ fn demo(series: KernelSeries) -> Result<(), String> {
     step("Attaching hvpatch through QEMU's gdbstub and the shared RAM file (nothing inside the guest)");
     let srv = AttachServer::start(&g).map_err(|e| e.to_string())?;
     let sock = srv.socket().display().to_string();
-    println!("$ hvpatch attach --qemu-gdb {} --qemu-mem {} --api-socket {sock} &", g.gdb_socket().display(), g.mem_file().display());
+    println!(
+        "$ hvpatch attach --qemu-gdb {} --qemu-mem {} --api-socket {sock} &",
+        g.gdb_socket().display(),
+        g.mem_file().display()
+    );
     host(&["--api-socket", &sock, "inspect", "kernel"])?;
-    host(&["--api-socket", &sock, "inspect", "symbol", "cmdline_proc_show"])?;
+    host(&[
+        "--api-socket",
+        &sock,
+        "inspect",
+        "symbol",
+        "cmdline_proc_show",
+    ])?;
 
     step("Building the patch (the kernel's livepatch sample) and loading it");
-    host(&["build", &patch_src.display().to_string(), "-o", &patch_obj.display().to_string()])?;
-    host(&["--api-socket", &sock, "patch", "load", &patch_obj.display().to_string()])?;
+    host(&[
+        "build",
+        &patch_src.display().to_string(),
+        "-o",
+        &patch_obj.display().to_string(),
+    ])?;
+    host(&[
+        "--api-socket",
+        &sock,
+        "patch",
+        "load",
+        &patch_obj.display().to_string(),
+    ])?;
     let patched = guest(&mut g, "cat /proc/cmdline")?;
     if patched.trim() != "this has been live patched" {
         return Err(format!("the patch did not take effect: {patched:?}"));
@@ -61,7 +85,9 @@ fn demo(series: KernelSeries) -> Result<(), String> {
     host(&["--api-socket", &sock, "patch", "unload", "livepatch-sample"])?;
     let after = guest(&mut g, "cat /proc/cmdline")?;
     if after != before {
-        return Err(format!("after unload /proc/cmdline is {after:?}, was {before:?}"));
+        return Err(format!(
+            "after unload /proc/cmdline is {after:?}, was {before:?}"
+        ));
     }
     guest(&mut g, "echo the guest is still fine: $(cat /proc/loadavg)")?;
     drop(srv);
