@@ -239,7 +239,7 @@ fn kvm_boot_to_shell_and_run_a_command() {
     let mut vm = Vm::create(&VmConfig {
         kernel,
         initrd: Some(initrd),
-        cmdline: "console=ttyS0 panic=-1".into(),
+        cmdline: "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1".into(),
         vcpus: 2,
         memory: 512 << 20,
         serial: SerialOut::File(console_path.clone()),
@@ -252,11 +252,13 @@ fn kvm_boot_to_shell_and_run_a_command() {
     let ready = wait_until(Duration::from_secs(240), || {
         console().contains("hvpatch-guest: ready") || vm.has_exited()
     });
-    assert!(
-        ready && !vm.has_exited(),
-        "no 'hvpatch-guest: ready'; console:\n{}",
-        console()
-    );
+    if !ready || vm.has_exited() {
+        let exit = vm.wait_exit_timeout(Some(Duration::from_secs(1)));
+        panic!(
+            "no 'hvpatch-guest: ready' (VM exit: {exit:?}); console:\n{}",
+            console()
+        );
+    }
     std::thread::sleep(Duration::from_millis(500));
     let input = vm.serial_input();
     assert!(input.write_all(b"echo hvpatch-$((6*7))-done\n", Duration::from_secs(10)));
