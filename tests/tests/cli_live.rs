@@ -47,42 +47,79 @@ fn cli_controls_and_patches_a_live_guest() {
     let loaded = srv.json(&["patch", "load", obj.to_str().unwrap()]).unwrap();
     assert_eq!(loaded["name"], "livepatch-sample");
     assert_eq!(loaded["functions"][0]["old_name"], "cmdline_proc_show");
-    assert_eq!(g.run("cat /proc/cmdline").unwrap().trim(), "this has been live patched");
+    assert_eq!(
+        g.run("cat /proc/cmdline").unwrap().trim(),
+        "this has been live patched"
+    );
     let list = srv.json(&["patch", "list"]).unwrap();
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     let info = srv.json(&["patch", "info", "livepatch-sample"]).unwrap();
     assert_eq!(info["functions"][0]["active"], true);
     // Loading the same patch twice is refused.
     let again = srv.cli(&["patch", "load", obj.to_str().unwrap()]).unwrap();
-    assert!(!again.success && again.stderr.contains("already loaded"), "{again:?}");
-    srv.cli_ok(&["patch", "unload", "livepatch-sample"]).unwrap();
+    assert!(
+        !again.success && again.stderr.contains("already loaded"),
+        "{again:?}"
+    );
+    srv.cli_ok(&["patch", "unload", "livepatch-sample"])
+        .unwrap();
     assert_eq!(g.run("cat /proc/cmdline").unwrap(), original);
-    assert_eq!(srv.json(&["patch", "list"]).unwrap().as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        srv.json(&["patch", "list"])
+            .unwrap()
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
 
     // Bad input: clear errors, non-zero exit, guest unchanged.
     let not_elf = srv.cli(&["patch", "load", "/etc/hostname"]).unwrap();
     assert!(!not_elf.success, "loading a text file succeeded");
-    assert!(not_elf.stderr.to_lowercase().contains("elf"), "error does not say what is wrong: {}", not_elf.stderr);
+    assert!(
+        not_elf.stderr.to_lowercase().contains("elf"),
+        "error does not say what is wrong: {}",
+        not_elf.stderr
+    );
     let missing = srv.cli(&["patch", "unload", "no-such-patch"]).unwrap();
-    assert!(!missing.success && missing.stderr.contains("no-such-patch"), "{missing:?}");
-    let nosym = srv.cli(&["inspect", "symbol", "no_such_symbol_xyz"]).unwrap();
-    assert!(!nosym.success && nosym.stderr.contains("no_such_symbol_xyz"), "{nosym:?}");
+    assert!(
+        !missing.success && missing.stderr.contains("no-such-patch"),
+        "{missing:?}"
+    );
+    let nosym = srv
+        .cli(&["inspect", "symbol", "no_such_symbol_xyz"])
+        .unwrap();
+    assert!(
+        !nosym.success && nosym.stderr.contains("no_such_symbol_xyz"),
+        "{nosym:?}"
+    );
     let nofile = srv.cli(&["patch", "load", "/nonexistent.o"]).unwrap();
-    assert!(!nofile.success && nofile.stderr.contains("/nonexistent.o"), "{nofile:?}");
+    assert!(
+        !nofile.success && nofile.stderr.contains("/nonexistent.o"),
+        "{nofile:?}"
+    );
     let nosock = hvpatch(&["--api-socket", "/nonexistent.sock", "vm", "status"]).unwrap();
-    assert!(!nosock.success && nosock.stderr.contains("/nonexistent.sock"), "{nosock:?}");
+    assert!(
+        !nosock.success && nosock.stderr.contains("/nonexistent.sock"),
+        "{nosock:?}"
+    );
 
     // Bad API requests.
     for (line, what) in [
         (&b"{not json\n"[..], "malformed"),
         (b"{\"op\":\"format_disk\"}\n", "malformed"),
         (b"{\"op\":\"status\",\"extra\":1}\n", "malformed"),
-        (b"{\"op\":\"patch_load\",\"object_base64\":\"!!!\",\"file_name\":\"x.o\"}\n", "base64"),
+        (
+            b"{\"op\":\"patch_load\",\"object_base64\":\"!!!\",\"file_name\":\"x.o\"}\n",
+            "base64",
+        ),
         (b"{\"op\":\"inspect\",\"what\":\"symbol\"}\n", "name"),
     ] {
         let r = raw(&srv, line);
         assert_eq!(r["ok"], false, "{}: {r}", String::from_utf8_lossy(line));
-        assert!(r["error"]["message"].as_str().unwrap_or("").contains(what), "{r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap_or("").contains(what),
+            "{r}"
+        );
     }
     assert_eq!(g.run("cat /proc/cmdline").unwrap(), original);
     let _ = std::fs::remove_file(obj);
@@ -91,11 +128,18 @@ fn cli_controls_and_patches_a_live_guest() {
 #[test]
 fn socket_is_private_and_client_needs_a_socket() {
     let out = hvpatch(&["vm", "status"]).unwrap();
-    assert!(!out.success && out.stderr.contains("--api-socket"), "{out:?}");
+    assert!(
+        !out.success && out.stderr.contains("--api-socket"),
+        "{out:?}"
+    );
     let g = Guest::boot(GuestSpec::new(KernelSeries::V6_1)).expect("boot");
     let srv = AttachServer::start(&g).expect("hvpatch attach");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(srv.socket()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(srv.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "API socket mode {mode:o}");
     // A second server on the same socket is refused, the first keeps serving.
     let second = hvpatch(&[
@@ -108,6 +152,9 @@ fn socket_is_private_and_client_needs_a_socket() {
         srv.socket().to_str().unwrap(),
     ])
     .unwrap();
-    assert!(!second.success && second.stderr.contains("in use"), "a second server took the socket: {second:?}");
+    assert!(
+        !second.success && second.stderr.contains("in use"),
+        "a second server took the socket: {second:?}"
+    );
     assert_eq!(srv.json(&["vm", "status"]).unwrap()["host"], "qemu-attach");
 }

@@ -86,7 +86,10 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
                 "pid {pid} ({comm}) in ps, not in hvpatch's task list"
             )),
             // ps shows a workqueue worker as `comm-<workqueue it runs>`, cut to 15 characters.
-            Some(c) if c != comm && !(c.starts_with("kworker/") && comm.starts_with(&format!("{c}-"))) => {
+            Some(c)
+                if c != comm
+                    && !(c.starts_with("kworker/") && comm.starts_with(&format!("{c}-"))) =>
+            {
                 errors.push(format!("pid {pid}: ps comm {comm}, hvpatch comm {c}"))
             }
             Some(_) => {}
@@ -250,8 +253,13 @@ fn introspection_matches_guest(series: KernelSeries) {
     let mut g = boot(series);
     let pipewait = g.spawn("pipewait").unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let children = g.run(&format!("cat /proc/{pipewait}/task/{pipewait}/children")).unwrap();
-    let pipe_reader: u32 = children.trim().parse().unwrap_or_else(|_| panic!("pipewait child: {children:?}"));
+    let children = g
+        .run(&format!("cat /proc/{pipewait}/task/{pipewait}/children"))
+        .unwrap();
+    let pipe_reader: u32 = children
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("pipewait child: {children:?}"));
     let parked = [
         (g.spawn("sleep 1000").unwrap(), "hrtimer_nanosleep"),
         (pipe_reader, "pipe_read"),

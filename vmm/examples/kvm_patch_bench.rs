@@ -34,15 +34,24 @@ fn guest_code() -> (Vec<u8>, Vec<u64>, u64) {
         a.call(*f).unwrap();
     }
     a.jmp(main).unwrap();
-    let r = a.assemble_options(TEXT, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).unwrap();
+    let r = a
+        .assemble_options(TEXT, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .unwrap();
     let addrs = fns.iter().map(|l| r.label_ip(l).unwrap()).collect();
-    (r.inner.code_buffer.clone(), addrs, r.label_ip(&main).unwrap())
+    (
+        r.inner.code_buffer.clone(),
+        addrs,
+        r.label_ip(&main).unwrap(),
+    )
 }
 
 fn patch_source(n: usize) -> String {
     let mut s = format!("#include <hvpatch.h>\nHVPATCH_NAME(\"bench-{n}\");\n");
     for i in 0..n {
-        s += &format!("static int new_fn_{i}(void) {{ return {}; }}\nHVPATCH_FUNC(fn_{i}, new_fn_{i});\n", 100 + i);
+        s += &format!(
+            "static int new_fn_{i}(void) {{ return {}; }}\nHVPATCH_FUNC(fn_{i}, new_fn_{i});\n",
+            100 + i
+        );
     }
     s
 }
@@ -51,11 +60,18 @@ fn stats(mut v: Vec<Duration>) -> String {
     v.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let p99 = v[((v.len() * 99) / 100).min(v.len() - 1)];
-    format!("median {:>8.1} µs  p99 {:>8.1} µs", us(v[v.len() / 2]), us(p99))
+    format!(
+        "median {:>8.1} µs  p99 {:>8.1} µs",
+        us(v[v.len() / 2]),
+        us(p99)
+    )
 }
 
 fn main() {
-    let iterations: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(50);
+    let iterations: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(50);
     let (code, fns, main) = guest_code();
     let entry = |pa: u64, flags: u64| (pa | flags).to_le_bytes().to_vec();
     let mut pdpt = vec![0u8; 4096];
@@ -66,7 +82,12 @@ fn main() {
     gprs[7] = 0x8_0000;
     let cfg = RawConfig {
         memory: 64 << 20,
-        code: vec![(CODE_PA, code), (PDPT_HI, pdpt), (PD_HI, pd), (PML4 + 511 * 8, entry(PDPT_HI, 0x3))],
+        code: vec![
+            (CODE_PA, code),
+            (PDPT_HI, pdpt),
+            (PD_HI, pd),
+            (PML4 + 511 * 8, entry(PDPT_HI, 0x3)),
+        ],
         vcpus: vec![RawVcpu { rip: main, gprs }],
         mode: EntryMode::Long64,
         serial: SerialOut::Null,
@@ -84,11 +105,20 @@ fn main() {
     ctl.pause().unwrap();
     let regs = ctl.regs(0).unwrap();
     ctl.resume().unwrap();
-    let paging = KernelPaging { pgd_pa: regs.cr3 & 0x000f_ffff_ffff_f000, la57: false, nx: regs.efer & (1 << 11) != 0 };
-    let target = Target { symbols: &syms, paging };
+    let paging = KernelPaging {
+        pgd_pa: regs.cr3 & 0x000f_ffff_ffff_f000,
+        la57: false,
+        nx: regs.efer & (1 << 11) != 0,
+    };
+    let target = Target {
+        symbols: &syms,
+        paging,
+    };
     let dir = std::env::temp_dir().join(format!("hvpatch-kvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    println!("KVM VMM, 1 vCPU running the patched functions in a loop, {iterations} load/unload cycles");
+    println!(
+        "KVM VMM, 1 vCPU running the patched functions in a loop, {iterations} load/unload cycles"
+    );
     for n in [1, FUNCS] {
         let src = dir.join(format!("bench-{n}.c"));
         let obj = dir.join(format!("bench-{n}.o"));
@@ -98,16 +128,23 @@ fn main() {
         let mut engine = Engine::new();
         let (mut pause, mut total, mut unload_pause) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..iterations {
-            engine.load(&mut ctl, &target, &object, "bench.o").expect("load");
+            engine
+                .load(&mut ctl, &target, &object, "bench.o")
+                .expect("load");
             let t = engine.last_timing();
             pause.push(t.pause);
             total.push(t.total);
-            engine.unload(&mut ctl, &format!("bench-{n}")).expect("unload");
+            engine
+                .unload(&mut ctl, &format!("bench-{n}"))
+                .expect("unload");
             unload_pause.push(engine.last_timing().pause);
         }
         println!("{n:>2} function(s): load pause window   {}", stats(pause));
         println!("{n:>2} function(s): load end-to-end      {}", stats(total));
-        println!("{n:>2} function(s): unload pause window {}", stats(unload_pause));
+        println!(
+            "{n:>2} function(s): unload pause window {}",
+            stats(unload_pause)
+        );
     }
     vm.stop();
     let _ = vm.wait_exit();

@@ -20,7 +20,10 @@ fn serve_in_background(
     server: Server,
     control: Box<dyn GuestControl>,
     host: &'static str,
-) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
     let stop = server.stop_flag();
     let handle = std::thread::spawn(move || {
         let mut session = Session::new(control, host);

@@ -46,10 +46,23 @@ pub fn kernel(v: &Value) -> String {
     if !v.is_object() {
         return pretty(v);
     }
-    let h = |k: &str| v[k].as_u64().map(|n| format!("{n:#x}")).unwrap_or_else(|| "?".into());
+    let h = |k: &str| {
+        v[k].as_u64()
+            .map(|n| format!("{n:#x}"))
+            .unwrap_or_else(|| "?".into())
+    };
     let mut s = String::new();
-    let _ = writeln!(s, "release:        {}", v["release"].as_str().unwrap_or("?"));
-    let _ = writeln!(s, "_text:          {} (physical {})", h("text"), h("text_pa"));
+    let _ = writeln!(
+        s,
+        "release:        {}",
+        v["release"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "_text:          {} (physical {})",
+        h("text"),
+        h("text_pa")
+    );
     let _ = writeln!(s, "KASLR slide:    {}", h("slide"));
     let _ = writeln!(s, "phys_base:      {}", h("phys_base"));
     let _ = writeln!(
@@ -57,7 +70,11 @@ pub fn kernel(v: &Value) -> String {
         "paging:         {}-level, kernel PGD at {}, PTI {}",
         v["paging_levels"],
         h("pgd_pa"),
-        if v["pti"].as_bool() == Some(true) { "on" } else { "off" }
+        if v["pti"].as_bool() == Some(true) {
+            "on"
+        } else {
+            "off"
+        }
     );
     let k = &v["kallsyms"];
     let _ = writeln!(
@@ -65,9 +82,16 @@ pub fn kernel(v: &Value) -> String {
         "kallsyms:       {} symbols, {} table order, token table at physical {}",
         v["num_syms"],
         k["order"].as_str().unwrap_or("?"),
-        k["token_table_pa"].as_u64().map(|n| format!("{n:#x}")).unwrap_or_else(|| "?".into())
+        k["token_table_pa"]
+            .as_u64()
+            .map(|n| format!("{n:#x}"))
+            .unwrap_or_else(|| "?".into())
     );
-    for c in v["slide_report"]["checks"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for c in v["slide_report"]["checks"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         let outcome = match &c["outcome"] {
             Value::String(o) => o.to_lowercase(),
             Value::Object(o) => o
@@ -76,7 +100,11 @@ pub fn kernel(v: &Value) -> String {
                 .collect(),
             other => other.to_string(),
         };
-        let _ = writeln!(s, "slide check:    {:<16} {outcome}", c["kind"].as_str().unwrap_or("?"));
+        let _ = writeln!(
+            s,
+            "slide check:    {:<16} {outcome}",
+            c["kind"].as_str().unwrap_or("?")
+        );
     }
     s
 }
@@ -212,12 +240,26 @@ pub fn vcpus(v: &Value) -> String {
 
 /// `patch load|unload|info`.
 pub fn patch(v: &Value) -> String {
-    let Some(name) = v["name"].as_str() else { return pretty(v) };
+    let Some(name) = v["name"].as_str() else {
+        return pretty(v);
+    };
     let mut s = String::new();
     let _ = writeln!(s, "patch {name}: {}", v["state"].as_str().unwrap_or("?"));
-    for f in v["functions"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let pos = f["sympos"].as_u64().filter(|p| *p > 0).map(|p| format!(",{p}")).unwrap_or_default();
-        let active = if f["active"].as_bool() == Some(true) { "active" } else { "superseded" };
+    for f in v["functions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let pos = f["sympos"]
+            .as_u64()
+            .filter(|p| *p > 0)
+            .map(|p| format!(",{p}"))
+            .unwrap_or_default();
+        let active = if f["active"].as_bool() == Some(true) {
+            "active"
+        } else {
+            "superseded"
+        };
         let _ = writeln!(
             s,
             "    {}{pos} at {} -> {} ({active})",
@@ -227,7 +269,10 @@ pub fn patch(v: &Value) -> String {
         );
     }
     if let (Some(p), Some(t)) = (v["pause_us"].as_u64(), v["load_us"].as_u64()) {
-        let _ = writeln!(s, "    load took {t} µs, of which the guest was paused {p} µs");
+        let _ = writeln!(
+            s,
+            "    load took {t} µs, of which the guest was paused {p} µs"
+        );
     }
     s
 }

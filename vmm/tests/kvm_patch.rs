@@ -8,7 +8,6 @@ mod kvm_common;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use introspect::PhysMemory;
 use kvm_common::{assemble, require_kvm, temp_path, wait_until};
 use patcher::build::{compile, BuildOptions};
 use patcher::{Engine, GuestControl, KernelPaging, SymbolMap, Target};
@@ -88,8 +87,16 @@ fn engine_patches_an_assembled_guest_on_kvm() {
     vm.start().expect("start");
     let mut ctl = vm.control();
     let output = || std::fs::read_to_string(&serial).unwrap_or_default();
-    assert!(wait_until(Duration::from_secs(30), || output().len() >= 3), "guest printed nothing: {:?}", output());
-    assert!(output().chars().all(|c| c == 'A'), "before the patch: {:?}", output());
+    assert!(
+        wait_until(Duration::from_secs(30), || output().len() >= 3),
+        "guest printed nothing: {:?}",
+        output()
+    );
+    assert!(
+        output().chars().all(|c| c == 'A'),
+        "before the patch: {:?}",
+        output()
+    );
 
     // Build the patch with the real compiler flags, link it against explicit symbols.
     let src = temp_path("kvm-fn-a.c");
@@ -111,16 +118,24 @@ fn engine_patches_an_assembled_guest_on_kvm() {
         nx: regs.efer & (1 << 11) != 0,
     };
     ctl.resume().unwrap();
-    let target = Target { symbols: &syms, paging };
+    let target = Target {
+        symbols: &syms,
+        paging,
+    };
     let mut original = vec![0u8; code.len()];
     ctl.memory().read_phys(CODE_PA, &mut original).unwrap();
 
     let mut engine = Engine::new();
-    let info = engine.load(&mut ctl, &target, &object, "kvm-fn-a.o").expect("load");
+    let info = engine
+        .load(&mut ctl, &target, &object, "kvm-fn-a.o")
+        .expect("load");
     assert_eq!(info.functions[0].old_addr, fn_a);
     let (arena_pa, arena_len) = ctl.patch_arena().expect("the VMM reserves an arena");
     assert!(
-        info.code.pages.iter().all(|p| (arena_pa..arena_pa + arena_len).contains(p)),
+        info.code
+            .pages
+            .iter()
+            .all(|p| (arena_pa..arena_pa + arena_len).contains(p)),
         "patch code outside the e820-reserved arena: {:?}",
         info.code.pages
     );
@@ -134,7 +149,8 @@ fn engine_patches_an_assembled_guest_on_kvm() {
     engine.unload(&mut ctl, "kvm-fn-a").expect("unload");
     let mark = output().len();
     assert!(
-        wait_until(Duration::from_secs(30), || output()[mark..].ends_with("AAA")),
+        wait_until(Duration::from_secs(30), || output()[mark..]
+            .ends_with("AAA")),
         "after unload the guest prints {:?}",
         &output()[mark..]
     );

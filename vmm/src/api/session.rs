@@ -44,7 +44,12 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ReqError> {
 impl Session {
     /// A session over `control`; `host` names the backend ("kvm" or "qemu-attach").
     pub fn new(control: Box<dyn GuestControl>, host: &'static str) -> Session {
-        Session { control, host, kernel: None, engine: Engine::new() }
+        Session {
+            control,
+            host,
+            kernel: None,
+            engine: Engine::new(),
+        }
     }
 
     /// Runs `f` with every vCPU paused and their registers read, then restores the run state
@@ -74,19 +79,27 @@ impl Session {
     fn kernel(&mut self, regs: &[VcpuRegs]) -> Result<&Kernel, ReqError> {
         let mem = self.control.memory();
         let still_valid = self.kernel.as_ref().is_some_and(|k| {
-            let banner = k.lookup("linux_banner", None).ok().and_then(|va| k.read_cstr(mem, va, BANNER_MAX));
+            let banner = k
+                .lookup("linux_banner", None)
+                .ok()
+                .and_then(|va| k.read_cstr(mem, va, BANNER_MAX));
             banner.is_some() && banner.as_deref() == k.info().banner.as_deref()
         });
         if !still_valid {
             if self.kernel.is_some() && !self.engine.list().is_empty() {
                 // The guest runs another kernel (rebooted): its patches went with the old one.
-                tracing::warn!("guest kernel changed; forgetting {} loaded patches", self.engine.list().len());
+                tracing::warn!(
+                    "guest kernel changed; forgetting {} loaded patches",
+                    self.engine.list().len()
+                );
                 self.engine = Engine::new();
             }
             let k = Kernel::open(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
             self.kernel = Some(k);
         }
-        self.kernel.as_ref().ok_or(("internal", "kernel model missing".to_string()))
+        self.kernel
+            .as_ref()
+            .ok_or(("internal", "kernel model missing".to_string()))
     }
 
     fn status(&mut self) -> Result<Value, ReqError> {
@@ -182,12 +195,19 @@ impl Session {
         // Build the kernel model while paused (consistent registers), then let the engine do
         // its own preparation outside and its writes inside its own pause window.
         self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
-        let nx = self.control.regs(0).map(|r| r.efer & (1 << 11) != 0).unwrap_or(true);
+        let nx = self
+            .control
+            .regs(0)
+            .map(|r| r.efer & (1 << 11) != 0)
+            .unwrap_or(true);
         let Some(kernel) = self.kernel.as_ref() else {
             return Err(("internal", "kernel model missing".into()));
         };
         let syms = KernelSymbols::new(kernel, self.control.memory());
-        let target = Target { symbols: &syms, paging: syms.paging(nx) };
+        let target = Target {
+            symbols: &syms,
+            paging: syms.paging(nx),
+        };
         let info = self
             .engine
             .load(self.control.as_mut(), &target, &object, file_name)
@@ -196,7 +216,10 @@ impl Session {
     }
 
     fn patch_unload(&mut self, name: &str) -> Result<Value, ReqError> {
-        let info = self.engine.info(name).ok_or(("not_found", format!("no patch named {name} is loaded")))?;
+        let info = self
+            .engine
+            .info(name)
+            .ok_or(("not_found", format!("no patch named {name} is loaded")))?;
         self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
         let Some(kernel) = self.kernel.as_ref() else {
             return Err(("internal", "kernel model missing".into()));
@@ -214,7 +237,11 @@ impl Session {
 
 /// A stack as the API reports it: frames rendered `name+0xoff/0xsize`, and `proc`, the lines
 /// the guest's `/proc/PID/stack` would show for it.
-fn stack_json(k: &Kernel, mem: &dyn introspect::PhysMemory, st: &introspect::stack::Stack) -> Value {
+fn stack_json(
+    k: &Kernel,
+    mem: &dyn introspect::PhysMemory,
+    st: &introspect::stack::Stack,
+) -> Value {
     json!({
         "kind": format!("{:?}", st.kind),
         "reliable": st.reliable,
@@ -228,10 +255,21 @@ impl Handler for Session {
     fn handle(&mut self, req: Request) -> Response {
         let r = match req {
             Request::Status {} => self.status(),
-            Request::Pause {} => self.control.pause().map_err(guest_err).and_then(|_| self.status()),
-            Request::Resume {} => self.control.resume().map_err(guest_err).and_then(|_| self.status()),
+            Request::Pause {} => self
+                .control
+                .pause()
+                .map_err(guest_err)
+                .and_then(|_| self.status()),
+            Request::Resume {} => self
+                .control
+                .resume()
+                .map_err(guest_err)
+                .and_then(|_| self.status()),
             Request::Inspect { what, name } => self.inspect(what, name),
-            Request::PatchLoad { object_base64, file_name } => self.patch_load(&object_base64, &file_name),
+            Request::PatchLoad {
+                object_base64,
+                file_name,
+            } => self.patch_load(&object_base64, &file_name),
             Request::PatchUnload { name } => self.patch_unload(&name),
             Request::PatchList {} => to_json(&self.engine.list()),
             Request::PatchInfo { name } => self
