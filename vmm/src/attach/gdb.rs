@@ -153,13 +153,18 @@ impl GdbClient {
             path: path.to_path_buf(),
             source: e,
         })?;
-        Ok(GdbClient {
+        Ok(Self::from_stream(stream))
+    }
+
+    /// A client over an already connected stream.
+    pub fn from_stream(stream: UnixStream) -> GdbClient {
+        GdbClient {
             stream,
             rbuf: VecDeque::new(),
             no_ack: false,
             stops: VecDeque::new(),
             console: Vec::new(),
-        })
+        }
     }
 
     /// Reads more bytes into the buffer, waiting until `deadline`.
@@ -185,15 +190,6 @@ impl GdbClient {
             Err(e) if e.kind() == ErrorKind::Interrupted => Ok(()),
             Err(e) if is_gone(&e) => Err(AttachError::Closed),
             Err(e) => Err(AttachError::Io(e)),
-        }
-    }
-
-    fn next_byte(&mut self, deadline: Instant) -> Result<u8, AttachError> {
-        loop {
-            if let Some(b) = self.rbuf.pop_front() {
-                return Ok(b);
-            }
-            self.fill(deadline)?;
         }
     }
 
@@ -232,49 +228,74 @@ impl GdbClient {
             if self.no_ack {
                 return Ok(());
             }
-            // Wait for the ack; a '$' here means the stub sent a packet (stop reply) first:
-            // stash it and keep waiting.
+            // Wait for the ack; a packet before it (a stop reply) is kept for later.
             loop {
-                match self.next_byte(deadline)? {
-                    b'+' => return Ok(()),
-                    b'-' => break,
-                    b'$' => {
-                        let body = self.read_packet_body(deadline)?;
-                        self.stash(body);
+                match self.rbuf.front().copied() {
+                    None => self.fill(deadline)?,
+                    Some(b'+') => {
+                        self.rbuf.pop_front();
+                        return Ok(());
                     }
-                    _ => {}
+                    Some(b'-') => {
+                        self.rbuf.pop_front();
+                        break;
+                    }
+                    Some(b'$') => match self.take_packet()? {
+                        Some(body) => self.stash(body),
+                        None => self.fill(deadline)?,
+                    },
+                    Some(_) => {
+                        self.rbuf.pop_front();
+                    }
                 }
             }
         }
         Err(proto("stub keeps rejecting our packet"))
     }
 
-    /// Reads the rest of a packet after `$`; acks it; returns the decoded body.
-    fn read_packet_body(&mut self, deadline: Instant) -> Result<Vec<u8>, AttachError> {
-        let mut raw = Vec::new();
+    /// Takes the first complete packet (`$...#xx` or a `%` notification) out of the receive
+    /// buffer, dropping noise before it; acks it; returns its decoded body. `Ok(None)` when
+    /// no complete packet has arrived yet (nothing of a partial packet is consumed, so a
+    /// timeout never loses bytes).
+    fn take_packet(&mut self) -> Result<Option<Vec<u8>>, AttachError> {
         loop {
-            let b = self.next_byte(deadline)?;
-            if b == b'#' {
-                break;
+            let buf = self.rbuf.make_contiguous();
+            let Some(start) = buf.iter().position(|&b| b == b'$' || b == b'%') else {
+                self.rbuf.clear();
+                return Ok(None);
+            };
+            let Some(hash) = buf[start..]
+                .iter()
+                .position(|&b| b == b'#')
+                .map(|h| start + h)
+            else {
+                if buf.len() - start > MAX_PACKET {
+                    return Err(proto("packet too large"));
+                }
+                return Ok(None);
+            };
+            let Some(cs) = buf.get(hash + 1..hash + 3) else {
+                return Ok(None);
+            };
+            let want = hex_decode(cs).and_then(|v| v.first().copied());
+            let raw = buf[start + 1..hash].to_vec();
+            let notification = buf[start] == b'%';
+            self.rbuf.drain(..hash + 3);
+            if want != Some(checksum(&raw)) {
+                if !self.no_ack && !notification {
+                    self.write_raw(b"-")?;
+                }
+                continue;
             }
-            if raw.len() >= MAX_PACKET {
-                return Err(proto("packet too large"));
+            if notification {
+                // Non-stop notifications: not used in all-stop mode.
+                continue;
             }
-            raw.push(b);
-        }
-        let c1 = self.next_byte(deadline)?;
-        let c2 = self.next_byte(deadline)?;
-        let want = hex_decode(&[c1, c2]).and_then(|v| v.first().copied());
-        if want != Some(checksum(&raw)) {
             if !self.no_ack {
-                self.write_raw(b"-")?;
+                self.write_raw(b"+")?;
             }
-            return Err(proto("bad packet checksum"));
+            return decode_body(&raw).map(Some);
         }
-        if !self.no_ack {
-            self.write_raw(b"+")?;
-        }
-        decode_body(&raw)
     }
 
     /// Keeps an unsolicited packet: stop replies are queued, console output kept.
@@ -295,16 +316,10 @@ impl GdbClient {
     /// Receives the next packet, skipping acks, noise and `O` console packets.
     pub fn recv(&mut self, deadline: Instant) -> Result<Vec<u8>, AttachError> {
         loop {
-            match self.next_byte(deadline)? {
-                b'$' => {}
-                b'%' => {
-                    // Notification (non-stop mode only); read and drop it.
-                    let _ = self.read_packet_body(deadline);
-                    continue;
-                }
-                _ => continue,
-            }
-            let body = self.read_packet_body(deadline)?;
+            let Some(body) = self.take_packet()? else {
+                self.fill(deadline)?;
+                continue;
+            };
             if body.first() == Some(&b'O') && body.as_slice() != b"OK" && body.len() % 2 == 1 {
                 self.stash(body);
                 continue;
@@ -313,8 +328,8 @@ impl GdbClient {
         }
     }
 
-    /// Sends a command and returns its reply. Stop replies that are not the answer (they
-    /// start with T/S/W/X) are queued when `expect_stop` is false.
+    /// Sends a command and returns its reply. Stop replies arriving meanwhile (they start
+    /// with T/S/W/X) are queued for [`GdbClient::wait_stop`], except as the reply to `?`.
     pub fn command(&mut self, payload: &str, timeout: Duration) -> Result<Vec<u8>, AttachError> {
         let deadline = Instant::now() + timeout;
         self.send(payload.as_bytes(), deadline)?;
@@ -459,5 +474,101 @@ mod tests {
         assert_eq!(hex_decode(b"00ab"), Some(vec![0, 0xab]));
         assert_eq!(hex_decode(b"0"), None);
         assert_eq!(hex_decode(b"zz"), None);
+    }
+
+    fn framed(body: &str) -> Vec<u8> {
+        format!("${body}#{:02x}", checksum(body.as_bytes())).into_bytes()
+    }
+
+    fn pair() -> (GdbClient, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut c = GdbClient::from_stream(a);
+        c.no_ack = true;
+        (c, b)
+    }
+
+    fn soon(ms: u64) -> Instant {
+        Instant::now() + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn timeout_mid_packet_loses_nothing() {
+        let (mut c, mut stub) = pair();
+        let p = framed("T05thread:02;");
+        stub.write_all(&p[..6]).unwrap();
+        assert!(matches!(c.recv(soon(50)), Err(AttachError::Timeout)));
+        stub.write_all(&p[6..]).unwrap();
+        assert_eq!(c.recv(soon(1000)).unwrap(), b"T05thread:02;");
+    }
+
+    #[test]
+    fn skips_noise_bad_checksums_and_console_output() {
+        let (mut c, mut stub) = pair();
+        let mut data = b"+++garbage".to_vec();
+        data.extend_from_slice(b"$OK#00"); // bad checksum
+        data.extend_from_slice(&framed("O6869")); // console "hi"
+        data.extend_from_slice(&framed("%Stop:T05")); // not `$`: still framed as `$` here
+        data.extend_from_slice(&framed("0*\\"));
+        stub.write_all(&data).unwrap();
+        assert_eq!(c.recv(soon(1000)).unwrap(), b"%Stop:T05");
+        assert_eq!(c.recv(soon(1000)).unwrap(), vec![b'0'; 64]);
+        assert_eq!(c.console, b"hi");
+    }
+
+    #[test]
+    fn stop_reply_during_command_is_queued() {
+        let (mut c, mut stub) = pair();
+        let mut data = framed("T05thread:01;");
+        data.extend_from_slice(&framed("OK"));
+        stub.write_all(&data).unwrap();
+        assert_eq!(
+            c.command("Z1,1000,1", Duration::from_secs(1)).unwrap(),
+            b"OK"
+        );
+        assert_eq!(
+            c.wait_stop(soon(10)).unwrap(),
+            Some(StopReply::Signal {
+                signal: 5,
+                thread: Some(1)
+            })
+        );
+        assert_eq!(c.wait_stop(soon(10)).unwrap(), None);
+        let mut sent = vec![0u8; 64];
+        let n = stub.read(&mut sent).unwrap();
+        assert_eq!(&sent[..n], framed("Z1,1000,1").as_slice());
+    }
+
+    #[test]
+    fn errors_not_panics() {
+        let (mut c, mut stub) = pair();
+        stub.write_all(&framed("E14")).unwrap();
+        assert!(matches!(
+            c.command_ok("m0,4", Duration::from_secs(1)),
+            Err(AttachError::Stub { .. })
+        ));
+        // An endless packet is refused once it exceeds the bound.
+        let big = vec![b'a'; MAX_PACKET + 16];
+        let mut w = stub.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut d = b"$".to_vec();
+            d.extend_from_slice(&big);
+            let _ = w.write_all(&d);
+        });
+        let mut r = c.recv(soon(5000));
+        while matches!(r, Err(AttachError::Timeout)) {
+            r = c.recv(soon(5000));
+        }
+        assert!(matches!(r, Err(AttachError::Protocol(_))), "{r:?}");
+        drop(stub);
+        drop(c);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn closed_connection() {
+        let (mut c, stub) = pair();
+        drop(stub);
+        assert!(matches!(c.recv(soon(1000)), Err(AttachError::Closed)));
+        assert!(matches!(c.send_interrupt(), Err(AttachError::Closed)));
     }
 }
