@@ -68,6 +68,13 @@ fn check(series: KernelSeries) {
     );
     g.run(&format!("kill {pid}")).unwrap();
     assert_eq!(g.run("echo still here").unwrap(), "still here\n");
+
+    // The monitor works; shutdown quits QEMU; the temporary files go away.
+    assert!(g.hmp("info status").unwrap().contains("running"));
+    let ram = g.mem_file();
+    assert!(ram.exists() && g.gdb_socket().exists() && g.serial_log().exists());
+    g.shutdown().unwrap();
+    assert!(!ram.exists(), "{} left behind", ram.display());
 }
 
 #[test]
@@ -105,4 +112,12 @@ fn command_timeout_recovers() {
         .unwrap_err();
     assert!(matches!(e, HarnessError::CommandTimeout { .. }), "{e}");
     assert_eq!(g.run("echo after").unwrap(), "after\n");
+    // Drop kills QEMU and removes its files.
+    let (ram, pid) = (g.mem_file(), g.qemu_pid());
+    drop(g);
+    assert!(!ram.exists());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still there"
+    );
 }
