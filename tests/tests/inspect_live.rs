@@ -171,7 +171,7 @@ fn check_vcpus(g: &mut Guest, srv: &AttachServer) {
         let v = srv.json(&["inspect", "vcpus"]).expect("inspect vcpus");
         for c in v.as_array().unwrap() {
             seen.entry(c["mode"].as_str().unwrap_or("?").to_string())
-                .or_insert_with(Vec::new)
+                .or_default()
                 .push(c.clone());
         }
     };

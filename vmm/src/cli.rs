@@ -95,9 +95,27 @@ pub struct AttachArgs {
     /// QEMU's guest RAM file (`-object memory-backend-file,mem-path=FILE,share=on`).
     #[arg(long)]
     pub qemu_mem: PathBuf,
+    /// How the RAM file maps to guest-physical memory: `flat` (QEMU pc/q35 guests up to
+    /// 2.75 GiB) or `split:<SIZE>` (the first SIZE bytes at 0, the rest at 4 GiB; SIZE is
+    /// QEMU's below-4G RAM, e.g. `split:2G` for q35 guests larger than 2 GiB).
+    #[arg(long, default_value = "flat", value_parser = parse_mem_layout)]
+    pub qemu_mem_layout: crate::attach::MemLayout,
     /// API socket to serve.
     #[arg(long)]
     pub api_socket: PathBuf,
+}
+
+/// Parses `flat` or `split:<SIZE>`.
+pub fn parse_mem_layout(s: &str) -> Result<crate::attach::MemLayout, String> {
+    match s.split_once(':') {
+        None if s == "flat" => Ok(crate::attach::MemLayout::Flat),
+        Some(("split", size)) => Ok(crate::attach::MemLayout::Split {
+            low: parse_size(size)?,
+        }),
+        _ => Err(format!(
+            "unknown memory layout {s:?}: use flat or split:<SIZE>"
+        )),
+    }
 }
 
 /// `hvpatch build` arguments.
@@ -354,5 +372,11 @@ mod tests {
         ])
         .unwrap();
         assert!(Cli::try_parse_from(["hvpatch", "inspect", "bogus"]).is_err());
+        assert_eq!(
+            parse_mem_layout("split:2G"),
+            Ok(crate::attach::MemLayout::Split { low: 2 << 30 })
+        );
+        assert_eq!(parse_mem_layout("flat"), Ok(crate::attach::MemLayout::Flat));
+        assert!(parse_mem_layout("split").is_err() && parse_mem_layout("weird:1").is_err());
     }
 }

@@ -7,7 +7,7 @@ use patcher::build::{compile, BuildOptions};
 use patcher::GuestControl;
 
 use crate::api::{Server, Session};
-use crate::attach::QemuAttach;
+use crate::attach::{AttachOptions, QemuAttach};
 use crate::cli::{AttachArgs, BuildArgs, CliError, RunArgs};
 use crate::kvm::{SerialOut, Vm, VmConfig};
 
@@ -93,7 +93,11 @@ pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
     install_terminate_handler()?;
     // Claim the API socket first: a second server fails before touching QEMU's gdbstub.
     let server = Server::bind(&args.api_socket).map_err(other)?;
-    let control = QemuAttach::connect(&args.qemu_gdb, &args.qemu_mem).map_err(other)?;
+    let opts = AttachOptions {
+        mem_layout: args.qemu_mem_layout,
+        ..AttachOptions::default()
+    };
+    let control = QemuAttach::connect_with(&args.qemu_gdb, &args.qemu_mem, opts).map_err(other)?;
     let (stop, api) = serve_in_background(server, Box::new(control), "qemu-attach");
     while !TERMINATE.load(Ordering::Relaxed) && !api.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));
