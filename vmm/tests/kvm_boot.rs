@@ -119,7 +119,9 @@ fn early_boot(kernel_rel: &str) {
     ];
     // Measured on the 2-core emulating-KVM CI machine: all seen after 42-90 s depending on
     // load (the kernel runs ~1.5 M instr/s there); on VT-x/AMD-V hosts after ~1 s.
-    let limit = Duration::from_secs(180);
+    // Generous: under this emulating KVM the 6.1 bzImage needs ~165 s (LZ4 decompression in
+    // emulated ring 0); the bound only matters when the boot fails.
+    let limit = Duration::from_secs(300);
     let mut console = String::new();
     let mut exit = None;
     let mut control = vm.control();
@@ -214,7 +216,6 @@ fn kvm_boot_debian_6_12_vmlinux() {
 }
 
 #[test]
-#[ignore = "needs hardware virtualization: under emulating KVM the LZ4 decompressor runs ~150 s before the first console line (passes in ~165 s there)"]
 fn kvm_boot_debian_6_1_bzimage() {
     early_boot("kernels/6.1/vmlinuz");
 }
