@@ -2,10 +2,12 @@
 //! (BTF + ORC copied out of the guest).
 //!
 //! `cargo bench -p hvpatch-introspect --bench tasks -- [ram.bin] [regs.txt]`
-//! (defaults: /tmp/hvpatch-dumps/6.12/{ram.bin,regs.txt}).
+//! (defaults: the 6.12 guest snapshot, see `tests/common/snapshot_dir.rs`).
 
 #[path = "../tests/common/hmp.rs"]
 mod hmp;
+#[path = "../tests/common/snapshot_dir.rs"]
+mod snapshot_dir;
 
 use std::time::{Duration, Instant};
 
@@ -28,17 +30,17 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let ram_path = args
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/ram.bin".into());
-    let regs_path = args
-        .get(1)
-        .cloned()
-        .unwrap_or_else(|| "/tmp/hvpatch-dumps/6.12/regs.txt".into());
-    let ram = std::fs::read(&ram_path).unwrap_or_else(|e| {
-        panic!("cannot read {ram_path}: {e} (run `python3 /tmp/hvpatch-dumps/dump.py 6.12`)")
+    let ram_path = args.first().cloned().unwrap_or_else(|| {
+        snapshot_dir::snapshot_file("6.12", "ram.bin")
+            .display()
+            .to_string()
     });
+    let regs_path = args.get(1).cloned().unwrap_or_else(|| {
+        snapshot_dir::snapshot_file("6.12", "regs.txt")
+            .display()
+            .to_string()
+    });
+    let ram = std::fs::read(&ram_path).unwrap_or_else(|e| panic!("cannot read {ram_path}: {e}"));
     let regs = std::fs::read_to_string(&regs_path)
         .unwrap_or_else(|e| panic!("cannot read {regs_path}: {e}"));
     let vcpus = hmp::parse_hmp_registers(&regs);

@@ -1,7 +1,7 @@
 //! The kernel model on real guest snapshots (6.1 with 4-level paging, 6.12 with 5-level; KASLR
 //! and PTI on), compared with the guest's own /proc/kallsyms, /proc/PID/stack, uname and ps.
 //!
-//! Snapshots: /tmp/hvpatch-dumps/<version>/ (`python3 /tmp/hvpatch-dumps/dump.py <version>`).
+//! Snapshots: see `common/snapshot_dir.rs` (`cargo run --release -p hvpatch-tests --example snapshots`).
 //! These are a stopgap until the harness-driven acceptance tests on booted guests; the checks
 //! are in reusable functions (`kallsyms::compare_with_proc`, `check_*` below).
 
@@ -405,7 +405,6 @@ fn kernel_6_12() {
 /// PTI on, one vCPU in user mode holding the user PGD (CR3 bit 12): the kernel root is still
 /// found, PTI is detected, and every check above holds.
 #[test]
-#[ignore = "needs the PTI snapshot: run `python3 introspect/tests/dump_pti.py 6.12` first"]
 fn kernel_6_12_pti() {
     let d = common::dump_6_12_pti();
     assert!(

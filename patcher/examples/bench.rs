@@ -2,8 +2,8 @@
 //! engine's own verify+write time; the QEMU-attach numbers come from the end-to-end bench
 //! `cargo test -p hvpatch-tests --test patch_bench -- --ignored --nocapture`).
 //!
-//! `cargo run -p hvpatch-patcher --example bench -- [6.1|6.12]` (snapshots from
-//! /tmp/hvpatch-dumps, made by `python3 /tmp/hvpatch-dumps/dump.py <version>`).
+//! `cargo run -p hvpatch-patcher --example bench -- [6.1|6.12]` (guest snapshots, see
+//! `tests/common/mod.rs` `snapshot_dir`; made by `scripts/setup`).
 
 use std::time::Instant;
 

@@ -35,6 +35,7 @@ mod guest;
 mod hvpatch;
 mod images;
 mod qmp;
+pub mod snapshot;
 
 pub use error::HarnessError;
 pub use guest::{Guest, GuestSpec, KernelInfo};

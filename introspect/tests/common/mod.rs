@@ -1,15 +1,16 @@
-//! Shared helpers of the introspect integration tests: loading the guest snapshots in
-//! /tmp/hvpatch-dumps/<version>/ (made by `python3 /tmp/hvpatch-dumps/dump.py <version>`).
+//! Shared helpers of the introspect integration tests: loading the guest snapshots (see
+//! [`snapshot_dir`]; made by `cargo run --release -p hvpatch-tests --example snapshots`).
 
 #![allow(dead_code)]
 
 pub mod hmp;
+pub mod snapshot_dir;
 pub mod synth;
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use introspect::VcpuRegs;
+use snapshot_dir::{read_snapshot, snapshot_dir};
 
 /// A memory snapshot of a booted guest plus the guest's own ground truth.
 pub struct Dump {
@@ -31,29 +32,8 @@ pub struct Dump {
     pub cmdline: String,
 }
 
-fn dir(version: &str) -> PathBuf {
-    if let Some(v) = version.strip_suffix("-pti") {
-        return PathBuf::from(
-            std::env::var("HVPATCH_DUMPS_PTI").unwrap_or_else(|_| "/tmp/hvpatch-dumps-pti".into()),
-        )
-        .join(v);
-    }
-    PathBuf::from(std::env::var("HVPATCH_DUMPS").unwrap_or_else(|_| "/tmp/hvpatch-dumps".into()))
-        .join(version)
-}
-
 fn read(version: &str, file: &str) -> Vec<u8> {
-    let p = dir(version).join(file);
-    std::fs::read(&p).unwrap_or_else(|e| {
-        panic!(
-            "missing guest snapshot file {} ({e}): run `{}` to make it",
-            p.display(),
-            match version.strip_suffix("-pti") {
-                Some(v) => format!("python3 introspect/tests/dump_pti.py {v}"),
-                None => format!("python3 /tmp/hvpatch-dumps/dump.py {version}"),
-            }
-        )
-    })
+    read_snapshot(version, file)
 }
 
 fn load(version: &'static str) -> Dump {
@@ -62,7 +42,7 @@ fn load(version: &'static str) -> Dump {
     assert!(
         !vcpus.is_empty(),
         "no CPU# blocks in {}/regs.txt",
-        dir(version).display()
+        snapshot_dir(version).display()
     );
     Dump {
         version,
@@ -88,8 +68,7 @@ pub fn dump_6_12() -> &'static Dump {
     D.get_or_init(|| load("6.12"))
 }
 
-/// The 6.12 snapshot booted with `pti=on`, one vCPU caught in user mode
-/// (`python3 introspect/tests/dump_pti.py 6.12`).
+/// The 6.12 snapshot booted with `pti=on`, one vCPU caught in user mode (two `spin` loops).
 pub fn dump_6_12_pti() -> &'static Dump {
     static D: OnceLock<Dump> = OnceLock::new();
     D.get_or_init(|| load("6.12-pti"))

@@ -1,24 +1,15 @@
-//! Shared helpers for the snapshot tests: load a dump from /tmp/hvpatch-dumps/<ver>/.
+//! Shared helpers for the snapshot tests: load a guest snapshot (located by
+//! `common/snapshot_dir.rs`).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+#[path = "../common/snapshot_dir.rs"]
+mod snapshot_dir;
 
 use introspect::VcpuRegs;
 
-/// Directory of a snapshot.
-pub fn dump_dir(ver: &str) -> PathBuf {
-    PathBuf::from("/tmp/hvpatch-dumps").join(ver)
-}
-
 /// Reads a file of a snapshot, failing with how to make it.
 pub fn read_dump(ver: &str, name: &str) -> Vec<u8> {
-    let p = dump_dir(ver).join(name);
-    std::fs::read(&p).unwrap_or_else(|e| {
-        panic!(
-            "missing snapshot file {}: {e}; run python3 /tmp/hvpatch-dumps/dump.py {ver}",
-            p.display()
-        )
-    })
+    snapshot_dir::read_snapshot(ver, name)
 }
 
 /// Parses HMP `info registers -a` output into one VcpuRegs per CPU.
@@ -89,7 +80,7 @@ pub struct Snapshot {
     pub kernel: introspect::Kernel,
 }
 
-/// Loads `/tmp/hvpatch-dumps/<ver>` and opens the kernel from memory + registers alone.
+/// Loads snapshot `ver` and opens the kernel from memory + registers alone.
 pub fn load(ver: &'static str) -> Snapshot {
     let regs = parse_regs(&String::from_utf8(read_dump(ver, "regs.txt")).unwrap());
     assert_eq!(regs.len(), 2, "regs.txt should describe 2 vCPUs");

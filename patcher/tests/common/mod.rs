@@ -1,6 +1,6 @@
 //! Shared helpers of the patcher integration tests: a [`GuestControl`] over a guest memory
-//! snapshot (/tmp/hvpatch-dumps/<version>/, made by `python3 /tmp/hvpatch-dumps/dump.py
-//! <version>`), and building patch objects from C source.
+//! snapshot ([`snapshot_dir`]; made by `cargo run --release -p hvpatch-tests --example
+//! snapshots`), and building patch objects from C source.
 
 #![allow(dead_code)]
 
@@ -123,19 +123,34 @@ pub struct Snapshot {
     pub release: String,
 }
 
-fn dir(version: &str) -> PathBuf {
-    PathBuf::from(std::env::var("HVPATCH_DUMPS").unwrap_or_else(|_| "/tmp/hvpatch-dumps".into()))
-        .join(version)
+/// Directory of the guest snapshot `version` ("6.1" / "6.12"): `$HVPATCH_DUMPS/<version>`, else
+/// `<image cache>/snapshots/<version>` (image cache: `$HVPATCH_IMAGES`, else `~/.cache/hvpatch`,
+/// as `guest_images::cache_dir`), the layout `harness::snapshot` writes.
+pub fn snapshot_dir(version: &str) -> PathBuf {
+    let root = match std::env::var_os("HVPATCH_DUMPS").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("HVPATCH_IMAGES").filter(|d| !d.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+                .join(".cache/hvpatch"),
+        }
+        .join("snapshots"),
+    };
+    root.join(version)
 }
 
 fn read(version: &str, file: &str) -> Vec<u8> {
-    let p = dir(version).join(file);
-    std::fs::read(&p).unwrap_or_else(|e| {
+    let p = snapshot_dir(version).join(file);
+    if !p.is_file() {
         panic!(
-            "missing guest snapshot file {} ({e}): run `python3 /tmp/hvpatch-dumps/dump.py {version}` to make it",
+            "guest snapshot {} missing: run `scripts/setup` (or `cargo run --release -p \
+             hvpatch-tests --example snapshots`)",
             p.display()
-        )
-    })
+        );
+    }
+    std::fs::read(&p).unwrap_or_else(|e| panic!("reading guest snapshot {}: {e}", p.display()))
 }
 
 fn hex_after(block: &str, key: &str) -> u64 {
