@@ -2,6 +2,7 @@
 
 mod stacks_support;
 
+use introspect::stack::parse_proc_stacks;
 use introspect::tasks::{compare_with_ps, parse_ps};
 use stacks_support::*;
 
@@ -11,12 +12,40 @@ fn check(ver: &'static str) {
     let ps = parse_ps(&text(ver, "ps.txt"));
     assert!(ps.len() > 40, "{ver}: ps.txt too short");
     // The `ps` process itself had exited when RAM was saved.
-    let ignore: Vec<i32> = ps.iter().filter(|r| r.1 == "ps").map(|r| r.0).collect();
-    assert_eq!(ignore.len(), 1);
+    let exited: Vec<i32> = ps.iter().filter(|r| r.1 == "ps").map(|r| r.0).collect();
+    assert_eq!(exited.len(), 1);
+    // Compare state and comm only of tasks that provably sat still from `ps` to the RAM copy:
+    // the ones in stacks.txt (the snapshot maker keeps there only tasks whose context-switch
+    // count and stack were unchanged from before `ps` to after the dump). Others (kworkers, the
+    // console shell) may legitimately have changed state or workqueue name.
+    let still: Vec<i32> = parse_proc_stacks(&text(ver, "stacks.txt"))
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    let ignore: Vec<i32> = ps
+        .iter()
+        .map(|r| r.0)
+        .filter(|p| exited.contains(p) || !still.contains(p))
+        .collect();
+    let compared = ps.len() - ignore.len();
+    assert!(compared >= 40, "{ver}: only {compared} ps rows compared");
+    for comm in ["sleep", "pipewait", "hvpoll", "ttyread", "cat"] {
+        assert!(
+            ps.iter().any(|r| r.1 == comm && still.contains(&r.0)),
+            "{ver}: parked {comm} not compared"
+        );
+    }
     compare_with_ps(&tasks, &ps, &ignore)
         .unwrap_or_else(|e| panic!("{ver}: task list differs from ps:\n{e}"));
+    // Every ps row is a task in RAM, except the exited `ps`.
+    for (pid, comm, _) in ps.iter().filter(|r| !exited.contains(&r.0)) {
+        assert!(
+            tasks.iter().any(|t| t.pid == *pid),
+            "{ver}: pid {pid} ({comm}) in ps but not found"
+        );
+    }
     assert!(
-        !tasks.iter().any(|t| ignore.contains(&t.pid)),
+        !tasks.iter().any(|t| exited.contains(&t.pid)),
         "{ver}: exited ps still listed"
     );
 

@@ -9,7 +9,8 @@
 //!
 //! `stacks.txt` lists only tasks that provably did not run across the dump: their
 //! context-switch count and stack were read before `stop` and again after `cont`, and only
-//! tasks where neither changed are written (`meta.txt` says how many were dropped).
+//! tasks where neither changed are written (`meta.txt` says how many were dropped). `ps.txt` is
+//! taken between those two reads, so the tasks in `stacks.txt` also sat still since `ps`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use crate::{find_kernel, Guest, GuestSpec, HarnessError, KernelSeries};
 pub const DUMPS_ENV: &str = "HVPATCH_DUMPS";
 
 /// Bumped when the contents of a snapshot change, so old ones are remade.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// Each task's context-switch count ("voluntary+nonvoluntary+0") and stack, one block per
 /// task: "== PID COUNT COMM" then /proc/PID/stack.
@@ -244,12 +245,13 @@ fn capture(kind: SnapshotKind, out: &Path) -> Result<(usize, usize), HarnessErro
         fs::write(out.join(f), data).map_err(|e| io(format!("writing {f}"), e))
     };
     write("kallsyms.txt", &g.run_bulk_bytes("cat /proc/kallsyms")?)?;
-    // `exec`: no wrapper shell; `ps` itself has exited when RAM is saved.
-    write("ps.txt", g.run("exec ps -o pid,comm,stat")?.as_bytes())?;
     write("cmdline.txt", g.run("cat /proc/cmdline")?.as_bytes())?;
     write("uname.txt", g.run("uname -a")?.as_bytes())?;
 
     let before = parse_stacks(&g.run_bulk(PROC_STACKS)?);
+    // Between the two stack reads, so a task in stacks.txt had the same state and comm in ps
+    // as in RAM. `exec`: no wrapper shell; `ps` itself has exited when RAM is saved.
+    write("ps.txt", g.run("exec ps -o pid,comm,stat")?.as_bytes())?;
     // PTI: stop again until a vCPU is caught in user mode on the user PGD.
     let mut attempt = 0;
     let regs = loop {
