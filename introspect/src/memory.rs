@@ -59,7 +59,9 @@ pub struct SliceMemory<'a> {
 impl<'a> SliceMemory<'a> {
     /// Memory with a single region starting at guest-physical 0.
     pub fn flat(bytes: &'a [u8]) -> Self {
-        Self { regions: vec![SliceRegion { gpa: 0, bytes }] }
+        Self {
+            regions: vec![SliceRegion { gpa: 0, bytes }],
+        }
     }
 
     /// Memory made of several regions (they must not overlap).
@@ -94,7 +96,10 @@ impl PhysMemory for SliceMemory<'_> {
     }
 
     fn regions(&self) -> Vec<(u64, u64)> {
-        self.regions.iter().map(|r| (r.gpa, r.bytes.len() as u64)).collect()
+        self.regions
+            .iter()
+            .map(|r| (r.gpa, r.bytes.len() as u64))
+            .collect()
     }
 }
 
@@ -105,7 +110,10 @@ mod tests {
     #[test]
     fn slice_memory_bounds() {
         let data = vec![1u8; 4096];
-        let m = SliceMemory::new(vec![SliceRegion { gpa: 0x1000, bytes: &data }]);
+        let m = SliceMemory::new(vec![SliceRegion {
+            gpa: 0x1000,
+            bytes: &data,
+        }]);
         let mut b = [0u8; 8];
         assert!(m.read_phys(0x1000, &mut b).is_ok());
         assert!(m.read_phys(0x1ff8, &mut b).is_ok());
