@@ -4,46 +4,15 @@
 //! `cargo bench -p hvpatch-introspect --bench tasks -- [ram.bin] [regs.txt]`
 //! (defaults: the 6.12 guest snapshot, see `tests/common/snapshot_dir.rs`).
 
-#[path = "../tests/common/hmp.rs"]
-mod hmp;
-#[path = "../tests/common/snapshot_dir.rs"]
-mod snapshot_dir;
+mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use common::{best, load_snapshot};
 use introspect::{Kernel, SliceMemory};
 
-fn best<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
-    let mut best = Duration::MAX;
-    let mut last = None;
-    for _ in 0..runs {
-        let t = Instant::now();
-        let v = f();
-        best = best.min(t.elapsed());
-        last = Some(v);
-    }
-    (best, last.expect("runs > 0"))
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let ram_path = args.first().cloned().unwrap_or_else(|| {
-        snapshot_dir::snapshot_file("6.12", "ram.bin")
-            .display()
-            .to_string()
-    });
-    let regs_path = args.get(1).cloned().unwrap_or_else(|| {
-        snapshot_dir::snapshot_file("6.12", "regs.txt")
-            .display()
-            .to_string()
-    });
-    let ram = std::fs::read(&ram_path).unwrap_or_else(|e| panic!("cannot read {ram_path}: {e}"));
-    let regs = std::fs::read_to_string(&regs_path)
-        .unwrap_or_else(|e| panic!("cannot read {regs_path}: {e}"));
-    let vcpus = hmp::parse_hmp_registers(&regs);
+    let (ram, vcpus) = load_snapshot();
     let mem = SliceMemory::flat(&ram);
     let (t_model, _) = best(3, || {
         let k = Kernel::open(&mem, &vcpus).expect("Kernel::open");
