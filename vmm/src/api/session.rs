@@ -194,12 +194,11 @@ impl Session {
             .map_err(|e| ("bad_request", format!("object_base64 is not base64: {e}")))?;
         // Build the kernel model while paused (consistent registers), then let the engine do
         // its own preparation outside and its writes inside its own pause window.
-        self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
-        let nx = self
-            .control
-            .regs(0)
-            .map(|r| r.efer & (1 << 11) != 0)
-            .unwrap_or(true);
+        // EFER.NXE decides whether the arena's data pages may carry NX; read it in the same pause.
+        let nx = self.paused(|s, regs| {
+            s.kernel(regs)?;
+            Ok(regs.first().is_some_and(|r| r.efer & (1 << 11) != 0))
+        })?;
         let Some(kernel) = self.kernel.as_ref() else {
             return Err(("internal", "kernel model missing".into()));
         };
