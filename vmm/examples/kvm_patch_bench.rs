@@ -6,17 +6,16 @@
 
 use std::time::Duration;
 
+#[path = "../tests/kvm_common/mod.rs"]
+mod kvm_common;
+
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
+use kvm_common::{kernel_half_guest, raw_paging, KTEXT};
 use patcher::build::{compile, BuildOptions};
-use patcher::{Engine, GuestControl, KernelPaging, SymbolMap, Target};
-use vmm::kvm::{EntryMode, RawConfig, RawVcpu, SerialOut, Vm};
+use patcher::{Engine, GuestControl, SymbolMap, Target};
+use vmm::kvm::{SerialOut, Vm};
 
-const TEXT: u64 = 0xffff_ffff_8100_0000;
-const CODE_PA: u64 = 0x20_0000;
-const PML4: u64 = 0x9000;
-const PDPT_HI: u64 = 0x30_0000;
-const PD_HI: u64 = 0x30_1000;
 const FUNCS: usize = 10;
 
 fn guest_code() -> (Vec<u8>, Vec<u64>, u64) {
@@ -35,7 +34,7 @@ fn guest_code() -> (Vec<u8>, Vec<u64>, u64) {
     }
     a.jmp(main).unwrap();
     let r = a
-        .assemble_options(TEXT, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .assemble_options(KTEXT, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
         .unwrap();
     let addrs = fns.iter().map(|l| r.label_ip(l).unwrap()).collect();
     (
@@ -73,43 +72,20 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(50);
     let (code, fns, main) = guest_code();
-    let entry = |pa: u64, flags: u64| (pa | flags).to_le_bytes().to_vec();
-    let mut pdpt = vec![0u8; 4096];
-    pdpt[510 * 8..511 * 8].copy_from_slice(&entry(PD_HI, 0x3));
-    let mut pd = vec![0u8; 4096];
-    pd[8 * 8..9 * 8].copy_from_slice(&entry(CODE_PA, 0x83));
-    let mut gprs = [0u64; 16];
-    gprs[7] = 0x8_0000;
-    let cfg = RawConfig {
-        memory: 64 << 20,
-        code: vec![
-            (CODE_PA, code),
-            (PDPT_HI, pdpt),
-            (PD_HI, pd),
-            (PML4 + 511 * 8, entry(PDPT_HI, 0x3)),
-        ],
-        vcpus: vec![RawVcpu { rip: main, gprs }],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 2 << 20,
-    };
+    let cfg = kernel_half_guest(code, main, SerialOut::Null);
     let mut vm = Vm::create_raw(&cfg).expect("create VM (needs /dev/kvm)");
     vm.start().expect("start");
     let mut ctl = vm.control();
     let mut syms = SymbolMap::new();
-    syms.insert("_text", TEXT);
-    syms.insert("_end", TEXT + 0x1000);
+    syms.insert("_text", KTEXT);
+    syms.insert("_end", KTEXT + 0x1000);
     for (i, a) in fns.iter().enumerate() {
         syms.insert(&format!("fn_{i}"), *a);
     }
     ctl.pause().unwrap();
     let regs = ctl.regs(0).unwrap();
     ctl.resume().unwrap();
-    let paging = KernelPaging {
-        pgd_pa: regs.cr3 & 0x000f_ffff_ffff_f000,
-        la57: false,
-        nx: regs.efer & (1 << 11) != 0,
-    };
+    let paging = raw_paging(&regs);
     let target = Target {
         symbols: &syms,
         paging,

@@ -8,20 +8,12 @@ mod kvm_common;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use kvm_common::{assemble, require_kvm, temp_path, wait_until};
+use kvm_common::{
+    assemble, kernel_half_guest, raw_paging, require_kvm, temp_path, wait_until, KTEXT, KTEXT_PA,
+};
 use patcher::build::{compile, BuildOptions};
-use patcher::{Engine, GuestControl, KernelPaging, SymbolMap, Target};
-use vmm::kvm::{EntryMode, RawConfig, RawVcpu, SerialOut, Vm};
-
-/// Where the guest's "kernel image" is linked, as in Linux.
-const TEXT: u64 = 0xffff_ffff_8100_0000;
-/// Where it lives physically (one 2 MiB page).
-const CODE_PA: u64 = 0x20_0000;
-/// Kernel-half page tables: PML4[511] -> PDPT_HI[510] -> PD_HI[8] = the 2 MiB text page.
-const PML4: u64 = 0x9000;
-const PDPT_HI: u64 = 0x30_0000;
-const PD_HI: u64 = 0x30_1000;
-const STACK_TOP: u64 = 0x8_0000;
+use patcher::{Engine, GuestControl, SymbolMap, Target};
+use vmm::kvm::{SerialOut, Vm};
 
 const PATCH: &str = r#"
 #include <hvpatch.h>
@@ -30,13 +22,9 @@ static int new_fn_a(void) { return 'B'; }
 HVPATCH_FUNC(fn_a, new_fn_a);
 "#;
 
-fn entry(pa: u64, flags: u64) -> Vec<u8> {
-    (pa | flags).to_le_bytes().to_vec()
-}
-
 /// fn_a: an ftrace-style entry (NOP5), returns 'A'. main: forever print fn_a() on COM1.
 fn guest_code() -> (Vec<u8>, u64, u64) {
-    let (bytes, labels) = assemble(TEXT, |a| {
+    let (bytes, labels) = assemble(KTEXT, |a| {
         let mut fn_a = a.create_label();
         let mut main = a.create_label();
         let mut delay = a.create_label();
@@ -62,27 +50,9 @@ fn guest_code() -> (Vec<u8>, u64, u64) {
 fn engine_patches_an_assembled_guest_on_kvm() {
     require_kvm();
     let (code, fn_a, main) = guest_code();
-    assert_eq!(fn_a, TEXT);
-    let mut pdpt = vec![0u8; 4096];
-    pdpt[510 * 8..511 * 8].copy_from_slice(&entry(PD_HI, 0x3));
-    let mut pd = vec![0u8; 4096];
-    pd[8 * 8..9 * 8].copy_from_slice(&entry(CODE_PA, 0x83));
+    assert_eq!(fn_a, KTEXT);
     let serial = temp_path("kvm-patch-serial.txt");
-    let mut gprs = [0u64; 16];
-    gprs[7] = STACK_TOP;
-    let cfg = RawConfig {
-        memory: 64 << 20,
-        code: vec![
-            (CODE_PA, code.clone()),
-            (PDPT_HI, pdpt),
-            (PD_HI, pd),
-            (PML4 + 511 * 8, entry(PDPT_HI, 0x3)),
-        ],
-        vcpus: vec![RawVcpu { rip: main, gprs }],
-        mode: EntryMode::Long64,
-        serial: SerialOut::File(serial.clone()),
-        patch_arena: 2 << 20,
-    };
+    let cfg = kernel_half_guest(code.clone(), main, SerialOut::File(serial.clone()));
     let mut vm = Vm::create_raw(&cfg).expect("create VM");
     vm.start().expect("start");
     let mut ctl = vm.control();
@@ -105,25 +75,18 @@ fn engine_patches_an_assembled_guest_on_kvm() {
     compile(&BuildOptions::new(&src, &obj)).expect("hvpatch build");
     let object = std::fs::read(&obj).unwrap();
     let mut syms = SymbolMap::new();
-    syms.insert("_text", TEXT);
+    syms.insert("_text", KTEXT);
     syms.insert("fn_a", fn_a);
-    syms.insert("_end", TEXT + 0x1000);
+    syms.insert("_end", KTEXT + 0x1000);
     ctl.pause().unwrap();
-    // Not a Linux guest: no PTI pair, so the page-table root is CR3's address bits as they are
-    // (`KernelPaging::from_regs` would clear bit 12, the PTI user-PGD bit).
-    let regs = ctl.regs(0).unwrap();
-    let paging = KernelPaging {
-        pgd_pa: regs.cr3 & 0x000f_ffff_ffff_f000,
-        la57: regs.la57(),
-        nx: regs.efer & (1 << 11) != 0,
-    };
+    let paging = raw_paging(&ctl.regs(0).unwrap());
     ctl.resume().unwrap();
     let target = Target {
         symbols: &syms,
         paging,
     };
     let mut original = vec![0u8; code.len()];
-    ctl.memory().read_phys(CODE_PA, &mut original).unwrap();
+    ctl.memory().read_phys(KTEXT_PA, &mut original).unwrap();
 
     let mut engine = Engine::new();
     let info = engine
@@ -155,7 +118,7 @@ fn engine_patches_an_assembled_guest_on_kvm() {
         &output()[mark..]
     );
     let mut restored = vec![0u8; code.len()];
-    ctl.memory().read_phys(CODE_PA, &mut restored).unwrap();
+    ctl.memory().read_phys(KTEXT_PA, &mut restored).unwrap();
     assert_eq!(restored, original, "function bytes not restored exactly");
     vm.stop();
     vm.wait_exit().expect("VM ends cleanly");

@@ -108,3 +108,51 @@ pub fn tiny_elf_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
     f.extend_from_slice(code);
     f
 }
+
+/// Where a patchable assembled guest's "kernel image" is linked, as in Linux.
+pub const KTEXT: u64 = 0xffff_ffff_8100_0000;
+/// Where that image lives physically (one 2 MiB page).
+pub const KTEXT_PA: u64 = 0x20_0000;
+
+/// A raw guest with `code` (assembled at [`KTEXT`]) mapped in the kernel half like a Linux
+/// image: PML4[511] -> PDPT[510] -> PD[8] = the 2 MiB page at [`KTEXT_PA`]; the next 2 MiB slot
+/// stays empty for the patch arena. One vCPU starts at `rip`; a 2 MiB arena is reserved.
+pub fn kernel_half_guest(
+    code: Vec<u8>,
+    rip: u64,
+    serial: vmm::kvm::SerialOut,
+) -> vmm::kvm::RawConfig {
+    const PML4: u64 = vmm::kvm::layout::PML4_ADDR;
+    const PDPT_HI: u64 = 0x30_0000;
+    const PD_HI: u64 = 0x30_1000;
+    let entry = |pa: u64, flags: u64| (pa | flags).to_le_bytes().to_vec();
+    let mut pdpt = vec![0u8; 4096];
+    pdpt[510 * 8..511 * 8].copy_from_slice(&entry(PD_HI, 0x3));
+    let mut pd = vec![0u8; 4096];
+    pd[8 * 8..9 * 8].copy_from_slice(&entry(KTEXT_PA, 0x83));
+    let mut gprs = [0u64; 16];
+    gprs[7] = 0x8_0000;
+    vmm::kvm::RawConfig {
+        memory: 64 << 20,
+        code: vec![
+            (KTEXT_PA, code),
+            (PDPT_HI, pdpt),
+            (PD_HI, pd),
+            (PML4 + 511 * 8, entry(PDPT_HI, 0x3)),
+        ],
+        vcpus: vec![vmm::kvm::RawVcpu { rip, gprs }],
+        mode: vmm::kvm::EntryMode::Long64,
+        serial,
+        patch_arena: 2 << 20,
+    }
+}
+
+/// The kernel paging root of a raw guest: CR3's address bits as they are (no PTI pair, so
+/// bit 12 is an address bit — `KernelPaging::from_regs` would clear it).
+pub fn raw_paging(regs: &introspect::VcpuRegs) -> patcher::KernelPaging {
+    patcher::KernelPaging {
+        pgd_pa: regs.cr3 & 0x000f_ffff_ffff_f000,
+        la57: regs.la57(),
+        nx: regs.efer & (1 << 11) != 0,
+    }
+}
