@@ -142,15 +142,96 @@ impl Rig {
     }
 }
 
-fn assert_same(a: &[u8], b: &[u8], what: &str) {
-    if a != b {
-        let i = a
-            .iter()
-            .zip(b)
-            .position(|(x, y)| x != y)
-            .unwrap_or(a.len().min(b.len()));
-        panic!("{what}: guest memory changed (first difference at byte {i:#x} of the snapshot)");
+/// Code addresses of the guest's jump-label sites, from its own `__jump_table` (x86-64
+/// relative entries: `s32 code, s32 target, long key`, 16 bytes).
+fn jump_label_sites(r: &Rig) -> Vec<u64> {
+    let start = r.addr("__start___jump_table");
+    let stop = r.addr("__stop___jump_table");
+    assert!(
+        stop > start && stop - start < 16 << 20 && (stop - start) % 16 == 0,
+        "__jump_table [{start:#x}, {stop:#x})"
+    );
+    let t = r.read_virt(start, (stop - start) as usize);
+    let mut v: Vec<u64> = t
+        .chunks_exact(16)
+        .enumerate()
+        .map(|(i, e)| {
+            let rel = i32::from_le_bytes(e[..4].try_into().unwrap()) as i64;
+            (start + 16 * i as u64).wrapping_add_signed(rel)
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Asserts that guest memory equals the snapshot `before`, byte for byte. The one tolerated
+/// difference is a jump-label site the guest itself toggled meanwhile (a static key flipped
+/// by the guest's own timers, e.g. `__sched_clock_stable` when the clocksource watchdog marks
+/// the TSC unstable): a 2- or 5-byte change lying inside a site listed in the guest's
+/// `__jump_table`. Everything else fails, naming the symbol and bytes.
+/// Returns how many such toggles it tolerated.
+fn assert_same(r: &Rig, now: &[u8], before: &[u8], what: &str) -> usize {
+    assert_eq!(now.len(), before.len(), "{what}: snapshot size");
+    if now == before {
+        return 0;
     }
+    let mut toggled = 0;
+    let text = r.addr("_text");
+    let text_len = (r.addr("_etext") - text) as usize;
+    let sites = jump_label_sites(r);
+    // The decoded table must point at jump-label code: NOP5/NOP2, JMP rel32/rel8 (or an int3
+    // mid-update).
+    let in_text: Vec<u64> = sites
+        .iter()
+        .copied()
+        .filter(|&s| s >= text && s < text + text_len as u64)
+        .collect();
+    let odd = in_text
+        .iter()
+        .filter(|&&s| ![0x0f, 0x66, 0xe9, 0xeb, 0xcc].contains(&now[(s - text) as usize]))
+        .count();
+    assert!(
+        in_text.len() > 1000 && odd == 0,
+        "{what}: __jump_table decode: {} sites in text, {odd} not at jump-label code",
+        in_text.len()
+    );
+    let mut last_site = None;
+    for i in (0..now.len()).filter(|&i| now[i] != before[i]) {
+        let end = (i + 16).min(now.len());
+        let bytes = format!("now {:02x?}, was {:02x?}", &now[i..end], &before[i..end]);
+        if i >= text_len {
+            let at = if i < text_len + 0x80000 {
+                format!("low memory {:#x}", 0x10000 + i - text_len)
+            } else {
+                "the kernel-image page directory".to_string()
+            };
+            panic!("{what}: guest memory changed at {at}: {bytes}");
+        }
+        let va = text + i as u64;
+        let sym = r
+            .kernel
+            .symbolize(va)
+            .map_or("?".to_string(), |s| s.to_string());
+        // The nearest site at or below `va`; a jump-label instruction is 2 or 5 bytes.
+        let k = sites.partition_point(|&s| s <= va);
+        match (k > 0).then(|| sites[k - 1]).filter(|&s| va < s + 5) {
+            Some(s) if last_site == Some(s) => {}
+            Some(s) => {
+                toggled += 1;
+                last_site = Some(s);
+                if toggled <= 3 {
+                    eprintln!(
+                        "{what}: the guest toggled its own jump label at {s:#x} ({sym}): {bytes}"
+                    );
+                }
+            }
+            None => panic!("{what}: kernel text changed at {va:#x} ({sym}): {bytes}"),
+        }
+    }
+    if toggled > 3 {
+        eprintln!("{what}: … {toggled} jump-label sites toggled by the guest in all");
+    }
+    toggled
 }
 
 fn cmdline_and_stacking(series: KernelSeries) {
@@ -190,7 +271,7 @@ fn cmdline_and_stacking(series: KernelSeries) {
         before,
         "cmdline_proc_show bytes after unload"
     );
-    assert_same(&r.snapshot(), &snap, "after unload");
+    assert_same(&r, &r.snapshot(), &snap, "after unload");
 
     // State + non-exported function + non-exported data.
     let counter = build(
@@ -275,7 +356,7 @@ fn cmdline_and_stacking(series: KernelSeries) {
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), "B cmdline\n");
     e.unload(&mut r.ctl, "klp-b").unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
-    assert_same(&r.snapshot(), &snap, "after all unloads");
+    assert_same(&r, &r.snapshot(), &snap, "after all unloads");
 
     // A patch that sleeps: while a task sleeps inside it, a checked unload refuses.
     let sleeper = build(
@@ -307,7 +388,7 @@ fn cmdline_and_stacking(series: KernelSeries) {
     let ks = KernelSymbols::new(&r.kernel, r.ctl.memory());
     e.unload_checked(&mut r.ctl, "sleeper", Some(&ks)).unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
-    assert_same(&r.snapshot(), &snap, "after the sleeper");
+    assert_same(&r, &r.snapshot(), &snap, "after the sleeper");
     // The guest is healthy.
     assert_eq!(r.g.run("echo ok").unwrap(), "ok\n");
     let dmesg = r.g.run("dmesg").unwrap();
@@ -393,7 +474,17 @@ fn refused(series: KernelSeries) {
         "otherkernel.o",
         &["4.19.0-27-amd64", &release],
     );
-    assert_same(&r.snapshot(), &snap, "after refused patches");
+    // The guest flips a static key of its own (schedstats): the comparison must tell those
+    // jump-label toggles apart from a change of ours, and see them.
+    r.g.run("echo 1 > /proc/sys/kernel/sched_schedstats")
+        .unwrap();
+    let toggled = assert_same(&r, &r.snapshot(), &snap, "after refused patches");
+    assert!(
+        toggled > 0,
+        "enabling sched_schedstats toggled no jump label in the snapshot"
+    );
+    r.g.run("echo 0 > /proc/sys/kernel/sched_schedstats")
+        .unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
 
     // Guest ftrace owns the site.
@@ -420,6 +511,7 @@ fn refused(series: KernelSeries) {
         ],
     );
     assert_same(
+        &r,
         &r.snapshot(),
         &snap_traced,
         "after refusing the traced function",
@@ -429,6 +521,9 @@ fn refused(series: KernelSeries) {
     r.g.run("echo > /sys/kernel/tracing/set_ftrace_filter")
         .unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
+    // Switching the function tracer on and off may rewrite other text, so the final unload is
+    // compared with a snapshot taken after tracing stopped.
+    let snap_untraced = r.snapshot();
     // After tracing stops, the same patch loads.
     r.load(
         &mut e,
@@ -438,7 +533,7 @@ fn refused(series: KernelSeries) {
     .unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), "patched\n");
     e.unload(&mut r.ctl, "cmdline-fix").unwrap();
-    assert_same(&r.snapshot(), &snap, "after the final unload");
+    assert_same(&r, &r.snapshot(), &snap_untraced, "after the final unload");
 }
 
 #[test]
