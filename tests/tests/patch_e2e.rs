@@ -148,7 +148,7 @@ fn jump_label_sites(r: &Rig) -> Vec<u64> {
     let start = r.addr("__start___jump_table");
     let stop = r.addr("__stop___jump_table");
     assert!(
-        stop > start && stop - start < 16 << 20 && (stop - start) % 16 == 0,
+        stop > start && stop - start < 16 << 20 && (stop - start).is_multiple_of(16),
         "__jump_table [{start:#x}, {stop:#x})"
     );
     let t = r.read_virt(start, (stop - start) as usize);
