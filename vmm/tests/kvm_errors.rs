@@ -5,7 +5,7 @@ mod kvm_common;
 use kvm_common::*;
 use vmm::kvm::boot::BootError;
 use vmm::kvm::devices::DeviceError;
-use vmm::kvm::{EntryMode, RawConfig, RawVcpu, SerialOut, Vm, VmConfig, VmError};
+use vmm::kvm::{RawConfig, RawVcpu, SerialOut, Vm, VmConfig, VmError};
 
 fn kernel_cfg(kernel: std::path::PathBuf) -> VmConfig {
     VmConfig {
@@ -87,14 +87,7 @@ fn kvm_error_zero_vcpus() {
     );
     cfg.vcpus = 33;
     assert!(matches!(Vm::create(&cfg).unwrap_err(), VmError::Config(_)));
-    let raw = RawConfig {
-        memory: 4 << 20,
-        code: vec![],
-        vcpus: vec![],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    };
+    let raw = raw_config(4 << 20, vec![], vec![]);
     assert!(matches!(
         Vm::create_raw(&raw).unwrap_err(),
         VmError::Config(_)
@@ -104,14 +97,11 @@ fn kvm_error_zero_vcpus() {
 #[test]
 fn kvm_error_raw_code_outside_ram() {
     require_kvm();
-    let raw = RawConfig {
-        memory: 4 << 20,
-        code: vec![(8 << 20, vec![0x90])],
-        vcpus: vec![RawVcpu::default()],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    };
+    let raw = raw_config(
+        4 << 20,
+        vec![(8 << 20, vec![0x90])],
+        vec![RawVcpu::default()],
+    );
     assert!(matches!(
         Vm::create_raw(&raw).unwrap_err(),
         VmError::Memory(_)
@@ -122,12 +112,8 @@ fn kvm_error_raw_code_outside_ram() {
 fn kvm_error_serial_file_unwritable() {
     require_kvm();
     let raw = RawConfig {
-        memory: 4 << 20,
-        code: vec![],
-        vcpus: vec![RawVcpu::default()],
-        mode: EntryMode::Long64,
         serial: SerialOut::File("/nonexistent-dir/serial.txt".into()),
-        patch_arena: 0,
+        ..raw_config(4 << 20, vec![], vec![RawVcpu::default()])
     };
     assert!(matches!(
         Vm::create_raw(&raw).unwrap_err(),
@@ -138,15 +124,7 @@ fn kvm_error_serial_file_unwritable() {
 #[test]
 fn kvm_wait_before_start_is_an_error() {
     require_kvm();
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 4 << 20,
-        code: vec![],
-        vcpus: vec![RawVcpu::default()],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
+    let mut vm = Vm::create_raw(&raw_config(4 << 20, vec![], vec![RawVcpu::default()])).unwrap();
     assert!(matches!(vm.wait_exit().unwrap_err(), VmError::State(_)));
     let mut c = vm.control();
     assert!(patcher::GuestControl::pause(&mut c).is_err());

@@ -6,65 +6,117 @@ mod kvm_common;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
+use iced_x86::IcedError;
 use kvm_common::*;
 use patcher::{GuestControl, GuestEvent};
-use vmm::kvm::{EntryMode, ExitReason, RawConfig, RawVcpu, SerialOut, Vm, VmError};
+use vmm::kvm::{ExitReason, RawConfig, RawVcpu, SerialOut, Vm, VmError};
 
+/// Guest-physical address of vCPU `i`'s counter (each on its own cache line).
 fn counter_addr(i: usize) -> u64 {
     DATA_BASE + i as u64 * 64
 }
 
-/// Every vCPU runs `inc qword [rdi]; jmp` with rdi = its own counter.
-fn counter_vm(n: usize) -> Vm {
-    let (code, _) = assemble(CODE_BASE, |a| {
-        let mut top = a.create_label();
-        a.set_label(&mut top)?;
-        a.inc(qword_ptr(rdi))?;
-        a.jmp(top)?;
-        Ok(vec![])
-    });
-    let vcpus = (0..n)
-        .map(|i| {
-            let mut gprs = [0u64; 16];
-            gprs[5] = counter_addr(i);
-            gprs[7] = 0x8_0000 - i as u64 * 0x1000;
-            RawVcpu {
-                rip: CODE_BASE,
-                gprs,
-            }
-        })
-        .collect();
-    Vm::create_raw(&RawConfig {
-        memory: 16 << 20,
-        code: vec![(CODE_BASE, code)],
-        vcpus,
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 2 << 20,
-    })
-    .expect("create raw VM")
+/// A vCPU entering at `rip` with vCPU 0's stack and all other registers zero.
+fn vcpu(rip: u64) -> RawVcpu {
+    let mut gprs = [0u64; 16];
+    gprs[7] = 0x8_0000;
+    RawVcpu { rip, gprs }
+}
+
+/// vCPU `i` entering at `rip` with rdi = its counter and its own stack below vCPU 0's.
+fn counter_vcpu(rip: u64, i: usize) -> RawVcpu {
+    let mut v = vcpu(rip);
+    v.gprs[5] = counter_addr(i);
+    v.gprs[7] -= i as u64 * 0x1000;
+    v
+}
+
+/// One vCPU per entry of `rips`, each with rdi = its own counter (see [`counter_vcpu`]).
+fn counter_vcpus_at(rips: &[u64]) -> Vec<RawVcpu> {
+    rips.iter()
+        .enumerate()
+        .map(|(i, &rip)| counter_vcpu(rip, i))
+        .collect()
+}
+
+/// `n` vCPUs entering at [`CODE_BASE`], each with rdi = its own counter.
+fn counter_vcpus(n: usize) -> Vec<RawVcpu> {
+    counter_vcpus_at(&vec![CODE_BASE; n])
+}
+
+/// Creates the raw VM and starts its vCPUs.
+fn start(cfg: &RawConfig) -> Vm {
+    let mut vm = Vm::create_raw(cfg).expect("create raw VM");
+    vm.start().unwrap();
+    vm
+}
+
+/// Starts an 8 MiB guest with `code` at [`CODE_BASE`] and `vcpus`.
+fn start_code(code: Vec<u8>, vcpus: Vec<RawVcpu>) -> Vm {
+    start(&raw_config(8 << 20, vec![(CODE_BASE, code)], vcpus))
+}
+
+/// Stops the VM and returns how it ended.
+fn stop(vm: &mut Vm) -> ExitReason {
+    vm.stop();
+    vm.wait_exit().unwrap()
+}
+
+/// Emits `l: inc qword [rdi]; jmp l` (count forever) and returns `l`.
+fn counter_loop(a: &mut CodeAssembler) -> Result<CodeLabel, IcedError> {
+    let mut l = a.create_label();
+    a.set_label(&mut l)?;
+    a.inc(qword_ptr(rdi))?;
+    a.jmp(l)?;
+    Ok(l)
+}
+
+/// Emits `l: pause; jmp l` and returns `l`.
+fn pause_loop(a: &mut CodeAssembler) -> Result<CodeLabel, IcedError> {
+    let mut l = a.create_label();
+    a.set_label(&mut l)?;
+    a.pause()?;
+    a.jmp(l)?;
+    Ok(l)
+}
+
+/// The guest's u32 at physical `addr`.
+fn phys_u32(c: &impl GuestControl, addr: u64) -> u32 {
+    c.memory().read_u32(addr).unwrap()
+}
+
+/// The guest's u64 at physical `addr`.
+fn phys_u64(c: &impl GuestControl, addr: u64) -> u64 {
+    c.memory().read_u64(addr).unwrap()
 }
 
 fn counters(c: &impl GuestControl, n: usize) -> Vec<u64> {
-    (0..n)
-        .map(|i| c.memory().read_u64(counter_addr(i)).unwrap())
-        .collect()
+    (0..n).map(|i| phys_u64(c, counter_addr(i))).collect()
+}
+
+/// Asserts that within `timeout` each of the first `n` counters exceeds `min`.
+fn wait_counters_above(c: &impl GuestControl, n: usize, min: u64, timeout: Duration) {
+    assert!(
+        wait_until(timeout, || counters(c, n).iter().all(|&v| v > min)),
+        "counters did not pass {min}: {:?}",
+        counters(c, n)
+    );
 }
 
 fn pause_resume(n: usize) {
     require_kvm();
-    let mut vm = counter_vm(n);
-    vm.start().unwrap();
+    // Every vCPU runs `inc qword [rdi]; jmp` with rdi = its own counter.
+    let (code, _) = assemble(CODE_BASE, |a| {
+        counter_loop(a)?;
+        Ok(vec![])
+    });
+    let mut vm = start(&RawConfig {
+        patch_arena: 2 << 20,
+        ..raw_config(16 << 20, vec![(CODE_BASE, code)], counter_vcpus(n))
+    });
     let mut c = vm.control();
     assert_eq!(c.vcpu_count(), n);
-    // Every vCPU runs.
-    assert!(
-        wait_until(Duration::from_secs(20), || counters(&c, n)
-            .iter()
-            .all(|&v| v > 1000)),
-        "counters did not start: {:?}",
-        counters(&c, n)
-    );
+    wait_counters_above(&c, n, 1000, Duration::from_secs(20));
     for round in 0..3 {
         c.pause().unwrap();
         assert!(c.is_paused());
@@ -82,8 +134,7 @@ fn pause_resume(n: usize) {
             counters(&c, n)
         );
     }
-    vm.stop();
-    assert_eq!(vm.wait_exit().unwrap(), ExitReason::Stopped);
+    assert_eq!(stop(&mut vm), ExitReason::Stopped);
     assert!(c.pause().is_err(), "pausing a stopped VM must fail");
 }
 
@@ -105,13 +156,7 @@ fn kvm_pause_resume_4_vcpus() {
 #[test]
 fn kvm_registers_read_back_as_set() {
     require_kvm();
-    let (code, labels) = assemble(CODE_BASE, |a| {
-        let mut top = a.create_label();
-        a.set_label(&mut top)?;
-        a.pause()?;
-        a.jmp(top)?;
-        Ok(vec![top])
-    });
+    let (code, labels) = assemble(CODE_BASE, |a| Ok(vec![pause_loop(a)?]));
     let vcpus: Vec<RawVcpu> = (0..2u64)
         .map(|v| {
             let mut gprs = [0u64; 16];
@@ -125,16 +170,7 @@ fn kvm_registers_read_back_as_set() {
             }
         })
         .collect();
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code)],
-        vcpus: vcpus.clone(),
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
-    vm.start().unwrap();
+    let mut vm = start_code(code, vcpus.clone());
     let mut c = vm.control();
     assert!(matches!(c.regs(0), Err(patcher::GuestError::NotPaused)));
     std::thread::sleep(Duration::from_millis(50));
@@ -159,8 +195,7 @@ fn kvm_registers_read_back_as_set() {
     }
     assert!(matches!(c.regs(2), Err(patcher::GuestError::NoSuchVcpu(2))));
     c.resume().unwrap();
-    vm.stop();
-    vm.wait_exit().unwrap();
+    stop(&mut vm);
 }
 
 #[test]
@@ -182,26 +217,9 @@ fn kvm_write_while_paused_is_seen_after_resume() {
         a.jmp(top)?;
         Ok(vec![top, imm])
     });
-    let mut gprs = [0u64; 16];
-    gprs[7] = 0x8_0000;
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code.clone())],
-        vcpus: vec![RawVcpu {
-            rip: CODE_BASE,
-            gprs,
-        }],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
-    vm.start().unwrap();
+    let mut vm = start_code(code.clone(), vec![vcpu(CODE_BASE)]);
     let mut c = vm.control();
-    assert!(wait_until(Duration::from_secs(10), || c
-        .memory()
-        .read_u32(DST2)
-        .unwrap()
+    assert!(wait_until(Duration::from_secs(10), || phys_u32(&c, DST2)
         == 0x1111_1111));
     c.pause().unwrap();
     c.write_phys(SRC, &0xfeed_face_cafe_beefu64.to_le_bytes())
@@ -212,31 +230,20 @@ fn kvm_write_while_paused_is_seen_after_resume() {
     c.write_phys(labels[1] + 1, &0x2222_2222u32.to_le_bytes())
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(
-        c.memory().read_u64(DST).unwrap(),
-        0,
-        "guest ran while paused"
-    );
+    assert_eq!(phys_u64(&c, DST), 0, "guest ran while paused");
     assert!(c.write_phys(0xffff_ffff_0000, &[1]).is_err());
     c.resume().unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || c
-            .memory()
-            .read_u64(DST)
-            .unwrap()
+        wait_until(Duration::from_secs(10), || phys_u64(&c, DST)
             == 0xfeed_face_cafe_beef),
         "data write not seen by the guest"
     );
     assert!(
-        wait_until(Duration::from_secs(10), || c
-            .memory()
-            .read_u32(DST2)
-            .unwrap()
+        wait_until(Duration::from_secs(10), || phys_u32(&c, DST2)
             == 0x2222_2222),
         "code write not seen by the guest's instruction fetch"
     );
-    vm.stop();
-    vm.wait_exit().unwrap();
+    stop(&mut vm);
 }
 
 #[test]
@@ -244,12 +251,9 @@ fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
     require_kvm();
     // vCPU 0 spins on its counter; vCPU 1 runs a loop with a distinct instruction at `bp`.
     let (code, labels) = assemble(CODE_BASE, |a| {
-        let mut spin = a.create_label();
+        let spin = counter_loop(a)?;
         let mut other = a.create_label();
         let mut brk = a.create_label();
-        a.set_label(&mut spin)?;
-        a.inc(qword_ptr(rdi))?;
-        a.jmp(spin)?;
         a.set_label(&mut other)?;
         a.inc(qword_ptr(rdi))?;
         a.set_label(&mut brk)?;
@@ -257,39 +261,19 @@ fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
         a.jmp(other)?;
         Ok(vec![spin, other, brk])
     });
-    let mk = |rip, i| {
-        let mut gprs = [0u64; 16];
-        gprs[5] = counter_addr(i);
-        gprs[7] = 0x8_0000 - i as u64 * 0x1000;
-        RawVcpu { rip, gprs }
-    };
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code)],
-        vcpus: vec![mk(labels[0], 0), mk(labels[1], 1)],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
-    vm.start().unwrap();
+    let mut vm = start_code(code, counter_vcpus_at(&labels[..2]));
     let mut c = vm.control();
-    assert!(wait_until(Duration::from_secs(10), || counters(&c, 2)
-        .iter()
-        .all(|&v| v > 100)));
+    wait_counters_above(&c, 2, 100, Duration::from_secs(10));
     assert!(matches!(
         c.set_breakpoints(&[1, 2, 3, 4, 5]),
         Err(patcher::GuestError::TooManyBreakpoints(5))
     ));
     c.set_breakpoints(&[labels[2]]).unwrap();
-    let ev = c.wait_event(Duration::from_secs(20)).unwrap();
-    assert_eq!(
-        ev,
-        Some(GuestEvent::Breakpoint {
-            vcpu: 1,
-            rip: labels[2]
-        })
-    );
+    let hit = Some(GuestEvent::Breakpoint {
+        vcpu: 1,
+        rip: labels[2],
+    });
+    assert_eq!(c.wait_event(Duration::from_secs(20)).unwrap(), hit);
     assert!(c.is_paused(), "a breakpoint pauses all vCPUs");
     let r = c.regs(1).unwrap();
     assert_eq!(r.rip, labels[2]);
@@ -297,14 +281,7 @@ fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(a, counters(&c, 2));
     // Hit it again: resuming steps over the breakpoint and the loop comes back to it.
-    let ev = c.wait_event(Duration::from_secs(20)).unwrap();
-    assert_eq!(
-        ev,
-        Some(GuestEvent::Breakpoint {
-            vcpu: 1,
-            rip: labels[2]
-        })
-    );
+    assert_eq!(c.wait_event(Duration::from_secs(20)).unwrap(), hit);
     let before = counters(&c, 2);
     assert_eq!(
         before[1],
@@ -322,8 +299,7 @@ fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
         "{before:?} -> {:?}",
         counters(&c, 2)
     );
-    vm.stop();
-    vm.wait_exit().unwrap();
+    stop(&mut vm);
 }
 
 #[test]
@@ -349,18 +325,13 @@ fn kvm_serial_output_and_i8042_reset() {
         Ok(vec![])
     });
     let out = temp_path("serial-raw.txt");
-    let mut gprs = [0u64; 16];
-    gprs[7] = 0x8_0000;
     let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code), (DATA_BASE, msg.to_vec())],
-        vcpus: vec![RawVcpu {
-            rip: CODE_BASE,
-            gprs,
-        }],
-        mode: EntryMode::Long64,
         serial: SerialOut::File(out.clone()),
-        patch_arena: 0,
+        ..raw_config(
+            8 << 20,
+            vec![(CODE_BASE, code), (DATA_BASE, msg.to_vec())],
+            vec![vcpu(CODE_BASE)],
+        )
     })
     .unwrap();
     let mut c = vm.control();
@@ -384,21 +355,7 @@ fn kvm_emulation_failure_is_a_clear_error() {
         a.jmp(rax)?;
         Ok(vec![])
     });
-    let mut gprs = [0u64; 16];
-    gprs[7] = 0x8_0000;
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code)],
-        vcpus: vec![RawVcpu {
-            rip: CODE_BASE,
-            gprs,
-        }],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
-    vm.start().unwrap();
+    let mut vm = start_code(code, vec![vcpu(CODE_BASE)]);
     let e = vm.wait_exit().unwrap_err();
     let msg = e.to_string();
     assert!(
@@ -417,7 +374,6 @@ fn kvm_guest_sees_our_cpuid() {
     // Each vCPU stores cpuid(1).{ebx,ecx}, cpuid(0x40000000).{ebx,ecx,edx} and
     // cpuid(0xb, 1).{eax,ebx,edx} at rdi, then spins.
     let (code, _) = assemble(CODE_BASE, |a| {
-        let mut spin = a.create_label();
         a.mov(eax, 1u32)?;
         a.xor(ecx, ecx)?;
         a.cpuid()?;
@@ -436,35 +392,13 @@ fn kvm_guest_sees_our_cpuid() {
         a.mov(dword_ptr(rdi + 24), ebx)?;
         a.mov(dword_ptr(rdi + 28), edx)?;
         a.mov(dword_ptr(rdi + 32), 1)?;
-        a.set_label(&mut spin)?;
-        a.pause()?;
-        a.jmp(spin)?;
+        pause_loop(a)?;
         Ok(vec![])
     });
     let n = 4;
-    let vcpus = (0..n)
-        .map(|i| {
-            let mut gprs = [0u64; 16];
-            gprs[5] = counter_addr(i);
-            gprs[7] = 0x8_0000 - i as u64 * 0x1000;
-            RawVcpu {
-                rip: CODE_BASE,
-                gprs,
-            }
-        })
-        .collect();
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code)],
-        vcpus,
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
-    vm.start().unwrap();
+    let mut vm = start_code(code, counter_vcpus(n));
     let c = vm.control();
-    let rd = |i: usize, off: u64| c.memory().read_u32(counter_addr(i) + off).unwrap();
+    let rd = |i: usize, off: u64| phys_u32(&c, counter_addr(i) + off);
     assert!(wait_until(Duration::from_secs(20), || (0..n).all(|i| rd(i, 32) == 1)));
     for i in 0..n {
         let (ebx1, ecx1) = (rd(i, 0), rd(i, 4));
@@ -487,8 +421,7 @@ fn kvm_guest_sees_our_cpuid() {
             "vCPU {i}: leaf 0xb"
         );
     }
-    vm.stop();
-    vm.wait_exit().unwrap();
+    stop(&mut vm);
 }
 
 #[test]
@@ -497,36 +430,16 @@ fn kvm_pause_reaches_halted_vcpus() {
     // vCPU 0 halts with interrupts off (stays in the in-kernel halt); vCPU 1 spins.
     let (code, labels) = assemble(CODE_BASE, |a| {
         let mut halt = a.create_label();
-        let mut spin = a.create_label();
         a.set_label(&mut halt)?;
         a.mov(qword_ptr(rdi), 1)?;
         a.hlt()?;
         a.jmp(halt)?;
-        a.set_label(&mut spin)?;
-        a.inc(qword_ptr(rdi))?;
-        a.jmp(spin)?;
+        let spin = counter_loop(a)?;
         Ok(vec![halt, spin])
     });
-    let mk = |rip, i| {
-        let mut gprs = [0u64; 16];
-        gprs[5] = counter_addr(i);
-        gprs[7] = 0x8_0000 - i as u64 * 0x1000;
-        RawVcpu { rip, gprs }
-    };
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code)],
-        vcpus: vec![mk(labels[0], 0), mk(labels[1], 1)],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
-    vm.start().unwrap();
+    let mut vm = start_code(code, counter_vcpus_at(&labels[..2]));
     let mut c = vm.control();
-    assert!(wait_until(Duration::from_secs(10), || counters(&c, 2)
-        .iter()
-        .all(|&v| v >= 1)));
+    wait_counters_above(&c, 2, 0, Duration::from_secs(10));
     for _ in 0..20 {
         c.pause().unwrap();
         let r = c.regs(0).unwrap();
@@ -538,8 +451,7 @@ fn kvm_pause_reaches_halted_vcpus() {
         c.resume().unwrap();
     }
     assert!(!vm.has_exited(), "HLT must not end the VM");
-    vm.stop();
-    assert_eq!(vm.wait_exit().unwrap(), ExitReason::Stopped);
+    assert_eq!(stop(&mut vm), ExitReason::Stopped);
 }
 
 #[test]
@@ -549,7 +461,6 @@ fn kvm_msrs_and_idtr_read_back_as_the_guest_set_them() {
     const KGS: u64 = 0xffff_8880_1234_5000;
     const IDT: u64 = 0x3000;
     let (code, _) = assemble(CODE_BASE, |a| {
-        let mut spin = a.create_label();
         let mut idtr = a.create_label();
         for (msr, v) in [(0xc000_0082u32, LSTAR), (0xc000_0102u32, KGS)] {
             a.mov(ecx, msr)?;
@@ -559,30 +470,13 @@ fn kvm_msrs_and_idtr_read_back_as_the_guest_set_them() {
         }
         a.lidt(ptr(idtr))?;
         a.mov(qword_ptr(rdi), 1)?;
-        a.set_label(&mut spin)?;
-        a.pause()?;
-        a.jmp(spin)?;
+        pause_loop(a)?;
         a.set_label(&mut idtr)?;
         a.dw(&[0xfff])?;
         a.dq(&[IDT])?;
         Ok(vec![])
     });
-    let mut gprs = [0u64; 16];
-    gprs[5] = counter_addr(0);
-    gprs[7] = 0x8_0000;
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code)],
-        vcpus: vec![RawVcpu {
-            rip: CODE_BASE,
-            gprs,
-        }],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
-    vm.start().unwrap();
+    let mut vm = start_code(code, counter_vcpus(1));
     let mut c = vm.control();
     assert!(wait_until(Duration::from_secs(10), || counters(&c, 1)[0] == 1));
     c.pause().unwrap();
@@ -591,8 +485,7 @@ fn kvm_msrs_and_idtr_read_back_as_the_guest_set_them() {
     assert_eq!(r.kernel_gs_base, KGS);
     assert_eq!(r.idtr_base, Some(IDT));
     c.resume().unwrap();
-    vm.stop();
-    vm.wait_exit().unwrap();
+    stop(&mut vm);
 }
 
 #[test]
@@ -603,21 +496,7 @@ fn kvm_triple_fault_is_a_shutdown() {
         a.ud2()?;
         Ok(vec![])
     });
-    let mut gprs = [0u64; 16];
-    gprs[7] = 0x8_0000;
-    let mut vm = Vm::create_raw(&RawConfig {
-        memory: 8 << 20,
-        code: vec![(CODE_BASE, code)],
-        vcpus: vec![RawVcpu {
-            rip: CODE_BASE,
-            gprs,
-        }],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
-        patch_arena: 0,
-    })
-    .unwrap();
-    vm.start().unwrap();
+    let mut vm = start_code(code, vec![vcpu(CODE_BASE)]);
     let r = vm.wait_exit_timeout(Some(Duration::from_secs(30))).unwrap();
     assert_eq!(r, Some(ExitReason::Shutdown));
     assert_eq!(ExitReason::Shutdown.exit_code(), 0);
@@ -627,12 +506,8 @@ fn kvm_triple_fault_is_a_shutdown() {
 fn kvm_large_memory_splits_around_the_mmio_hole() {
     require_kvm();
     let vm = Vm::create_raw(&RawConfig {
-        memory: 5 << 30,
-        code: vec![],
-        vcpus: vec![RawVcpu::default()],
-        mode: EntryMode::Long64,
-        serial: SerialOut::Null,
         patch_arena: 4 << 20,
+        ..raw_config(5 << 30, vec![], vec![RawVcpu::default()])
     })
     .unwrap();
     let mut c = vm.control();
@@ -657,10 +532,7 @@ fn kvm_large_memory_splits_around_the_mmio_hole() {
         "{e820:x?}"
     );
     c.write_phys(arena + 8, &[0xab; 8]).unwrap();
-    assert_eq!(
-        c.memory().read_u64(arena + 8).unwrap(),
-        0xabab_abab_abab_abab
-    );
+    assert_eq!(phys_u64(&c, arena + 8), 0xabab_abab_abab_abab);
     assert!(
         c.write_phys((3 << 30) + 8, &[1]).is_err(),
         "the MMIO hole is not RAM"

@@ -48,6 +48,23 @@ pub fn assemble(
     (r.inner.code_buffer, addrs)
 }
 
+/// A raw 64-bit guest of `memory` bytes with `code` copied in and `vcpus`; serial output is
+/// dropped and no patch arena is reserved (override fields with `..raw_config(..)`).
+pub fn raw_config(
+    memory: u64,
+    code: Vec<(u64, Vec<u8>)>,
+    vcpus: Vec<vmm::kvm::RawVcpu>,
+) -> vmm::kvm::RawConfig {
+    vmm::kvm::RawConfig {
+        memory,
+        code,
+        vcpus,
+        mode: vmm::kvm::EntryMode::Long64,
+        serial: vmm::kvm::SerialOut::Null,
+        patch_arena: 0,
+    }
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
