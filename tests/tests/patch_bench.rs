@@ -5,8 +5,6 @@
 use std::time::{Duration, Instant};
 
 use harness::{Guest, GuestSpec, KernelSeries};
-use introspect::Kernel;
-use patcher::build::{compile, BuildOptions};
 use patcher::kernel::KernelSymbols;
 use patcher::{Engine, GuestControl, Target};
 
@@ -25,22 +23,14 @@ const SHOW_FUNCS: [&str; 10] = [
 ];
 
 fn build(n: usize) -> Vec<u8> {
-    let mut s = format!("#include <hvpatch.h>\nHVPATCH_NAME(\"bench{n}\");\n");
+    let mut s = format!("HVPATCH_NAME(\"bench{n}\");\n");
     for f in &SHOW_FUNCS[..n] {
         s += &format!(
             "static int new_{f}(struct seq_file *m, void *v) {{ seq_printf(m, \"{f} patched\\n\"); return 0; }}\n\
              HVPATCH_FUNC({f}, new_{f});\n"
         );
     }
-    static K: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let k = K.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("hvpatch-bench-{}-{k}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    let c = d.join(format!("bench{n}.c"));
-    std::fs::write(&c, s).unwrap();
-    let o = d.join(format!("bench{n}.o"));
-    compile(&BuildOptions::new(&c, &o)).expect("gcc");
-    std::fs::read(&o).unwrap()
+    harness::patching::build_patch(&format!("bench{n}"), &s)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -50,13 +40,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn bench(series: KernelSeries) {
     let mut g = Guest::boot(GuestSpec::new(series)).expect("boot");
-    let mut ctl = vmm::attach::QemuAttach::connect(&g.gdb_socket(), &g.mem_file()).expect("attach");
-    ctl.pause().unwrap();
-    let regs: Vec<_> = (0..ctl.vcpu_count())
-        .map(|v| ctl.regs(v).unwrap())
-        .collect();
-    let kernel = Kernel::open(ctl.memory(), &regs).expect("Kernel::open");
-    ctl.resume().unwrap();
+    let (mut ctl, kernel, regs) = harness::patching::attach_and_open(&g);
     let ks = KernelSymbols::new(&kernel, ctl.memory());
     let t = Target {
         symbols: &ks,

@@ -3,34 +3,11 @@
 //! non-exported function, klp's multiple-livepatch scenarios, and refused patches — each
 //! checked against what the guest itself prints and against kernel text read before and after.
 
-use std::path::PathBuf;
-
+use harness::patching::build_patch as build;
 use harness::{Guest, GuestSpec, KernelSeries};
 use introspect::Kernel;
-use patcher::build::{compile, BuildOptions};
 use patcher::kernel::KernelSymbols;
 use patcher::{Engine, GuestControl, KernelPaging, PatchError, SymbolMap, SymbolSource, Target};
-
-/// Connects the attach backend to a harness guest.
-fn attach(g: &Guest) -> vmm::attach::QemuAttach {
-    vmm::attach::QemuAttach::connect(&g.gdb_socket(), &g.mem_file())
-        .unwrap_or_else(|e| panic!("QemuAttach::connect: {e}\n{}", g.tail()))
-}
-
-/// Compiles a patch (C body after `#include <hvpatch.h>`).
-fn build(tag: &str, body: &str) -> Vec<u8> {
-    // A directory per call: the 6.1 and 6.12 tests build the same tags concurrently.
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("hvpatch-e2e-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    let c: PathBuf = d.join(format!("{tag}.c"));
-    std::fs::write(&c, format!("#include <hvpatch.h>\n{body}\n")).unwrap();
-    let o = d.join(format!("{tag}.o"));
-    compile(&BuildOptions::new(&c, &o))
-        .unwrap_or_else(|e| panic!("building {tag} (needs gcc): {e}"));
-    std::fs::read(&o).unwrap()
-}
 
 fn show_patch(name: &str, funcs: &[(&str, &str)]) -> Vec<u8> {
     let mut s = format!("HVPATCH_NAME(\"{name}\");\n");
@@ -57,13 +34,7 @@ impl Rig {
         let mut g = Guest::boot(GuestSpec::new(series))
             .expect("boot (images: run `cargo run -p hvpatch-guest-images -- fetch`)");
         let truth = SymbolMap::from_kallsyms(&g.run_bulk("cat /proc/kallsyms").unwrap());
-        let mut ctl = attach(&g);
-        ctl.pause().unwrap();
-        let regs: Vec<_> = (0..ctl.vcpu_count())
-            .map(|v| ctl.regs(v).unwrap())
-            .collect();
-        let kernel = Kernel::open(ctl.memory(), &regs).expect("Kernel::open");
-        ctl.resume().unwrap();
+        let (ctl, kernel, _) = harness::patching::attach_and_open(&g);
         Rig {
             g,
             ctl,

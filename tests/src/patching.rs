@@ -1,0 +1,41 @@
+//! Shared steps of the end-to-end patch tests and benchmarks: attach the QEMU backend to a
+//! harness guest, open its kernel, and compile patch sources.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use introspect::{Kernel, VcpuRegs};
+use patcher::build::{compile, BuildOptions};
+use patcher::GuestControl;
+use vmm::attach::QemuAttach;
+
+use crate::Guest;
+
+/// The attach backend on `g`, and the guest kernel as found from memory plus the registers
+/// of one short pause (also returned; `regs[0].efer` gives NX).
+pub fn attach_and_open(g: &Guest) -> (QemuAttach, Kernel, Vec<VcpuRegs>) {
+    let mut ctl = QemuAttach::connect(&g.gdb_socket(), &g.mem_file())
+        .unwrap_or_else(|e| panic!("QemuAttach::connect: {e}\n{}", g.tail()));
+    ctl.pause().expect("pause");
+    let regs: Vec<VcpuRegs> = (0..ctl.vcpu_count())
+        .map(|v| ctl.regs(v).expect("vCPU registers"))
+        .collect();
+    let kernel = Kernel::open(ctl.memory(), &regs).expect("Kernel::open");
+    ctl.resume().expect("resume");
+    (ctl, kernel, regs)
+}
+
+/// Compiles a patch whose C source is `body` after `#include <hvpatch.h>`; `tag` names the
+/// files. Each call gets its own directory (tests build the same tags concurrently).
+pub fn build_patch(tag: &str, body: &str) -> Vec<u8> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("hvpatch-e2e-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    let c: PathBuf = d.join(format!("{tag}.c"));
+    std::fs::write(&c, format!("#include <hvpatch.h>\n{body}\n")).expect("write source");
+    let o = d.join(format!("{tag}.o"));
+    compile(&BuildOptions::new(&c, &o))
+        .unwrap_or_else(|e| panic!("building {tag} (needs gcc): {e}"));
+    std::fs::read(&o).expect("read object")
+}
