@@ -82,6 +82,18 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("hvpatch")
 }
 
+/// Environment variable that overrides the guest-snapshot root directory.
+pub const DUMPS_ENV: &str = "HVPATCH_DUMPS";
+
+/// Root of the guest RAM snapshots the offline tests read (written by the test harness):
+/// `$HVPATCH_DUMPS`, else `<cache_dir>/snapshots`.
+pub fn snapshots_dir() -> PathBuf {
+    match std::env::var_os(DUMPS_ENV).filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => cache_dir().join("snapshots"),
+    }
+}
+
 /// Paths of the initramfs and the program directory in `cache`.
 fn initramfs_paths(cache: &Path) -> (PathBuf, PathBuf) {
     (cache.join("initramfs.cpio.gz"), cache.join("progs"))

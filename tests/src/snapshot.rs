@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::{find_kernel, Guest, GuestSpec, HarnessError, KernelSeries};
 
-/// Environment variable that overrides the snapshot root directory.
-pub const DUMPS_ENV: &str = "HVPATCH_DUMPS";
+pub use guest_images::{snapshots_dir, DUMPS_ENV};
 
 /// Bumped when the contents of a snapshot change, so old ones are remade.
 const FORMAT: u32 = 2;
@@ -27,14 +26,6 @@ const FORMAT: u32 = 2;
 /// Each task's context-switch count ("voluntary+nonvoluntary+0") and stack, one block per
 /// task: "== PID COUNT COMM" then /proc/PID/stack.
 const PROC_STACKS: &str = r#"for p in /proc/[0-9]*; do echo "== ${p#/proc/} $(grep ctxt_switches $p/status | tr -dc '0-9\n' | tr '\n' '+')0 $(cat $p/comm)"; cat $p/stack; done 2>/dev/null; true"#;
-
-/// Snapshot root: `$HVPATCH_DUMPS`, else `<image cache>/snapshots`.
-pub fn snapshots_dir() -> PathBuf {
-    match std::env::var_os(DUMPS_ENV).filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d),
-        None => guest_images::cache_dir().join("snapshots"),
-    }
-}
 
 /// One kind of snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,5 @@
 //! Where the guest memory snapshots are (the one place the introspect tests and benches resolve
-//! it): `$HVPATCH_DUMPS`, else `<image cache>/snapshots` (image cache: `$HVPATCH_IMAGES`, else
-//! `~/.cache/hvpatch`, as `guest_images::cache_dir`). Made by `harness::snapshot`.
+//! it): under `guest_images::snapshots_dir()`. Made by `harness::snapshot`.
 
 #![allow(dead_code)]
 
@@ -9,19 +8,7 @@ use std::path::PathBuf;
 /// Directory of snapshot `version`: "6.1", "6.12", or "<ver>-pti" for the PTI variant
 /// (`<root>/pti/<ver>`).
 pub fn snapshot_dir(version: &str) -> PathBuf {
-    let root = match std::env::var_os("HVPATCH_DUMPS").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let cache = match std::env::var_os("HVPATCH_IMAGES").filter(|d| !d.is_empty()) {
-                Some(d) => PathBuf::from(d),
-                None => std::env::var_os("HOME")
-                    .filter(|h| !h.is_empty())
-                    .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
-                    .join(".cache/hvpatch"),
-            };
-            cache.join("snapshots")
-        }
-    };
+    let root = guest_images::snapshots_dir();
     match version.strip_suffix("-pti") {
         Some(v) => root.join("pti").join(v),
         None => root.join(version),

@@ -123,22 +123,10 @@ pub struct Snapshot {
     pub release: String,
 }
 
-/// Directory of the guest snapshot `version` ("6.1" / "6.12"): `$HVPATCH_DUMPS/<version>`, else
-/// `<image cache>/snapshots/<version>` (image cache: `$HVPATCH_IMAGES`, else `~/.cache/hvpatch`,
-/// as `guest_images::cache_dir`), the layout `harness::snapshot` writes.
+/// Directory of the guest snapshot `version` ("6.1" / "6.12") under
+/// `guest_images::snapshots_dir()`, the layout `harness::snapshot` writes.
 pub fn snapshot_dir(version: &str) -> PathBuf {
-    let root = match std::env::var_os("HVPATCH_DUMPS").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d),
-        None => match std::env::var_os("HVPATCH_IMAGES").filter(|d| !d.is_empty()) {
-            Some(d) => PathBuf::from(d),
-            None => std::env::var_os("HOME")
-                .filter(|h| !h.is_empty())
-                .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
-                .join(".cache/hvpatch"),
-        }
-        .join("snapshots"),
-    };
-    root.join(version)
+    guest_images::snapshots_dir().join(version)
 }
 
 fn read(version: &str, file: &str) -> Vec<u8> {
