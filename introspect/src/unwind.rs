@@ -35,6 +35,20 @@ pub struct PtRegsLayout {
 }
 
 impl PtRegsLayout {
+    /// The x86-64 `struct pt_regs` of Linux 4.x to 6.x (what BTF gives for 6.1 and 6.12); for
+    /// synthetic stacks in tests and fuzzing. Real guests use [`PtRegsLayout::from_btf`].
+    pub const X86_64: PtRegsLayout = PtRegsLayout {
+        size: 0xa8,
+        bp: 0x20,
+        r10: 0x38,
+        r13: 0x10,
+        di: 0x70,
+        dx: 0x60,
+        ip: 0x80,
+        cs: 0x88,
+        sp: 0x98,
+    };
+
     /// Reads the layout from BTF.
     pub fn from_btf(btf: &crate::btf::Btf) -> Result<Self, crate::btf::BtfError> {
         let m = |f: &str| btf.member_offset("pt_regs", f);
@@ -529,17 +543,7 @@ mod tests {
     const STACK: u64 = 0xffff_c900_0000_0000;
 
     fn layout() -> PtRegsLayout {
-        PtRegsLayout {
-            size: 0xa8,
-            bp: 0x20,
-            r10: 0x38,
-            r13: 0x10,
-            di: 0x70,
-            dx: 0x60,
-            ip: 0x80,
-            cs: 0x88,
-            sp: 0x98,
-        }
+        PtRegsLayout::X86_64
     }
 
     /// Table: [TEXT, +0x100) CALL sp+16; [+0x100,+0x200) CALL sp+8; +0x200 END; +0x300 UNDEF;

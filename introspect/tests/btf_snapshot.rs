@@ -209,3 +209,16 @@ fn btf_real_blob_mutations() {
     }
     assert!(parsed > 0 && parsed < 150, "{parsed}");
 }
+
+#[test]
+fn pt_regs_layout_matches_btf() {
+    for ver in ["6.1", "6.12"] {
+        let s = load(ver);
+        let btf = s.kernel.btf(&s.mem).expect("BTF");
+        assert_eq!(
+            introspect::unwind::PtRegsLayout::from_btf(btf).unwrap(),
+            introspect::unwind::PtRegsLayout::X86_64,
+            "{ver}"
+        );
+    }
+}

@@ -57,17 +57,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let ranges = [(TEXT, TEXT + 0x1_0000)];
-    let regs = PtRegsLayout {
-        size: 0xa8,
-        bp: 0x20,
-        r10: 0x38,
-        r13: 0x10,
-        di: 0x70,
-        dx: 0x60,
-        ip: 0x80,
-        cs: 0x88,
-        sp: 0x98,
-    };
+    let regs = PtRegsLayout::X86_64;
     let env = UnwindEnv {
         orc: &orc,
         orc_ranges: &ranges,
