@@ -176,6 +176,28 @@ fn marker_cmd(seq: u64, value: &str) -> String {
     format!("printf '\\n__HVP%s:%s__\\n' {seq} \"{value}\"")
 }
 
+/// How many times [`Guest::boot`] boots a guest whose kernel crashed on its own.
+pub const BOOT_TRIES: u32 = 3;
+
+/// Whether a console tail shows the guest kernel crashing (oops, BUG or panic).
+fn guest_crashed(tail: &str) -> bool {
+    ["Oops:", "BUG:", "Kernel panic - not syncing"]
+        .iter()
+        .any(|m| tail.contains(m))
+}
+
+/// The console lines that name the crash.
+fn crash_lines(tail: &str) -> String {
+    tail.lines()
+        .filter(|l| {
+            ["Oops", "BUG", "RIP:", "Kernel panic"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .map(|l| format!("  {l}\n"))
+        .collect()
+}
+
 /// Single-quotes `s` for the shell.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -187,14 +209,37 @@ fn normalize(bytes: &[u8]) -> String {
 
 impl Guest {
     /// Boots a guest and waits for its shell.
+    ///
+    /// A guest kernel that crashes on its own while booting (an oops or panic on the console
+    /// before its shell, with nothing of ours attached yet) is booted again, at most
+    /// [`BOOT_TRIES`] times in all, and each crash is reported on stderr. Multi-threaded TCG
+    /// occasionally loses a cross-vCPU text_poke_bp() race at boot ("Oops: int3" in a
+    /// jump-label site); every other boot failure is returned at once.
     pub fn boot(spec: GuestSpec) -> Result<Guest, HarnessError> {
-        let files = find_kernel(spec.series)?;
-        let dir = temp_dir()?;
-        match Self::boot_in(&spec, files, dir.clone()) {
-            Ok(g) => Ok(g),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(e)
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let files = find_kernel(spec.series)?;
+            let dir = temp_dir()?;
+            match Self::boot_in(&spec, files, dir.clone()) {
+                Ok(g) => return Ok(g),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    match &e {
+                        HarnessError::QemuExited { tail, .. }
+                        | HarnessError::BootTimeout { tail, .. }
+                            if tries < BOOT_TRIES && guest_crashed(tail) =>
+                        {
+                            eprintln!(
+                                "hvpatch harness: {:?} guest crashed while booting (try {tries} of \
+                                 {BOOT_TRIES}), booting again:\n{}",
+                                spec.series,
+                                crash_lines(tail)
+                            );
+                        }
+                        _ => return Err(e),
+                    }
+                }
             }
         }
     }

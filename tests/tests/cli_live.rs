@@ -55,14 +55,41 @@ fn cli_controls_and_patches_a_live_guest() {
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     let info = srv.json(&["patch", "info", "livepatch-sample"]).unwrap();
     assert_eq!(info["functions"][0]["active"], true);
+    let text = srv.cli_ok(&["patch", "info", "livepatch-sample"]).unwrap();
+    assert!(
+        text.contains("patch livepatch-sample: Enabled")
+            && text.contains("cmdline_proc_show at ")
+            && text.contains("(active)")
+            && text.contains("load took"),
+        "{text}"
+    );
     // Loading the same patch twice is refused.
     let again = srv.cli(&["patch", "load", obj.to_str().unwrap()]).unwrap();
     assert!(
         !again.success && again.stderr.contains("already loaded"),
         "{again:?}"
     );
-    srv.cli_ok(&["patch", "unload", "livepatch-sample"])
+    let unloaded = srv.json(&["patch", "unload", "livepatch-sample"]).unwrap();
+    assert_eq!(unloaded["state"], "Unloaded", "{unloaded}");
+    let funcs = unloaded["functions"].as_array().expect("functions");
+    assert!(
+        !funcs.is_empty() && funcs.iter().all(|f| f["active"] == false),
+        "an unloaded patch reports a live function: {unloaded}"
+    );
+    assert_eq!(g.run("cat /proc/cmdline").unwrap(), original);
+    assert!(unloaded["unload_pause_us"].as_u64().is_some(), "{unloaded}");
+    // Once more, with the human output.
+    srv.cli_ok(&["patch", "load", obj.to_str().unwrap()])
         .unwrap();
+    let text = srv
+        .cli_ok(&["patch", "unload", "livepatch-sample"])
+        .unwrap();
+    assert!(
+        text.contains("patch livepatch-sample: Unloaded")
+            && text.contains("(removed)")
+            && text.contains("unload took"),
+        "{text}"
+    );
     assert_eq!(g.run("cat /proc/cmdline").unwrap(), original);
     assert_eq!(
         srv.json(&["patch", "list"])

@@ -167,6 +167,9 @@ pub enum PatchOp {
     Unload {
         /// Patch name.
         name: String,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
     },
     /// List loaded patches.
     List {
@@ -303,9 +306,9 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                 };
                 print_result(&request(socket, &req)?, *json, crate::format::patch);
             }
-            PatchOp::Unload { name } => {
+            PatchOp::Unload { name, json } => {
                 let v = request(socket, &Request::PatchUnload { name: name.clone() })?;
-                print_result(&v, false, crate::format::patch);
+                print_result(&v, *json, crate::format::patch);
             }
             PatchOp::List { json } => print_result(
                 &request(socket, &Request::PatchList {})?,

@@ -244,7 +244,9 @@ pub fn patch(v: &Value) -> String {
         return pretty(v);
     };
     let mut s = String::new();
-    let _ = writeln!(s, "patch {name}: {}", v["state"].as_str().unwrap_or("?"));
+    let state = v["state"].as_str().unwrap_or("?");
+    let unloaded = state == "Unloaded";
+    let _ = writeln!(s, "patch {name}: {state}");
     for f in v["functions"]
         .as_array()
         .map(Vec::as_slice)
@@ -255,7 +257,9 @@ pub fn patch(v: &Value) -> String {
             .filter(|p| *p > 0)
             .map(|p| format!(",{p}"))
             .unwrap_or_default();
-        let active = if f["active"].as_bool() == Some(true) {
+        let active = if unloaded {
+            "removed"
+        } else if f["active"].as_bool() == Some(true) {
             "active"
         } else {
             "superseded"
@@ -268,10 +272,15 @@ pub fn patch(v: &Value) -> String {
             hex(&f["new_addr"])
         );
     }
-    if let (Some(p), Some(t)) = (v["pause_us"].as_u64(), v["load_us"].as_u64()) {
+    let (op, pause, total) = if unloaded {
+        ("unload", "unload_pause_us", "unload_us")
+    } else {
+        ("load", "pause_us", "load_us")
+    };
+    if let (Some(p), Some(t)) = (v[pause].as_u64(), v[total].as_u64()) {
         let _ = writeln!(
             s,
-            "    load took {t} µs, of which the guest was paused {p} µs"
+            "    {op} took {t} µs, of which the guest was paused {p} µs"
         );
     }
     s

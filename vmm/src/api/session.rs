@@ -228,8 +228,17 @@ impl Session {
         self.engine
             .unload_checked(self.control.as_mut(), name, Some(&syms))
             .map_err(patch_err)?;
+        let timing = self.engine.last_timing();
         let mut v = to_json(&info)?;
         v["state"] = json!("Unloaded");
+        // None of its functions is live any more.
+        if let Some(fs) = v["functions"].as_array_mut() {
+            for f in fs {
+                f["active"] = json!(false);
+            }
+        }
+        v["unload_pause_us"] = json!(timing.pause.as_micros() as u64);
+        v["unload_us"] = json!(timing.total.as_micros() as u64);
         Ok(v)
     }
 }
