@@ -720,6 +720,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn boot_crashes_are_told_from_other_failures() {
+        let oops = "[    2.31] RIP: 0010:pv_native_safe_halt+0xf/0x20\n\
+                    [    2.31] Oops: int3: 0000 [#2] PREEMPT SMP PTI\n\
+                    [    2.31] RIP: 0010:sched_clock_cpu+0x9/0x190\n\
+                    [    2.32] Kernel panic - not syncing: Fatal exception in interrupt\n";
+        assert!(guest_crashed(oops));
+        assert_eq!(crash_lines(oops).lines().count(), 4);
+        // A boot that merely stalls, or a QEMU error, is not a guest crash.
+        assert!(!guest_crashed("[    1.9] Run /init as init process\n"));
+        assert!(!guest_crashed(
+            "qemu-system-x86_64: could not open kernel file\n"
+        ));
+    }
+
+    #[test]
     fn markers() {
         let b = b"out\r\n\r\n__HVP3:0__\r\nrest";
         let (start, v, end) = find_marker(b, 3).unwrap();
