@@ -216,12 +216,12 @@ impl Guest {
     /// occasionally loses a cross-vCPU text_poke_bp() race at boot ("Oops: int3" in a
     /// jump-label site); every other boot failure is returned at once.
     pub fn boot(spec: GuestSpec) -> Result<Guest, HarnessError> {
+        let files = find_kernel(spec.series)?;
         let mut tries = 0;
         loop {
             tries += 1;
-            let files = find_kernel(spec.series)?;
             let dir = temp_dir()?;
-            match Self::boot_in(&spec, files, dir.clone()) {
+            match Self::boot_in(&spec, files.clone(), dir.clone()) {
                 Ok(g) => return Ok(g),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);

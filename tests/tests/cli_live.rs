@@ -77,7 +77,15 @@ fn cli_controls_and_patches_a_live_guest() {
         "an unloaded patch reports a live function: {unloaded}"
     );
     assert_eq!(g.run("cat /proc/cmdline").unwrap(), original);
-    assert!(unloaded["unload_pause_us"].as_u64().is_some(), "{unloaded}");
+    // The unload's own timing: its pause window lies inside its total.
+    let (pause, total) = (
+        unloaded["unload_pause_us"].as_u64(),
+        unloaded["unload_us"].as_u64(),
+    );
+    assert!(
+        matches!((pause, total), (Some(p), Some(t)) if p <= t),
+        "{unloaded}"
+    );
     // Once more, with the human output.
     srv.cli_ok(&["patch", "load", obj.to_str().unwrap()])
         .unwrap();
