@@ -37,6 +37,10 @@ pub const PROGS: &[Prog] = &[
         name: "ttyread",
         source: include_str!("../progs/ttyread.c"),
     },
+    Prog {
+        name: "hammer",
+        source: include_str!("../progs/hammer.c"),
+    },
 ];
 
 /// Compiler flags of every program.

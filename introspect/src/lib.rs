@@ -22,6 +22,7 @@ pub mod btf;
 pub mod error;
 pub mod kallsyms;
 pub mod kernel;
+pub mod live;
 pub mod memory;
 pub mod model;
 pub mod modules;

@@ -53,6 +53,7 @@ fn main() {
         let obj = common::build_c(&format!("bench{n}"), &patch_src(n));
         let build = tb.elapsed();
         let mut g = snap.guest();
+        let kernel = common::kernel(snap);
         let mut e = Engine::new();
         let mut loads = Vec::new();
         for _ in 0..20 {
@@ -60,7 +61,8 @@ fn main() {
             e.load(&mut g, &t, &obj, "b.o").expect("load");
             let total = t0.elapsed();
             loads.push((e.last_timing(), total));
-            e.unload(&mut g, &format!("bench{n}")).expect("unload");
+            e.unload(&mut g, &format!("bench{n}"), &kernel, common::UNLOAD_WAIT)
+                .expect("unload");
         }
         loads.sort_by_key(|l| l.0.pause);
         let (med, total) = loads[loads.len() / 2];

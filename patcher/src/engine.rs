@@ -11,13 +11,14 @@
 //! original NOP comes back.
 //!
 //! Immediate mode has no consistency model: a task sleeping inside an old or a new function
-//! during the switch keeps running that code. Unload refuses while a vCPU executes the patch's
-//! code, but cannot see sleeping tasks.
+//! during the switch keeps running that code. Unloading (see `unload.rs`) therefore first
+//! disables the patch — its entries go back to the previous version at once — and frees its
+//! pages only when nothing in the guest can reach them any more.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use introspect::{PhysMemory, VcpuRegs};
+use introspect::PhysMemory;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -92,6 +93,19 @@ pub enum PatchError {
     /// A vCPU is executing code that would go away.
     #[error("{0}")]
     Busy(String),
+    /// Unload disabled the patch, but its pages are still reachable after the wait: they stay
+    /// mapped and intact (the patch is held) and are freed by a later check.
+    #[error("{name} is disabled (its functions run the previous version) but still held after {waited_ms} ms: {by}; its code and data stay in place and are freed once nothing can reach them")]
+    Held {
+        /// Patch name.
+        name: String,
+        /// How long the unload waited.
+        waited_ms: u64,
+        /// What holds it.
+        by: String,
+        /// The details.
+        hold: Box<crate::reach::Hold>,
+    },
 }
 
 /// State of a loaded patch.
@@ -99,6 +113,10 @@ pub enum PatchError {
 pub enum PatchState {
     /// Loaded, immediate mode (every function switched at once).
     Enabled,
+    /// Unloaded (disabled: no function runs it any more) but its code and data pages are kept
+    /// because something in the guest may still execute, return into or read them; see
+    /// [`PatchInfo::held`]. They are freed once a later check finds them unreachable.
+    Held,
 }
 
 /// One replaced function.
@@ -154,6 +172,9 @@ pub struct PatchInfo {
     pub pause_us: u64,
     /// Whole load time, µs.
     pub load_us: u64,
+    /// For a [`PatchState::Held`] patch: what held it at the last check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<crate::reach::Hold>,
 }
 
 /// Timing of the last load/unload.
@@ -191,21 +212,21 @@ impl<'a> Target<'a> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StackEntry {
-    patch: String,
-    new_addr: u64,
+pub(crate) struct StackEntry {
+    pub(crate) patch: String,
+    pub(crate) new_addr: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SiteStack {
-    func: String,
-    site_pa: u64,
-    original: [u8; 5],
-    entries: Vec<StackEntry>,
+pub(crate) struct SiteStack {
+    pub(crate) func: String,
+    pub(crate) site_pa: u64,
+    pub(crate) original: [u8; 5],
+    pub(crate) entries: Vec<StackEntry>,
 }
 
 impl SiteStack {
-    fn current_bytes(&self, site: u64) -> [u8; 5] {
+    pub(crate) fn current_bytes(&self, site: u64) -> [u8; 5] {
         match self.entries.last() {
             Some(e) => site::jmp_bytes(site, e.new_addr).unwrap_or(self.original),
             None => self.original,
@@ -214,35 +235,42 @@ impl SiteStack {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Loaded {
-    info: PatchInfo,
-    code_run: (usize, usize),
-    data_run: (usize, usize),
+pub(crate) struct Loaded {
+    /// Unique for the engine's life (names repeat: a held patch and its reload).
+    #[serde(default)]
+    pub(crate) id: u64,
+    pub(crate) info: PatchInfo,
+    pub(crate) code_run: (usize, usize),
+    pub(crate) data_run: (usize, usize),
     /// PTEs written at load: (page index, value).
-    ptes: Vec<(usize, u64)>,
+    pub(crate) ptes: Vec<(usize, u64)>,
 }
 
 /// One planned write with the bytes expected there before it.
 #[derive(Debug, Clone)]
-struct Write {
-    pa: u64,
-    expect: Option<Vec<u8>>,
-    old: Vec<u8>,
-    new: Vec<u8>,
-    what: String,
+pub(crate) struct Write {
+    pub(crate) pa: u64,
+    pub(crate) expect: Option<Vec<u8>>,
+    pub(crate) old: Vec<u8>,
+    pub(crate) new: Vec<u8>,
+    pub(crate) what: String,
 }
 
 /// The engine. Its whole state is serde-serializable ([`Engine::state`]), so a host process
 /// can persist it and a later one continue ([`Engine::from_state`]).
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Engine {
-    arena: Option<Arena>,
-    patches: Vec<Loaded>,
-    sites: BTreeMap<u64, SiteStack>,
-    /// Kernel paging of the last load (used by unload to read vCPU stacks).
-    paging: Option<KernelPaging>,
+    pub(crate) arena: Option<Arena>,
+    /// Enabled and held patches, in load order.
+    pub(crate) patches: Vec<Loaded>,
+    pub(crate) sites: BTreeMap<u64, SiteStack>,
+    /// Kernel paging of the last load.
+    pub(crate) paging: Option<KernelPaging>,
+    /// Next [`Loaded::id`].
+    #[serde(default)]
+    pub(crate) next_id: u64,
     #[serde(skip)]
-    last: OpTiming,
+    pub(crate) last: OpTiming,
 }
 
 struct GuestResolver<'a> {
@@ -310,60 +338,6 @@ pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchEr
     Ok(rel.to_string())
 }
 
-/// Kernel stack size (THREAD_SIZE: 16 KiB on x86-64 without KASAN, both supported guests).
-pub const THREAD_SIZE: u64 = 16 * 1024;
-
-/// Stack slot (VA) in `[rsp, next THREAD_SIZE boundary)` holding a value in `[code.0, code.1)`.
-fn stack_refers_to(
-    mem: &dyn PhysMemory,
-    p: &KernelPaging,
-    rsp: u64,
-    code: (u64, u64),
-) -> Option<u64> {
-    let rsp = rsp & !7;
-    let end = (rsp | (THREAD_SIZE - 1)).checked_add(1)?;
-    scan_range(mem, p, rsp, end, code)
-}
-
-/// First 8-byte slot in `[lo, hi)` (at most 64 KiB) holding a value in `[code.0, code.1)`.
-fn scan_range(
-    mem: &dyn PhysMemory,
-    p: &KernelPaging,
-    lo: u64,
-    hi: u64,
-    code: (u64, u64),
-) -> Option<u64> {
-    let lo = lo & !7;
-    let hi = hi.min(lo.saturating_add(0x1_0000));
-    let mut va = lo;
-    while va < hi {
-        let n = (0x1000 - (va & 0xfff)).min(hi - va);
-        let mut b = vec![0u8; n as usize];
-        if p.read_virt(mem, va, &mut b).is_err() {
-            return None;
-        }
-        for (i, w) in b.chunks_exact(8).enumerate() {
-            let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-            if v >= code.0 && v < code.1 {
-                return Some(va + i as u64 * 8);
-            }
-        }
-        va += n;
-    }
-    None
-}
-
-/// Kernel stacks of tasks that are not running on a vCPU, for [`Engine::unload_checked`].
-pub trait SleepingStacks {
-    /// `(task description, lo, hi)`: from a switched-out task's saved stack pointer to the end
-    /// of its kernel stack. Called inside the pause window.
-    fn sleeping_stacks(
-        &self,
-        mem: &dyn PhysMemory,
-        vcpus: &[VcpuRegs],
-    ) -> Result<Vec<(String, u64, u64)>, String>;
-}
-
 /// Names a dynamically allocated ftrace ops trampoline: ftrace copies `ftrace_caller` or
 /// `ftrace_regs_caller` into module space (`create_trampoline()`), so its first bytes match.
 fn ftrace_trampoline(mem: &dyn PhysMemory, t: &Target, addr: u64) -> Option<String> {
@@ -390,12 +364,12 @@ fn read(mem: &dyn PhysMemory, pa: u64, len: usize) -> Result<Vec<u8>, PatchError
     Ok(b)
 }
 
-fn us(d: Duration) -> u64 {
+pub(crate) fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Runs `f` with all vCPUs paused (unless the caller had them paused already).
-fn paused<T>(
+pub(crate) fn paused<T>(
     ctl: &mut dyn GuestControl,
     f: impl FnOnce(&mut dyn GuestControl) -> Result<T, PatchError>,
 ) -> Result<(T, Duration), PatchError> {
@@ -413,7 +387,7 @@ fn paused<T>(
 }
 
 /// Verifies then applies `writes` in order; on failure restores what was written.
-fn apply(ctl: &mut dyn GuestControl, writes: &mut [Write]) -> Result<(), PatchError> {
+pub(crate) fn apply(ctl: &mut dyn GuestControl, writes: &mut [Write]) -> Result<(), PatchError> {
     for w in writes.iter_mut() {
         if let Some(exp) = &w.expect {
             let cur = read(ctl.memory(), w.pa, exp.len())?;
@@ -463,10 +437,24 @@ impl Engine {
 
     /// One loaded patch.
     pub fn info(&self, name: &str) -> Option<PatchInfo> {
+        self.find(name)
+            .map(|i| self.with_active(&self.patches[i].info))
+    }
+
+    /// Index of the patch named `name`: the enabled one, else the oldest held one.
+    pub(crate) fn find(&self, name: &str) -> Option<usize> {
+        let named = |p: &&Loaded| p.info.name == name;
         self.patches
             .iter()
-            .find(|p| p.info.name == name)
-            .map(|p| self.with_active(&p.info))
+            .position(|p| named(&p) && p.info.state == PatchState::Enabled)
+            .or_else(|| self.patches.iter().position(|p| named(&p)))
+    }
+
+    /// Whether some patch is disabled but still held.
+    pub fn has_held(&self) -> bool {
+        self.patches
+            .iter()
+            .any(|p| p.info.state == PatchState::Held)
     }
 
     /// The arena, once one was set up.
@@ -547,7 +535,11 @@ impl Engine {
     ) -> Result<PatchInfo, PatchError> {
         let t0 = Instant::now();
         let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
-        if self.patches.iter().any(|p| p.info.name == obj.name) {
+        if self
+            .patches
+            .iter()
+            .any(|p| p.info.name == obj.name && p.info.state == PatchState::Enabled)
+        {
             return Err(PatchError::AlreadyLoaded(obj.name));
         }
         if let Some(wanted) = &obj.kernel_release {
@@ -802,10 +794,13 @@ impl Engine {
             return_sites: linked.return_sites,
             pause_us: us(pause),
             load_us: us(total),
+            held: None,
         };
         self.arena = Some(arena);
         self.paging = Some(t.paging);
+        self.next_id += 1;
         self.patches.push(Loaded {
+            id: self.next_id,
             info: info.clone(),
             code_run: (code_start, ncode),
             data_run: (data_start, ndata),
@@ -818,164 +813,5 @@ impl Engine {
         };
         tracing::info!(patch = %info.name, pause_us = info.pause_us, "patch loaded");
         Ok(self.with_active(&info))
-    }
-
-    /// Unloads a patch: each function it tops goes back to the previous patch's version or to
-    /// the original bytes; arena pages are zeroed and unmapped; the last patch also removes
-    /// the arena mapping (PMD restored exactly).
-    ///
-    /// Refuses (guest unchanged) while a vCPU executes the patch's code or has a return address
-    /// into it on its kernel stack. Sleeping tasks are not checked: see
-    /// [`Engine::unload_checked`].
-    pub fn unload(&mut self, ctl: &mut dyn GuestControl, name: &str) -> Result<(), PatchError> {
-        self.unload_checked(ctl, name, None)
-    }
-
-    /// [`Engine::unload`] that also refuses while any sleeping task's kernel stack holds an
-    /// address inside the patch's code (conservative word scan, e.g. the patch called
-    /// something that slept).
-    pub fn unload_checked(
-        &mut self,
-        ctl: &mut dyn GuestControl,
-        name: &str,
-        sleeping: Option<&dyn SleepingStacks>,
-    ) -> Result<(), PatchError> {
-        let t0 = Instant::now();
-        let idx = self
-            .patches
-            .iter()
-            .position(|p| p.info.name == name)
-            .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
-        let p = self.patches[idx].clone();
-        let mut arena = self
-            .arena
-            .clone()
-            .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
-        let mapping = arena
-            .mapping
-            .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
-        let mut writes = Vec::new();
-        for f in &p.info.functions {
-            let Some(st) = self.sites.get(&f.site) else {
-                continue;
-            };
-            if st.entries.last().is_some_and(|e| e.patch == name) {
-                let cur = st.current_bytes(f.site);
-                let below = st
-                    .entries
-                    .len()
-                    .checked_sub(2)
-                    .and_then(|i| st.entries.get(i));
-                let new = match below {
-                    Some(e) => site::jmp_bytes(f.site, e.new_addr).unwrap_or(st.original),
-                    None => st.original,
-                };
-                writes.push(Write {
-                    pa: st.site_pa,
-                    expect: Some(cur.to_vec()),
-                    old: vec![],
-                    new: new.to_vec(),
-                    what: format!("entry site of {} ({:#x})", st.func, f.site),
-                });
-            }
-        }
-        let table_pa = arena.pages[mapping.table];
-        for &(i, v) in &p.ptes {
-            writes.push(Write {
-                pa: table_pa + i as u64 * 8,
-                expect: Some(v.to_le_bytes().to_vec()),
-                old: vec![],
-                new: vec![0; 8],
-                what: format!("PTE {i}"),
-            });
-        }
-        arena.free(p.code_run.0, p.code_run.1);
-        arena.free(p.data_run.0, p.data_run.1);
-        let last = arena.only_table_left();
-        if last {
-            writes.push(Write {
-                pa: mapping.pmd_pa,
-                expect: Some(mapping.pmd_new.to_le_bytes().to_vec()),
-                old: vec![],
-                new: mapping.pmd_old.to_le_bytes().to_vec(),
-                what: "PMD entry".into(),
-            });
-        }
-        // Zero what the patch used (its PTEs are cleared above, so when the last patch goes
-        // the page-table page is all-zero again too).
-        for ((s, n), len) in [(p.code_run, p.info.code.len), (p.data_run, p.info.data.len)] {
-            for (k, i) in (s..s + n).enumerate() {
-                let used = len.saturating_sub(k as u64 * PAGE).min(PAGE) as usize;
-                writes.push(Write {
-                    pa: arena.pages[i],
-                    expect: None,
-                    old: vec![],
-                    new: vec![0; used],
-                    what: format!("arena page {i}"),
-                });
-            }
-        }
-        if last {
-            arena.set_unmapped();
-        }
-        let code = (
-            p.info.code.va,
-            p.info.code.va.saturating_add(p.info.code.len),
-        );
-        let prepare = t0.elapsed();
-        let paging = self.paging;
-        let ((), pause) = paused(ctl, |ctl| {
-            let vcpus = (0..ctl.vcpu_count())
-                .map(|v| ctl.regs(v))
-                .collect::<Result<Vec<_>, _>>()?;
-            if let (Some(s), Some(p)) = (sleeping, paging) {
-                let stacks = s
-                    .sleeping_stacks(ctl.memory(), &vcpus)
-                    .map_err(|e| PatchError::Busy(format!("cannot list the guest's tasks: {e}")))?;
-                for (task, lo, hi) in stacks {
-                    if let Some(at) = scan_range(ctl.memory(), &p, lo, hi, code) {
-                        return Err(PatchError::Busy(format!(
-                            "task {task} has {name}'s code address on its stack at {at:#x}; retry"
-                        )));
-                    }
-                }
-            }
-            for (v, regs) in vcpus.iter().enumerate() {
-                let rip = regs.rip;
-                if rip >= code.0 && rip < code.1 {
-                    return Err(PatchError::Busy(format!(
-                        "vCPU {v} is executing {name}'s code (rip {rip:#x}); retry"
-                    )));
-                }
-                // In the kernel: a return address into the patch on the current stack (the
-                // patch called something that is running now). Conservative word scan up to the
-                // end of the 16 KiB-aligned stack.
-                if let (Some(p), true) = (paging, regs.cs & 3 == 0) {
-                    if let Some(at) = stack_refers_to(ctl.memory(), &p, regs.rsp(), code) {
-                        return Err(PatchError::Busy(format!(
-                            "vCPU {v}'s stack holds {name}'s code address at {at:#x}; retry"
-                        )));
-                    }
-                }
-            }
-            apply(ctl, &mut writes)
-        })?;
-        for f in &p.info.functions {
-            if let Some(st) = self.sites.get_mut(&f.site) {
-                st.entries.retain(|e| e.patch != name);
-                if st.entries.is_empty() {
-                    self.sites.remove(&f.site);
-                }
-            }
-        }
-        self.patches.remove(idx);
-        self.arena = Some(arena);
-        self.last = OpTiming {
-            prepare,
-            pause,
-            total: t0.elapsed(),
-        };
-        tracing::info!(patch = name, pause_us = us(pause), "patch unloaded");
-        Ok(())
     }
 }

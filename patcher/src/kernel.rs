@@ -2,9 +2,10 @@
 
 use introspect::{Kernel, PhysMemory, VcpuRegs};
 
-use crate::engine::{SleepingStacks, THREAD_SIZE};
+use introspect::live::{Owner, Reference};
 
 use crate::paging::KernelPaging;
+use crate::reach::Reachability;
 use crate::symbols::SymbolSource;
 
 /// A guest kernel found by `introspect::Kernel::open`. The BTF facts the engine needs are read
@@ -72,21 +73,47 @@ impl SymbolSource for KernelSymbols<'_> {
     }
 }
 
-impl SleepingStacks for KernelSymbols<'_> {
-    fn sleeping_stacks(
+impl Reachability for KernelSymbols<'_> {
+    fn references(
         &self,
         mem: &dyn PhysMemory,
         vcpus: &[VcpuRegs],
-    ) -> Result<Vec<(String, u64, u64)>, String> {
-        let tasks = self.kernel.tasks(mem, vcpus).map_err(|e| e.to_string())?;
-        Ok(tasks
-            .iter()
-            .filter(|t| t.running_on_vcpu.is_none())
-            .filter_map(|t| {
-                let hi = t.stack_base.checked_add(THREAD_SIZE)?;
-                (t.thread_sp >= t.stack_base && t.thread_sp < hi)
-                    .then(|| (format!("{} ({})", t.pid, t.comm), t.thread_sp, hi))
-            })
-            .collect())
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Reference>, String> {
+        Reachability::references(self.kernel, mem, vcpus, ranges)
+    }
+
+    fn stack_of(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs], owner: &Owner) -> Vec<String> {
+        Reachability::stack_of(self.kernel, mem, vcpus, owner)
+    }
+}
+
+/// The guest kernel answers reachability questions from its live contexts
+/// ([`Kernel::find_references`]) and unwinds holders for reports.
+impl Reachability for Kernel {
+    fn references(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Reference>, String> {
+        self.find_references(mem, vcpus, ranges)
+            .map_err(|e| e.to_string())
+    }
+
+    fn stack_of(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs], owner: &Owner) -> Vec<String> {
+        let stack = match owner {
+            Owner::Vcpu { vcpu, .. } => self.vcpu_stack(mem, vcpus, *vcpu),
+            Owner::Task(t) => match self.tasks(mem, vcpus) {
+                Ok(tasks) => match tasks.iter().find(|x| x.addr == t.addr) {
+                    Some(task) => self.task_stack(mem, task),
+                    None => return vec![],
+                },
+                Err(_) => return vec![],
+            },
+        };
+        stack
+            .map(|s| s.frames.iter().map(|f| f.render()).collect())
+            .unwrap_or_default()
     }
 }

@@ -9,10 +9,14 @@ pub mod kernel;
 pub mod link;
 pub mod paging;
 pub mod patchobj;
+pub mod reach;
 pub mod site;
 pub mod symbols;
+pub mod unload;
 
-pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, SleepingStacks, Target};
+pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, Target};
 pub use guest::{GuestControl, GuestError, GuestEvent};
 pub use paging::KernelPaging;
+pub use reach::{Hold, Reachability};
 pub use symbols::{SymbolMap, SymbolSource};
+pub use unload::UnloadReport;

@@ -6,7 +6,12 @@ mod common;
 use common::{build_c, Ram, SnapGuest};
 use introspect::VcpuRegs;
 use patcher::arena::ArenaSource;
-use patcher::{Engine, KernelPaging, SymbolMap, Target};
+use std::time::Duration;
+
+use patcher::reach::BareVcpus;
+use patcher::{Engine, KernelPaging, PatchError, PatchState, SymbolMap, Target};
+
+const NO_WAIT: Duration = Duration::ZERO;
 
 const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
@@ -153,35 +158,61 @@ fn patches_a_small_guest_with_explicit_symbols() {
         "{err}"
     );
     // Unload: byte-for-byte original memory.
-    e.unload(&mut g, "tiny").unwrap();
+    e.unload(&mut g, "tiny", &BareVcpus { paging }, NO_WAIT)
+        .unwrap();
     assert!(g.ram.0 == orig, "memory differs after unload");
 }
 
 #[test]
-fn unload_refuses_while_a_vcpu_runs_the_patch() {
+fn unload_disables_at_once_and_frees_only_when_unreachable() {
     let (mut g, syms) = tiny_guest();
+    let paging = KernelPaging {
+        pgd_pa: PML4,
+        la57: false,
+        nx: false,
+    };
     let t = Target {
         symbols: &syms,
-        paging: KernelPaging {
-            pgd_pa: PML4,
-            la57: false,
-            nx: false,
-        },
+        paging,
     };
+    let reach = BareVcpus { paging };
+    let orig = g.ram.0.clone();
     let obj = build_c(
         "busy",
         "static int n(void) { return 1; }\nHVPATCH_FUNC(fn_a, n);",
     );
     let mut e = Engine::new();
     let info = e.load(&mut g, &t, &obj, "busy.o").unwrap();
-    let snapshot = g.ram.0.clone();
+    let site_pa = (info.functions[0].site - TEXT + CODE_PA) as usize;
+    let code_pa = info.code.pages[0] as usize;
+    let loaded_code = g.ram.0[code_pa..code_pa + 16].to_vec();
+    // A vCPU executes the patch: unload disables it (the entry NOP is back) but keeps the
+    // code, and says who holds it.
     g.vcpus[0].rip = info.functions[0].new_addr + 1;
-    let err = e.unload(&mut g, "busy").unwrap_err();
-    assert!(err.to_string().contains("vCPU 0"), "{err}");
-    assert!(g.ram.0 == snapshot, "a refused unload wrote memory");
+    let err = e.unload(&mut g, "busy", &reach, NO_WAIT).unwrap_err();
+    assert!(
+        matches!(err, PatchError::Held { .. }) && err.to_string().contains("vCPU 0"),
+        "{err}"
+    );
+    assert_eq!(g.ram.0[site_pa..site_pa + 5], orig[site_pa..site_pa + 5]);
+    assert_eq!(
+        g.ram.0[code_pa..code_pa + 16],
+        loaded_code[..],
+        "held code was touched"
+    );
     assert!(!g.is_paused_for_test());
+    let held = e.info("busy").unwrap();
+    assert_eq!(held.state, PatchState::Held);
+    assert!(!held.functions[0].active);
+    let hold = held.held.expect("why it is held");
+    assert_eq!(hold.kinds, vec!["code in rip".to_string()], "{hold:?}");
+    // A new patch of the same name loads meanwhile; the held one stays.
+    let info2 = e.load(&mut g, &t, &obj, "busy.o").unwrap();
+    assert_ne!(info2.code.va, info.code.va);
+    e.unload(&mut g, "busy", &reach, NO_WAIT).unwrap();
+    assert_eq!(e.list().len(), 1);
     // A return address into the patch on the vCPU's kernel stack (the patch called something
-    // that is running now) also makes unload refuse. Stack: a page mapped at TEXT + 0x10_0000.
+    // that is running now) also holds it. Stack: a page mapped at TEXT + 0x10_0000.
     g.vcpus[0].rip = TEXT + 5;
     let stack_va = TEXT + 0x10_0000;
     let stack_pa = CODE_PA + 0x10_0000;
@@ -189,17 +220,24 @@ fn unload_refuses_while_a_vcpu_runs_the_patch() {
     g.ram.0[(stack_pa + 0x3f80) as usize..(stack_pa + 0x3f88) as usize]
         .copy_from_slice(&ret.to_le_bytes());
     g.vcpus[0].gprs[VcpuRegs::RSP] = stack_va + 0x3f00;
-    let snapshot = g.ram.0.clone();
-    let err = e.unload(&mut g, "busy").unwrap_err();
-    assert!(
-        err.to_string().contains("stack")
-            && err
-                .to_string()
-                .contains(&format!("{:#x}", stack_va + 0x3f80)),
-        "{err}"
+    assert!(e.reap(&mut g, &reach).unwrap().is_empty());
+    let by = e.info("busy").unwrap().held.unwrap().by;
+    assert!(by.contains(&format!("{:#x}", stack_va + 0x3f80)), "{by}");
+    // A data pointer in a register holds it too.
+    g.vcpus[0].gprs[VcpuRegs::RSP] = stack_va + 0x3f90;
+    g.vcpus[0].gprs[3] = info.data.va + 8;
+    assert!(e.reap(&mut g, &reach).unwrap().is_empty());
+    assert_eq!(
+        e.info("busy").unwrap().held.unwrap().kinds,
+        vec!["data in register".to_string()]
     );
-    assert!(g.ram.0 == snapshot);
-    // A stack address above the 16 KiB-aligned end is not looked at.
-    g.vcpus[0].gprs[VcpuRegs::RSP] = stack_va + 0x4000;
-    e.unload(&mut g, "busy").unwrap();
+    // Once nothing refers to it, the next check frees it: memory as before the first load.
+    g.vcpus[0].gprs[3] = 0;
+    assert_eq!(e.reap(&mut g, &reach).unwrap(), vec!["busy".to_string()]);
+    assert!(e.list().is_empty());
+    g.ram.0[(stack_pa + 0x3f80) as usize..(stack_pa + 0x3f88) as usize].fill(0);
+    assert!(
+        g.ram.0 == orig,
+        "memory differs after the held patch was freed"
+    );
 }

@@ -55,7 +55,13 @@ fn bench(series: KernelSeries) {
             e.load(&mut ctl, &t, &obj, "b.o").expect("load");
             total.push(t0.elapsed());
             pause.push(e.last_timing().pause);
-            e.unload(&mut ctl, &format!("bench{n}")).expect("unload");
+            e.unload(
+                &mut ctl,
+                &format!("bench{n}"),
+                &kernel,
+                Duration::from_secs(10),
+            )
+            .expect("unload");
             upause.push(e.last_timing().pause);
         }
         println!(

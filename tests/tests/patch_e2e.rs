@@ -7,7 +7,12 @@ use harness::patching::build_patch as build;
 use harness::{Guest, GuestSpec, KernelSeries};
 use introspect::Kernel;
 use patcher::kernel::KernelSymbols;
+use std::time::Duration;
+
 use patcher::{Engine, GuestControl, KernelPaging, PatchError, SymbolMap, SymbolSource, Target};
+
+/// How long unloads here may wait for a patch to become unreachable.
+const WAIT: Duration = Duration::from_secs(10);
 
 fn show_patch(name: &str, funcs: &[(&str, &str)]) -> Vec<u8> {
     let mut s = format!("HVPATCH_NAME(\"{name}\");\n");
@@ -235,7 +240,8 @@ fn cmdline_and_stacking(series: KernelSeries) {
         "this has been live patched\n"
     );
     assert_ne!(r.read_virt(f, 64), before);
-    e.unload(&mut r.ctl, "cmdline-fix").unwrap();
+    e.unload(&mut r.ctl, "cmdline-fix", &r.kernel, WAIT)
+        .unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
     assert_eq!(
         r.read_virt(f, 64),
@@ -277,7 +283,7 @@ fn cmdline_and_stacking(series: KernelSeries) {
         );
         assert_eq!(format!("{cmd}"), orig_cmdline, "saved_command_line");
     }
-    e.unload(&mut r.ctl, "counter").unwrap();
+    e.unload(&mut r.ctl, "counter", &r.kernel, WAIT).unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
 
     // klp multiple livepatches: two patches, two functions, stacked on cmdline_proc_show.
@@ -297,7 +303,8 @@ fn cmdline_and_stacking(series: KernelSeries) {
         assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), "B cmdline\n");
         assert_eq!(r.g.run("cat /proc/version").unwrap(), "B version\n");
         assert_eq!(e.list().len(), 2);
-        e.unload(&mut r.ctl, unload_order[0]).unwrap();
+        e.unload(&mut r.ctl, unload_order[0], &r.kernel, WAIT)
+            .unwrap();
         if unload_order[0] == "klp-b" {
             assert_eq!(
                 r.g.run("cat /proc/cmdline").unwrap(),
@@ -313,7 +320,8 @@ fn cmdline_and_stacking(series: KernelSeries) {
             );
             assert_eq!(r.g.run("cat /proc/version").unwrap(), "B version\n");
         }
-        e.unload(&mut r.ctl, unload_order[1]).unwrap();
+        e.unload(&mut r.ctl, unload_order[1], &r.kernel, WAIT)
+            .unwrap();
         assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
         assert_eq!(r.g.run("cat /proc/version").unwrap(), orig_version);
         assert_eq!(r.read_virt(f, 64), before);
@@ -323,13 +331,13 @@ fn cmdline_and_stacking(series: KernelSeries) {
     r.load(&mut e, &a, "a.o").unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), "A cmdline\n");
     assert_eq!(r.g.run("cat /proc/version").unwrap(), "B version\n");
-    e.unload(&mut r.ctl, "klp-a").unwrap();
+    e.unload(&mut r.ctl, "klp-a", &r.kernel, WAIT).unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), "B cmdline\n");
-    e.unload(&mut r.ctl, "klp-b").unwrap();
+    e.unload(&mut r.ctl, "klp-b", &r.kernel, WAIT).unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
     assert_same(&r, &r.snapshot(), &snap, "after all unloads");
 
-    // A patch that sleeps: while a task sleeps inside it, a checked unload refuses.
+    // A patch that sleeps: while a task sleeps inside it, unload disables it but keeps it.
     let sleeper = build(
         "sleeper",
         "HVPATCH_NAME(\"sleeper\");\n\
@@ -340,24 +348,22 @@ fn cmdline_and_stacking(series: KernelSeries) {
     r.load(&mut e, &sleeper, "sleeper.o").unwrap();
     r.g.spawn("cat /proc/cmdline > /tmp/slept").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let ks = KernelSymbols::new(&r.kernel, r.ctl.memory());
+    // A short wait times out: the patch is disabled at once (a new cat reads the original)
+    // but held, and the error names the sleeping task.
     let err = e
-        .unload_checked(&mut r.ctl, "sleeper", Some(&ks))
+        .unload(&mut r.ctl, "sleeper", &r.kernel, Duration::from_millis(200))
         .unwrap_err()
         .to_string();
     eprintln!("{series:?}: {err}");
     assert!(err.contains("(cat)") && err.contains("sleeper"), "{err}");
-    let mut done = String::new();
-    for _ in 0..40 {
-        done = r.g.run("cat /tmp/slept").unwrap();
-        if done == "slept\n" {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
-    assert_eq!(done, "slept\n");
-    let ks = KernelSymbols::new(&r.kernel, r.ctl.memory());
-    e.unload_checked(&mut r.ctl, "sleeper", Some(&ks)).unwrap();
+    assert_eq!(e.info("sleeper").unwrap().state, patcher::PatchState::Held);
+    assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
+    // Unloading again waits until the sleeper has left the patch, then frees it.
+    let rep = e
+        .unload(&mut r.ctl, "sleeper", &r.kernel, Duration::from_secs(20))
+        .unwrap();
+    assert!(rep.checks > 1 && rep.waited_us > 0, "{rep:?}");
+    assert_eq!(r.g.run("cat /tmp/slept").unwrap(), "slept\n");
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), orig_cmdline);
     assert_same(&r, &r.snapshot(), &snap, "after the sleeper");
     // The guest is healthy.
@@ -503,7 +509,8 @@ fn refused(series: KernelSeries) {
     )
     .unwrap();
     assert_eq!(r.g.run("cat /proc/cmdline").unwrap(), "patched\n");
-    e.unload(&mut r.ctl, "cmdline-fix").unwrap();
+    e.unload(&mut r.ctl, "cmdline-fix", &r.kernel, WAIT)
+        .unwrap();
     assert_same(&r, &r.snapshot(), &snap_untraced, "after the final unload");
 }
 

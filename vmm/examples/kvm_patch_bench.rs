@@ -111,7 +111,12 @@ fn main() {
             pause.push(t.pause);
             total.push(t.total);
             engine
-                .unload(&mut ctl, &format!("bench-{n}"))
+                .unload(
+                    &mut ctl,
+                    &format!("bench-{n}"),
+                    &patcher::reach::BareVcpus { paging },
+                    std::time::Duration::from_secs(5),
+                )
                 .expect("unload");
             unload_pause.push(engine.last_timing().pause);
         }

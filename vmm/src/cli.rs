@@ -167,6 +167,11 @@ pub enum PatchOp {
     Unload {
         /// Patch name.
         name: String,
+        /// Longest wait, in seconds, for the disabled patch's code and data to become
+        /// unreachable before they are freed (default 10). On timeout the patch stays
+        /// disabled and held, and the server frees it later.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
         /// Print the raw JSON result.
         #[arg(long)]
         json: bool,
@@ -242,7 +247,12 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Sends `req` and returns the result value, or the server's error.
 pub fn request(socket: &Path, req: &Request) -> Result<Value, CliError> {
-    let resp = client::call(socket, req, CLIENT_TIMEOUT)?;
+    request_with(socket, req, CLIENT_TIMEOUT)
+}
+
+/// [`request`] with its own response timeout.
+pub fn request_with(socket: &Path, req: &Request, timeout: Duration) -> Result<Value, CliError> {
+    let resp = client::call(socket, req, timeout)?;
     if resp.ok {
         Ok(resp.result.unwrap_or(Value::Null))
     } else {
@@ -306,8 +316,31 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                 };
                 print_result(&request(socket, &req)?, *json, crate::format::patch);
             }
-            PatchOp::Unload { name, json } => {
-                let v = request(socket, &Request::PatchUnload { name: name.clone() })?;
+            PatchOp::Unload {
+                name,
+                timeout,
+                json,
+            } => {
+                let timeout_ms = match timeout {
+                    Some(t) if t.is_finite() && *t >= 0.0 && *t <= 86_400.0 => {
+                        Some((t * 1000.0) as u64)
+                    }
+                    Some(t) => {
+                        return Err(CliError::Other(format!(
+                            "--timeout {t}: give seconds between 0 and 86400"
+                        )))
+                    }
+                    None => None,
+                };
+                let wait = Duration::from_millis(timeout_ms.unwrap_or(10_000));
+                let v = request_with(
+                    socket,
+                    &Request::PatchUnload {
+                        name: name.clone(),
+                        timeout_ms,
+                    },
+                    CLIENT_TIMEOUT + wait,
+                )?;
                 print_result(&v, *json, crate::format::patch);
             }
             PatchOp::List { json } => print_result(

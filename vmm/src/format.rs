@@ -257,7 +257,7 @@ pub fn patch(v: &Value) -> String {
             .filter(|p| *p > 0)
             .map(|p| format!(",{p}"))
             .unwrap_or_default();
-        let active = if unloaded {
+        let active = if unloaded || state == "Held" {
             "removed"
         } else if f["active"].as_bool() == Some(true) {
             "active"
@@ -270,6 +270,30 @@ pub fn patch(v: &Value) -> String {
             f["old_name"].as_str().unwrap_or("?"),
             hex(&f["old_addr"]),
             hex(&f["new_addr"])
+        );
+    }
+    if let Some(h) = v["held"].as_object() {
+        let _ = writeln!(
+            s,
+            "    disabled; code and data kept because {}",
+            h.get("by").and_then(Value::as_str).unwrap_or("?")
+        );
+        for f in h
+            .get("stack")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let _ = writeln!(s, "        {}", f.as_str().unwrap_or("?"));
+        }
+    }
+    let u = &v["unload"];
+    if let Some(checks) = u["checks"].as_u64().filter(|&c| c > 1) {
+        let _ = writeln!(
+            s,
+            "    waited {} µs ({checks} checks) until nothing in the guest could reach it; first held by {}",
+            u["waited_us"].as_u64().unwrap_or(0),
+            u["first_hold"]["by"].as_str().unwrap_or("?")
         );
     }
     let (op, pause, total) = if unloaded {

@@ -109,7 +109,14 @@ fn engine_patches_an_assembled_guest_on_kvm() {
         &output()[mark..]
     );
 
-    engine.unload(&mut ctl, "kvm-fn-a").expect("unload");
+    engine
+        .unload(
+            &mut ctl,
+            "kvm-fn-a",
+            &patcher::reach::BareVcpus { paging },
+            std::time::Duration::from_secs(5),
+        )
+        .expect("unload");
     let mark = output().len();
     assert!(
         wait_until(Duration::from_secs(30), || output()[mark..]

@@ -284,3 +284,12 @@ pub fn snap_guest_default() -> SnapGuest {
         arena: None,
     }
 }
+
+/// How long snapshot tests let an unload wait (nothing runs in a snapshot, so a hold is final).
+pub const UNLOAD_WAIT: std::time::Duration = std::time::Duration::from_millis(0);
+
+/// The snapshot's kernel, opened from its RAM and registers (answers reachability checks).
+pub fn kernel(s: &Snapshot) -> introspect::Kernel {
+    introspect::Kernel::open(&introspect::SliceMemory::flat(&s.ram), &s.vcpus)
+        .expect("Kernel::open on the snapshot")
+}

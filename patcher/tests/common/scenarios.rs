@@ -111,7 +111,8 @@ pub fn load_unload_roundtrip(s: &Snapshot) {
     assert!(json.contains("cmdline_proc_show") && json.contains("cmdline-fix"));
     assert_eq!(e.info("cmdline-fix").unwrap(), info);
     // Unload: every byte of RAM is back.
-    e.unload(&mut g, "cmdline-fix").unwrap();
+    e.unload(&mut g, "cmdline-fix", &super::kernel(s), super::UNLOAD_WAIT)
+        .unwrap();
     assert!(e.list().is_empty());
     assert_ram_eq(&g, &s.ram);
     // A second load uses a fresh slot (no stale TLB reuse) and works again; the state survives
@@ -120,10 +121,13 @@ pub fn load_unload_roundtrip(s: &Snapshot) {
     assert_ne!(info2.code.va & !0x1f_ffff, info.code.va & !0x1f_ffff);
     let mut e2 = Engine::from_state(&e.state()).unwrap();
     assert_eq!(e2.list(), e.list());
-    e2.unload(&mut g, "cmdline-fix").unwrap();
+    e2.unload(&mut g, "cmdline-fix", &super::kernel(s), super::UNLOAD_WAIT)
+        .unwrap();
     assert_ram_eq(&g, &s.ram);
     // The stale original engine refuses instead of corrupting (our jmp is gone).
-    let err = e.unload(&mut g, "cmdline-fix").unwrap_err();
+    let err = e
+        .unload(&mut g, "cmdline-fix", &super::kernel(s), super::UNLOAD_WAIT)
+        .unwrap_err();
     assert!(err.to_string().contains("verification failed"), "{err}");
     assert_ram_eq(&g, &s.ram);
 }
@@ -172,7 +176,8 @@ pub fn stacking(s: &Snapshot) {
         );
         assert!(!e.info("stack-a").unwrap().functions[0].active);
         let _ = (cs, vs);
-        e.unload(&mut g, order[0]).unwrap();
+        e.unload(&mut g, order[0], &super::kernel(s), super::UNLOAD_WAIT)
+            .unwrap();
         if order[0] == "stack-b" {
             assert_eq!(
                 cur(&g, "cmdline_proc_show"),
@@ -188,7 +193,8 @@ pub fn stacking(s: &Snapshot) {
                 "B stays"
             );
         }
-        e.unload(&mut g, order[1]).unwrap();
+        e.unload(&mut g, order[1], &super::kernel(s), super::UNLOAD_WAIT)
+            .unwrap();
         assert_eq!(cur(&g, "cmdline_proc_show"), None);
         assert_ram_eq(&g, &s.ram);
     }
@@ -239,7 +245,8 @@ pub fn bad_loads(s: &Snapshot) {
     // With HVPATCH_SYMPOS it links.
     let ok = build_c("ambig-pos", &format!("{src}\nHVPATCH_SYMPOS({dup}, 2);"));
     e.load(&mut g, &t, &ok, "ambig-pos.o").unwrap();
-    e.unload(&mut g, "ambig-pos").unwrap();
+    e.unload(&mut g, "ambig-pos", &super::kernel(s), super::UNLOAD_WAIT)
+        .unwrap();
     assert_ram_eq(&g, &s.ram);
     // Another kernel.
     let other = build_c("other-kernel", "HVPATCH_KERNEL(\"5.10.0-99-amd64\");\n\
@@ -253,7 +260,8 @@ pub fn bad_loads(s: &Snapshot) {
         static int n(struct seq_file *m, void *v) {{ return 0; }}\nHVPATCH_FUNC(cmdline_proc_show, n);", s.release));
     e.load(&mut g, &t, &same, "same.o").unwrap();
     assert!(e.info("same").is_some(), "default name = file name");
-    e.unload(&mut g, "same").unwrap();
+    e.unload(&mut g, "same", &super::kernel(s), super::UNLOAD_WAIT)
+        .unwrap();
     assert_ram_eq(&g, &s.ram);
     // A site owned by ftrace: call ftrace_caller at the site (what `echo function >
     // current_tracer` writes).
@@ -309,7 +317,8 @@ pub fn failed_write_rollback(s: &Snapshot) {
         assert!(!g.is_paused_for_test(), "resumed after failure");
         // The engine state is unchanged: a clean load still works.
         e.load(&mut g, &t, &cmdline_patch(), "cmdline.o").unwrap();
-        e.unload(&mut g, "cmdline-fix").unwrap();
+        e.unload(&mut g, "cmdline-fix", &super::kernel(s), super::UNLOAD_WAIT)
+            .unwrap();
         assert_ram_eq(&g, &s.ram);
     }
 }
@@ -342,7 +351,8 @@ pub fn with_introspect(s: &Snapshot, pg_reserved: u32) {
         }
         other => panic!("{other:?}"),
     }
-    e.unload(&mut g, "cmdline-fix").unwrap();
+    e.unload(&mut g, "cmdline-fix", &super::kernel(s), super::UNLOAD_WAIT)
+        .unwrap();
     assert_ram_eq(&g, &s.ram);
     let _ = introspect::PhysMemory::regions(&mem);
 }
@@ -387,6 +397,7 @@ pub fn sealed_endbr_site(s: &Snapshot) {
         "ENDBR poison untouched"
     );
     assert_eq!(read_virt(&g, &p, sealed.0 + 4, 1), [0xe9]);
-    e.unload(&mut g, "sealed").unwrap();
+    e.unload(&mut g, "sealed", &super::kernel(s), super::UNLOAD_WAIT)
+        .unwrap();
     assert_ram_eq(&g, &s.ram);
 }

@@ -52,10 +52,14 @@ pub enum Request {
         /// The object's file name (names the patch unless it declares a name).
         file_name: String,
     },
-    /// Unload (disable) a patch by name.
+    /// Unload a patch by name: disable it at once, then wait (up to `timeout_ms`, default 10 s)
+    /// until nothing in the guest can reach its code or data, and free them.
     PatchUnload {
         /// Patch name.
         name: String,
+        /// Longest wait for the patch's pages to become unreachable, ms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
     /// List loaded patches.
     PatchList {},

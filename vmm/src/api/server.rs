@@ -37,6 +37,10 @@ pub enum ServerError {
 pub trait Handler {
     /// Handles one request. Must not panic on any input.
     fn handle(&mut self, req: Request) -> Response;
+
+    /// Background work between requests (re-checking held patches); called often, so it must
+    /// return quickly when there is nothing to do.
+    fn tick(&mut self) {}
 }
 
 /// A bound API socket.
@@ -77,6 +81,7 @@ impl Server {
     /// Serves requests until the stop flag is set.
     pub fn serve(&self, handler: &mut dyn Handler) -> Result<(), ServerError> {
         while !self.stop.load(Ordering::Relaxed) {
+            handler.tick();
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(e) = serve_connection(stream, handler) {

@@ -1,6 +1,8 @@
 //! A session: one guest (behind [`GuestControl`]) and the state hvpatch keeps about it — the
 //! introspected kernel and the patch engine. Every request runs to completion before the next.
 
+use std::time::{Duration, Instant};
+
 use base64::Engine as _;
 use introspect::{Kernel, VcpuRegs};
 use patcher::kernel::KernelSymbols;
@@ -20,7 +22,16 @@ pub struct Session {
     /// Built on first use; rebuilt when the guest no longer matches it (reboot, new KASLR).
     kernel: Option<Kernel>,
     engine: Engine,
+    /// When [`Handler::tick`] next re-checks held patches, and the current backoff.
+    next_reap: Instant,
+    reap_every: Duration,
 }
+
+/// How long `patch unload` waits for a disabled patch to become unreachable, by default.
+pub const DEFAULT_UNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// First and longest interval between background checks of held patches.
+const REAP_FIRST: Duration = Duration::from_millis(100);
+const REAP_MAX: Duration = Duration::from_secs(5);
 
 /// A failed request: (kind, message).
 type ReqError = (&'static str, String);
@@ -32,6 +43,7 @@ fn guest_err(e: patcher::GuestError) -> ReqError {
 fn patch_err(e: PatchError) -> ReqError {
     match e {
         PatchError::NotLoaded(_) => ("not_found", e.to_string()),
+        PatchError::Held { .. } => ("held", e.to_string()),
         PatchError::Guest(g) => ("guest", g.to_string()),
         other => ("patch", other.to_string()),
     }
@@ -49,7 +61,29 @@ impl Session {
             host,
             kernel: None,
             engine: Engine::new(),
+            next_reap: Instant::now(),
+            reap_every: REAP_FIRST,
         }
+    }
+
+    /// Frees held patches that nothing reaches any more (one check, in one pause).
+    fn reap(&mut self) {
+        let Some(kernel) = self.kernel.as_ref() else {
+            return;
+        };
+        let syms = KernelSymbols::new(kernel, self.control.memory());
+        match self.engine.reap(self.control.as_mut(), &syms) {
+            Ok(freed) if !freed.is_empty() => {
+                tracing::info!(?freed, "held patches freed");
+                self.reap_every = REAP_FIRST;
+            }
+            Ok(_) => self.reap_every = (self.reap_every * 2).min(REAP_MAX),
+            Err(e) => {
+                tracing::warn!("checking held patches: {e}");
+                self.reap_every = REAP_MAX;
+            }
+        }
+        self.next_reap = Instant::now() + self.reap_every;
     }
 
     /// Runs `f` with every vCPU paused and their registers read, then restores the run state
@@ -214,7 +248,7 @@ impl Session {
         to_json(&info)
     }
 
-    fn patch_unload(&mut self, name: &str) -> Result<Value, ReqError> {
+    fn patch_unload(&mut self, name: &str, timeout: Duration) -> Result<Value, ReqError> {
         let info = self
             .engine
             .info(name)
@@ -223,12 +257,14 @@ impl Session {
         let Some(kernel) = self.kernel.as_ref() else {
             return Err(("internal", "kernel model missing".into()));
         };
-        // Refuses while a vCPU or a sleeping task still has the patch's code on its stack.
+        // Disables at once; frees the pages once nothing in the guest can reach them.
         let syms = KernelSymbols::new(kernel, self.control.memory());
-        self.engine
-            .unload_checked(self.control.as_mut(), name, Some(&syms))
-            .map_err(patch_err)?;
-        let timing = self.engine.last_timing();
+        let result = self
+            .engine
+            .unload(self.control.as_mut(), name, &syms, timeout);
+        self.next_reap = Instant::now() + REAP_FIRST;
+        self.reap_every = REAP_FIRST;
+        let report = result.map_err(patch_err)?;
         let mut v = to_json(&info)?;
         v["state"] = json!("Unloaded");
         // None of its functions is live any more.
@@ -237,8 +273,10 @@ impl Session {
                 f["active"] = json!(false);
             }
         }
-        v["unload_pause_us"] = json!(timing.pause.as_micros() as u64);
-        v["unload_us"] = json!(timing.total.as_micros() as u64);
+        v["held"] = Value::Null;
+        v["unload_pause_us"] = json!(report.pause_us);
+        v["unload_us"] = json!(report.unload_us);
+        v["unload"] = to_json(&report)?;
         Ok(v)
     }
 }
@@ -278,7 +316,10 @@ impl Handler for Session {
                 object_base64,
                 file_name,
             } => self.patch_load(&object_base64, &file_name),
-            Request::PatchUnload { name } => self.patch_unload(&name),
+            Request::PatchUnload { name, timeout_ms } => self.patch_unload(
+                &name,
+                timeout_ms.map_or(DEFAULT_UNLOAD_TIMEOUT, Duration::from_millis),
+            ),
             Request::PatchList {} => to_json(&self.engine.list()),
             Request::PatchInfo { name } => self
                 .engine
@@ -289,6 +330,12 @@ impl Handler for Session {
         match r {
             Ok(v) => Response::ok(v),
             Err((kind, msg)) => Response::err(kind, msg),
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.engine.has_held() && Instant::now() >= self.next_reap {
+            self.reap();
         }
     }
 }

@@ -1,0 +1,334 @@
+//! Unloading without ever freeing what the guest still uses.
+//!
+//! An unload has two steps, each inside its own pause of every vCPU:
+//! 1. **disable**: every entry this patch tops goes back to the previous patch's `jmp` or to the
+//!    original bytes (the function runs the previous version from the next call on), and the
+//!    patch leaves its functions' stacks;
+//! 2. **free**: only when [`Reachability::references`] finds nothing in the guest — no register
+//!    of a kernel-mode vCPU, no live slot of any stack of any CPU or task — that points into the
+//!    patch's code or data pages are its PTEs cleared and its pages zeroed (and, for the last
+//!    patch, the arena's PMD entry restored).
+//!
+//! Step 2 runs right after step 1, in the same pause, when it can. Otherwise the patch is
+//! *held* ([`PatchState::Held`]): disabled, its pages mapped and intact. [`Engine::unload`]
+//! re-checks with a short backoff until its timeout; [`Engine::reap`] re-checks later.
+
+use std::time::{Duration, Instant};
+
+use introspect::VcpuRegs;
+use serde::{Deserialize, Serialize};
+
+use crate::arena::PAGE;
+use crate::engine::{apply, paused, us, Engine, PatchError, PatchState, Write};
+use crate::guest::GuestControl;
+use crate::reach::{Hold, Reachability};
+use crate::site;
+
+/// First and longest delay between two checks of a held patch during [`Engine::unload`].
+const FIRST_RECHECK: Duration = Duration::from_millis(1);
+const MAX_RECHECK: Duration = Duration::from_millis(50);
+
+/// What an unload did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnloadReport {
+    /// Patch name.
+    pub name: String,
+    /// Reachability checks made (1 = freed at once).
+    pub checks: u32,
+    /// Time from disabling to freeing, µs (0 when freed at once).
+    pub waited_us: u64,
+    /// What held the patch at the first check, if anything did.
+    pub first_hold: Option<Hold>,
+    /// Pause of the disable step (with the free step when it ran at once), µs.
+    pub pause_us: u64,
+    /// Every pause of this unload added up, µs.
+    pub total_pause_us: u64,
+    /// Whole unload, µs.
+    pub unload_us: u64,
+}
+
+/// The outcome of one check of a held patch.
+enum Check {
+    Freed,
+    Held(Hold),
+}
+
+fn vcpu_regs(ctl: &mut dyn GuestControl) -> Result<Vec<VcpuRegs>, PatchError> {
+    (0..ctl.vcpu_count())
+        .map(|v| ctl.regs(v).map_err(PatchError::from))
+        .collect()
+}
+
+impl Engine {
+    /// Unloads the patch `name`: disables it at once, then frees its pages as soon as nothing
+    /// in the guest can reach them, waiting up to `timeout` for that (re-checking with a short
+    /// backoff). A held patch of that name (an earlier unload that timed out) is waited for in
+    /// the same way.
+    ///
+    /// On timeout it returns [`PatchError::Held`]: the patch stays disabled and held, its pages
+    /// intact, and [`Engine::reap`] frees it later. Every other error leaves the guest as it was.
+    pub fn unload(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        name: &str,
+        reach: &dyn Reachability,
+        timeout: Duration,
+    ) -> Result<UnloadReport, PatchError> {
+        let t0 = Instant::now();
+        let idx = self
+            .find(name)
+            .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
+        let id = self.patches[idx].id;
+        let (first, pause) = if self.patches[idx].info.state == PatchState::Enabled {
+            self.disable_and_check(ctl, id, reach)?
+        } else {
+            self.check_and_free(ctl, id, reach)?
+        };
+        let mut total_pause = pause;
+        let held_at = Instant::now();
+        let mut report = UnloadReport {
+            name: name.to_string(),
+            checks: 1,
+            waited_us: 0,
+            first_hold: None,
+            pause_us: us(pause),
+            total_pause_us: 0,
+            unload_us: 0,
+        };
+        let mut hold = match first {
+            Check::Freed => None,
+            Check::Held(h) => {
+                report.first_hold = Some(h.clone());
+                Some(h)
+            }
+        };
+        let mut delay = FIRST_RECHECK;
+        while let Some(h) = hold {
+            let left = timeout.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                self.last.total = t0.elapsed();
+                return Err(PatchError::Held {
+                    name: name.to_string(),
+                    waited_ms: t0.elapsed().as_millis() as u64,
+                    by: h.by.clone(),
+                    hold: Box::new(h),
+                });
+            }
+            std::thread::sleep(delay.min(left));
+            delay = (delay * 2).min(MAX_RECHECK);
+            let (c, p) = self.check_and_free(ctl, id, reach)?;
+            total_pause += p;
+            report.checks += 1;
+            hold = match c {
+                Check::Freed => None,
+                Check::Held(h) => Some(h),
+            };
+        }
+        if report.checks > 1 {
+            report.waited_us = us(held_at.elapsed());
+        }
+        report.total_pause_us = us(total_pause);
+        report.unload_us = us(t0.elapsed());
+        self.last.pause = pause;
+        self.last.total = t0.elapsed();
+        tracing::info!(
+            patch = name,
+            checks = report.checks,
+            waited_us = report.waited_us,
+            "patch unloaded"
+        );
+        Ok(report)
+    }
+
+    /// Checks every held patch once, in one pause, and frees those nothing can reach any more.
+    /// Returns the names of the patches freed.
+    pub fn reap(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        reach: &dyn Reachability,
+    ) -> Result<Vec<String>, PatchError> {
+        let held: Vec<(u64, String)> = self
+            .patches
+            .iter()
+            .filter(|p| p.info.state == PatchState::Held)
+            .map(|p| (p.id, p.info.name.clone()))
+            .collect();
+        if held.is_empty() {
+            return Ok(vec![]);
+        }
+        let (freed, _) = paused(ctl, |ctl| {
+            let mut freed = Vec::new();
+            for (id, name) in held {
+                if let Check::Freed = self.check_and_free_paused(ctl, id, reach)? {
+                    tracing::info!(patch = %name, "held patch freed");
+                    freed.push(name);
+                }
+            }
+            Ok(freed)
+        })?;
+        Ok(freed)
+    }
+
+    /// Step 1 (and step 2 when it can) in one pause.
+    fn disable_and_check(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        id: u64,
+        reach: &dyn Reachability,
+    ) -> Result<(Check, Duration), PatchError> {
+        paused(ctl, |ctl| {
+            self.disable_paused(ctl, id)?;
+            self.check_and_free_paused(ctl, id, reach)
+        })
+    }
+
+    fn check_and_free(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        id: u64,
+        reach: &dyn Reachability,
+    ) -> Result<(Check, Duration), PatchError> {
+        paused(ctl, |ctl| self.check_and_free_paused(ctl, id, reach))
+    }
+
+    fn index_of(&self, id: u64) -> Result<usize, PatchError> {
+        self.patches
+            .iter()
+            .position(|p| p.id == id)
+            .ok_or_else(|| PatchError::NotLoaded(format!("(patch #{id})")))
+    }
+
+    /// Restores the entries the patch tops and takes it off every function stack.
+    fn disable_paused(&mut self, ctl: &mut dyn GuestControl, id: u64) -> Result<(), PatchError> {
+        let idx = self.index_of(id)?;
+        let name = self.patches[idx].info.name.clone();
+        let mut writes = Vec::new();
+        for f in &self.patches[idx].info.functions {
+            let Some(st) = self.sites.get(&f.site) else {
+                continue;
+            };
+            if st.entries.last().is_some_and(|e| e.patch == name) {
+                let below = st
+                    .entries
+                    .len()
+                    .checked_sub(2)
+                    .and_then(|i| st.entries.get(i));
+                let new = match below {
+                    Some(e) => site::jmp_bytes(f.site, e.new_addr).unwrap_or(st.original),
+                    None => st.original,
+                };
+                writes.push(Write {
+                    pa: st.site_pa,
+                    expect: Some(st.current_bytes(f.site).to_vec()),
+                    old: vec![],
+                    new: new.to_vec(),
+                    what: format!("entry site of {} ({:#x})", st.func, f.site),
+                });
+            }
+        }
+        apply(ctl, &mut writes)?;
+        let sites: Vec<u64> = self.patches[idx]
+            .info
+            .functions
+            .iter()
+            .map(|f| f.site)
+            .collect();
+        for site in sites {
+            if let Some(st) = self.sites.get_mut(&site) {
+                st.entries.retain(|e| e.patch != name);
+                if st.entries.is_empty() {
+                    self.sites.remove(&site);
+                }
+            }
+        }
+        let p = &mut self.patches[idx];
+        p.info.state = PatchState::Held;
+        p.info.held = None;
+        Ok(())
+    }
+
+    /// Step 2 for a disabled patch: frees its pages if nothing reaches them, else records why
+    /// it is held.
+    fn check_and_free_paused(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        id: u64,
+        reach: &dyn Reachability,
+    ) -> Result<Check, PatchError> {
+        let idx = self.index_of(id)?;
+        let p = self.patches[idx].clone();
+        let code = (p.info.code.va, p.info.code.va + p.code_run.1 as u64 * PAGE);
+        let data = (p.info.data.va, p.info.data.va + p.data_run.1 as u64 * PAGE);
+        let vcpus = vcpu_regs(ctl)?;
+        let refs = match reach.references(ctl.memory(), &vcpus, &[code, data]) {
+            Ok(r) => r,
+            Err(e) => vec![introspect::live::Reference {
+                owner: introspect::live::Owner::Vcpu {
+                    vcpu: 0,
+                    task: None,
+                },
+                place: introspect::live::Place::Unknown(format!(
+                    "cannot list the guest's tasks: {e}"
+                )),
+                value: 0,
+            }],
+        };
+        if let Some(h) = Hold::from_refs(&refs, code, |o| reach.stack_of(ctl.memory(), &vcpus, o)) {
+            self.patches[idx].info.held = Some(h.clone());
+            return Ok(Check::Held(h));
+        }
+        // Nothing can reach the pages: clear the PTEs, restore the PMD if this was the last
+        // patch, zero what the patch used.
+        let mut arena = self
+            .arena
+            .clone()
+            .ok_or_else(|| PatchError::NotLoaded(p.info.name.clone()))?;
+        let mapping = arena
+            .mapping
+            .ok_or_else(|| PatchError::NotLoaded(p.info.name.clone()))?;
+        let mut writes = Vec::new();
+        let table_pa = arena.pages[mapping.table];
+        for &(i, v) in &p.ptes {
+            writes.push(Write {
+                pa: table_pa + i as u64 * 8,
+                expect: Some(v.to_le_bytes().to_vec()),
+                old: vec![],
+                new: vec![0; 8],
+                what: format!("PTE {i}"),
+            });
+        }
+        arena.free(p.code_run.0, p.code_run.1);
+        arena.free(p.data_run.0, p.data_run.1);
+        let last = arena.only_table_left();
+        if last {
+            writes.push(Write {
+                pa: mapping.pmd_pa,
+                expect: Some(mapping.pmd_new.to_le_bytes().to_vec()),
+                old: vec![],
+                new: mapping.pmd_old.to_le_bytes().to_vec(),
+                what: "PMD entry".into(),
+            });
+        }
+        // Its PTEs are cleared above, so when the last patch goes the table page is all-zero
+        // again too.
+        for ((s, n), len) in [(p.code_run, p.info.code.len), (p.data_run, p.info.data.len)] {
+            for (k, i) in (s..s + n).enumerate() {
+                let used = len.saturating_sub(k as u64 * PAGE).min(PAGE) as usize;
+                writes.push(Write {
+                    pa: arena.pages[i],
+                    expect: None,
+                    old: vec![],
+                    new: vec![0; used],
+                    what: format!("arena page {i}"),
+                });
+            }
+        }
+        apply(ctl, &mut writes)?;
+        if last {
+            arena.set_unmapped();
+        }
+        self.arena = Some(arena);
+        self.patches.remove(idx);
+        Ok(Check::Freed)
+    }
+}
