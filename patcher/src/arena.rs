@@ -163,6 +163,20 @@ pub struct Arena {
     /// Current mapping.
     pub mapping: Option<Mapping>,
     retired: Vec<u64>,
+    /// Page kinds and table page of each retired slot, so that a slot can be used again with
+    /// exactly the translations it had (every VA → the same page, with the same permissions):
+    /// a stale TLB or paging-structure cache entry in the guest then still agrees with the
+    /// page tables.
+    #[serde(default)]
+    layouts: Vec<SlotLayout>,
+}
+
+/// How a retired slot was laid out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SlotLayout {
+    va: u64,
+    table: usize,
+    kinds: Vec<Option<PageKind>>,
 }
 
 fn read_err(e: impl std::fmt::Display) -> ArenaError {
@@ -200,6 +214,7 @@ impl Arena {
             kind: vec![None; n],
             mapping: None,
             retired: Vec::new(),
+            layouts: Vec::new(),
         }
     }
 
@@ -409,14 +424,31 @@ impl Arena {
             .all(|(i, &u)| !u || Some(i) == t)
     }
 
-    /// Chooses an empty 2 MiB slot for a new mapping (not retired), and the page-table page.
+    /// Chooses an empty 2 MiB slot for a new mapping, and the page-table page. With `reuse`,
+    /// the slot used last comes first, with its old table page and page kinds (see
+    /// [`Arena::set_mapped`]), so repeated load/unload cycles do not use up the address space;
+    /// otherwise only slots never used before.
     pub fn plan_mapping(
         &self,
         mem: &dyn PhysMemory,
         paging: &KernelPaging,
         syms: &dyn SymbolSource,
+        reuse: bool,
     ) -> Result<Mapping, ArenaError> {
         const SLOT: u64 = 0x20_0000;
+        if let Some(l) = self.layouts.last().filter(|_| reuse) {
+            if l.table < self.pages.len() && !self.used[l.table] {
+                if let Some((pmd_pa, 0)) = paging.pmd_entry(mem, l.va).map_err(read_err)? {
+                    return Ok(Mapping {
+                        va: l.va,
+                        pmd_pa,
+                        pmd_old: 0,
+                        pmd_new: self.pages[l.table] | P | RW | A | D,
+                        table: l.table,
+                    });
+                }
+            }
+        }
         let end = one(syms, "_end")?;
         let text = syms.addresses("_text").first().copied().unwrap_or(end);
         // Region searched: the Linux kernel image region, or for other guests the 1 GiB
@@ -461,17 +493,32 @@ impl Arena {
         )))
     }
 
-    /// Records a mapping as installed.
+    /// Records a mapping as installed. A slot used before gets back its page kinds.
     pub fn set_mapped(&mut self, m: Mapping) {
+        if let Some(i) = self.layouts.iter().position(|l| l.va == m.va) {
+            let l = self.layouts.remove(i);
+            if l.table == m.table && l.kinds.len() == self.kind.len() {
+                self.kind = l.kinds;
+            }
+        }
         self.mark(m.table, 1, PageKind::Table);
         self.mapping = Some(m);
     }
 
-    /// Records the mapping as removed; its slot is retired and page kinds forgotten.
+    /// Records the mapping as removed; the slot is retired with its layout (for reuse by
+    /// [`Arena::plan_mapping`]) and the page kinds are forgotten.
     pub fn set_unmapped(&mut self) {
         if let Some(m) = self.mapping.take() {
-            self.retired.push(m.va);
+            if !self.retired.contains(&m.va) {
+                self.retired.push(m.va);
+            }
             self.free(m.table, 1);
+            self.layouts.retain(|l| l.va != m.va);
+            self.layouts.push(SlotLayout {
+                va: m.va,
+                table: m.table,
+                kinds: self.kind.clone(),
+            });
         }
         self.kind.iter_mut().for_each(|k| *k = None);
     }

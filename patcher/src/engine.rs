@@ -553,7 +553,7 @@ impl Engine {
             }
         }
         // Arena (discovered once, state kept on success only).
-        let mut arena = match &self.arena {
+        let base = match &self.arena {
             Some(a) => a.clone(),
             None => match ctl.patch_arena() {
                 Some((s, l)) => Arena::host(s, l),
@@ -561,23 +561,35 @@ impl Engine {
             },
         };
         let mem = ctl.memory();
-        let new_mapping = match arena.mapping {
-            Some(_) => None,
-            None => {
-                let m = arena.plan_mapping(mem, &t.paging, t.symbols)?;
-                arena.set_mapped(m);
-                Some(m)
+        let ncode = obj.layout.code_size.div_ceil(PAGE) as usize;
+        let ndata = obj.layout.data_size.div_ceil(PAGE) as usize;
+        // Map (reusing the last slot with its old layout first; a fresh slot if the patch
+        // does not fit that layout) and pick the code and data pages.
+        let place = |reuse: bool| -> Result<_, PatchError> {
+            let mut arena = base.clone();
+            let new_mapping = match arena.mapping {
+                Some(_) => None,
+                None => {
+                    let m = arena.plan_mapping(mem, &t.paging, t.symbols, reuse)?;
+                    arena.set_mapped(m);
+                    Some(m)
+                }
+            };
+            let code_start = arena.find_run(ncode, PageKind::Code)?;
+            arena.mark(code_start, ncode, PageKind::Code);
+            let data_start = arena.find_run(ndata, PageKind::Data)?;
+            arena.mark(data_start, ndata, PageKind::Data);
+            Ok((arena, new_mapping, code_start, data_start))
+        };
+        let (arena, new_mapping, code_start, data_start) = match place(true) {
+            Err(PatchError::Arena(ArenaError::Full { .. })) if base.mapping.is_none() => {
+                place(false)?
             }
+            r => r?,
         };
         let mapping = arena
             .mapping
             .ok_or_else(|| PatchError::Changed("no mapping".into()))?;
-        let ncode = obj.layout.code_size.div_ceil(PAGE) as usize;
-        let ndata = obj.layout.data_size.div_ceil(PAGE) as usize;
-        let code_start = arena.find_run(ncode, PageKind::Code)?;
-        arena.mark(code_start, ncode, PageKind::Code);
-        let data_start = arena.find_run(ndata, PageKind::Data)?;
-        arena.mark(data_start, ndata, PageKind::Data);
         let va_of = |i: usize| mapping.va + i as u64 * PAGE;
         let (code_base, data_base) = (va_of(code_start), va_of(data_start));
 

@@ -96,14 +96,23 @@ fn kind(r: &Reference, code: (u64, u64)) -> String {
                 format!("{what} in {ty} stack")
             }
         }
-        Place::Unknown(_) => "unknown".into(),
+        Place::Unknown(why) => format!("unknown: {}", without_numbers(why)),
     }
+}
+
+/// `why` with hex numbers elided, so that reasons of one kind compare equal.
+fn without_numbers(why: &str) -> String {
+    why.split(' ')
+        .map(|w| if w.contains("0x") { "…" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// [`Reachability`] for a guest that is not a Linux kernel (the assembled test guests of the
 /// KVM tests, synthetic guests): every register of every vCPU, and each kernel-mode vCPU's stack
-/// from RSP to the end of its 16 KiB-aligned block, read through `paging`. There are no tasks
-/// to look at, so it must not be used for Linux guests.
+/// from RSP to the end of its 16 KiB-aligned block (or to the first unmapped page), read
+/// through `paging`. There are no tasks and no stack bounds to look at, so it must not be used
+/// for Linux guests.
 #[derive(Debug, Clone, Copy)]
 pub struct BareVcpus {
     /// The page tables the vCPUs run on.
@@ -149,15 +158,26 @@ impl Reachability for BareVcpus {
                         .into_iter()
                         .zip(r.gprs[8..].iter().copied()),
                 );
+                // The stack: from RSP up to the 16 KiB boundary or the first unmapped page,
+                // whichever comes first (a bare guest's stack bounds are not known; an
+                // unmapped RSP means the vCPU uses no stack there).
                 let sp = r.rsp() & !7;
-                let segments = match (sp | (BARE_STACK - 1)).checked_add(1) {
-                    Some(end) if r.cpl() == 0 => vec![Segment {
+                let mut end = sp;
+                if let Some(limit) = (sp | (BARE_STACK - 1)).checked_add(1) {
+                    while end < limit && self.paging.translate(mem, end).is_ok() {
+                        end = (end | 0xfff) + 1;
+                    }
+                    end = end.min(limit);
+                }
+                let segments = if r.cpl() == 0 && end > sp {
+                    vec![Segment {
                         start: sp,
                         end,
                         ty: StackType::Task,
                         hops: 0,
-                    }],
-                    _ => vec![],
+                    }]
+                } else {
+                    vec![]
                 };
                 LiveContext {
                     owner: Owner::Vcpu {

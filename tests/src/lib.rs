@@ -37,6 +37,7 @@ mod images;
 pub mod patching;
 mod qmp;
 pub mod snapshot;
+pub mod soak;
 
 pub use error::HarnessError;
 pub use guest::{Guest, GuestSpec, KernelInfo};

@@ -153,20 +153,14 @@ fn hex_after(block: &str, key: &str) -> u64 {
     u64::from_str_radix(&h, 16).unwrap()
 }
 
-/// Parses HMP `info registers -a` (only what the engine uses).
+/// Parses HMP `info registers -a`: every register the engine and the reachability check use
+/// (the introspect tests' parser).
 pub fn parse_regs(text: &str) -> Vec<VcpuRegs> {
-    text.split("CPU#")
-        .skip(1)
-        .map(|b| VcpuRegs {
-            rip: hex_after(b, "RIP="),
-            cr0: hex_after(b, "CR0="),
-            cr3: hex_after(b, "CR3="),
-            cr4: hex_after(b, "CR4="),
-            efer: hex_after(b, "EFER="),
-            ..Default::default()
-        })
-        .collect()
+    hmp::parse_hmp_registers(text)
 }
+
+#[path = "../../../introspect/tests/common/hmp.rs"]
+mod hmp;
 
 impl Snapshot {
     /// A snapshot from parts (e.g. taken from a live guest).

@@ -1,0 +1,365 @@
+//! The unload soak: load and unload a patch of a hammered function many times over while a
+//! `hammer` process on every vCPU reads the patched `/proc` file, and check that the guest
+//! never notices anything but the change of output. Used by the `unload_soak` test (200 cycles
+//! per kernel) and the `unload_soak` example (any count, for the README numbers).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use introspect::Kernel;
+use patcher::kernel::KernelSymbols;
+use patcher::{Engine, GuestControl, Target};
+
+use crate::{Guest, GuestSpec, KernelSeries};
+
+/// How much of a line `hammer` keeps (`MAX_LEN` in hammer.c).
+const HAMMER_LEN: usize = 120;
+
+/// Output of the patched `/proc/version`.
+pub const PATCHED: &str = "hvpatch soak: patched";
+
+/// The patch: `version_proc_show` with a static counter and its strings in the patch's data
+/// pages (the format string is read by `seq_printf` while the patch runs).
+pub fn soak_patch() -> Vec<u8> {
+    crate::patching::build_patch(
+        "soak",
+        &format!(
+            "HVPATCH_NAME(\"soak\");\n\
+             static unsigned long calls;\n\
+             static const char msg[] = \"{PATCHED}\";\n\
+             static int show(struct seq_file *m, void *v) {{ calls++; seq_printf(m, \"%s\\n\", msg); return 0; }}\n\
+             HVPATCH_FUNC(version_proc_show, show);"
+        ),
+    )
+}
+
+/// Console lines that mean the guest kernel complained.
+pub fn kernel_complaints(dmesg: &str) -> Vec<String> {
+    const BAD: &[&str] = &[
+        "Oops",
+        "BUG:",
+        "WARNING:",
+        "Kernel panic",
+        "general protection fault",
+        "Call Trace",
+        "invalid opcode",
+        "segfault",
+    ];
+    dmesg
+        .lines()
+        .filter(|l| BAD.iter().any(|b| l.contains(b)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// What one `hammer` process saw.
+#[derive(Debug, Clone, Default)]
+pub struct HammerTally {
+    /// CPU it was pinned to.
+    pub cpu: u32,
+    /// Reads.
+    pub calls: u64,
+    /// Failed reads.
+    pub errors: u64,
+    /// First line of each distinct content, with its count.
+    pub seen: Vec<(u64, String)>,
+}
+
+/// Parses a `hammer` report (see guest-images/progs/hammer.c); the last one in `text` wins.
+pub fn parse_hammer(text: &str, cpu: u32) -> Option<HammerTally> {
+    // The last complete report: from its header line to its "end" line.
+    let start = text
+        .rfind(" calls, ")
+        .and_then(|i| text[..i].rfind("hammer "))?;
+    let last = &text[start..];
+    last.contains(" end").then_some(())?;
+    let mut t = HammerTally {
+        cpu,
+        ..Default::default()
+    };
+    for l in last.lines() {
+        if let Some(rest) = l.split(": ").nth(1).filter(|_| l.contains(" calls, ")) {
+            for part in rest.split(", ") {
+                let mut it = part.split(' ');
+                let n: u64 = it.next()?.parse().ok()?;
+                match it.next()? {
+                    "calls" => t.calls = n,
+                    "errors" => t.errors = n,
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = l.strip_prefix("  ") {
+            let (n, s) = rest.split_once(' ')?;
+            t.seen.push((n.parse().ok()?, s.to_string()));
+        }
+    }
+    Some(t)
+}
+
+/// Numbers of one soak run.
+#[derive(Debug, Clone, Default)]
+pub struct SoakReport {
+    /// Kernel release.
+    pub release: String,
+    /// Load/unload cycles done.
+    pub cycles: usize,
+    /// Whole loop.
+    pub elapsed: Duration,
+    /// Unloads whose first check found the patch still reachable (they waited).
+    pub waited: usize,
+    /// Longest and total wait.
+    pub max_wait: Duration,
+    /// Sum of all waits.
+    pub total_wait: Duration,
+    /// Reachability checks made by unloads, in all.
+    pub checks: u64,
+    /// What held the patch at the first check, by kind, over all waiting unloads.
+    pub kinds: BTreeMap<String, usize>,
+    /// Median pause of the disable step.
+    pub median_unload_pause: Duration,
+    /// Median load pause.
+    pub median_load_pause: Duration,
+    /// What each hammer saw.
+    pub hammers: Vec<HammerTally>,
+}
+
+impl fmt::Display for SoakReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let per = self.elapsed / self.cycles.max(1) as u32;
+        writeln!(
+            f,
+            "{}: {} load/unload cycles in {:.1?} ({per:.2?} per cycle); load pause median {:.2?}, unload (disable) pause median {:.2?}",
+            self.release, self.cycles, self.elapsed, self.median_load_pause, self.median_unload_pause
+        )?;
+        let avg = if self.waited > 0 {
+            self.total_wait / self.waited as u32
+        } else {
+            Duration::ZERO
+        };
+        writeln!(
+            f,
+            "  unloads that had to wait: {} of {} ({:.1}%), mean wait {avg:.2?}, longest {:.2?}; {} reachability checks",
+            self.waited,
+            self.cycles,
+            100.0 * self.waited as f64 / self.cycles.max(1) as f64,
+            self.max_wait,
+            self.checks
+        )?;
+        for (k, n) in &self.kinds {
+            writeln!(f, "  held at the first check by {k}: {n} unload(s)")?;
+        }
+        for h in &self.hammers {
+            let seen: Vec<String> = h
+                .seen
+                .iter()
+                .map(|(n, s)| format!("{n} x {:?}", s.chars().take(40).collect::<String>()))
+                .collect();
+            writeln!(
+                f,
+                "  hammer on cpu {}: {} reads, {} errors; saw {}",
+                h.cpu,
+                h.calls,
+                h.errors,
+                seen.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Boots a guest of `series`, runs `cycles` load/unload cycles under a hammer on every vCPU and
+/// checks everything the unload-safety guarantee promises; `Err` says what went wrong (with
+/// the console tail). `progress` is called every 50 cycles.
+pub fn run_soak(
+    series: KernelSeries,
+    cycles: usize,
+    progress: &mut dyn FnMut(usize, &SoakReport),
+) -> Result<SoakReport, String> {
+    let mut g = Guest::boot(GuestSpec::new(series))
+        .map_err(|e| format!("boot (images: run `scripts/setup`): {e}"))?;
+    let r = soak_on(&mut g, cycles, progress);
+    r.map_err(|e| format!("{e}\n{}", g.tail()))
+}
+
+fn soak_on(
+    g: &mut Guest,
+    cycles: usize,
+    progress: &mut dyn FnMut(usize, &SoakReport),
+) -> Result<SoakReport, String> {
+    let e2s = |e: crate::HarnessError| e.to_string();
+    let dmesg_before = kernel_complaints(&g.run("dmesg").map_err(e2s)?);
+    let original = g.run("cat /proc/version").map_err(e2s)?;
+    // The hammer keeps the first HAMMER_LEN bytes of a line.
+    let original_line: String = original
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(HAMMER_LEN)
+        .collect();
+    let vcpus = g.vcpus();
+    for cpu in 0..vcpus {
+        g.spawn(&format!(
+            "exec hammer {cpu} read /proc/version > /tmp/hammer{cpu}.out 2>&1"
+        ))
+        .map_err(e2s)?;
+    }
+    let (mut ctl, kernel, regs) = crate::patching::attach_and_open(g);
+    let obj = soak_patch();
+    let release = kernel.info().release.clone().unwrap_or_default();
+    let func = kernel
+        .lookup("version_proc_show", None)
+        .map_err(|e| e.to_string())?;
+    let read_text = |k: &Kernel, ctl: &vmm::attach::QemuAttach, n: usize| {
+        let mut b = vec![0u8; n];
+        k.read_virt(ctl.memory(), func, &mut b).map(|_| b)
+    };
+    let text_before = read_text(&kernel, &ctl, 64).map_err(|e| e.to_string())?;
+    let ks = KernelSymbols::new(&kernel, ctl.memory());
+    let t = Target {
+        symbols: &ks,
+        paging: ks.paging(regs[0].efer & (1 << 11) != 0),
+    };
+    let mut e = Engine::new();
+    let mut rep = SoakReport {
+        release,
+        ..Default::default()
+    };
+    let (mut load_pauses, mut unload_pauses) = (Vec::new(), Vec::new());
+    let mut pages = std::collections::BTreeSet::new();
+    let t0 = Instant::now();
+    for i in 0..cycles {
+        let info = e
+            .load(&mut ctl, &t, &obj, "soak.o")
+            .map_err(|err| format!("cycle {i}: load failed: {err}"))?;
+        load_pauses.push(Duration::from_micros(info.pause_us));
+        pages.extend(info.code.pages.iter().chain(&info.data.pages).copied());
+        // Let the hammers run the patch for a varying while (0-4 ms).
+        std::thread::sleep(Duration::from_micros(((i * 7919) % 5000) as u64));
+        let u = e
+            .unload(&mut ctl, "soak", &kernel, Duration::from_secs(10))
+            .map_err(|err| format!("cycle {i}: unload failed: {err}"))?;
+        unload_pauses.push(Duration::from_micros(u.pause_us));
+        rep.checks += u64::from(u.checks);
+        if let Some(h) = &u.first_hold {
+            rep.waited += 1;
+            let w = Duration::from_micros(u.waited_us);
+            rep.max_wait = rep.max_wait.max(w);
+            rep.total_wait += w;
+            for k in &h.kinds {
+                *rep.kinds.entry(k.clone()).or_default() += 1;
+            }
+        }
+        rep.cycles = i + 1;
+        rep.elapsed = t0.elapsed();
+        if (i + 1) % 50 == 0 {
+            rep.median_load_pause = median(load_pauses.clone());
+            rep.median_unload_pause = median(unload_pauses.clone());
+            progress(i + 1, &rep);
+        }
+    }
+    rep.elapsed = t0.elapsed();
+    rep.median_load_pause = median(load_pauses);
+    rep.median_unload_pause = median(unload_pauses);
+
+    // The guest's text and the arena are as before.
+    let text_after = read_text(&kernel, &ctl, 64).map_err(|e| e.to_string())?;
+    if text_after != text_before {
+        return Err(format!(
+            "version_proc_show's first 64 bytes changed: {text_before:02x?} -> {text_after:02x?}"
+        ));
+    }
+    if !e.list().is_empty() {
+        return Err(format!("patches left after the soak: {:?}", e.list()));
+    }
+    if let Some(m) = e.arena().and_then(|a| a.mapping) {
+        return Err(format!("the arena is still mapped: {m:?}"));
+    }
+    for &pa in &pages {
+        let mut b = vec![0u8; 4096];
+        ctl.memory()
+            .read_phys(pa, &mut b)
+            .map_err(|e| e.to_string())?;
+        if b.iter().any(|&x| x != 0) {
+            return Err(format!("arena page {pa:#x} is not zero after the soak"));
+        }
+    }
+    drop(ctl);
+
+    // What the hammers saw.
+    g.run("killall -TERM hammer; sleep 1").map_err(e2s)?;
+    for cpu in 0..vcpus {
+        let out = g.run(&format!("cat /tmp/hammer{cpu}.out")).map_err(e2s)?;
+        let h = parse_hammer(&out, cpu).ok_or_else(|| format!("no hammer report: {out:?}"))?;
+        if h.errors > 0 {
+            return Err(format!("hammer on cpu {cpu} had {} failed reads", h.errors));
+        }
+        for want in [original_line.as_str(), PATCHED] {
+            if !h.seen.iter().any(|(_, s)| s == want) {
+                return Err(format!(
+                    "hammer on cpu {cpu} never saw {want:?}: {:?}",
+                    h.seen
+                ));
+            }
+        }
+        if let Some((_, s)) = h
+            .seen
+            .iter()
+            .find(|(_, s)| s != &original_line && s != PATCHED)
+        {
+            return Err(format!("hammer on cpu {cpu} saw unexpected output {s:?}"));
+        }
+        rep.hammers.push(h);
+    }
+    // The guest never complained and is healthy.
+    let dmesg = g.run("dmesg").map_err(e2s)?;
+    let new: Vec<String> = kernel_complaints(&dmesg)
+        .into_iter()
+        .filter(|l| !dmesg_before.contains(l))
+        .collect();
+    if !new.is_empty() || !kernel_complaints(&g.transcript()).is_empty() {
+        return Err(format!(
+            "the guest kernel complained:\n{}\n{}",
+            new.join("\n"),
+            kernel_complaints(&g.transcript()).join("\n")
+        ));
+    }
+    if g.run("cat /proc/version").map_err(e2s)? != original {
+        return Err("/proc/version differs after the soak".into());
+    }
+    Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hammer_reports_parse() {
+        let text = "hammer 71 cpu 1: 10 calls, 1 distinct, 0 errors, 0 other\n  10 Linux version 6.1\nhammer 71 end\n\
+                    hammer 71 cpu 1: 25 calls, 2 distinct, 1 errors, 0 other\n  20 Linux version 6.1\n  4 hvpatch soak: patched\nhammer 71 end\n";
+        let h = parse_hammer(text, 1).unwrap();
+        assert_eq!((h.calls, h.errors), (25, 1));
+        assert_eq!(
+            h.seen,
+            vec![
+                (20, "Linux version 6.1".to_string()),
+                (4, PATCHED.to_string())
+            ]
+        );
+        assert!(parse_hammer("", 0).is_none());
+    }
+
+    #[test]
+    fn complaints_are_found() {
+        let d = "[ 1.0] ok\n[ 2.0] BUG: unable to handle page fault for address: ffffffffa700102d\n[ 2.1] WARNING: CPU: 1 PID: 7 at lib/vsprintf.c:2659\n";
+        assert_eq!(kernel_complaints(d).len(), 2);
+        assert!(kernel_complaints("[ 1.0] all fine\n").is_empty());
+    }
+}
