@@ -122,6 +122,8 @@ impl AttachServer {
             .map(Path::to_path_buf)
             .unwrap_or_else(std::env::temp_dir);
         let socket = dir.join(format!("hvpatch-api-{}.sock", std::process::id()));
+        // A killed earlier server leaves its socket file behind; wait for a fresh one.
+        let _ = std::fs::remove_file(&socket);
         let log = dir.join("hvpatch-attach.log");
         let logf = std::fs::File::create(&log).map_err(|source| HvpatchError::Spawn {
             cmd: log.display().to_string(),
@@ -161,6 +163,17 @@ impl AttachServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(server)
+    }
+
+    /// Kills the server with SIGKILL (no clean-up of its own) and waits for it to be gone.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The server's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The API socket.

@@ -55,6 +55,13 @@ pub enum Command {
         #[command(subcommand)]
         op: PatchOp,
     },
+    /// Internal: the guard `hvpatch attach` starts (see `vmm::attach::guard`).
+    #[command(name = "__attach-guard", hide = true)]
+    AttachGuard {
+        /// The gdbstub socket to detach from if the parent dies.
+        #[arg(long)]
+        qemu_gdb: PathBuf,
+    },
 }
 
 /// `hvpatch run` arguments.
@@ -353,7 +360,7 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                 print_result(&v, *json, crate::format::patch);
             }
         },
-        Command::Run(_) | Command::Attach(_) | Command::Build(_) => {
+        Command::Run(_) | Command::Attach(_) | Command::Build(_) | Command::AttachGuard { .. } => {
             return Err(CliError::Other("not a client command".into()))
         }
     }

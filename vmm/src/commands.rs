@@ -97,6 +97,9 @@ pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
         mem_layout: args.qemu_mem_layout,
         ..AttachOptions::default()
     };
+    // The guard resumes the guest if this process dies without detaching (e.g. SIGKILL while
+    // the guest is paused).
+    let guard = vmm_guard(&args.qemu_gdb)?;
     let control = QemuAttach::connect_with(&args.qemu_gdb, &args.qemu_mem, opts).map_err(other)?;
     let (stop, api) = serve_in_background(server, Box::new(control), "qemu-attach");
     while !TERMINATE.load(Ordering::Relaxed) && !api.is_finished() {
@@ -104,7 +107,13 @@ pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = api.join();
+    // The server thread dropped the backend, which detached: the guard is not needed.
+    guard.release();
     Ok(0)
+}
+
+fn vmm_guard(gdb: &std::path::Path) -> Result<crate::attach::guard::Guard, CliError> {
+    crate::attach::guard::Guard::spawn(gdb).map_err(other)
 }
 
 /// `hvpatch build`: compile a patch source into a patch object.

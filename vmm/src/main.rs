@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Run(args) => vmm::commands::run(args),
         Command::Attach(args) => vmm::commands::attach(args),
         Command::Build(args) => vmm::commands::build(args),
+        Command::AttachGuard { qemu_gdb } => Ok(vmm::attach::guard::run_guard(qemu_gdb)),
         other => match &cli.api_socket {
             Some(sock) => vmm::cli::run_client(sock, other).map(|()| 0),
             None => Err(CliError::NoSocket),

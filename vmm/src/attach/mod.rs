@@ -8,6 +8,7 @@
 
 mod backend;
 pub mod gdb;
+pub mod guard;
 pub mod layout;
 pub mod ram;
 
@@ -63,4 +64,7 @@ pub enum AttachError {
     /// The stub lacks something we need.
     #[error("the gdbstub does not support {0}")]
     Unsupported(String),
+    /// The guard process could not be started.
+    #[error("attach guard: {0}")]
+    Guard(String),
 }
