@@ -476,18 +476,18 @@ mod tests {
     }
 
     const TASK: StackRange = StackRange {
-        start: 0xffffc900_0040_0000,
-        end: 0xffffc900_0040_4000,
+        start: 0xffff_c900_0040_0000,
+        end: 0xffff_c900_0040_4000,
         ty: StackType::Task,
     };
     const IRQ: StackRange = StackRange {
-        start: 0xffffc900_0000_1000,
-        end: 0xffffc900_0000_5000,
+        start: 0xffff_c900_0000_1000,
+        end: 0xffff_c900_0000_5000,
         ty: StackType::Irq,
     };
     const NMI: StackRange = StackRange {
-        start: 0xfffffe00_0000_3000,
-        end: 0xfffffe00_0000_4000,
+        start: 0xffff_fe00_0000_3000,
+        end: 0xffff_fe00_0000_4000,
         ty: StackType::Exception,
     };
 

@@ -116,6 +116,10 @@ pub struct SoakReport {
     pub checks: u64,
     /// What held the patch at the first check, by kind, over all waiting unloads.
     pub kinds: BTreeMap<String, usize>,
+    /// Waiting unloads whose first hold the check before the unload-safety work would have
+    /// missed (it looked only at code, at a vCPU's RIP and the stack its RSP is on, and at
+    /// sleeping tasks' stacks; unreadable meant free): each of these freed reachable pages.
+    pub old_check_missed: usize,
     /// Median pause of the disable step.
     pub median_unload_pause: Duration,
     /// Median load pause.
@@ -145,6 +149,11 @@ impl fmt::Display for SoakReport {
             100.0 * self.waited as f64 / self.cycles.max(1) as f64,
             self.max_wait,
             self.checks
+        )?;
+        writeln!(
+            f,
+            "  of those, held only by what the earlier check did not look at: {} (it would have freed reachable pages)",
+            self.old_check_missed
         )?;
         for (k, n) in &self.kinds {
             writeln!(f, "  held at the first check by {k}: {n} unload(s)")?;
@@ -254,6 +263,13 @@ fn soak_on(
             rep.total_wait += w;
             for k in &h.kinds {
                 *rep.kinds.entry(k.clone()).or_default() += 1;
+            }
+            if !h
+                .kinds
+                .iter()
+                .any(|k| k == "code in rip" || k == "code in task stack")
+            {
+                rep.old_check_missed += 1;
             }
         }
         rep.cycles = i + 1;
