@@ -22,12 +22,20 @@ pub const PATCHED: &str = "hvpatch soak: patched";
 /// The patch: `version_proc_show` with a static counter and its strings in the patch's data
 /// pages (the format string is read by `seq_printf` while the patch runs).
 pub fn soak_patch() -> Vec<u8> {
+    soak_patch_named("soak", PATCHED)
+}
+
+/// Output of the second, stacked patch.
+pub const PATCHED_TOP: &str = "hvpatch soak: stacked";
+
+/// A soak patch named `name` printing `msg`.
+fn soak_patch_named(name: &str, msg: &str) -> Vec<u8> {
     crate::patching::build_patch(
-        "soak",
+        name,
         &format!(
-            "HVPATCH_NAME(\"soak\");\n\
+            "HVPATCH_NAME(\"{name}\");\n\
              static unsigned long calls;\n\
-             static const char msg[] = \"{PATCHED}\";\n\
+             static const char msg[] = \"{msg}\";\n\
              static int show(struct seq_file *m, void *v) {{ calls++; seq_printf(m, \"%s\\n\", msg); return 0; }}\n\
              HVPATCH_FUNC(version_proc_show, show);"
         ),
@@ -106,6 +114,8 @@ pub struct SoakReport {
     pub cycles: usize,
     /// Whole loop.
     pub elapsed: Duration,
+    /// Unloads done (cycles plus the stacked ones).
+    pub unloads: usize,
     /// Unloads whose first check found the patch still reachable (they waited).
     pub waited: usize,
     /// Longest and total wait.
@@ -145,8 +155,8 @@ impl fmt::Display for SoakReport {
             f,
             "  unloads that had to wait: {} of {} ({:.1}%), mean wait {avg:.2?}, longest {:.2?}; {} reachability checks",
             self.waited,
-            self.cycles,
-            100.0 * self.waited as f64 / self.cycles.max(1) as f64,
+            self.unloads,
+            100.0 * self.waited as f64 / self.unloads.max(1) as f64,
             self.max_wait,
             self.checks
         )?;
@@ -184,7 +194,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 /// Boots a guest of `series`, runs `cycles` load/unload cycles under a hammer on every vCPU and
 /// checks everything the unload-safety guarantee promises; `Err` says what went wrong (with
-/// the console tail). `progress` is called every 50 cycles.
+/// the console tail). Every fourth cycle stacks a second patch on the same function and
+/// unloads it first, so the entry is retargeted to the first patch under load. `progress` is
+/// called every 50 cycles.
 pub fn run_soak(
     series: KernelSeries,
     cycles: usize,
@@ -221,6 +233,7 @@ fn soak_on(
     }
     let (mut ctl, kernel, regs) = crate::patching::attach_and_open(g);
     let obj = soak_patch();
+    let top = soak_patch_named("soak-top", PATCHED_TOP);
     let release = kernel.info().release.clone().unwrap_or_default();
     let func = kernel
         .lookup("version_proc_show", None)
@@ -251,25 +264,42 @@ fn soak_on(
         pages.extend(info.code.pages.iter().chain(&info.data.pages).copied());
         // Let the hammers run the patch for a varying while (0-4 ms).
         std::thread::sleep(Duration::from_micros(((i * 7919) % 5000) as u64));
-        let u = e
-            .unload(&mut ctl, "soak", &kernel, Duration::from_secs(10))
-            .map_err(|err| format!("cycle {i}: unload failed: {err}"))?;
-        unload_pauses.push(Duration::from_micros(u.pause_us));
-        rep.checks += u64::from(u.checks);
-        if let Some(h) = &u.first_hold {
-            rep.waited += 1;
-            let w = Duration::from_micros(u.waited_us);
-            rep.max_wait = rep.max_wait.max(w);
-            rep.total_wait += w;
-            for k in &h.kinds {
-                *rep.kinds.entry(k.clone()).or_default() += 1;
-            }
-            if !h
-                .kinds
-                .iter()
-                .any(|k| k == "code in rip" || k == "code in task stack")
-            {
-                rep.old_check_missed += 1;
+        let mut unloads = Vec::new();
+        if i % 4 == 3 {
+            let info = e
+                .load(&mut ctl, &t, &top, "soak-top.o")
+                .map_err(|err| format!("cycle {i}: stacked load failed: {err}"))?;
+            pages.extend(info.code.pages.iter().chain(&info.data.pages).copied());
+            std::thread::sleep(Duration::from_micros(((i * 104_729) % 3000) as u64));
+            // Back to the first patch (retarget), under load.
+            unloads.push(
+                e.unload(&mut ctl, "soak-top", &kernel, Duration::from_secs(10))
+                    .map_err(|err| format!("cycle {i}: stacked unload failed: {err}"))?,
+            );
+        }
+        unloads.push(
+            e.unload(&mut ctl, "soak", &kernel, Duration::from_secs(10))
+                .map_err(|err| format!("cycle {i}: unload failed: {err}"))?,
+        );
+        for u in unloads {
+            unload_pauses.push(Duration::from_micros(u.pause_us));
+            rep.unloads += 1;
+            rep.checks += u64::from(u.checks);
+            if let Some(h) = &u.first_hold {
+                rep.waited += 1;
+                let w = Duration::from_micros(u.waited_us);
+                rep.max_wait = rep.max_wait.max(w);
+                rep.total_wait += w;
+                for k in &h.kinds {
+                    *rep.kinds.entry(k.clone()).or_default() += 1;
+                }
+                if !h
+                    .kinds
+                    .iter()
+                    .any(|k| k == "code in rip" || k == "code in task stack")
+                {
+                    rep.old_check_missed += 1;
+                }
             }
         }
         rep.cycles = i + 1;
@@ -316,7 +346,7 @@ fn soak_on(
         if h.errors > 0 {
             return Err(format!("hammer on cpu {cpu} had {} failed reads", h.errors));
         }
-        for want in [original_line.as_str(), PATCHED] {
+        for want in [original_line.as_str(), PATCHED, PATCHED_TOP] {
             if !h.seen.iter().any(|(_, s)| s == want) {
                 return Err(format!(
                     "hammer on cpu {cpu} never saw {want:?}: {:?}",
@@ -327,7 +357,7 @@ fn soak_on(
         if let Some((_, s)) = h
             .seen
             .iter()
-            .find(|(_, s)| s != &original_line && s != PATCHED)
+            .find(|(_, s)| s != &original_line && s != PATCHED && s != PATCHED_TOP)
         {
             return Err(format!("hammer on cpu {cpu} saw unexpected output {s:?}"));
         }
