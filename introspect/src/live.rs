@@ -466,14 +466,8 @@ impl crate::Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unwind::tests::Mem;
     use std::collections::HashMap;
-
-    struct Mem(HashMap<u64, u64>);
-    impl StackReader for Mem {
-        fn read_u64(&self, va: u64) -> Option<u64> {
-            self.0.get(&va).copied()
-        }
-    }
 
     const TASK: StackRange = StackRange {
         start: 0xffff_c900_0040_0000,

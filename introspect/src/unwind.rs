@@ -527,12 +527,13 @@ pub fn walk(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::orc::OrcFormat;
     use std::collections::HashMap;
 
-    struct Mem(HashMap<u64, u64>);
+    /// Synthetic stack memory: u64 values by address.
+    pub(crate) struct Mem(pub(crate) HashMap<u64, u64>);
     impl StackReader for Mem {
         fn read_u64(&self, va: u64) -> Option<u64> {
             self.0.get(&va).copied()

@@ -73,21 +73,6 @@ impl SymbolSource for KernelSymbols<'_> {
     }
 }
 
-impl Reachability for KernelSymbols<'_> {
-    fn references(
-        &self,
-        mem: &dyn PhysMemory,
-        vcpus: &[VcpuRegs],
-        ranges: &[(u64, u64)],
-    ) -> Result<Vec<Reference>, String> {
-        Reachability::references(self.kernel, mem, vcpus, ranges)
-    }
-
-    fn stack_of(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs], owner: &Owner) -> Vec<String> {
-        Reachability::stack_of(self.kernel, mem, vcpus, owner)
-    }
-}
-
 /// The guest kernel answers reachability questions from its live contexts
 /// ([`Kernel::find_references`]) and unwinds holders for reports.
 impl Reachability for Kernel {

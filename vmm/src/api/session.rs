@@ -71,8 +71,7 @@ impl Session {
         let Some(kernel) = self.kernel.as_ref() else {
             return;
         };
-        let syms = KernelSymbols::new(kernel, self.control.memory());
-        match self.engine.reap(self.control.as_mut(), &syms) {
+        match self.engine.reap(self.control.as_mut(), kernel) {
             Ok(freed) if !freed.is_empty() => {
                 tracing::info!(?freed, "held patches freed");
                 self.reap_every = REAP_FIRST;
@@ -258,10 +257,9 @@ impl Session {
             return Err(("internal", "kernel model missing".into()));
         };
         // Disables at once; frees the pages once nothing in the guest can reach them.
-        let syms = KernelSymbols::new(kernel, self.control.memory());
         let result = self
             .engine
-            .unload(self.control.as_mut(), name, &syms, timeout);
+            .unload(self.control.as_mut(), name, kernel, timeout);
         self.next_reap = Instant::now() + REAP_FIRST;
         self.reap_every = REAP_FIRST;
         let report = result.map_err(patch_err)?;
