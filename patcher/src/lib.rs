@@ -19,4 +19,4 @@ pub use guest::{GuestControl, GuestError, GuestEvent};
 pub use paging::KernelPaging;
 pub use reach::{Hold, Reachability};
 pub use symbols::{SymbolMap, SymbolSource};
-pub use unload::UnloadReport;
+pub use unload::{UnloadProgress, UnloadReport};

@@ -59,6 +59,65 @@ fn vcpu_regs(ctl: &mut dyn GuestControl) -> Result<Vec<VcpuRegs>, PatchError> {
         .collect()
 }
 
+/// An unload in progress: the patch is disabled and held, and its pages wait to be freed.
+/// Made by [`Engine::unload_start`], advanced by [`Engine::unload_continue`]; a host that must
+/// not block (the API controller) keeps it and re-checks from its event loop.
+#[derive(Debug, Clone)]
+pub struct UnloadProgress {
+    id: u64,
+    started: Instant,
+    held_at: Instant,
+    delay: Duration,
+    total_pause: Duration,
+    /// What held the patch at the last check; `None` once freed.
+    pub hold: Option<Hold>,
+    /// The report so far (complete once [`UnloadProgress::is_done`]).
+    pub report: UnloadReport,
+}
+
+impl UnloadProgress {
+    /// Whether the pages were freed.
+    pub fn is_done(&self) -> bool {
+        self.hold.is_none()
+    }
+
+    /// When the next check is due (the backoff: 1 ms doubling to 50 ms).
+    pub fn next_check(&self) -> Instant {
+        Instant::now() + self.delay
+    }
+
+    /// Time since the unload started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The error for an unload that gave up waiting (the patch stays held).
+    pub fn timed_out(&self) -> PatchError {
+        let h = self.hold.clone().unwrap_or(Hold {
+            by: "nothing (freed)".into(),
+            pid: None,
+            comm: None,
+            references: 0,
+            stack: vec![],
+            kinds: vec![],
+        });
+        PatchError::Held {
+            name: self.report.name.clone(),
+            waited_ms: self.started.elapsed().as_millis() as u64,
+            by: h.by.clone(),
+            hold: Box::new(h),
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.report.checks > 1 {
+            self.report.waited_us = us(self.held_at.elapsed());
+        }
+        self.report.total_pause_us = us(self.total_pause);
+        self.report.unload_us = us(self.started.elapsed());
+    }
+}
+
 impl Engine {
     /// Unloads the patch `name`: disables it at once, then frees its pages as soon as nothing
     /// in the guest can reach them, waiting up to `timeout` for that (re-checking with a short
@@ -74,7 +133,28 @@ impl Engine {
         reach: &dyn Reachability,
         timeout: Duration,
     ) -> Result<UnloadReport, PatchError> {
-        let t0 = Instant::now();
+        let mut p = self.unload_start(ctl, name, reach)?;
+        while !p.is_done() {
+            let left = timeout.saturating_sub(p.elapsed());
+            if left.is_zero() {
+                self.last.total = p.elapsed();
+                return Err(p.timed_out());
+            }
+            std::thread::sleep(p.delay.min(left));
+            self.unload_continue(ctl, &mut p, reach)?;
+        }
+        Ok(p.report)
+    }
+
+    /// First step of an unload: disables the patch `name` (or takes a held one) and checks
+    /// once, in one pause; frees the pages if nothing reaches them.
+    pub fn unload_start(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        name: &str,
+        reach: &dyn Reachability,
+    ) -> Result<UnloadProgress, PatchError> {
+        let started = Instant::now();
         let idx = self
             .find(name)
             .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
@@ -84,60 +164,72 @@ impl Engine {
         } else {
             self.check_and_free(ctl, id, reach)?
         };
-        let mut total_pause = pause;
-        let held_at = Instant::now();
-        let mut report = UnloadReport {
-            name: name.to_string(),
-            checks: 1,
-            waited_us: 0,
-            first_hold: None,
-            pause_us: us(pause),
-            total_pause_us: 0,
-            unload_us: 0,
-        };
-        let mut hold = match first {
+        let hold = match first {
             Check::Freed => None,
-            Check::Held(h) => {
-                report.first_hold = Some(h.clone());
-                Some(h)
-            }
+            Check::Held(h) => Some(h),
         };
-        let mut delay = FIRST_RECHECK;
-        while let Some(h) = hold {
-            let left = timeout.saturating_sub(t0.elapsed());
-            if left.is_zero() {
-                self.last.total = t0.elapsed();
-                return Err(PatchError::Held {
-                    name: name.to_string(),
-                    waited_ms: t0.elapsed().as_millis() as u64,
-                    by: h.by.clone(),
-                    hold: Box::new(h),
-                });
-            }
-            std::thread::sleep(delay.min(left));
-            delay = (delay * 2).min(MAX_RECHECK);
-            let (c, p) = self.check_and_free(ctl, id, reach)?;
-            total_pause += p;
-            report.checks += 1;
-            hold = match c {
+        let mut p = UnloadProgress {
+            id,
+            started,
+            held_at: Instant::now(),
+            delay: FIRST_RECHECK,
+            total_pause: pause,
+            report: UnloadReport {
+                name: name.to_string(),
+                checks: 1,
+                waited_us: 0,
+                first_hold: hold.clone(),
+                pause_us: us(pause),
+                total_pause_us: 0,
+                unload_us: 0,
+            },
+            hold,
+        };
+        self.last.pause = pause;
+        if p.is_done() {
+            self.freed(&mut p);
+        }
+        Ok(p)
+    }
+
+    /// One more check of an unload in progress; frees the pages if nothing reaches them any
+    /// more (also when [`Engine::reap`] freed them meanwhile). Returns whether it is done.
+    pub fn unload_continue(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        p: &mut UnloadProgress,
+        reach: &dyn Reachability,
+    ) -> Result<bool, PatchError> {
+        if p.is_done() {
+            return Ok(true);
+        }
+        if self.index_of(p.id).is_err() {
+            p.hold = None; // freed by a reap in between
+        } else {
+            let (c, pause) = self.check_and_free(ctl, p.id, reach)?;
+            p.total_pause += pause;
+            p.report.checks += 1;
+            p.delay = (p.delay * 2).min(MAX_RECHECK);
+            p.hold = match c {
                 Check::Freed => None,
                 Check::Held(h) => Some(h),
             };
         }
-        if report.checks > 1 {
-            report.waited_us = us(held_at.elapsed());
+        if p.is_done() {
+            self.freed(p);
         }
-        report.total_pause_us = us(total_pause);
-        report.unload_us = us(t0.elapsed());
-        self.last.pause = pause;
-        self.last.total = t0.elapsed();
+        Ok(p.is_done())
+    }
+
+    fn freed(&mut self, p: &mut UnloadProgress) {
+        p.finish();
+        self.last.total = p.started.elapsed();
         tracing::info!(
-            patch = name,
-            checks = report.checks,
-            waited_us = report.waited_us,
+            patch = %p.report.name,
+            checks = p.report.checks,
+            waited_us = p.report.waited_us,
             "patch unloaded"
         );
-        Ok(report)
     }
 
     /// Checks every held patch once, in one pause, and frees those nothing can reach any more.

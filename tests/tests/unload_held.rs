@@ -7,8 +7,14 @@
 //!   running, the sleeper finishes inside the held patch's code, the loaded patch stays in force;
 //! - killed while the guest is paused: its guard process detaches and QEMU resumes the guest.
 //!
+//! While an unload waits, other API clients are answered at once (also with a silent client and
+//! one sending byte by byte connected).
+//!
 //! Every step checks the guest's own view (`cat`, `dmesg`) and fails on any kernel complaint.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use harness::soak::kernel_complaints;
@@ -28,6 +34,15 @@ fn sleeper(name: &str, ms: u32) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("hvpatch-held-{}-{name}.o", std::process::id()));
     std::fs::write(&p, obj).expect("write patch object");
     p
+}
+
+/// One raw `status` request; the response line.
+fn status(sock: &Path) -> String {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(b"{\"op\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    line
 }
 
 /// Waits until the guest file `path` reads `want` (the sleeper finished).
@@ -86,7 +101,30 @@ fn held_unload(series: KernelSeries) {
     g.spawn("cat /proc/cmdline > /tmp/s1").unwrap();
     wait_sleeping(&mut g);
     let t0 = Instant::now();
-    let v = srv.json(&["patch", "unload", "sleeper"]).unwrap();
+    // While the unload waits in the server, other clients are served at once, also with one
+    // client connected and silent and another sending its request byte by byte.
+    let v = std::thread::scope(|sc| {
+        let unload = sc.spawn(|| srv.json(&["patch", "unload", "sleeper"]).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        let _silent = UnixStream::connect(srv.socket()).unwrap();
+        let mut slow = UnixStream::connect(srv.socket()).unwrap();
+        slow.write_all(b"{\"op\":").unwrap();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let st = status(srv.socket());
+            assert!(st.contains("\"ok\":true"), "{st}");
+            assert!(
+                t.elapsed() < Duration::from_millis(100),
+                "status took {:?} while an unload waited",
+                t.elapsed()
+            );
+        }
+        slow.write_all(b"\"status\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&slow).read_line(&mut line).unwrap();
+        assert!(line.contains("\"ok\":true"), "{line}");
+        unload.join().unwrap()
+    });
     let took = t0.elapsed();
     eprintln!("{series:?}: unload waited {took:?}: {}", v["unload"]);
     assert_eq!(v["state"], "Unloaded");

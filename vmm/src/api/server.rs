@@ -1,13 +1,15 @@
-//! The API server: a Unix socket (mode 0600) serving one JSON request line per connection, one
-//! connection at a time, so operations on the guest never interleave.
+//! The API server: a Unix socket (mode 0600) serving one JSON request line per connection.
+//! Connections are served concurrently, each on its own thread; requests go as typed actions
+//! over a channel to the controller thread, which owns the guest and runs them one at a time
+//! (like Firecracker's VmmAction loop), plus background work between them.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tracing::{debug, warn};
@@ -33,15 +35,44 @@ pub enum ServerError {
     Accept(std::io::Error),
 }
 
-/// Something that answers API requests.
-pub trait Handler {
-    /// Handles one request. Must not panic on any input.
-    fn handle(&mut self, req: Request) -> Response;
+/// Where a handler sends the response to one request, now or later.
+#[derive(Debug)]
+pub struct Reply(mpsc::Sender<Response>);
 
-    /// Background work between requests (re-checking held patches); called often, so it must
-    /// return quickly when there is nothing to do.
-    fn tick(&mut self) {}
+impl Reply {
+    /// Sends the response (the client may have gone; that is not an error).
+    pub fn send(self, resp: Response) {
+        let _ = self.0.send(resp);
+    }
 }
+
+/// Something that answers API requests: the controller of one guest.
+pub trait Handler {
+    /// Handles one request: answers through `reply` now, or keeps it and answers later from
+    /// [`Handler::tick`] (a long operation such as an unload waiting for its patch to become
+    /// unreachable). Must not panic on any input.
+    fn handle(&mut self, req: Request, reply: Reply);
+
+    /// Background work between requests (re-checking held patches, advancing waiting
+    /// operations); must return quickly when there is nothing to do.
+    fn tick(&mut self) {}
+
+    /// How soon [`Handler::tick`] wants to run again.
+    fn tick_interval(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+}
+
+/// A request on its way to the controller.
+struct Action {
+    req: Request,
+    reply: Reply,
+}
+
+/// Most connections served at once; more get a `busy` error.
+const MAX_CONNECTIONS: usize = 64;
+/// Longest time a client may take to send its request line.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A bound API socket.
 pub struct Server {
@@ -78,24 +109,79 @@ impl Server {
         self.stop.clone()
     }
 
-    /// Serves requests until the stop flag is set.
+    /// Serves requests until the stop flag is set. The calling thread is the controller: it
+    /// owns `handler` and runs every request and every tick, one at a time, so operations on
+    /// the guest never interleave. Connections are read and answered on threads of their
+    /// own, so a slow or silent client never delays another.
     pub fn serve(&self, handler: &mut dyn Handler) -> Result<(), ServerError> {
-        while !self.stop.load(Ordering::Relaxed) {
-            handler.tick();
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if let Err(e) = serve_connection(stream, handler) {
-                        debug!("API connection ended: {e}");
+        let (tx, rx) = mpsc::channel::<Action>();
+        let live = Arc::new(AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            let acceptor = scope.spawn(|| self.accept_loop(tx, live));
+            let mut next_tick = Instant::now();
+            while !self.stop.load(Ordering::Relaxed) && !acceptor.is_finished() {
+                let wait = next_tick
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50));
+                match rx.recv_timeout(wait) {
+                    Ok(a) => handler.handle(a.req, a.reply),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                if Instant::now() >= next_tick {
+                    handler.tick();
+                    next_tick = Instant::now() + handler.tick_interval();
+                }
+            }
+            self.stop.store(true, Ordering::Relaxed);
+            // Pending replies are dropped with the handler's state; their clients see the
+            // connection close.
+            drop(rx);
+            match acceptor.join() {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        })
+    }
+
+    fn accept_loop(
+        &self,
+        tx: mpsc::Sender<Action>,
+        live: Arc<AtomicUsize>,
+    ) -> Result<(), ServerError> {
+        std::thread::scope(|scope| {
+            while !self.stop.load(Ordering::Relaxed) {
+                match self.listener.accept() {
+                    Ok((stream, _)) => {
+                        if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                            live.fetch_sub(1, Ordering::SeqCst);
+                            let _ = stream.set_nonblocking(false);
+                            let _ = write_response(
+                                &stream,
+                                &Response::err("busy", format!("more than {MAX_CONNECTIONS} API connections at once; retry")),
+                            );
+                            continue;
+                        }
+                        let (tx, live, stop) = (tx.clone(), live.clone(), &self.stop);
+                        scope.spawn(move || {
+                            if let Err(e) = serve_connection(stream, &tx, stop) {
+                                debug!("API connection ended: {e}");
+                            }
+                            live.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.stop.store(true, Ordering::Relaxed);
+                        return Err(ServerError::Accept(e));
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ServerError::Accept(e)),
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -105,17 +191,47 @@ impl Drop for Server {
     }
 }
 
-/// Serves the one request of a connection (clients connect once per request, so an idle client
-/// cannot hold the server).
-fn serve_connection(stream: UnixStream, handler: &mut dyn Handler) -> std::io::Result<()> {
+/// Reads the request line of a connection (within [`REQUEST_DEADLINE`] in all), hands it to
+/// the controller and writes its response.
+fn serve_connection(
+    stream: UnixStream,
+    tx: &mpsc::Sender<Action>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut line = Vec::new();
-    let n = BufReader::new(&stream)
-        .take(MAX_REQUEST_BYTES as u64 + 1)
-        .read_until(b'\n', &mut line)?;
-    if n == 0 {
-        return Ok(());
+    let mut buf = [0u8; 64 << 10];
+    let mut reader = &stream;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stop.load(Ordering::Relaxed) {
+            return Ok(()); // too slow: dropped, like an idle connection
+        }
+        stream.set_read_timeout(Some(left.min(Duration::from_millis(200))))?;
+        match reader.read(&mut buf) {
+            Ok(0) if line.is_empty() => return Ok(()),
+            Ok(0) => break,
+            Ok(n) => {
+                let chunk = &buf[..n];
+                if let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+                    line.extend_from_slice(&chunk[..nl]);
+                    break;
+                }
+                line.extend_from_slice(chunk);
+                if line.len() > MAX_REQUEST_BYTES {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
     }
     let resp = if line.len() > MAX_REQUEST_BYTES {
         warn!("API request over {MAX_REQUEST_BYTES} bytes refused");
@@ -125,10 +241,29 @@ fn serve_connection(stream: UnixStream, handler: &mut dyn Handler) -> std::io::R
         )
     } else {
         match serde_json::from_slice::<Request>(&line) {
-            Ok(req) => handler.handle(req),
+            Ok(req) => {
+                let (rtx, rrx) = mpsc::channel();
+                if tx
+                    .send(Action {
+                        req,
+                        reply: Reply(rtx),
+                    })
+                    .is_err()
+                {
+                    return Ok(()); // the server is stopping
+                }
+                loop {
+                    match rrx.recv_timeout(Duration::from_millis(200)) {
+                        Ok(r) => break r,
+                        Err(mpsc::RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => {}
+                        Err(_) => return Ok(()),
+                    }
+                }
+            }
             Err(e) => Response::err("bad_request", format!("malformed request: {e}")),
         }
     };
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     write_response(&stream, &resp)
 }
 
@@ -145,10 +280,12 @@ mod tests {
     use super::*;
     use crate::api::client;
 
+    use std::io::{BufRead, BufReader};
+
     struct Echo;
     impl Handler for Echo {
-        fn handle(&mut self, req: Request) -> Response {
-            Response::ok(serde_json::to_value(req).unwrap())
+        fn handle(&mut self, req: Request, reply: Reply) {
+            reply.send(Response::ok(serde_json::to_value(req).unwrap()))
         }
     }
 
@@ -179,5 +316,100 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         t.join().unwrap().unwrap();
         assert!(!path.exists(), "socket removed when the server goes");
+    }
+
+    /// Answers `status` at once and `pause` only from its third tick (a long operation).
+    #[derive(Default)]
+    struct Slow {
+        pending: Option<Reply>,
+        ticks: u32,
+    }
+    impl Handler for Slow {
+        fn handle(&mut self, req: Request, reply: Reply) {
+            match req {
+                Request::Pause {} => {
+                    self.pending = Some(reply);
+                    self.ticks = 0;
+                }
+                other => reply.send(Response::ok(serde_json::to_value(other).unwrap())),
+            }
+        }
+        fn tick(&mut self) {
+            self.ticks += 1;
+            if self.ticks >= 3 {
+                if let Some(r) = self.pending.take() {
+                    r.send(Response::ok(serde_json::json!("paused later")));
+                }
+            }
+        }
+        fn tick_interval(&self) -> Duration {
+            Duration::from_millis(100)
+        }
+    }
+
+    #[test]
+    fn silent_and_slow_clients_and_long_operations_delay_no_one() {
+        let dir = std::env::temp_dir().join(format!("hvpatch-api-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let server = Server::bind(&path).unwrap();
+        let stop = server.stop_flag();
+        let t = std::thread::spawn(move || server.serve(&mut Slow::default()));
+        // One client connects and says nothing; another sends its request byte by byte.
+        let _silent = UnixStream::connect(&path).unwrap();
+        let mut slow = UnixStream::connect(&path).unwrap();
+        let trickle = std::thread::spawn(move || {
+            for b in br#"{"op":"status"}"#.iter().chain(b"\n") {
+                slow.write_all(&[*b]).unwrap();
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            let mut line = String::new();
+            BufReader::new(&slow).read_line(&mut line).unwrap();
+            line
+        });
+        // A long operation is waiting in the controller.
+        let long = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                client::call(&path, &Request::Pause {}, Duration::from_secs(10)).unwrap()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            let r = client::call(&path, &Request::Status {}, Duration::from_secs(5)).unwrap();
+            assert!(r.ok);
+            assert!(
+                t0.elapsed() < Duration::from_millis(100),
+                "status took {:?}",
+                t0.elapsed()
+            );
+        }
+        let r = long.join().unwrap();
+        assert_eq!(r.result.unwrap(), "paused later");
+        assert!(trickle.join().unwrap().contains("status"));
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_request_line_that_never_ends_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("hvpatch-api-drop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let server = Server::bind(&path).unwrap();
+        let stop = server.stop_flag();
+        let t = std::thread::spawn(move || server.serve(&mut Echo));
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(br#"{"op":"sta"#).unwrap();
+        s.set_read_timeout(Some(REQUEST_DEADLINE + Duration::from_secs(5)))
+            .unwrap();
+        let t0 = Instant::now();
+        let mut line = String::new();
+        let n = BufReader::new(&s).read_line(&mut line).unwrap_or(0);
+        assert_eq!(n, 0, "no answer to an unfinished request: {line:?}");
+        assert!(t0.elapsed() <= REQUEST_DEADLINE + Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap().unwrap();
     }
 }

@@ -10,7 +10,7 @@ use patcher::{Engine, GuestControl, PatchError, Target};
 use serde_json::{json, Value};
 
 use super::protocol::{InspectWhat, Request, Response};
-use super::server::Handler;
+use super::server::{Handler, Reply};
 
 /// Longest banner compared when checking that the cached kernel model still fits the guest.
 const BANNER_MAX: usize = 512;
@@ -25,6 +25,8 @@ pub struct Session {
     /// When [`Handler::tick`] next re-checks held patches, and the current backoff.
     next_reap: Instant,
     reap_every: Duration,
+    /// Unloads waiting for their patch's pages to become unreachable.
+    pending: Vec<PendingUnload>,
 }
 
 /// How long `patch unload` waits for a disabled patch to become unreachable, by default.
@@ -63,6 +65,7 @@ impl Session {
             engine: Engine::new(),
             next_reap: Instant::now(),
             reap_every: REAP_FIRST,
+            pending: Vec::new(),
         }
     }
 
@@ -247,36 +250,110 @@ impl Session {
         to_json(&info)
     }
 
-    fn patch_unload(&mut self, name: &str, timeout: Duration) -> Result<Value, ReqError> {
-        let info = self
-            .engine
-            .info(name)
-            .ok_or(("not_found", format!("no patch named {name} is loaded")))?;
-        self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
-        let Some(kernel) = self.kernel.as_ref() else {
-            return Err(("internal", "kernel model missing".into()));
-        };
-        // Disables at once; frees the pages once nothing in the guest can reach them.
-        let result = self
-            .engine
-            .unload(self.control.as_mut(), name, kernel, timeout);
+    /// Starts an unload: disables the patch and checks once. Freed at once: the result. Still
+    /// reachable: the unload waits in [`Session::pending`], advanced by [`Handler::tick`].
+    fn patch_unload(&mut self, name: &str, timeout: Duration, reply: Reply) {
+        let r = (|| {
+            let info = self
+                .engine
+                .info(name)
+                .ok_or(("not_found", format!("no patch named {name} is loaded")))?;
+            self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
+            let Some(kernel) = self.kernel.as_ref() else {
+                return Err(("internal", "kernel model missing".to_string()));
+            };
+            let progress = self
+                .engine
+                .unload_start(self.control.as_mut(), name, kernel)
+                .map_err(patch_err)?;
+            Ok((info, progress))
+        })();
         self.next_reap = Instant::now() + REAP_FIRST;
         self.reap_every = REAP_FIRST;
-        let report = result.map_err(patch_err)?;
-        let mut v = to_json(&info)?;
-        v["state"] = json!("Unloaded");
-        // None of its functions is live any more.
-        if let Some(fs) = v["functions"].as_array_mut() {
-            for f in fs {
-                f["active"] = json!(false);
+        match r {
+            Err((kind, msg)) => reply.send(Response::err(kind, msg)),
+            Ok((info, progress)) if progress.is_done() => {
+                reply.send(unloaded(&info, &progress.report));
+            }
+            Ok((info, progress)) => self.pending.push(PendingUnload {
+                next_check: progress.next_check(),
+                info,
+                progress,
+                timeout,
+                reply,
+            }),
+        }
+    }
+
+    /// Advances the waiting unloads whose next check is due.
+    fn advance_unloads(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if self.pending[i].next_check > now {
+                i += 1;
+                continue;
+            }
+            let Some(kernel) = self.kernel.as_ref() else {
+                return;
+            };
+            let p = &mut self.pending[i];
+            let step = self
+                .engine
+                .unload_continue(self.control.as_mut(), &mut p.progress, kernel);
+            let done = match step {
+                Ok(true) => Some(unloaded(&p.info, &p.progress.report)),
+                Ok(false) if p.progress.elapsed() >= p.timeout => {
+                    let (kind, msg) = patch_err(p.progress.timed_out());
+                    Some(Response::err(kind, msg))
+                }
+                Ok(false) => {
+                    p.next_check = p.progress.next_check();
+                    None
+                }
+                Err(e) => {
+                    let (kind, msg) = patch_err(e);
+                    Some(Response::err(kind, msg))
+                }
+            };
+            match done {
+                Some(resp) => self.pending.swap_remove(i).reply.send(resp),
+                None => i += 1,
             }
         }
-        v["held"] = Value::Null;
-        v["unload_pause_us"] = json!(report.pause_us);
-        v["unload_us"] = json!(report.unload_us);
-        v["unload"] = to_json(&report)?;
-        Ok(v)
     }
+}
+
+/// An unload waiting for its patch's pages to become unreachable.
+struct PendingUnload {
+    info: patcher::PatchInfo,
+    progress: patcher::UnloadProgress,
+    timeout: Duration,
+    next_check: Instant,
+    reply: Reply,
+}
+
+/// The result of a finished unload: the patch as it was, `Unloaded`, with the report.
+fn unloaded(info: &patcher::PatchInfo, report: &patcher::UnloadReport) -> Response {
+    let mut v = match to_json(info) {
+        Ok(v) => v,
+        Err((kind, msg)) => return Response::err(kind, msg),
+    };
+    v["state"] = json!("Unloaded");
+    // None of its functions is live any more.
+    if let Some(fs) = v["functions"].as_array_mut() {
+        for f in fs {
+            f["active"] = json!(false);
+        }
+    }
+    v["held"] = Value::Null;
+    v["unload_pause_us"] = json!(report.pause_us);
+    v["unload_us"] = json!(report.unload_us);
+    match to_json(report) {
+        Ok(r) => v["unload"] = r,
+        Err((kind, msg)) => return Response::err(kind, msg),
+    }
+    Response::ok(v)
 }
 
 /// A stack as the API reports it: frames rendered `name+0xoff/0xsize`, and `proc`, the lines
@@ -296,8 +373,12 @@ fn stack_json(
 }
 
 impl Handler for Session {
-    fn handle(&mut self, req: Request) -> Response {
+    fn handle(&mut self, req: Request, reply: Reply) {
         let r = match req {
+            Request::PatchUnload { name, timeout_ms } => {
+                let timeout = timeout_ms.map_or(DEFAULT_UNLOAD_TIMEOUT, Duration::from_millis);
+                return self.patch_unload(&name, timeout, reply);
+            }
             Request::Status {} => self.status(),
             Request::Pause {} => self
                 .control
@@ -314,10 +395,6 @@ impl Handler for Session {
                 object_base64,
                 file_name,
             } => self.patch_load(&object_base64, &file_name),
-            Request::PatchUnload { name, timeout_ms } => self.patch_unload(
-                &name,
-                timeout_ms.map_or(DEFAULT_UNLOAD_TIMEOUT, Duration::from_millis),
-            ),
             Request::PatchList {} => to_json(&self.engine.list()),
             Request::PatchInfo { name } => self
                 .engine
@@ -325,15 +402,24 @@ impl Handler for Session {
                 .ok_or(("not_found", format!("no patch named {name} is loaded")))
                 .and_then(|i| to_json(&i)),
         };
-        match r {
+        reply.send(match r {
             Ok(v) => Response::ok(v),
             Err((kind, msg)) => Response::err(kind, msg),
-        }
+        })
     }
 
     fn tick(&mut self) {
-        if self.engine.has_held() && Instant::now() >= self.next_reap {
+        if !self.pending.is_empty() {
+            self.advance_unloads();
+        } else if self.engine.has_held() && Instant::now() >= self.next_reap {
             self.reap();
+        }
+    }
+
+    fn tick_interval(&self) -> Duration {
+        match self.pending.iter().map(|p| p.next_check).min() {
+            Some(t) => t.saturating_duration_since(Instant::now()),
+            None => Duration::from_millis(20),
         }
     }
 }
