@@ -86,7 +86,7 @@ fn kind(r: &Reference, code: (u64, u64)) -> String {
         "data"
     };
     match &r.place {
-        Place::Register(n) if *n == "rip" => "code in rip".into(),
+        Place::Register(n) if *n == "rip" => format!("{what} in rip"),
         Place::Register(_) => format!("{what} in register"),
         Place::Stack { ty, hops, .. } => {
             let ty = introspect::live::stack_type_name(*ty);
