@@ -70,22 +70,31 @@ pub struct KallsymsLayout {
     /// Number of symbols.
     pub num_syms: u32,
     /// `kallsyms_num_syms`.
+    #[serde(with = "crate::hex")]
     pub num_syms_pa: u64,
     /// `kallsyms_names`.
+    #[serde(with = "crate::hex")]
     pub names_pa: u64,
     /// `kallsyms_markers`.
+    #[serde(with = "crate::hex")]
     pub markers_pa: u64,
     /// `kallsyms_seqs_of_names`, if present.
+    #[serde(with = "crate::hex")]
     pub seqs_of_names_pa: Option<u64>,
     /// `kallsyms_token_table`.
+    #[serde(with = "crate::hex")]
     pub token_table_pa: u64,
     /// `kallsyms_token_index`.
+    #[serde(with = "crate::hex")]
     pub token_index_pa: u64,
     /// `kallsyms_offsets`.
+    #[serde(with = "crate::hex")]
     pub offsets_pa: u64,
     /// `kallsyms_relative_base`.
+    #[serde(with = "crate::hex")]
     pub relative_base_pa: u64,
     /// Value of `kallsyms_relative_base`: the runtime address of `_text`.
+    #[serde(with = "crate::hex")]
     pub relative_base: u64,
 }
 

@@ -29,17 +29,22 @@ pub struct KernelInfo {
     /// The whole `linux_banner` line.
     pub banner: Option<String>,
     /// Runtime `_text`.
+    #[serde(with = "crate::hex")]
     pub text: u64,
     /// KASLR slide (`text - 0xffffffff81000000`).
+    #[serde(with = "crate::hex")]
     pub slide: u64,
     /// Guest-physical address of `_text`.
+    #[serde(with = "crate::hex")]
     pub text_pa: u64,
     /// The kernel's `phys_base`.
+    #[serde(with = "crate::hex")]
     pub phys_base: u64,
     /// Paging levels (4 or 5).
     pub paging_levels: u8,
     /// Kernel PGD used for translations: `init_top_pgt` (swapper_pg_dir) when it translates
     /// the kernel like the vCPU's CR3 did, so that it never goes stale.
+    #[serde(with = "crate::hex")]
     pub pgd_pa: u64,
     /// Page-table isolation active (the user half of the PGD pair maps the kernel entry text).
     pub pti: bool,

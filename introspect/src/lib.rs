@@ -20,6 +20,7 @@
 
 pub mod btf;
 pub mod error;
+pub mod hex;
 pub mod kallsyms;
 pub mod kernel;
 pub mod live;

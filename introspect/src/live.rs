@@ -38,6 +38,7 @@ const IST_STACKS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TaskRef {
     /// `struct task_struct *`.
+    #[serde(with = "crate::hex")]
     pub addr: u64,
     /// Thread id.
     pub pid: i32,
@@ -86,8 +87,10 @@ impl std::fmt::Display for Owner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Segment {
     /// Lowest live address (the stack pointer).
+    #[serde(with = "crate::hex")]
     pub start: u64,
     /// Top of the stack.
+    #[serde(with = "crate::hex")]
     pub end: u64,
     /// Which stack.
     #[serde(serialize_with = "ser_stack_type")]
@@ -116,6 +119,7 @@ pub struct LiveContext {
     /// Whose it is.
     pub owner: Owner,
     /// Register values (`rip`, `rax`, …) of a kernel-mode vCPU; empty for a switched-out task.
+    #[serde(with = "crate::hex")]
     pub regs: Vec<(&'static str, u64)>,
     /// Live stack regions, innermost first.
     pub segments: Vec<Segment>,
@@ -131,6 +135,7 @@ pub enum Place {
     /// In a stack slot.
     Stack {
         /// Address of the slot.
+        #[serde(with = "crate::hex")]
         slot: u64,
         /// Which stack.
         #[serde(serialize_with = "ser_stack_type")]
@@ -151,6 +156,7 @@ pub struct Reference {
     /// Where.
     pub place: Place,
     /// The value (0 for [`Place::Unknown`]).
+    #[serde(with = "crate::hex")]
     pub value: u64,
 }
 

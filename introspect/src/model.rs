@@ -123,6 +123,58 @@ pub struct TaskLayout {
     pub frame_bp: u64,
     /// `inactive_task_frame.ret_addr`.
     pub frame_ret_addr: u64,
+    /// What /proc/PID/comm reads beyond `comm` (None: BTF lacks `struct kthread`).
+    pub proc_comm: Option<ProcCommLayout>,
+}
+
+/// What `proc_task_name()` (fs/proc/array.c: /proc/PID/comm, /proc/PID/stat) reads of a kernel
+/// thread beyond `task_struct.comm`, all from BTF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcCommLayout {
+    /// `task_struct.worker_private` (5.17+) or `set_child_tid` (older): `to_kthread()`.
+    pub kthread: u64,
+    /// `kthread.data` (`kthread_data()`: a workqueue worker's `struct worker *`).
+    pub kthread_data: u64,
+    /// `kthread.full_name` (5.17+: the untruncated name, set when it exceeds 15 chars).
+    pub kthread_full_name: Option<u64>,
+    /// `wq_worker_comm()` (4.18+), if the kernel has it and BTF describes `struct worker`.
+    pub worker: Option<WorkerLayout>,
+}
+
+/// `struct worker` as `wq_worker_comm()` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerLayout {
+    /// `worker.pool` (NULL while detached: rescuer not rescuing, dying worker).
+    pub pool: u64,
+    /// `worker.desc` (wq name of the last work item, or `set_worker_desc()`).
+    pub desc: u64,
+    /// Size of `worker.desc` (WORKER_DESC_LEN, capped at 64).
+    pub desc_len: u64,
+    /// `worker.current_work` (non-NULL: executing, shown as `+desc`; else `-desc`).
+    pub current_work: u64,
+    /// 6.10+ (and 6.9.y): `format_worker_id()` rebuilds the untruncated worker ID.
+    pub id: Option<WorkerIdLayout>,
+}
+
+/// What `format_worker_id()` (6.10+) reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerIdLayout {
+    /// `worker.rescue_wq` (set for a rescuer).
+    pub rescue_wq: u64,
+    /// `worker.id`.
+    pub id: u64,
+    /// `workqueue_struct.name`.
+    pub wq_name: u64,
+    /// Size of `workqueue_struct.name` (WQ_NAME_LEN, capped at 64).
+    pub wq_name_len: u64,
+    /// `worker_pool.cpu` (-1 for unbound pools).
+    pub pool_cpu: u64,
+    /// `worker_pool.id`.
+    pub pool_id: u64,
+    /// `worker_pool.attrs`.
+    pub pool_attrs: u64,
+    /// `workqueue_attrs.nice`.
+    pub attrs_nice: u64,
 }
 
 /// Where the per-CPU variables live (per-cpu offsets, added to a CPU's base).
@@ -217,7 +269,7 @@ impl Model {
             "BTF",
         )?;
         let btf = Btf::parse(btf_bytes)?;
-        let task = Self::task_layout(&btf)?;
+        let task = Self::task_layout(g, &btf)?;
         let regs = PtRegsLayout::from_btf(&btf)?;
         let percpu = Self::percpu_layout(g, &btf)?;
 
@@ -288,7 +340,7 @@ impl Model {
         })
     }
 
-    fn task_layout(btf: &Btf) -> Result<TaskLayout, ModelError> {
+    fn task_layout(g: &dyn GuestAccess, btf: &Btf) -> Result<TaskLayout, ModelError> {
         let t = |f: &str| btf.member_offset("task_struct", f);
         let opt = |s: &str, f: &str| btf.member_offset(s, f).ok();
         let comm = btf.member("task_struct", "comm")?;
@@ -317,6 +369,51 @@ impl Model {
             frame_size: btf.struct_size("inactive_task_frame")?,
             frame_bp: btf.member_offset("inactive_task_frame", "bp")?,
             frame_ret_addr: btf.member_offset("inactive_task_frame", "ret_addr")?,
+            proc_comm: Self::proc_comm_layout(g, btf),
+        })
+    }
+
+    /// The `proc_task_name()` layout; None when BTF lacks `struct kthread`.
+    fn proc_comm_layout(g: &dyn GuestAccess, btf: &Btf) -> Option<ProcCommLayout> {
+        let off = |s: &str, f: &str| btf.member_offset(s, f).ok();
+        let array_len =
+            |s: &str, f: &str| btf.member(s, f).ok().map(|m| (m.offset, m.size.min(64)));
+        let worker = || -> Option<WorkerLayout> {
+            // Without wq_worker_comm() (before 4.18) /proc shows a worker's plain comm.
+            g.symbol("wq_worker_comm")?;
+            let (desc, desc_len) = array_len("worker", "desc")?;
+            // format_worker_id() came with WORKER_ID_LEN (upstream 2a1b02bcba78, 6.10).
+            let id = if btf.enum_value("WORKER_ID_LEN").is_some()
+                || g.symbol("format_worker_id").is_some()
+            {
+                let (wq_name, wq_name_len) = array_len("workqueue_struct", "name")?;
+                Some(WorkerIdLayout {
+                    rescue_wq: off("worker", "rescue_wq")?,
+                    id: off("worker", "id")?,
+                    wq_name,
+                    wq_name_len,
+                    pool_cpu: off("worker_pool", "cpu")?,
+                    pool_id: off("worker_pool", "id")?,
+                    pool_attrs: off("worker_pool", "attrs")?,
+                    attrs_nice: off("workqueue_attrs", "nice")?,
+                })
+            } else {
+                None
+            };
+            Some(WorkerLayout {
+                pool: off("worker", "pool")?,
+                desc,
+                desc_len,
+                current_work: off("worker", "current_work")?,
+                id,
+            })
+        };
+        Some(ProcCommLayout {
+            kthread: off("task_struct", "worker_private")
+                .or_else(|| off("task_struct", "set_child_tid"))?,
+            kthread_data: off("kthread", "data")?,
+            kthread_full_name: off("kthread", "full_name"),
+            worker: worker(),
         })
     }
 

@@ -86,14 +86,18 @@ impl ModuleLayout {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModuleText {
     /// `struct module *`.
+    #[serde(with = "crate::hex")]
     pub addr: u64,
     /// Module name.
     pub name: String,
     /// Text ranges `[start, end)` (core text, init text if still present).
+    #[serde(with = "crate::hex")]
     pub text: Vec<(u64, u64)>,
     /// `arch.orc_unwind_ip` (0 if none).
+    #[serde(with = "crate::hex")]
     pub orc_ip: u64,
     /// `arch.orc_unwind` (0 if none).
+    #[serde(with = "crate::hex")]
     pub orc: u64,
     /// `arch.num_orcs`.
     pub num_orcs: u32,

@@ -42,6 +42,7 @@ pub const ROOT_LEVEL_MARK: u8 = 6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PageRoot {
     /// Guest-physical address of the top-level table (PML4 or PML5).
+    #[serde(with = "crate::hex")]
     pub pgd_pa: u64,
     /// 4 or 5.
     pub levels: u8,
@@ -75,8 +76,10 @@ pub struct WalkEntry {
     /// Level (5 = PML5, 4 = PML4, 3 = PDPT, 2 = PD, 1 = PT).
     pub level: u8,
     /// Guest-physical address of the entry.
+    #[serde(with = "crate::hex")]
     pub entry_pa: u64,
     /// Raw entry value.
+    #[serde(with = "crate::hex")]
     pub value: u64,
 }
 
@@ -98,6 +101,7 @@ pub struct Walk {
     /// Entries from the top level down to the leaf.
     pub entries: Vec<WalkEntry>,
     /// Translated guest-physical address.
+    #[serde(with = "crate::hex")]
     pub pa: u64,
     /// Size of the mapping page (4 KiB, 2 MiB or 1 GiB).
     pub page_size: u64,
@@ -273,8 +277,10 @@ pub fn translate(mem: &dyn PhysMemory, root: PageRoot, va: u64) -> Result<u64, P
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Mapping {
     /// First virtual address.
+    #[serde(with = "crate::hex")]
     pub va: u64,
     /// First guest-physical address.
+    #[serde(with = "crate::hex")]
     pub pa: u64,
     /// Length in bytes.
     pub len: u64,

@@ -54,12 +54,16 @@ pub struct SlideCheck {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlideReport {
     /// Runtime `_text`.
+    #[serde(with = "crate::hex")]
     pub text: u64,
     /// `text - LINK_TEXT` (a multiple of 2 MiB).
+    #[serde(with = "crate::hex")]
     pub slide: u64,
     /// Guest-physical address of `_text`.
+    #[serde(with = "crate::hex")]
     pub text_pa: u64,
     /// The kernel's `phys_base`: `text_pa - (text - START_KERNEL_MAP)` (mod 2^64).
+    #[serde(with = "crate::hex")]
     pub phys_base: u64,
     /// The checks run.
     pub checks: Vec<SlideCheck>,

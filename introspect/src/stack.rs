@@ -25,6 +25,7 @@ pub enum StackKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Frame {
     /// The (return) address.
+    #[serde(with = "crate::hex")]
     pub addr: u64,
     /// `(name, offset, size)` as `%pB` prints it (return addresses are looked up at `addr - 1`).
     pub symbol: Option<(String, u64, u64)>,

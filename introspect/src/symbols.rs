@@ -22,6 +22,7 @@ pub struct Symbol<'a> {
     /// `nm`-style type char (`T`, `t`, `D`, `A`, ...).
     pub kind: char,
     /// Runtime address (for `A` per-cpu symbols: the offset into the per-cpu area).
+    #[serde(with = "crate::hex")]
     pub addr: u64,
     /// Position in the table (= line in `/proc/kallsyms`, 0-based).
     pub index: usize,
@@ -33,6 +34,7 @@ pub struct SymbolRef<'a> {
     /// Name of the containing symbol.
     pub name: &'a str,
     /// Address of the symbol.
+    #[serde(with = "crate::hex")]
     pub addr: u64,
     /// `addr_queried - addr`.
     pub offset: u64,

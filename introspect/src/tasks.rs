@@ -4,6 +4,9 @@
 //! every thread of every process, plus one idle task per possible CPU. `ps` (busybox) shows
 //! processes only; filter with `pid == tgid && pid != 0` to compare with it.
 //!
+//! A task's `comm` is what /proc/PID/comm shows ([`proc_comm`]: untruncated kthread names,
+//! `kworker/0:1-events`-style workqueue workers); the raw 16-byte field is `task_comm`.
+//!
 //! Guest lists are hostile: every walk is capped and keeps a visited set, so a looping or
 //! corrupted list yields [`TaskError`], never a hang.
 
@@ -12,7 +15,7 @@ use std::collections::HashSet;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::model::{GuestAccess, Model};
+use crate::model::{GuestAccess, Model, ProcCommLayout, WorkerIdLayout, WorkerLayout};
 use crate::regs::VcpuRegs;
 
 /// Maximum number of tasks we accept in one walk.
@@ -24,6 +27,10 @@ pub const MAX_THREADS: usize = 1 << 16;
 pub const PF_KTHREAD: u32 = 0x0020_0000;
 /// `PF_IDLE`.
 pub const PF_IDLE: u32 = 0x0000_0002;
+/// `PF_WQ_WORKER`.
+pub const PF_WQ_WORKER: u32 = 0x0000_0020;
+/// `proc_task_name()` formats into `char tcomm[64]`: /proc names are cut to 63 bytes.
+pub const PROC_COMM_MAX: usize = 63;
 
 /// Errors walking tasks.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -54,8 +61,10 @@ pub struct VcpuCpu {
     /// Linux CPU number, if identified.
     pub cpu: Option<u32>,
     /// Kernel per-CPU base (`__per_cpu_offset[cpu]`), if identified.
+    #[serde(with = "crate::hex")]
     pub percpu_base: Option<u64>,
     /// `current` on this vCPU.
+    #[serde(with = "crate::hex")]
     pub current: Option<u64>,
 }
 
@@ -63,13 +72,17 @@ pub struct VcpuCpu {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Task {
     /// `struct task_struct *`.
+    #[serde(with = "crate::hex")]
     pub addr: u64,
     /// Thread id.
     pub pid: i32,
     /// Process id.
     pub tgid: i32,
-    /// `comm`.
+    /// The name /proc/PID/comm shows (`proc_task_name()`): a kthread's untruncated
+    /// `full_name`, a workqueue worker's `kworker/0:1-events`-style name, else `task_comm`.
     pub comm: String,
+    /// The raw `task_struct.comm` (at most 15 bytes).
+    pub task_comm: String,
     /// Raw `__state`.
     pub state: u32,
     /// `exit_state`.
@@ -87,8 +100,10 @@ pub struct Task {
     /// The vCPU this task is `current` on, if any.
     pub running_on_vcpu: Option<usize>,
     /// Base of the kernel stack (`task->stack`).
+    #[serde(with = "crate::hex")]
     pub stack_base: u64,
     /// `thread.sp` (saved stack pointer of a switched-out task).
+    #[serde(with = "crate::hex")]
     pub thread_sp: u64,
     /// livepatch `patch_state` (-1 idle/undefined, 0 unpatched, 1 patched).
     pub patch_state: Option<i32>,
@@ -243,6 +258,137 @@ fn walk_list(
     Ok(out)
 }
 
+/// A plausible pointer to a kernel object: kernel half, 8-byte aligned.
+fn kobj(p: u64) -> Option<u64> {
+    (p >> 63 == 1 && p.is_multiple_of(8)).then_some(p)
+}
+
+/// Reads the pointer at `base + off` and checks it points at a kernel object (NULL → None).
+fn read_kobj(g: &dyn GuestAccess, base: u64, off: u64) -> Option<u64> {
+    kobj(g.read_u64(base.checked_add(off)?).ok()?)
+}
+
+/// Reads a NUL-terminated string of at most `max` bytes at `va`, page by page (a string near
+/// the end of a mapping does not fail for the bytes after it).
+fn read_cstr(g: &dyn GuestAccess, va: u64, max: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut a = va;
+    while out.len() < max {
+        let n = (0x1000 - (a & 0xfff) as usize).min(max - out.len());
+        let mut buf = vec![0u8; n];
+        g.read_virt(a, &mut buf).ok()?;
+        if let Some(z) = buf.iter().position(|&b| b == 0) {
+            out.extend_from_slice(&buf[..z]);
+            return Some(out);
+        }
+        out.extend_from_slice(&buf);
+        a = a.checked_add(n as u64)?;
+    }
+    Some(out)
+}
+
+/// What /proc/PID/comm shows, as fs/proc/array.c `proc_task_name()` builds it: workqueue workers
+/// (`PF_WQ_WORKER`) through `wq_worker_comm()`, other kthreads through `get_kthread_comm()`
+/// (`to_kthread(task)->full_name` if set), everything else `comm`. Cut to 63 bytes like the
+/// kernel's 64-byte buffer. Any unreadable or implausible guest pointer gives `comm`.
+pub fn proc_comm(g: &dyn GuestAccess, m: &Model, task: u64, flags: u32, comm: &[u8]) -> Vec<u8> {
+    let Some(l) = &m.task.proc_comm else {
+        return comm.to_vec();
+    };
+    let name = if flags & PF_WQ_WORKER != 0 {
+        l.worker
+            .as_ref()
+            .and_then(|w| wq_worker_comm(g, l, w, task, comm))
+    } else if flags & PF_KTHREAD != 0 {
+        kthread_full_name(g, l, task)
+    } else {
+        None
+    };
+    let mut name = name.unwrap_or_else(|| comm.to_vec());
+    name.truncate(PROC_COMM_MAX);
+    name
+}
+
+/// `get_kthread_comm()`: `to_kthread(task)->full_name`, None when NULL (then `comm`).
+fn kthread_full_name(g: &dyn GuestAccess, l: &ProcCommLayout, task: u64) -> Option<Vec<u8>> {
+    let kthread = read_kobj(g, task, l.kthread)?;
+    let p = g
+        .read_u64(kthread.checked_add(l.kthread_full_name?)?)
+        .ok()?;
+    if p >> 63 == 0 {
+        return None;
+    }
+    read_cstr(g, p, PROC_COMM_MAX)
+}
+
+/// `wq_worker_comm()`: the worker ID (`comm` before 6.10, `format_worker_id()` since), then,
+/// while attached to a pool and with a description, `+desc` if executing a work item, else
+/// `-desc`.
+fn wq_worker_comm(
+    g: &dyn GuestAccess,
+    l: &ProcCommLayout,
+    w: &WorkerLayout,
+    task: u64,
+    comm: &[u8],
+) -> Option<Vec<u8>> {
+    let kthread = read_kobj(g, task, l.kthread)?;
+    let worker = read_kobj(g, kthread, l.kthread_data)?;
+    let pool = match g.read_u64(worker.checked_add(w.pool)?).ok()? {
+        0 => None,
+        p => Some(kobj(p)?),
+    };
+    let mut name = match &w.id {
+        Some(id) => format_worker_id(g, id, worker, pool)?,
+        None => comm.to_vec(),
+    };
+    if pool.is_some() {
+        let desc = read_cstr(g, worker.checked_add(w.desc)?, w.desc_len as usize)?;
+        if !desc.is_empty() {
+            let current = g.read_u64(worker.checked_add(w.current_work)?).ok()?;
+            name.push(if current != 0 { b'+' } else { b'-' });
+            name.extend_from_slice(&desc);
+        }
+    }
+    Some(name)
+}
+
+/// `format_worker_id()` (6.10+): `kworker/R-<wq>` for a rescuer, `kworker/<cpu>:<id>[H]` or
+/// `kworker/u<pool>:<id>` for a pool's worker, `kworker/dying` when detached.
+fn format_worker_id(
+    g: &dyn GuestAccess,
+    l: &WorkerIdLayout,
+    worker: u64,
+    pool: Option<u64>,
+) -> Option<Vec<u8>> {
+    let i32_at = |base: u64, off: u64| -> Option<i32> {
+        Some(g.read_u32(base.checked_add(off)?).ok()? as i32)
+    };
+    let rescue_wq = g.read_u64(worker.checked_add(l.rescue_wq)?).ok()?;
+    if rescue_wq != 0 {
+        let wq = kobj(rescue_wq)?;
+        let mut name = b"kworker/R-".to_vec();
+        name.extend(read_cstr(
+            g,
+            wq.checked_add(l.wq_name)?,
+            l.wq_name_len as usize,
+        )?);
+        return Some(name);
+    }
+    let Some(pool) = pool else {
+        return Some(b"kworker/dying".to_vec());
+    };
+    let id = i32_at(worker, l.id)?;
+    let cpu = i32_at(pool, l.pool_cpu)?;
+    let name = if cpu >= 0 {
+        let attrs = read_kobj(g, pool, l.pool_attrs)?;
+        let high = i32_at(attrs, l.attrs_nice)? < 0;
+        format!("kworker/{cpu}:{id}{}", if high { "H" } else { "" })
+    } else {
+        format!("kworker/u{}:{id}", i32_at(pool, l.pool_id)?)
+    };
+    Some(name.into_bytes())
+}
+
 /// Reads one task.
 pub fn read_task(
     g: &dyn GuestAccess,
@@ -263,12 +409,14 @@ pub fn read_task(
             err,
         })?;
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    comm.truncate(end);
     let pid = f32(l.pid, "task.pid")? as i32;
     Ok(Task {
         addr,
         pid,
         tgid: f32(l.tgid, "task.tgid")? as i32,
-        comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
+        comm: String::from_utf8_lossy(&proc_comm(g, m, addr, flags, &comm)).into_owned(),
+        task_comm: String::from_utf8_lossy(&comm).into_owned(),
         state,
         exit_state,
         state_char: state_letter(state, exit_state),
@@ -400,10 +548,16 @@ pub fn parse_ps(text: &str) -> Vec<(i32, String, String)> {
         .collect()
 }
 
+/// What busybox `ps` shows as COMMAND: the name of /proc/PID/stat (= /proc/PID/comm) read into
+/// a 16-byte buffer, i.e. its first 15 bytes.
+pub fn ps_comm(comm: &str) -> &[u8] {
+    &comm.as_bytes()[..comm.len().min(15)]
+}
+
 /// Compares our processes (`pid == tgid`, not idle) with `ps -o pid,comm,stat` rows: same pids,
-/// comm equal (or, for workqueue workers, `ps` showing `comm-<workqueue>` truncated to 15
-/// chars), same state letter. Rows whose pid is in `ignore` (e.g. the `ps` process itself,
-/// gone by the time memory is read) are skipped. `Err` lists every difference.
+/// `ps` comm equal to the first 15 bytes of our /proc name ([`ps_comm`]), same state letter.
+/// Rows whose pid is in `ignore` (e.g. the `ps` process itself, gone by the time memory is
+/// read) are skipped. `Err` lists every difference.
 pub fn compare_with_ps(
     tasks: &[Task],
     ps: &[(i32, String, String)],
@@ -418,9 +572,7 @@ pub fn compare_with_ps(
         match ours.iter().find(|t| t.pid == *pid) {
             None => errs.push(format!("pid {pid} ({comm}) in ps but not found")),
             Some(t) => {
-                let wq = format!("{}-", t.comm);
-                let comm_ok = *comm == t.comm || (comm.starts_with(&wq) && comm.len() == 15);
-                if !comm_ok {
+                if comm.as_bytes() != ps_comm(&t.comm) {
                     errs.push(format!("pid {pid}: comm ps `{comm}` vs ours `{}`", t.comm));
                 }
                 if !stat.starts_with(t.state_char) {
@@ -444,6 +596,28 @@ pub fn compare_with_ps(
     }
 }
 
+/// Compares our names with /proc/PID/comm as the guest printed it (`(pid, comm)` rows, e.g.
+/// from a `cat /proc/PID/comm` loop): every row's pid must be listed with exactly that name.
+/// `Err` lists every difference.
+pub fn compare_with_proc_comm(tasks: &[Task], rows: &[(i32, String)]) -> Result<(), String> {
+    let errs: Vec<String> = rows
+        .iter()
+        .filter_map(|(pid, comm)| match tasks.iter().find(|t| t.pid == *pid) {
+            None => Some(format!("pid {pid} ({comm}) in /proc but not found")),
+            Some(t) if t.comm != *comm => Some(format!(
+                "pid {pid}: /proc/PID/comm `{comm}` vs ours `{}` (task_struct.comm `{}`)",
+                t.comm, t.task_comm
+            )),
+            Some(_) => None,
+        })
+        .collect();
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,5 +631,12 @@ mod tests {
         assert_eq!(state_letter(0x2001, 0), 'S');
         assert_eq!(state_letter(0, 0x20), 'Z');
         assert_eq!(state_letter(0x40, 0), 'P');
+    }
+
+    #[test]
+    fn ps_shows_15_bytes() {
+        assert_eq!(ps_comm("sh"), b"sh");
+        assert_eq!(ps_comm("kworker/0:0-rcu_gp"), b"kworker/0:0-rcu");
+        assert_eq!(ps_comm("rcu_tasks_kthre"), b"rcu_tasks_kthre");
     }
 }

@@ -3,7 +3,7 @@
 mod stacks_support;
 
 use introspect::stack::parse_proc_stacks;
-use introspect::tasks::{compare_with_ps, parse_ps};
+use introspect::tasks::{compare_with_proc_comm, compare_with_ps, parse_ps};
 use stacks_support::*;
 
 fn check(ver: &'static str) {
@@ -37,6 +37,7 @@ fn check(ver: &'static str) {
     }
     compare_with_ps(&tasks, &ps, &ignore)
         .unwrap_or_else(|e| panic!("{ver}: task list differs from ps:\n{e}"));
+    check_proc_comm(ver);
     // Every ps row is a task in RAM, except the exited `ps`.
     for (pid, comm, _) in ps.iter().filter(|r| !exited.contains(&r.0)) {
         assert!(
@@ -77,6 +78,51 @@ fn check(ver: &'static str) {
         "{ver}: no patch in progress"
     );
     assert!(tasks.iter().all(|t| t.stack_base >> 63 == 1));
+}
+
+/// Every task of stacks.txt (which the snapshot maker wrote with its /proc/PID/comm, and keeps
+/// only if it did not run across the dump) has exactly that name: untruncated kthread names,
+/// workqueue workers with their `-<desc>` suffix, 6.12 rescuers as `kworker/R-<wq>`.
+fn check_proc_comm(ver: &'static str) {
+    let s = load(ver);
+    let tasks = s.kernel.tasks(&s.mem, &s.regs).unwrap();
+    let rows: Vec<(i32, String)> = parse_proc_stacks(&text(ver, "stacks.txt"))
+        .into_iter()
+        .map(|(pid, comm, _)| (pid, comm))
+        .collect();
+    assert!(
+        rows.len() >= 40,
+        "{ver}: only {} stacks.txt rows",
+        rows.len()
+    );
+    compare_with_proc_comm(&tasks, &rows)
+        .unwrap_or_else(|e| panic!("{ver}: names differ from /proc/PID/comm:\n{e}"));
+    // Not vacuous: names past task_struct.comm's 15 bytes and workqueue suffixes were compared.
+    let long = rows.iter().filter(|r| r.1.len() > 15).count();
+    let suffixed = rows
+        .iter()
+        .filter(|r| r.1.starts_with("kworker/") && r.1.contains(':') && r.1.contains('-'))
+        .count();
+    assert!(
+        long >= 5,
+        "{ver}: only {long} names longer than 15 compared"
+    );
+    assert!(
+        suffixed >= 2,
+        "{ver}: only {suffixed} kworker-<desc> names compared"
+    );
+    for t in &tasks {
+        if !t.is_kthread {
+            assert_eq!(t.comm, t.task_comm, "{ver}: user task renamed");
+        } else if t.comm != "kworker/dying" {
+            assert!(t.comm.starts_with(&t.task_comm), "{ver}: {t:?}");
+        }
+    }
+}
+
+#[test]
+fn proc_comm_6_12_pti() {
+    check_proc_comm("6.12-pti");
 }
 
 #[test]

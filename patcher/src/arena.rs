@@ -91,6 +91,7 @@ pub enum ArenaSource {
     /// Host-reserved range.
     Host {
         /// Start (guest-physical).
+        #[serde(with = "introspect::hex")]
         start: u64,
         /// Length.
         len: u64,
@@ -102,10 +103,12 @@ pub enum ArenaSource {
         /// Where that number came from (`btf` or `derived`).
         pg_reserved_from: String,
         /// `vmemmap_base`.
+        #[serde(with = "introspect::hex")]
         vmemmap_base: u64,
         /// `sizeof(struct page)`.
         struct_page_size: u64,
         /// Real-mode trampoline `[start, end)` (guest-physical), excluded.
+        #[serde(with = "introspect::hex")]
         trampoline: (u64, u64),
     },
 }
@@ -125,12 +128,16 @@ pub enum PageKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mapping {
     /// Slot VA (2 MiB aligned).
+    #[serde(with = "introspect::hex")]
     pub va: u64,
     /// Guest-physical address of the PMD entry.
+    #[serde(with = "introspect::hex")]
     pub pmd_pa: u64,
     /// Its value before we installed ours.
+    #[serde(with = "introspect::hex")]
     pub pmd_old: u64,
     /// Its value while mapped.
+    #[serde(with = "introspect::hex")]
     pub pmd_new: u64,
     /// Index of the page-table page.
     pub table: usize,
@@ -148,6 +155,7 @@ pub struct ArenaInfo {
     /// Current mapping.
     pub mapping: Option<Mapping>,
     /// Slots used before and retired.
+    #[serde(with = "introspect::hex")]
     pub retired_slots: Vec<u64>,
 }
 
@@ -157,11 +165,13 @@ pub struct Arena {
     /// Source.
     pub source: ArenaSource,
     /// Physical page addresses; index = page index in the slot.
+    #[serde(with = "introspect::hex")]
     pub pages: Vec<u64>,
     used: Vec<bool>,
     kind: Vec<Option<PageKind>>,
     /// Current mapping.
     pub mapping: Option<Mapping>,
+    #[serde(with = "introspect::hex")]
     retired: Vec<u64>,
     /// Page kinds and table page of each retired slot, so that a slot can be used again with
     /// exactly the translations it had (every VA → the same page, with the same permissions):
@@ -174,6 +184,7 @@ pub struct Arena {
 /// How a retired slot was laid out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct SlotLayout {
+    #[serde(with = "introspect::hex")]
     va: u64,
     table: usize,
     kinds: Vec<Option<PageKind>>,

@@ -127,10 +127,13 @@ pub struct FuncInfo {
     /// Its sympos (0 = unique).
     pub sympos: u64,
     /// Its address.
+    #[serde(with = "introspect::hex")]
     pub old_addr: u64,
     /// Patch site (fn+0 or fn+4 after ENDBR).
+    #[serde(with = "introspect::hex")]
     pub site: u64,
     /// The new function's address (in the arena).
+    #[serde(with = "introspect::hex")]
     pub new_addr: u64,
     /// Whether this patch's version is the one running (top of the function's stack).
     pub active: bool,
@@ -142,10 +145,12 @@ pub struct FuncInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArenaRange {
     /// Kernel VA.
+    #[serde(with = "introspect::hex")]
     pub va: u64,
     /// Bytes used.
     pub len: u64,
     /// Guest-physical pages backing it.
+    #[serde(with = "introspect::hex")]
     pub pages: Vec<u64>,
 }
 
@@ -214,12 +219,14 @@ impl<'a> Target<'a> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct StackEntry {
     pub(crate) patch: String,
+    #[serde(with = "introspect::hex")]
     pub(crate) new_addr: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SiteStack {
     pub(crate) func: String,
+    #[serde(with = "introspect::hex")]
     pub(crate) site_pa: u64,
     pub(crate) original: [u8; 5],
     pub(crate) entries: Vec<StackEntry>,
@@ -243,6 +250,7 @@ pub(crate) struct Loaded {
     pub(crate) code_run: (usize, usize),
     pub(crate) data_run: (usize, usize),
     /// PTEs written at load: (page index, value).
+    #[serde(with = "introspect::hex")]
     pub(crate) ptes: Vec<(usize, u64)>,
 }
 
@@ -263,6 +271,7 @@ pub struct Engine {
     pub(crate) arena: Option<Arena>,
     /// Enabled and held patches, in load order.
     pub(crate) patches: Vec<Loaded>,
+    #[serde(with = "introspect::hex::keys")]
     pub(crate) sites: BTreeMap<u64, SiteStack>,
     /// Kernel paging of the last load.
     pub(crate) paging: Option<KernelPaging>,
@@ -825,5 +834,160 @@ impl Engine {
         };
         tracing::info!(patch = %info.name, pause_us = info.pause_us, "patch loaded");
         Ok(self.with_active(&info))
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use crate::arena::Mapping;
+    use serde_json::Value;
+
+    const OLD: u64 = 0xffff_ffff_8123_4560;
+    const NEW: u64 = 0xffff_ffff_c000_1000;
+
+    /// An engine with one loaded patch, one function stack and a mapped arena.
+    fn sample() -> Engine {
+        let mut arena = Arena::host(0x7fe0_0000, 2 << 20);
+        arena.set_mapped(Mapping {
+            va: 0xffff_ffff_c000_0000,
+            pmd_pa: 0x2a0_cff8,
+            pmd_old: 0,
+            pmd_new: 0x7fe0_0063,
+            table: 0,
+        });
+        arena.mark(1, 1, PageKind::Code);
+        let info = PatchInfo {
+            name: "p".into(),
+            file_name: "p.o".into(),
+            kernel_release: None,
+            state: PatchState::Enabled,
+            functions: vec![FuncInfo {
+                old_name: "f".into(),
+                sympos: 0,
+                old_addr: OLD,
+                site: OLD + 4,
+                new_addr: NEW,
+                active: true,
+                flags: 1,
+            }],
+            code: ArenaRange {
+                va: NEW,
+                len: 64,
+                pages: vec![0x7fe0_1000],
+            },
+            data: ArenaRange {
+                va: NEW + 0x1000,
+                len: 0,
+                pages: vec![],
+            },
+            return_sites: 0,
+            pause_us: 5,
+            load_us: 9,
+            held: None,
+        };
+        Engine {
+            arena: Some(arena),
+            patches: vec![Loaded {
+                id: 1,
+                info,
+                code_run: (1, 1),
+                data_run: (2, 0),
+                ptes: vec![(1, 0x8000_0000_7fe0_1063)],
+            }],
+            sites: BTreeMap::from([(
+                OLD + 4,
+                SiteStack {
+                    func: "f".into(),
+                    site_pa: 0x123_4564,
+                    original: [0x0f, 0x1f, 0x44, 0, 0],
+                    entries: vec![StackEntry {
+                        patch: "p".into(),
+                        new_addr: NEW,
+                    }],
+                },
+            )]),
+            paging: Some(KernelPaging {
+                pgd_pa: 0x2a0_c000,
+                la57: false,
+                nx: true,
+            }),
+            next_id: 2,
+            last: OpTiming::default(),
+        }
+    }
+
+    /// Rewrites every `"0x…"` string (values and map keys) as the JSON number (decimal key)
+    /// versions before hex addresses wrote.
+    fn as_numbers(v: Value) -> Value {
+        let num = |s: &str| introspect::hex::parse_hex(s).ok();
+        match v {
+            Value::String(s) => num(&s).map_or(Value::String(s), Value::from),
+            Value::Array(a) => Value::Array(a.into_iter().map(as_numbers).collect()),
+            Value::Object(o) => Value::Object(
+                o.into_iter()
+                    .map(|(k, v)| (num(&k).map_or(k, |n| n.to_string()), as_numbers(v)))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn state_writes_addresses_as_hex_and_round_trips() {
+        let e = sample();
+        let state = e.state();
+        let v: Value = serde_json::from_str(&state).unwrap();
+        let p = &v["patches"][0]["info"];
+        assert_eq!(p["functions"][0]["old_addr"], "0xffffffff81234560");
+        assert_eq!(p["functions"][0]["site"], "0xffffffff81234564");
+        assert_eq!(p["functions"][0]["new_addr"], "0xffffffffc0001000");
+        assert_eq!(p["functions"][0]["sympos"], 0);
+        assert_eq!(p["code"]["va"], "0xffffffffc0001000");
+        assert_eq!(p["code"]["len"], 64);
+        assert_eq!(p["code"]["pages"][0], "0x7fe01000");
+        assert_eq!(v["patches"][0]["ptes"][0][1], "0x800000007fe01063");
+        let site = &v["sites"]["0xffffffff81234564"];
+        assert_eq!(site["site_pa"], "0x1234564", "{v}");
+        assert_eq!(site["entries"][0]["new_addr"], "0xffffffffc0001000");
+        assert_eq!(v["paging"]["pgd_pa"], "0x2a0c000");
+        let arena = &v["arena"];
+        assert_eq!(arena["source"]["Host"]["start"], "0x7fe00000");
+        assert_eq!(arena["source"]["Host"]["len"], 2 << 20);
+        assert_eq!(arena["pages"][1], "0x7fe01000");
+        assert_eq!(arena["mapping"]["va"], "0xffffffffc0000000");
+        assert_eq!(arena["mapping"]["pmd_new"], "0x7fe00063");
+
+        let back = Engine::from_state(&state).unwrap();
+        assert_eq!(back.state(), state);
+        assert_eq!(back.sites.keys().copied().collect::<Vec<_>>(), [OLD + 4]);
+        assert_eq!(
+            serde_json::to_value(back.arena().unwrap()).unwrap()["mapping"]["pmd_pa"],
+            "0x2a0cff8"
+        );
+    }
+
+    #[test]
+    fn state_of_older_versions_with_numbers_still_loads() {
+        let e = sample();
+        let state = e.state();
+        let old = as_numbers(serde_json::from_str(&state).unwrap());
+        let old_text = old.to_string();
+        assert!(
+            old_text.contains("18446744071581156708") && !old_text.contains("\"0x"),
+            "{old_text}"
+        );
+        let back = Engine::from_state(&old_text).unwrap();
+        assert_eq!(back.state(), state);
+    }
+
+    #[test]
+    fn state_with_a_bad_address_is_refused() {
+        let state = sample().state().replace("\"0x1234564\"", "\"0xnope\"");
+        let e = Engine::from_state(&state).unwrap_err().to_string();
+        assert!(
+            e.contains("bad engine state") && e.contains("0xnope"),
+            "{e}"
+        );
     }
 }

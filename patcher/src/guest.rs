@@ -43,6 +43,7 @@ pub enum GuestEvent {
         /// vCPU index (0-based).
         vcpu: usize,
         /// RIP at the breakpoint.
+        #[serde(with = "introspect::hex")]
         rip: u64,
     },
     /// The guest shut down or reset.

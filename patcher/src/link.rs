@@ -114,8 +114,10 @@ pub struct LinkedFunc {
     /// Its sympos (0 = unique).
     pub sympos: u64,
     /// Its address in the guest.
+    #[serde(with = "introspect::hex")]
     pub old_addr: u64,
     /// Address of the new function.
+    #[serde(with = "introspect::hex")]
     pub new_addr: u64,
     /// Flags from the record.
     pub flags: u64,

@@ -1,6 +1,7 @@
 //! The small part of x86-64 paging the engine needs: translating kernel VAs and locating the
 //! page-directory entry (PMD) of a 2 MiB slot so that the arena can be mapped there.
 
+use introspect::paging::{walk_or_hole, PageRoot, WalkOutcome};
 use introspect::{PhysMemory, VcpuRegs};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -34,6 +35,10 @@ pub enum PagingError {
         entry: u64,
     },
     /// A table is outside guest RAM.
+    /// The page walk failed (entry outside RAM, non-canonical address, reserved bits).
+    #[error(transparent)]
+    Walk(#[from] introspect::PagingError),
+    /// Reading guest memory failed.
     #[error("page table read at {pa:#x} failed (outside guest RAM)")]
     Read {
         /// Physical address.
@@ -45,6 +50,7 @@ pub enum PagingError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelPaging {
     /// Guest-physical address of the kernel's top-level table (PML4/PML5).
+    #[serde(with = "introspect::hex")]
     pub pgd_pa: u64,
     /// 5-level paging (CR4.LA57).
     pub la57: bool,
@@ -60,7 +66,7 @@ impl KernelPaging {
         Self {
             pgd_pa: regs.cr3 & 0x000f_ffff_ffff_e000,
             la57: regs.cr4 & (1 << 12) != 0,
-            nx: regs.efer & (1 << 11) != 0,
+            nx: regs.nx_enabled(),
         }
     }
 
@@ -74,30 +80,22 @@ impl KernelPaging {
 
     /// Translates `va` (4 KiB, 2 MiB or 1 GiB leaves).
     pub fn translate(&self, mem: &dyn PhysMemory, va: u64) -> Result<u64, PagingError> {
-        let mut table = self.pgd_pa & ADDR_MASK;
-        for level in (1..=self.levels()).rev() {
-            let shift = 12 + 9 * (u32::from(level) - 1);
-            let pa = table + ((va >> shift) & 511) * 8;
-            let e = mem.read_u64(pa).map_err(|_| PagingError::Read { pa })?;
-            if e & P == 0 {
-                return Err(PagingError::NotMapped {
-                    va,
-                    level,
-                    entry: e,
-                });
-            }
-            if level == 1 || ((level == 2 || level == 3) && e & PS != 0) {
-                let size = 1u64 << shift;
-                let frame = e & ADDR_MASK & !(size - 1);
-                return Ok(frame | (va & (size - 1)));
-            }
-            table = e & ADDR_MASK;
+        match walk_or_hole(mem, self.root(), va)? {
+            WalkOutcome::Mapped(w) => Ok(w.pa),
+            WalkOutcome::Hole(h) => Err(PagingError::NotMapped {
+                va,
+                level: h.missing.level,
+                entry: h.missing.value,
+            }),
         }
-        Err(PagingError::NotMapped {
-            va,
-            level: 0,
-            entry: 0,
-        })
+    }
+
+    /// The introspect page root of these tables (one page walker for the whole workspace).
+    pub fn root(&self) -> PageRoot {
+        PageRoot {
+            pgd_pa: self.pgd_pa,
+            levels: self.levels(),
+        }
     }
 
     /// Physical address of the PMD (level-2) entry for `va` and its value, provided the upper
@@ -107,20 +105,19 @@ impl KernelPaging {
         mem: &dyn PhysMemory,
         va: u64,
     ) -> Result<Option<(u64, u64)>, PagingError> {
-        let mut table = self.pgd_pa & ADDR_MASK;
-        for level in (2..=self.levels()).rev() {
-            let shift = 12 + 9 * (u32::from(level) - 1);
-            let pa = table + ((va >> shift) & 511) * 8;
-            let e = mem.read_u64(pa).map_err(|_| PagingError::Read { pa })?;
-            if level == 2 {
-                return Ok(Some((pa, e)));
+        let entries = match walk_or_hole(mem, self.root(), va)? {
+            WalkOutcome::Mapped(w) => w.entries,
+            WalkOutcome::Hole(h) => {
+                let mut e = h.entries;
+                e.push(h.missing);
+                e
             }
-            if e & P == 0 || e & PS != 0 {
-                return Ok(None);
-            }
-            table = e & ADDR_MASK;
-        }
-        Ok(None)
+        };
+        // The level-2 entry, if the walk got there through present, non-large upper levels.
+        Ok(entries
+            .iter()
+            .find(|e| e.level == 2)
+            .map(|e| (e.entry_pa, e.value)))
     }
 
     /// Reads `buf.len()` bytes at kernel VA `va` (page by page).

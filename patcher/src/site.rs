@@ -40,6 +40,7 @@ pub enum SiteOwner {
     /// `call` to an ftrace/livepatch/BPF trampoline.
     Ftrace {
         /// Call target.
+        #[serde(with = "introspect::hex")]
         target: u64,
         /// Its symbol (`ftrace_caller+0x0`, …), if known.
         symbol: Option<String>,
@@ -49,6 +50,7 @@ pub enum SiteOwner {
     /// A `jmp` not installed by this engine.
     ForeignJmp {
         /// Jump target.
+        #[serde(with = "introspect::hex")]
         target: u64,
         /// Its symbol, if known.
         symbol: Option<String>,

@@ -39,3 +39,22 @@ pub fn build_patch(tag: &str, body: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("building {tag} (needs gcc): {e}"));
     std::fs::read(&o).expect("read object")
 }
+
+/// Asserts that `ours` (lines in `/proc/kallsyms` format, from hvpatch) equals the guest's own
+/// `/proc/kallsyms` text `proc` line for line; `what` names our side in messages.
+pub fn assert_kallsyms_equal(proc: &str, ours: &[String], what: &str) {
+    let p: Vec<&str> = proc.lines().map(str::trim_end).collect();
+    assert!(
+        p.len() > 80_000,
+        "/proc/kallsyms has only {} lines",
+        p.len()
+    );
+    assert!(
+        !p.iter().any(|l| l.starts_with("0000000000000000 T")),
+        "/proc/kallsyms shows zeroed addresses: not read as root?"
+    );
+    for (i, (a, b)) in p.iter().zip(ours).enumerate() {
+        assert_eq!(a, b, "line {} differs: /proc/kallsyms vs {what}", i + 1);
+    }
+    assert_eq!(p.len(), ours.len(), "line count: /proc/kallsyms vs {what}");
+}

@@ -246,7 +246,7 @@ fn soak_on(
     let ks = KernelSymbols::new(&kernel, ctl.memory());
     let t = Target {
         symbols: &ks,
-        paging: ks.paging(regs[0].efer & (1 << 11) != 0),
+        paging: ks.paging(regs[0].nx_enabled()),
     };
     let mut e = Engine::new();
     let mut rep = SoakReport {

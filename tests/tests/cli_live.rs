@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use harness::{hvpatch, AttachServer, Guest, GuestSpec, KernelSeries};
 
@@ -20,6 +21,60 @@ fn raw(srv: &AttachServer, line: &[u8]) -> serde_json::Value {
     serde_json::from_str(&resp).unwrap_or_else(|e| panic!("bad response {resp:?}: {e}"))
 }
 
+/// A 64-bit address from `--json` output: it must be a `"0x…"` string (a JSON number above
+/// 2^53 loses precision in jq and JavaScript).
+fn addr(v: &serde_json::Value) -> u64 {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("address {v} is not a hex string"));
+    introspect::hex::parse_hex(s).unwrap_or_else(|e| panic!("address {v}: {e}"))
+}
+
+/// Runs Debian's jq on `input` with `filter` (`-r`); returns its stdout.
+fn jq(filter: &str, input: String) -> String {
+    let mut child = Command::new("jq")
+        .args(["-r", filter])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running jq (scripts/setup installs it: apt-get install jq)");
+    let mut stdin = child.stdin.take().unwrap();
+    // Feed it from another thread: the output is as large as the input.
+    let feeder = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().expect("jq");
+    feeder.join().unwrap().expect("writing to jq");
+    assert!(
+        out.status.success(),
+        "jq {filter}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("jq output is UTF-8")
+}
+
+/// `inspect symbols --json` piped through jq gives every address exactly as the guest's
+/// /proc/kallsyms does: the addresses are hex strings, which jq passes through unchanged
+/// (jq 1.6 prints a number like 18446744071912401472 as 18446744071912400000).
+fn jq_reads_the_guests_addresses(g: &mut Guest, srv: &AttachServer) {
+    let proc = g
+        .run_bulk("cat /proc/kallsyms")
+        .expect("cat /proc/kallsyms");
+    let out = srv.cli(&["inspect", "symbols", "--json"]).unwrap();
+    assert!(out.success, "inspect symbols --json: {}", out.stderr);
+    let text = jq(r#".[] | "\(.addr) \(.type) \(.name)""#, out.stdout);
+    let ours: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let (a, rest) = l.split_once(' ').unwrap_or((l, ""));
+            let digits = a
+                .strip_prefix("0x")
+                .unwrap_or_else(|| panic!("jq printed an address that is not hex: {l:?}"));
+            format!("{digits:0>16} {rest}")
+        })
+        .collect();
+    harness::patching::assert_kallsyms_equal(&proc, &ours, "jq");
+}
+
 #[test]
 fn cli_controls_and_patches_a_live_guest() {
     let mut g = Guest::boot(GuestSpec::new(KernelSeries::V6_12)).expect("boot");
@@ -31,6 +86,7 @@ fn cli_controls_and_patches_a_live_guest() {
     assert_eq!(st["host"], "qemu-attach");
     assert_eq!(st["vcpus"], 2);
     assert_eq!(st["paused"], false);
+    jq_reads_the_guests_addresses(&mut g, &srv);
     srv.cli_ok(&["vm", "pause"]).unwrap();
     assert_eq!(srv.json(&["vm", "status"]).unwrap()["paused"], true);
     // Inspection keeps an operator's pause.
@@ -47,6 +103,20 @@ fn cli_controls_and_patches_a_live_guest() {
     let loaded = srv.json(&["patch", "load", obj.to_str().unwrap()]).unwrap();
     assert_eq!(loaded["name"], "livepatch-sample");
     assert_eq!(loaded["functions"][0]["old_name"], "cmdline_proc_show");
+    // Addresses are hex strings: the old one is the guest's own, the new one in the kernel half.
+    let line = g.run("grep ' cmdline_proc_show$' /proc/kallsyms").unwrap();
+    let guest_addr = u64::from_str_radix(line.split_whitespace().next().unwrap_or(""), 16)
+        .unwrap_or_else(|_| panic!("/proc/kallsyms line {line:?}"));
+    assert_eq!(
+        addr(&loaded["functions"][0]["old_addr"]),
+        guest_addr,
+        "{loaded}"
+    );
+    assert!(
+        addr(&loaded["functions"][0]["new_addr"]) >> 63 == 1,
+        "{loaded}"
+    );
+    assert!(addr(&loaded["code"]["va"]) >> 63 == 1, "{loaded}");
     assert_eq!(
         g.run("cat /proc/cmdline").unwrap().trim(),
         "this has been live patched"

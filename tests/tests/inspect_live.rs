@@ -8,16 +8,33 @@ use std::time::Duration;
 use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
 use serde_json::Value;
 
-/// Renders every task's /proc/PID/stack as "== PID SWITCHES" blocks, where SWITCHES is its
-/// voluntary+involuntary context-switch count: a task whose count did not move between two
-/// readings did not run in between, so its stack was the same all that time.
-const PROC_STACKS: &str = r#"for p in /proc/[0-9]*; do echo "== ${p#/proc/} $(grep ctxt_switches $p/status | tr -dc '0-9\n' | tr '\n' '+')0"; cat $p/stack; done 2>/dev/null"#;
+/// Renders every task's /proc/PID/stack as "== PID SWITCHES COMM" blocks, where SWITCHES is its
+/// voluntary+involuntary context-switch count and COMM its /proc/PID/comm: a task whose count
+/// did not move between two readings did not run in between, so its stack and name (a
+/// workqueue worker's `-<desc>` changes only when it runs) were the same all that time.
+const PROC_STACKS: &str = r#"for p in /proc/[0-9]*; do echo "== ${p#/proc/} $(grep ctxt_switches $p/status | tr -dc '0-9\n' | tr '\n' '+')0 $(cat $p/comm)"; cat $p/stack; done 2>/dev/null"#;
 
-/// Parses "== PID SWITCHES" blocks into pid → (switches, stack lines).
-fn parse_stacks(text: &str) -> BTreeMap<i64, (String, Vec<String>)> {
+/// One task of a [`PROC_STACKS`] reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProcTask {
+    switches: String,
+    comm: String,
+    stack: Vec<String>,
+}
+
+/// Parses "== PID SWITCHES COMM" blocks into pid → task.
+fn parse_stacks(text: &str) -> BTreeMap<i64, ProcTask> {
     introspect::stack::parse_proc_stacks(text)
         .into_iter()
-        .map(|(pid, switches, lines)| (pid as i64, (switches, lines)))
+        .map(|(pid, rest, stack)| {
+            let (switches, comm) = rest.split_once(' ').unwrap_or((&rest, ""));
+            let t = ProcTask {
+                switches: switches.to_string(),
+                comm: comm.to_string(),
+                stack,
+            };
+            (pid as i64, t)
+        })
         .collect()
 }
 
@@ -39,27 +56,15 @@ fn check_symbols(g: &mut Guest, srv: &AttachServer) {
     let ours = srv
         .cli_ok(&["inspect", "symbols"])
         .expect("inspect symbols");
-    let p: Vec<&str> = proc.lines().map(str::trim_end).collect();
-    let o: Vec<&str> = ours.lines().collect();
-    assert!(
-        p.len() > 80_000,
-        "/proc/kallsyms has only {} lines",
-        p.len()
-    );
-    assert!(
-        !p.iter().any(|l| l.starts_with("0000000000000000 T")),
-        "/proc/kallsyms shows zeroed addresses: not read as root?"
-    );
-    for (i, (a, b)) in p.iter().zip(&o).enumerate() {
-        assert_eq!(a, b, "line {} differs: /proc/kallsyms vs hvpatch", i + 1);
-    }
-    assert_eq!(p.len(), o.len(), "line count: /proc/kallsyms vs hvpatch");
+    let o: Vec<String> = ours.lines().map(str::to_string).collect();
+    harness::patching::assert_kallsyms_equal(&proc, &o, "hvpatch");
 }
 
-/// The task list equals `ps` (pid, comm) and the stacks of sleeping tasks equal /proc/PID/stack.
+/// The task list equals `ps` (pid, comm), names equal /proc/PID/comm, and the stacks of sleeping
+/// tasks equal /proc/PID/stack.
 fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &str)]) {
-    let ps = g.run("ps -o pid,comm,stat").expect("ps");
     let before = parse_stacks(&g.run_bulk(PROC_STACKS).expect("/proc stacks"));
+    let ps = g.run("ps -o pid,comm,stat").expect("ps");
     let tasks = srv.json(&["inspect", "tasks"]).expect("inspect tasks");
     let stacks = srv.json(&["inspect", "stacks"]).expect("inspect stacks");
     let after = parse_stacks(&g.run_bulk(PROC_STACKS).expect("/proc stacks"));
@@ -79,16 +84,26 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
     let rows = introspect::tasks::parse_ps(&ps);
     assert!(rows.len() > 20, "ps printed too few rows:\n{ps}");
     let ps_pid = rows.iter().find(|r| r.1 == "ps").map(|r| r.0 as i64);
+    // Tasks that did not run from the first /proc reading to the second (ps and hvpatch's read
+    // are in between): same context-switch count, same name.
+    let still = |pid: i64| {
+        before.get(&pid).is_some_and(|b| {
+            after
+                .get(&pid)
+                .is_some_and(|a| (&a.switches, &a.comm) == (&b.switches, &b.comm))
+        })
+    };
     let mut errors = Vec::new();
     for (pid, comm, _) in rows.iter().filter(|r| Some(r.0 as i64) != ps_pid) {
         match procs.get(&(*pid as i64)) {
             None => errors.push(format!(
                 "pid {pid} ({comm}) in ps, not in hvpatch's task list"
             )),
-            // ps shows a workqueue worker as `comm-<workqueue it runs>`, cut to 15 characters.
+            // ps shows the first 15 bytes of /proc/PID/comm. A workqueue worker that ran in
+            // between may have changed its `-<desc>` suffix.
             Some(c)
-                if c != comm
-                    && !(c.starts_with("kworker/") && comm.starts_with(&format!("{c}-"))) =>
+                if comm.as_bytes() != introspect::tasks::ps_comm(c)
+                    && (still(*pid as i64) || !c.starts_with("kworker/")) =>
             {
                 errors.push(format!("pid {pid}: ps comm {comm}, hvpatch comm {c}"))
             }
@@ -108,6 +123,51 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
         errors.join("\n")
     );
 
+    // Names: exactly /proc/PID/comm (untruncated kthread names, `kworker/0:1-events`, 6.12
+    // `kworker/R-<wq>`) for every process that sat still. One that ran may have changed its
+    // name in between, so it must match either reading, or at least not be a truncation.
+    let mut still_names = Vec::new();
+    for (pid, c) in &procs {
+        let (Some(b), Some(a)) = (before.get(pid), after.get(pid)) else {
+            continue;
+        };
+        if still(*pid) {
+            still_names.push((*pid as i32, b.comm.clone()));
+        } else if *c != b.comm
+            && *c != a.comm
+            && (b.comm.starts_with(c.as_str()) || a.comm.starts_with(c.as_str()))
+        {
+            errors.push(format!(
+                "pid {pid}: hvpatch comm {c} truncates /proc/PID/comm {} / {}",
+                b.comm, a.comm
+            ));
+        }
+    }
+    for (pid, comm) in &still_names {
+        let c = &procs[&(*pid as i64)];
+        if c != comm {
+            errors.push(format!(
+                "pid {pid}: /proc/PID/comm {comm}, hvpatch comm {c}"
+            ));
+        }
+    }
+    let long = still_names.iter().filter(|r| r.1.len() > 15).count();
+    let suffixed = still_names
+        .iter()
+        .filter(|r| r.1.starts_with("kworker/") && r.1.contains(':') && r.1.contains('-'))
+        .count();
+    assert!(
+        errors.is_empty(),
+        "task names differ from /proc/PID/comm:\n{}",
+        errors.join("\n")
+    );
+    assert!(
+        still_names.len() >= 20 && long >= 3 && suffixed >= 1,
+        "too few names compared with /proc/PID/comm: {} (longer than 15: {long}, \
+         kworker-<desc>: {suffixed})",
+        still_names.len()
+    );
+
     // Stacks: every task that did not run between the two /proc readings (same context-switch
     // count) was asleep in the same place throughout: ours must equal /proc line for line.
     let ours: BTreeMap<i64, &Value> = stacks["tasks"]
@@ -118,8 +178,9 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
         .collect();
     let mut compared = Vec::new();
     let mut errors = Vec::new();
-    for (pid, (switches, lines)) in &before {
-        if lines.is_empty() || after.get(pid) != Some(&(switches.clone(), lines.clone())) {
+    for (pid, t) in &before {
+        let lines = &t.stack;
+        if lines.is_empty() || after.get(pid) != Some(t) {
             continue;
         }
         let Some(st) = ours.get(pid) else { continue };
@@ -150,7 +211,7 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
             compared.contains(&(*pid as i64)),
             "parked task {pid} ({what}) was not compared (its /proc stack moved or hvpatch missed it)"
         );
-        let lines = &before[&(*pid as i64)].1;
+        let lines = &before[&(*pid as i64)].stack;
         assert!(
             lines.iter().any(|l| l.contains(what)),
             "parked task {pid} is not where it was parked ({what}): {lines:?}"
@@ -280,10 +341,17 @@ fn introspection_matches_guest(series: KernelSeries) {
         kernel["paging_levels"],
         if series == KernelSeries::V6_12 { 5 } else { 4 }
     );
-    assert_ne!(
-        kernel["slide"], 0,
-        "KASLR is on, the slide cannot be 0: {kernel}"
-    );
+    // Addresses are hex strings (JSON numbers lose precision above 2^53 in jq and JavaScript).
+    let slide = kernel["slide"]
+        .as_str()
+        .and_then(|s| introspect::hex::parse_hex(s).ok())
+        .unwrap_or_else(|| panic!("slide is not a hex string: {kernel}"));
+    assert_ne!(slide, 0, "KASLR is on, the slide cannot be 0: {kernel}");
+    let text = kernel["text"]
+        .as_str()
+        .and_then(|s| introspect::hex::parse_hex(s).ok())
+        .unwrap_or_else(|| panic!("_text is not a hex string: {kernel}"));
+    assert_eq!(text.wrapping_sub(slide), 0xffff_ffff_8100_0000, "{kernel}");
     check_symbols(&mut g, &srv);
     check_tasks_and_stacks(&mut g, &srv, &parked);
     check_vcpus(&mut g, &srv);

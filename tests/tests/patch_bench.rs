@@ -44,7 +44,7 @@ fn bench(series: KernelSeries) {
     let ks = KernelSymbols::new(&kernel, ctl.memory());
     let t = Target {
         symbols: &ks,
-        paging: ks.paging(regs[0].efer & (1 << 11) != 0),
+        paging: ks.paging(regs[0].nx_enabled()),
     };
     let mut e = Engine::new();
     for n in [1usize, 10] {

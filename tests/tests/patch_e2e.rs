@@ -57,7 +57,7 @@ impl Rig {
         if !was {
             self.ctl.resume().unwrap();
         }
-        r.efer & (1 << 11) != 0
+        r.nx_enabled()
     }
 
     fn load(

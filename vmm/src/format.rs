@@ -10,8 +10,17 @@ fn pretty(v: &Value) -> String {
     s
 }
 
+/// An address from the API: a hex string (`"0xffffffff81000000"`) or, from older servers, a
+/// JSON number.
+fn addr(v: &Value) -> Option<u64> {
+    match v {
+        Value::String(s) => introspect::hex::parse_hex(s).ok(),
+        other => other.as_u64(),
+    }
+}
+
 fn hex(v: &Value) -> String {
-    v.as_u64()
+    addr(v)
         .map(|n| format!("{n:016x}"))
         .unwrap_or_else(|| "?".repeat(16))
 }
@@ -31,7 +40,7 @@ pub fn status(v: &Value) -> String {
         let _ = writeln!(
             s,
             "arena:   {:#x} + {:#x} (e820 reserved)",
-            a["start"].as_u64().unwrap_or(0),
+            addr(&a["start"]).unwrap_or(0),
             a["len"].as_u64().unwrap_or(0)
         );
     }
@@ -47,7 +56,7 @@ pub fn kernel(v: &Value) -> String {
         return pretty(v);
     }
     let h = |k: &str| {
-        v[k].as_u64()
+        addr(&v[k])
             .map(|n| format!("{n:#x}"))
             .unwrap_or_else(|| "?".into())
     };
@@ -82,8 +91,7 @@ pub fn kernel(v: &Value) -> String {
         "kallsyms:       {} symbols, {} table order, token table at physical {}",
         v["num_syms"],
         k["order"].as_str().unwrap_or("?"),
-        k["token_table_pa"]
-            .as_u64()
+        addr(&k["token_table_pa"])
             .map(|n| format!("{n:#x}"))
             .unwrap_or_else(|| "?".into())
     );
@@ -319,4 +327,58 @@ pub fn patch_list(v: &Value) -> String {
         return "no patches loaded\n".into();
     }
     list.iter().map(patch).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn addresses_read_from_hex_strings_and_numbers_alike() {
+        let hex = json!([{"addr": "0xffffffff81000000", "type": "T", "name": "_text"},
+                         {"addr": "0x0", "type": "A", "name": "fixed_percpu_data"}]);
+        let num = json!([{"addr": 0xffff_ffff_8100_0000u64, "type": "T", "name": "_text"},
+                         {"addr": 0, "type": "A", "name": "fixed_percpu_data"}]);
+        let want = "ffffffff81000000 T _text\n0000000000000000 A fixed_percpu_data\n";
+        assert_eq!(super::symbols(&hex), want);
+        assert_eq!(super::symbols(&num), want);
+        let bad = json!([{"addr": "ffffffff81000000", "type": "T", "name": "x"}]);
+        assert_eq!(super::symbols(&bad), format!("{} T x\n", "?".repeat(16)));
+
+        let one = json!([{"addr": "0xffffffff81234560", "type": "t", "name": "f",
+                          "sympos": 2, "size": 96}]);
+        assert_eq!(
+            super::symbols(&one),
+            "ffffffff81234560 t f  sympos=2 size=0x60\n"
+        );
+
+        let st = json!({"host": "kvm", "vcpus": 2, "paused": false,
+                        "patch_arena": {"start": "0x7fe00000", "len": 2097152}, "patches": 0});
+        assert!(
+            super::status(&st).contains("arena:   0x7fe00000 + 0x200000 (e820 reserved)"),
+            "{}",
+            super::status(&st)
+        );
+        let k = json!({"release": "6.12", "text": "0xffffffff9a000000", "text_pa": "0x2a00000",
+                       "slide": "0x19000000", "phys_base": "0x0", "paging_levels": 5,
+                       "pgd_pa": "0x2a0c000", "pti": false, "num_syms": 1,
+                       "kallsyms": {"order": "New", "token_table_pa": "0x3e1a000"},
+                       "slide_report": {"checks": []}});
+        let text = super::kernel(&k);
+        assert!(
+            text.contains("_text:          0xffffffff9a000000 (physical 0x2a00000)")
+                && text.contains("KASLR slide:    0x19000000")
+                && text.contains("kernel PGD at 0x2a0c000")
+                && text.contains("token table at physical 0x3e1a000"),
+            "{text}"
+        );
+        let p = json!({"name": "p", "state": "Enabled", "functions": [{"old_name": "f",
+                       "sympos": 0, "old_addr": "0xffffffff81234560",
+                       "new_addr": "0xffffffffc0001000", "active": true}]});
+        assert!(
+            super::patch(&p).contains("f at ffffffff81234560 -> ffffffffc0001000 (active)"),
+            "{}",
+            super::patch(&p)
+        );
+    }
 }

@@ -89,6 +89,13 @@ fn hvpatch_run_serves_the_api_and_exits_0_on_reset() {
     assert_eq!(st["paused"], false);
     let arena = &st["patch_arena"];
     assert_eq!(arena["len"], 2 << 20, "default arena: {st}");
+    // Addresses are hex strings (JSON numbers lose precision above 2^53 in jq and JavaScript).
+    assert!(
+        arena["start"]
+            .as_str()
+            .is_some_and(|s| introspect::hex::parse_hex(s).is_ok()),
+        "arena start is not a hex string: {st}"
+    );
     assert!(cli(&sock, &["vm", "pause"]).0);
     let (_, out, _) = cli(&sock, &["vm", "status", "--json"]);
     assert_eq!(

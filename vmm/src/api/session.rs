@@ -51,6 +51,12 @@ fn patch_err(e: PatchError) -> ReqError {
     }
 }
 
+/// A 64-bit address as the API writes it: a hex string (JSON numbers lose precision above
+/// 2^53 in jq and JavaScript).
+fn hx(v: u64) -> String {
+    introspect::hex::to_hex(v)
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ReqError> {
     serde_json::to_value(v).map_err(|e| ("internal", e.to_string()))
 }
@@ -143,7 +149,7 @@ impl Session {
             "host": self.host,
             "vcpus": self.control.vcpu_count(),
             "paused": self.control.is_paused(),
-            "patch_arena": self.control.patch_arena().map(|(s, l)| json!({"start": s, "len": l})),
+            "patch_arena": self.control.patch_arena().map(|(s, l)| json!({"start": hx(s), "len": l})),
             "patches": self.engine.list().len(),
         }))
     }
@@ -159,7 +165,7 @@ impl Session {
                 InspectWhat::Symbols => Ok(Value::Array(
                     k.symbols()
                         .iter()
-                        .map(|y| json!({"addr": y.addr, "type": y.kind.to_string(), "name": y.name}))
+                        .map(|y| json!({"addr": hx(y.addr), "type": y.kind.to_string(), "name": y.name}))
                         .collect(),
                 )),
                 InspectWhat::Symbol => {
@@ -174,7 +180,7 @@ impl Session {
                             .enumerate()
                             .map(|(i, y)| {
                                 let size = k.symbolize(y.addr).filter(|r| r.addr == y.addr).map(|r| r.size);
-                                json!({"addr": y.addr, "type": y.kind.to_string(), "name": y.name,
+                                json!({"addr": hx(y.addr), "type": y.kind.to_string(), "name": y.name,
                                        "sympos": i + 1, "size": size})
                             })
                             .collect(),
@@ -194,7 +200,7 @@ impl Session {
                     let mut out = Vec::new();
                     for t in tasks.iter().filter(|t| t.running_on_vcpu.is_none()) {
                         let st = k.task_stack(mem, t).map_err(|e| ("introspect", e.to_string()))?;
-                        out.push(json!({"pid": t.pid, "comm": t.comm, "addr": t.addr, "stack": stack_json(k, mem, &st)}));
+                        out.push(json!({"pid": t.pid, "comm": t.comm, "addr": hx(t.addr), "stack": stack_json(k, mem, &st)}));
                     }
                     Ok(json!({"vcpus": vcpus, "tasks": out}))
                 }
@@ -210,9 +216,9 @@ impl Session {
                             "vcpu": i,
                             "cpu": cpus.get(i).and_then(|c| c.cpu),
                             "mode": st.as_ref().map(|s| format!("{:?}", s.kind)),
-                            "rip": r.rip, "rsp": r.rsp(), "cr3": r.cr3, "cpl": r.cpl(),
+                            "rip": hx(r.rip), "rsp": hx(r.rsp()), "cr3": hx(r.cr3), "cpl": r.cpl(),
                             "rip_symbol": if r.cpl() == 0 { k.symbolize(r.rip).map(|y| y.to_string()) } else { None },
-                            "current": cur,
+                            "current": cur.map(hx),
                             "current_pid": task.map(|t| t.pid),
                             "current_comm": task.map(|t| t.comm.clone()),
                             "stack": st.as_ref().map(|st| stack_json(k, mem, st)),
@@ -233,7 +239,7 @@ impl Session {
         // EFER.NXE decides whether the arena's data pages may carry NX; read it in the same pause.
         let nx = self.paused(|s, regs| {
             s.kernel(regs)?;
-            Ok(regs.first().is_some_and(|r| r.efer & (1 << 11) != 0))
+            Ok(regs.first().is_some_and(|r| r.nx_enabled()))
         })?;
         let Some(kernel) = self.kernel.as_ref() else {
             return Err(("internal", "kernel model missing".into()));
@@ -367,7 +373,7 @@ fn stack_json(
         "kind": format!("{:?}", st.kind),
         "reliable": st.reliable,
         "reason": st.reason,
-        "frames": st.frames.iter().map(|f| json!({"addr": f.addr, "symbol": f.render()})).collect::<Vec<_>>(),
+        "frames": st.frames.iter().map(|f| json!({"addr": hx(f.addr), "symbol": f.render()})).collect::<Vec<_>>(),
         "proc": k.proc_stack_view(mem, st).unwrap_or_default(),
     })
 }

@@ -170,6 +170,6 @@ pub fn raw_paging(regs: &introspect::VcpuRegs) -> patcher::KernelPaging {
     patcher::KernelPaging {
         pgd_pa: regs.cr3 & 0x000f_ffff_ffff_f000,
         la57: regs.la57(),
-        nx: regs.efer & (1 << 11) != 0,
+        nx: regs.nx_enabled(),
     }
 }
