@@ -476,6 +476,12 @@ pub struct KernelGuest<'a> {
     pub mem: &'a dyn crate::PhysMemory,
 }
 
+impl std::fmt::Debug for KernelGuest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelGuest").finish_non_exhaustive()
+    }
+}
+
 impl GuestAccess for KernelGuest<'_> {
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String> {
         self.kernel

@@ -191,6 +191,12 @@ pub struct LazyModules<'a> {
     list: OnceCell<Vec<ModuleText>>,
 }
 
+impl std::fmt::Debug for LazyModules<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyModules").finish_non_exhaustive()
+    }
+}
+
 impl<'a> LazyModules<'a> {
     /// A lazy module view.
     pub fn new(g: &'a dyn GuestAccess, m: &'a Model) -> Self {

@@ -133,6 +133,12 @@ pub struct UnwindEnv<'a> {
     pub regs: PtRegsLayout,
 }
 
+impl std::fmt::Debug for UnwindEnv<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnwindEnv").finish_non_exhaustive()
+    }
+}
+
 impl UnwindEnv<'_> {
     /// `__kernel_text_address(ip)`: vmlinux core/init text or module text.
     pub fn is_text(&self, ip: u64) -> bool {

@@ -202,6 +202,12 @@ pub struct Target<'a> {
     pub paging: KernelPaging,
 }
 
+impl std::fmt::Debug for Target<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").finish_non_exhaustive()
+    }
+}
+
 impl<'a> Target<'a> {
     /// A target with the paging root of vCPU 0 (see [`KernelPaging::from_regs`]).
     pub fn from_vcpu0(

@@ -20,6 +20,12 @@ pub struct KernelSymbols<'a> {
     pg_reserved: Option<i64>,
 }
 
+impl std::fmt::Debug for KernelSymbols<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelSymbols").finish_non_exhaustive()
+    }
+}
+
 impl<'a> KernelSymbols<'a> {
     /// Wraps `kernel`; `mem` is read for BTF now and not kept.
     pub fn new(kernel: &'a Kernel, mem: &dyn PhysMemory) -> Self {

@@ -100,6 +100,12 @@ pub struct Guest {
     seq: u64,
 }
 
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest").finish_non_exhaustive()
+    }
+}
+
 /// Spawns QEMU from one long-lived thread: `PR_SET_PDEATHSIG` fires when the *thread* that
 /// forked the child exits, so forking from a short-lived test thread would kill a guest that
 /// is shared between tests.

@@ -112,6 +112,12 @@ pub struct AttachServer {
     log: PathBuf,
 }
 
+impl std::fmt::Debug for AttachServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachServer").finish_non_exhaustive()
+    }
+}
+
 impl AttachServer {
     /// Starts `hvpatch attach` on `guest`'s gdbstub and RAM file.
     pub fn start(guest: &Guest) -> Result<AttachServer, HvpatchError> {

@@ -81,6 +81,12 @@ pub struct Server {
     stop: Arc<AtomicBool>,
 }
 
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
+}
+
 impl Server {
     /// Binds `path` with mode 0600. A stale socket file (no server behind it) is replaced.
     pub fn bind(path: &Path) -> Result<Server, ServerError> {

@@ -29,6 +29,12 @@ pub struct Session {
     pending: Vec<PendingUnload>,
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
 /// How long `patch unload` waits for a disabled patch to become unreachable, by default.
 pub const DEFAULT_UNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest interval between background checks of held patches.

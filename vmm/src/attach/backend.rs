@@ -65,6 +65,12 @@ pub struct QemuAttach {
     timeout: Duration,
 }
 
+impl std::fmt::Debug for QemuAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuAttach").finish_non_exhaustive()
+    }
+}
+
 fn gerr(e: AttachError) -> GuestError {
     match e {
         AttachError::Closed => GuestError::Gone("QEMU closed the gdbstub connection".into()),

@@ -146,6 +146,12 @@ pub struct GdbClient {
     console: Vec<u8>,
 }
 
+impl std::fmt::Debug for GdbClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GdbClient").finish_non_exhaustive()
+    }
+}
+
 impl GdbClient {
     /// Connects to the gdbstub listening on `path`.
     pub fn connect(path: &Path) -> Result<GdbClient, AttachError> {

@@ -37,6 +37,12 @@ pub struct RamFile {
     regions: Vec<(u64, u64, u64)>,
 }
 
+impl std::fmt::Debug for RamFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RamFile").finish_non_exhaustive()
+    }
+}
+
 impl RamFile {
     /// Maps `path` read-only. `expected_size` (if known) must equal the file size.
     pub fn open(

@@ -81,6 +81,12 @@ pub struct VcpuHandle {
     pub step_over: AtomicBool,
 }
 
+impl std::fmt::Debug for VcpuHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuHandle").finish_non_exhaustive()
+    }
+}
+
 impl VcpuHandle {
     /// Wraps a vCPU fd.
     pub fn new(mut fd: VcpuFd) -> Self {
@@ -171,6 +177,12 @@ pub struct Shared {
     pub mem: Arc<GuestMemoryMmap>,
     /// Patch arena `(start, len)`.
     pub arena: Option<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
 }
 
 /// Locks a mutex, recovering from poisoning (a panicked holder leaves plain data behind).

@@ -112,6 +112,12 @@ pub struct LinuxBoot<'a> {
     pub rsdp: u64,
 }
 
+impl std::fmt::Debug for LinuxBoot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinuxBoot").finish_non_exhaustive()
+    }
+}
+
 /// Validates a command line and turns it into linux-loader's [`Cmdline`].
 pub fn make_cmdline(s: &str) -> Result<Cmdline, BootError> {
     if s.len() >= CMDLINE_MAX_SIZE {
