@@ -7,5 +7,5 @@ pub mod server;
 pub mod session;
 
 pub use protocol::{InspectWhat, Request, Response};
-pub use server::{Handler, Server, ServerError};
+pub use server::{Handler, Reply, Server, ServerError};
 pub use session::Session;

@@ -40,6 +40,13 @@ pub enum ServerError {
 pub struct Reply(mpsc::Sender<Response>);
 
 impl Reply {
+    /// A reply and the receiver its response arrives on (for hosts and tests that call a
+    /// [`Handler`] directly).
+    pub fn channel() -> (Reply, mpsc::Receiver<Response>) {
+        let (tx, rx) = mpsc::channel();
+        (Reply(tx), rx)
+    }
+
     /// Sends the response (the client may have gone; that is not an error).
     pub fn send(self, resp: Response) {
         let _ = self.0.send(resp);
