@@ -4,7 +4,6 @@
 //! engine snapshot tests.)
 
 #[path = "../../patcher/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, Instant};
