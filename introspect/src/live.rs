@@ -21,6 +21,9 @@ use crate::unwind::{StackRange, StackReader, StackType};
 
 /// Longest chain of stack switches followed from one vCPU (NMI over #DB over IRQ over task is 4).
 const MAX_HOPS: usize = 6;
+/// Most references [`find_references`] collects (it stops at the first context past this):
+/// a hostile guest could otherwise make it collect millions.
+pub const MAX_REFERENCES: usize = 64;
 /// Largest live segment scanned (a task or IRQ stack is 16 KiB; IST stacks are smaller).
 const MAX_SEGMENT: u64 = 64 << 10;
 
@@ -271,15 +274,28 @@ pub fn live_chain(
             mem.read_u64(va)
                 .ok_or_else(|| format!("cannot read {what} at {va:#x}"))
         };
+        let below = |n: u64| {
+            s.end
+                .checked_sub(n)
+                .filter(|&a| a >= s.start)
+                .ok_or_else(|| {
+                    format!(
+                        "{} stack [{:#x}, {:#x}) is too small",
+                        stack_type_name(s.ty),
+                        s.start,
+                        s.end
+                    )
+                })
+        };
         sp = match s.ty {
             StackType::Task | StackType::Entry => return Ok(out),
-            StackType::Irq => rd(s.end - 8, "the IRQ stack's saved stack pointer")?,
+            StackType::Irq => rd(below(8)?, "the IRQ stack's saved stack pointer")?,
             StackType::Exception => {
-                let cs = rd(s.end - 32, "the exception frame's cs")?;
+                let cs = rd(below(32)?, "the exception frame's cs")?;
                 if cs & 3 != 0 {
                     return Ok(out);
                 }
-                rd(s.end - 16, "the exception frame's rsp")?
+                rd(below(16)?, "the exception frame's rsp")?
             }
         };
     }
@@ -299,7 +315,58 @@ impl StackReader for Reader<'_> {
     }
 }
 
-/// The live region of a switched-out task: `[thread.sp, stack top)`.
+/// Where return addresses may live off the stack: kretprobe/rethook instances and the
+/// function-graph tracer's return stack move a task's real return addresses into per-task
+/// lists, leaving a trampoline address on the stack (BTF offsets in `task_struct`, when the
+/// kernel has them).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OffStack {
+    rethooks: Option<u64>,
+    kretprobe_instances: Option<u64>,
+    ret_stack: Option<u64>,
+    curr_ret_stack: Option<u64>,
+}
+
+impl OffStack {
+    /// The offsets from BTF.
+    pub fn from_model(m: &Model) -> OffStack {
+        let off = |f: &str| m.btf.member_offset("task_struct", f).ok();
+        OffStack {
+            rethooks: off("rethooks"),
+            kretprobe_instances: off("kretprobe_instances"),
+            ret_stack: off("ret_stack"),
+            curr_ret_stack: off("curr_ret_stack"),
+        }
+    }
+
+    /// Why some of `task`'s return addresses are not on its stack, if they may not be.
+    pub fn check(&self, g: &dyn GuestAccess, task: u64) -> Option<String> {
+        let rd = |o: Option<u64>| o.map(|o| g.read_u64(task.wrapping_add(o)));
+        for (o, what) in [
+            (self.rethooks, "rethook (kretprobe/fprobe) return addresses"),
+            (self.kretprobe_instances, "kretprobe return addresses"),
+        ] {
+            match rd(o) {
+                Some(Ok(0)) | None => {}
+                Some(Ok(_)) => return Some(format!("{what} are held off the stack")),
+                Some(Err(e)) => return Some(format!("cannot read its {what} list: {e}")),
+            }
+        }
+        if let (Some(Ok(rs)), Some(Ok(cur))) = (rd(self.ret_stack), rd(self.curr_ret_stack)) {
+            // curr_ret_stack: -1 (6.1) or 0 (6.8+) when empty.
+            let cur = cur as u32 as i32;
+            if rs != 0 && cur != 0 && cur != -1 {
+                return Some(
+                    "the function-graph tracer holds return addresses off the stack".into(),
+                );
+            }
+        }
+        None
+    }
+}
+
+/// The live region of a switched-out task: `[thread.sp, stack top)`, less the user-mode
+/// `pt_regs` at the top of a user task's stack (see `live_top`).
 pub fn task_context(m: &Model, t: &Task) -> LiveContext {
     let mut c = LiveContext {
         owner: Owner::Task(t.into()),
@@ -311,10 +378,17 @@ pub fn task_context(m: &Model, t: &Task) -> LiveContext {
         // Exited and its stack freed: nothing of it can run.
         return c;
     }
+    if m.thread_size > MAX_SEGMENT {
+        c.unknown = Some(format!(
+            "its stack ({:#x} bytes) is larger than {MAX_SEGMENT} bytes",
+            m.thread_size
+        ));
+        return c;
+    }
     match t.stack_base.checked_add(m.thread_size) {
         Some(top) if t.thread_sp >= t.stack_base && t.thread_sp < top => c.segments.push(Segment {
             start: t.thread_sp & !7,
-            end: top,
+            end: live_top(m, top, t.is_kthread).max(t.thread_sp & !7),
             ty: StackType::Task,
             hops: 0,
         }),
@@ -328,6 +402,17 @@ pub fn task_context(m: &Model, t: &Task) -> LiveContext {
     c
 }
 
+/// The end of the live part of a task stack whose top is `top`: a user task's top `pt_regs`
+/// hold its user registers, which the kernel never uses as addresses (a guest user program
+/// could otherwise hold any patch by keeping its address in a register).
+fn live_top(m: &Model, top: u64, kthread: bool) -> u64 {
+    if kthread {
+        top
+    } else {
+        top.saturating_sub(m.regs.size)
+    }
+}
+
 /// Every live context of the guest: each kernel-mode vCPU (registers and its chain of stacks)
 /// and each task that is not `current` on a vCPU (its stack from `thread.sp`). A vCPU in user
 /// mode has no live kernel state. Must be called with the vCPUs paused.
@@ -337,9 +422,15 @@ pub fn live_contexts(
     vcpus: &[VcpuRegs],
 ) -> Result<Vec<LiveContext>, TaskError> {
     let cpus = vcpu_cpus(g, m, vcpus);
+    let offstack = OffStack::from_model(m);
     let mut out = Vec::new();
     for (v, r) in vcpus.iter().enumerate() {
         if r.cpl() != 0 {
+            continue;
+        }
+        // A vCPU that has not started (an AP waiting for SIPI: CR0.PG clear) cannot use any
+        // kernel address. (A host that reports no CR0 gives 0: not skipped.)
+        if r.cr0 != 0 && r.cr0 & (1 << 31) == 0 {
             continue;
         }
         let task = cpus
@@ -349,10 +440,18 @@ pub fn live_contexts(
         let mut regs: Vec<(&'static str, u64)> = vec![("rip", r.rip)];
         regs.extend(GPR_NAMES.iter().copied().zip(r.gprs));
         let stacks = split_exception_stacks(m, vcpu_stack_ranges(g, m, vcpus, v));
-        let (segments, unknown) = match live_chain(&stacks, r.rsp(), &Reader(g)) {
+        let (mut segments, mut unknown) = match live_chain(&stacks, r.rsp(), &Reader(g)) {
             Ok(s) => (s, None),
             Err(e) => (Vec::new(), Some(e)),
         };
+        if let Some(t) = &task {
+            for seg in segments.iter_mut().filter(|s| s.ty == StackType::Task) {
+                seg.end = live_top(m, seg.end, t.is_kthread).max(seg.start);
+            }
+            if unknown.is_none() {
+                unknown = offstack.check(g, t.addr);
+            }
+        }
         out.push(LiveContext {
             owner: Owner::Vcpu {
                 vcpu: v,
@@ -370,7 +469,11 @@ pub fn live_contexts(
         if t.running_on_vcpu.is_some() {
             continue; // running in user mode: its kernel stack is empty
         }
-        out.push(task_context(m, &t));
+        let mut c = task_context(m, &t);
+        if c.unknown.is_none() && t.stack_base != 0 {
+            c.unknown = offstack.check(g, t.addr);
+        }
+        out.push(c);
     }
     Ok(out)
 }
@@ -386,6 +489,9 @@ pub fn find_references(
     let hit = |v: u64| ranges.iter().any(|&(s, e)| v >= s && v < e);
     let mut out = Vec::new();
     for c in contexts {
+        if out.len() >= MAX_REFERENCES {
+            break; // enough to say that (and by what) the ranges are held
+        }
         if let Some(why) = &c.unknown {
             out.push(Reference {
                 owner: c.owner.clone(),

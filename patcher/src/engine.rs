@@ -281,9 +281,6 @@ pub struct Engine {
     pub(crate) sites: BTreeMap<u64, SiteStack>,
     /// Kernel paging of the last load.
     pub(crate) paging: Option<KernelPaging>,
-    /// Next [`Loaded::id`].
-    #[serde(default)]
-    pub(crate) next_id: u64,
     #[serde(skip)]
     pub(crate) last: OpTiming,
 }
@@ -329,6 +326,13 @@ impl Resolver for GuestResolver<'_> {
             }
         }
     }
+}
+
+/// A patch id never used before in this process (ids survive engine resets, so a waiting
+/// operation can never mistake a new patch for the one it waits for).
+pub(crate) fn fresh_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Reads the guest's `uname -r` from `linux_banner` ("Linux version <release> (...").
@@ -486,8 +490,13 @@ impl Engine {
     /// An engine continuing from [`Engine::state`]. Each later operation re-verifies the
     /// guest bytes it overwrites, so a stale state fails cleanly instead of corrupting.
     pub fn from_state(json: &str) -> Result<Engine, PatchError> {
-        serde_json::from_str(json)
-            .map_err(|e| PatchError::Changed(format!("bad engine state: {e}")))
+        let mut e: Engine = serde_json::from_str(json)
+            .map_err(|e| PatchError::Changed(format!("bad engine state: {e}")))?;
+        // Ids are unique within this process only: renumber (older states have none).
+        for p in &mut e.patches {
+            p.id = fresh_id();
+        }
+        Ok(e)
     }
 
     /// Checks that the guest still holds what the engine installed: every patched entry site
@@ -825,9 +834,8 @@ impl Engine {
         };
         self.arena = Some(arena);
         self.paging = Some(t.paging);
-        self.next_id += 1;
         self.patches.push(Loaded {
-            id: self.next_id,
+            id: fresh_id(),
             info: info.clone(),
             code_run: (code_start, ncode),
             data_run: (data_start, ndata),
@@ -918,7 +926,6 @@ mod state_tests {
                 la57: false,
                 nx: true,
             }),
-            next_id: 2,
             last: OpTiming::default(),
         }
     }
@@ -965,7 +972,16 @@ mod state_tests {
         assert_eq!(arena["mapping"]["pmd_new"], "0x7fe00063");
 
         let back = Engine::from_state(&state).unwrap();
-        assert_eq!(back.state(), state);
+        // Equal but for the ids, which a restored engine renumbers (unique per process).
+        let without_ids = |j: &str| {
+            let mut v: Value = serde_json::from_str(j).unwrap();
+            for p in v["patches"].as_array_mut().unwrap() {
+                p["id"] = Value::Null;
+            }
+            v
+        };
+        assert_eq!(without_ids(&back.state()), without_ids(&state));
+        assert_ne!(back.patches[0].id, e.patches[0].id);
         assert_eq!(back.sites.keys().copied().collect::<Vec<_>>(), [OLD + 4]);
         assert_eq!(
             serde_json::to_value(back.arena().unwrap()).unwrap()["mapping"]["pmd_pa"],

@@ -1,7 +1,7 @@
 //! The small part of x86-64 paging the engine needs: translating kernel VAs and locating the
 //! page-directory entry (PMD) of a 2 MiB slot so that the arena can be mapped there.
 
-use introspect::paging::{walk_or_hole, PageRoot, WalkOutcome};
+use introspect::paging::{table_index, walk_or_hole, PageRoot, WalkOutcome};
 use introspect::{PhysMemory, VcpuRegs};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -105,19 +105,20 @@ impl KernelPaging {
         mem: &dyn PhysMemory,
         va: u64,
     ) -> Result<Option<(u64, u64)>, PagingError> {
-        let entries = match walk_or_hole(mem, self.root(), va)? {
-            WalkOutcome::Mapped(w) => w.entries,
-            WalkOutcome::Hole(h) => {
-                let mut e = h.entries;
-                e.push(h.missing);
-                e
+        // Down to level 2 only (what lies below a present PMD does not matter here).
+        let mut table = self.pgd_pa & ADDR_MASK;
+        for level in (2..=self.levels()).rev() {
+            let pa = table + 8 * table_index(va, level) as u64;
+            let e = mem.read_u64(pa).map_err(|_| PagingError::Read { pa })?;
+            if level == 2 {
+                return Ok(Some((pa, e)));
             }
-        };
-        // The level-2 entry, if the walk got there through present, non-large upper levels.
-        Ok(entries
-            .iter()
-            .find(|e| e.level == 2)
-            .map(|e| (e.entry_pa, e.value)))
+            if e & P == 0 || e & PS != 0 {
+                return Ok(None);
+            }
+            table = e & ADDR_MASK;
+        }
+        Ok(None)
     }
 
     /// Reads `buf.len()` bytes at kernel VA `va` (page by page).

@@ -203,7 +203,11 @@ impl Engine {
         if p.is_done() {
             return Ok(true);
         }
-        if self.index_of(p.id).is_err() {
+        let still_held = self
+            .patches
+            .iter()
+            .any(|x| x.id == p.id && x.info.state == PatchState::Held);
+        if !still_held {
             p.hold = None; // freed by a reap in between
         } else {
             let (c, pause) = self.check_and_free(ctl, p.id, reach)?;
@@ -348,6 +352,13 @@ impl Engine {
         reach: &dyn Reachability,
     ) -> Result<Check, PatchError> {
         let idx = self.index_of(id)?;
+        if self.patches[idx].info.state != PatchState::Held {
+            // Only a disabled patch may ever be freed.
+            return Err(PatchError::Changed(format!(
+                "{} is enabled; refusing to free its pages",
+                self.patches[idx].info.name
+            )));
+        }
         let p = self.patches[idx].clone();
         let code = (p.info.code.va, p.info.code.va + p.code_run.1 as u64 * PAGE);
         let data = (p.info.data.va, p.info.data.va + p.data_run.1 as u64 * PAGE);

@@ -329,12 +329,12 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                 json,
             } => {
                 let timeout_ms = match timeout {
-                    Some(t) if t.is_finite() && *t >= 0.0 && *t <= 86_400.0 => {
+                    Some(t) if t.is_finite() && *t >= 0.0 && *t <= 3600.0 => {
                         Some((t * 1000.0) as u64)
                     }
                     Some(t) => {
                         return Err(CliError::Other(format!(
-                            "--timeout {t}: give seconds between 0 and 86400"
+                            "--timeout {t}: give seconds between 0 and 3600"
                         )))
                     }
                     None => None,

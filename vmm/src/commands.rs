@@ -107,8 +107,13 @@ pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = api.join();
-    // The server thread dropped the backend, which detached: the guard is not needed.
-    guard.release();
+    // The server thread dropped the backend. If it detached (QEMU said OK), the guard is not
+    // needed; otherwise exiting without releasing it lets the guard detach for us.
+    if crate::attach::DETACHED.load(Ordering::SeqCst) {
+        guard.release();
+    } else {
+        tracing::warn!("detach not confirmed by QEMU; the guard process detaches instead");
+    }
     Ok(0)
 }
 

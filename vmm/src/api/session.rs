@@ -27,6 +27,19 @@ pub struct Session {
     reap_every: Duration,
     /// Unloads waiting for their patch's pages to become unreachable.
     pending: Vec<PendingUnload>,
+    /// No waiting unload is checked before this (the pause budget).
+    next_unload_check: Instant,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for p in self.pending.drain(..) {
+            p.reply.send(Response::err(
+                "guest",
+                "the server is stopping; the patch stays disabled and held in the guest",
+            ));
+        }
+    }
 }
 
 impl std::fmt::Debug for Session {
@@ -37,6 +50,8 @@ impl std::fmt::Debug for Session {
 
 /// How long `patch unload` waits for a disabled patch to become unreachable, by default.
 pub const DEFAULT_UNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait an unload request may ask for (a held patch is freed later anyway).
+pub const MAX_UNLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 /// First and longest interval between background checks of held patches.
 const REAP_FIRST: Duration = Duration::from_millis(100);
 const REAP_MAX: Duration = Duration::from_secs(5);
@@ -78,6 +93,7 @@ impl Session {
             next_reap: Instant::now(),
             reap_every: REAP_FIRST,
             pending: Vec::new(),
+            next_unload_check: Instant::now(),
         }
     }
 
@@ -141,6 +157,12 @@ impl Session {
                     self.engine.list().len()
                 );
                 self.engine = Engine::new();
+                for p in self.pending.drain(..) {
+                    p.reply.send(Response::err(
+                        "guest",
+                        "the guest kernel changed (reboot) while the unload waited; its patches are gone",
+                    ));
+                }
             }
             let k = Kernel::open(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
             self.kernel = Some(k);
@@ -300,6 +322,9 @@ impl Session {
     /// Advances the waiting unloads whose next check is due.
     fn advance_unloads(&mut self) {
         let now = Instant::now();
+        if now < self.next_unload_check {
+            return;
+        }
         let mut i = 0;
         while i < self.pending.len() {
             if self.pending[i].next_check > now {
@@ -310,9 +335,13 @@ impl Session {
                 return;
             };
             let p = &mut self.pending[i];
+            let t0 = Instant::now();
             let step = self
                 .engine
                 .unload_continue(self.control.as_mut(), &mut p.progress, kernel);
+            // Pause budget: the guest runs at least 10x as long as the check took before the
+            // next one, whatever the number of waiting unloads.
+            self.next_unload_check = Instant::now() + t0.elapsed() * 10;
             let done = match step {
                 Ok(true) => Some(unloaded(&p.info, &p.progress.report)),
                 Ok(false) if p.progress.elapsed() >= p.timeout => {
@@ -328,10 +357,11 @@ impl Session {
                     Some(Response::err(kind, msg))
                 }
             };
-            match done {
-                Some(resp) => self.pending.swap_remove(i).reply.send(resp),
-                None => i += 1,
+            if let Some(resp) = done {
+                self.pending.swap_remove(i).reply.send(resp);
             }
+            // One check per tick.
+            return;
         }
     }
 }
@@ -388,7 +418,9 @@ impl Handler for Session {
     fn handle(&mut self, req: Request, reply: Reply) {
         let r = match req {
             Request::PatchUnload { name, timeout_ms } => {
-                let timeout = timeout_ms.map_or(DEFAULT_UNLOAD_TIMEOUT, Duration::from_millis);
+                let timeout = timeout_ms
+                    .map_or(DEFAULT_UNLOAD_TIMEOUT, Duration::from_millis)
+                    .min(MAX_UNLOAD_TIMEOUT);
                 return self.patch_unload(&name, timeout, reply);
             }
             Request::Status {} => self.status(),
@@ -430,7 +462,9 @@ impl Handler for Session {
 
     fn tick_interval(&self) -> Duration {
         match self.pending.iter().map(|p| p.next_check).min() {
-            Some(t) => t.saturating_duration_since(Instant::now()),
+            Some(t) => t
+                .max(self.next_unload_check)
+                .saturating_duration_since(Instant::now()),
             None => Duration::from_millis(20),
         }
     }

@@ -561,6 +561,12 @@ impl Drop for QemuAttach {
             let _ = self.gdb.command(&format!("z1,{a:x},1"), self.timeout);
         }
         // Detach: QEMU resumes the guest.
-        let _ = self.gdb.command("D", self.timeout);
+        if self.gdb.command_ok("D", self.timeout).is_ok() {
+            DETACHED.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
+
+/// Set once a [`QemuAttach`] detached from its gdbstub with QEMU's `OK` (the guest runs on).
+/// `hvpatch attach` releases its guard only then; otherwise the guard detaches for it.
+pub static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use backend::{AttachOptions, QemuAttach};
+pub use backend::{AttachOptions, QemuAttach, DETACHED};
 pub use ram::{MemLayout, RamFile};
 
 /// Errors of the QEMU attach backend.
