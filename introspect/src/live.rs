@@ -15,8 +15,8 @@ use serde::Serialize;
 
 use crate::model::{GuestAccess, Model};
 use crate::regs::VcpuRegs;
-use crate::stack::vcpu_stack_ranges;
-use crate::tasks::{list_tasks, read_task, vcpu_cpus, Task, TaskError};
+use crate::stack::vcpu_stack_ranges_of;
+use crate::tasks::{list_tasks, vcpu_cpus, Task, TaskError};
 use crate::unwind::{StackRange, StackReader, StackType};
 
 /// Longest chain of stack switches followed from one vCPU (NMI over #DB over IRQ over task is 4).
@@ -188,35 +188,37 @@ impl std::fmt::Display for Reference {
 /// Splits the one `Exception` range (the whole `struct cea_exception_stacks`) into its IST
 /// stacks, using BTF member offsets. Without them the range is dropped: an RSP there then is
 /// on no known stack, which callers treat as unknown.
-fn split_exception_stacks(m: &Model, ranges: Vec<StackRange>) -> Vec<StackRange> {
+fn split_exception_stacks(ist: &[(u64, u64)], ranges: Vec<StackRange>) -> Vec<StackRange> {
     let mut out = Vec::new();
     for r in ranges {
         if r.ty != StackType::Exception {
             out.push(r);
             continue;
         }
-        for name in IST_STACKS {
-            let Ok(mem) = m.btf.member("cea_exception_stacks", name) else {
+        for &(offset, size) in ist {
+            let Some(start) = r.start.checked_add(offset) else {
                 continue;
             };
-            let (Some(start), Some(end)) = (
-                r.start.checked_add(mem.offset),
-                r.start
-                    .checked_add(mem.offset)
-                    .and_then(|s| s.checked_add(mem.size)),
-            ) else {
-                continue;
-            };
-            if mem.size > 0 && end <= r.end {
-                out.push(StackRange {
+            match start.checked_add(size) {
+                Some(end) if size > 0 && end <= r.end => out.push(StackRange {
                     start,
                     end,
                     ty: StackType::Exception,
-                });
+                }),
+                _ => {}
             }
         }
     }
     out
+}
+
+/// `(offset, size)` of each IST stack in `struct cea_exception_stacks`, from BTF.
+fn ist_members(m: &Model) -> Vec<(u64, u64)> {
+    IST_STACKS
+        .iter()
+        .filter_map(|name| m.btf.member("cea_exception_stacks", name).ok())
+        .map(|mem| (mem.offset, mem.size))
+        .collect()
 }
 
 /// The live stack segments of a vCPU whose stack pointer is `rsp`, given the stacks it may be
@@ -423,6 +425,7 @@ pub fn live_contexts(
 ) -> Result<Vec<LiveContext>, TaskError> {
     let cpus = vcpu_cpus(g, m, vcpus);
     let offstack = OffStack::from_model(m);
+    let ist = ist_members(m);
     let mut out = Vec::new();
     for (v, r) in vcpus.iter().enumerate() {
         if r.cpl() != 0 {
@@ -433,13 +436,10 @@ pub fn live_contexts(
         if r.cr0 != 0 && r.cr0 & (1 << 31) == 0 {
             continue;
         }
-        let task = cpus
-            .get(v)
-            .and_then(|c| c.current)
-            .and_then(|a| read_task(g, m, a, &cpus).ok());
+        let (ranges, task) = vcpu_stack_ranges_of(g, m, &cpus, v);
         let mut regs: Vec<(&'static str, u64)> = vec![("rip", r.rip)];
         regs.extend(GPR_NAMES.iter().copied().zip(r.gprs));
-        let stacks = split_exception_stacks(m, vcpu_stack_ranges(g, m, vcpus, v));
+        let stacks = split_exception_stacks(&ist, ranges);
         let (mut segments, mut unknown) = match live_chain(&stacks, r.rsp(), &Reader(g)) {
             Ok(s) => (s, None),
             Err(e) => (Vec::new(), Some(e)),

@@ -168,15 +168,25 @@ pub fn vcpu_stack_ranges(
     vcpus: &[VcpuRegs],
     vcpu: usize,
 ) -> Vec<StackRange> {
-    let cpus = vcpu_cpus(g, m, vcpus);
+    vcpu_stack_ranges_of(g, m, &vcpu_cpus(g, m, vcpus), vcpu).0
+}
+
+/// [`vcpu_stack_ranges`] with the vCPU → CPU map already made, also returning the vCPU's
+/// `current` task as read on the way.
+pub fn vcpu_stack_ranges_of(
+    g: &dyn GuestAccess,
+    m: &Model,
+    cpus: &[crate::tasks::VcpuCpu],
+    vcpu: usize,
+) -> (Vec<StackRange>, Option<Task>) {
     let vc = cpus.get(vcpu).copied();
     let base = vc
         .and_then(|c| c.percpu_base)
         .or_else(|| vc.and_then(|c| c.cpu).and_then(|c| cpu_base(g, m, c)));
     let task = vc
         .and_then(|c| c.current)
-        .and_then(|t| crate::tasks::read_task(g, m, t, &cpus).ok());
-    vcpu_stacks(g, m, base, task.as_ref())
+        .and_then(|t| crate::tasks::read_task(g, m, t, cpus).ok());
+    (vcpu_stacks(g, m, base, task.as_ref()), task)
 }
 
 /// Stacks a running vCPU may be on: its task stack, IRQ stack and exception stacks.

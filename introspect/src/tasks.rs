@@ -503,6 +503,19 @@ pub fn list_tasks(
 }
 
 impl crate::Kernel {
+    /// The task at `addr`, read on its own (as switched out: `running_on_vcpu` is `None`).
+    pub fn task_at(&self, mem: &dyn crate::PhysMemory, addr: u64) -> Result<Task, TaskError> {
+        let m = self
+            .model(mem)
+            .map_err(|e| TaskError::Model(e.to_string()))?;
+        read_task(
+            &crate::model::KernelGuest { kernel: self, mem },
+            m,
+            addr,
+            &[],
+        )
+    }
+
     /// All tasks: `init_task`, every thread of every process, and the other CPUs' idle tasks.
     pub fn tasks(
         &self,

@@ -975,7 +975,10 @@ mod state_tests {
         // Equal but for the ids, which a restored engine renumbers (unique per process).
         assert_eq!(without_ids(&back.state()), without_ids(&state));
         let again = Engine::from_state(&state).unwrap();
-        assert_ne!(again.patches[0].id, back.patches[0].id, "ids are never reused");
+        assert_ne!(
+            again.patches[0].id, back.patches[0].id,
+            "ids are never reused"
+        );
         assert_eq!(back.sites.keys().copied().collect::<Vec<_>>(), [OLD + 4]);
         assert_eq!(
             serde_json::to_value(back.arena().unwrap()).unwrap()["mapping"]["pmd_pa"],

@@ -95,11 +95,9 @@ impl Reachability for Kernel {
     fn stack_of(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs], owner: &Owner) -> Vec<String> {
         let stack = match owner {
             Owner::Vcpu { vcpu, .. } => self.vcpu_stack(mem, vcpus, *vcpu),
-            Owner::Task(t) => match self.tasks(mem, vcpus) {
-                Ok(tasks) => match tasks.iter().find(|x| x.addr == t.addr) {
-                    Some(task) => self.task_stack(mem, task),
-                    None => return vec![],
-                },
+            // A switched-out task: read it alone (it runs on no vCPU), not the whole list.
+            Owner::Task(t) => match self.task_at(mem, t.addr) {
+                Ok(task) => self.task_stack(mem, &task),
                 Err(_) => return vec![],
             },
         };

@@ -76,6 +76,14 @@ fn wait_sleeping(g: &mut Guest) {
     }
 }
 
+/// Loads a `sleeper` patch named `name` and starts a reader (output to `out`) that sleeps in it.
+fn sleep_in_patch(srv: &AttachServer, g: &mut Guest, name: &str, ms: u32, out: &str) {
+    let p = sleeper(name, ms);
+    srv.json(&["patch", "load", p.to_str().unwrap()]).unwrap();
+    g.spawn(&format!("cat /proc/cmdline > {out}")).unwrap();
+    wait_sleeping(g);
+}
+
 fn assert_healthy(g: &mut Guest, before: &[String], when: &str) {
     let new: Vec<String> = kernel_complaints(&g.run("dmesg").unwrap())
         .into_iter()
@@ -96,10 +104,7 @@ fn held_unload(series: KernelSeries) {
     let mut srv = AttachServer::start(&g).expect("hvpatch attach");
 
     // 1. Unload waits for the sleeper, then frees.
-    let p = sleeper("sleeper", 3000);
-    srv.json(&["patch", "load", p.to_str().unwrap()]).unwrap();
-    g.spawn("cat /proc/cmdline > /tmp/s1").unwrap();
-    wait_sleeping(&mut g);
+    sleep_in_patch(&srv, &mut g, "sleeper", 3000, "/tmp/s1");
     let t0 = Instant::now();
     // While the unload waits in the server, other clients are served at once, also with one
     // client connected and silent and another sending its request byte by byte.
@@ -152,10 +157,7 @@ fn held_unload(series: KernelSeries) {
 
     // 2. The wait times out: disabled at once, held, the error names the task; freed later
     //    by the server on its own.
-    let p = sleeper("sleeper2", 6000);
-    srv.json(&["patch", "load", p.to_str().unwrap()]).unwrap();
-    g.spawn("cat /proc/cmdline > /tmp/s2").unwrap();
-    wait_sleeping(&mut g);
+    sleep_in_patch(&srv, &mut g, "sleeper2", 6000, "/tmp/s2");
     let out = srv
         .cli(&["patch", "unload", "sleeper2", "--timeout", "0.5"])
         .unwrap();
@@ -201,10 +203,7 @@ fn held_unload(series: KernelSeries) {
 
     // 3. hvpatch dies (SIGKILL) with one patch enabled and one held: the guest keeps running
     //    correctly, both stay intact in guest memory.
-    let p = sleeper("sleeper3", 4000);
-    srv.json(&["patch", "load", p.to_str().unwrap()]).unwrap();
-    g.spawn("cat /proc/cmdline > /tmp/s3").unwrap();
-    wait_sleeping(&mut g);
+    sleep_in_patch(&srv, &mut g, "sleeper3", 4000, "/tmp/s3");
     let out = srv
         .cli(&["patch", "unload", "sleeper3", "--timeout", "0.2"])
         .unwrap();

@@ -295,6 +295,15 @@ mod tests {
 
     use std::io::{BufRead, BufReader};
 
+    /// A server bound in a fresh temporary directory named after `tag`.
+    fn bind_in(tag: &str) -> (PathBuf, Server) {
+        let dir = std::env::temp_dir().join(format!("{tag}{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let server = Server::bind(&path).unwrap();
+        (path, server)
+    }
+
     struct Echo;
     impl Handler for Echo {
         fn handle(&mut self, req: Request, reply: Reply) {
@@ -304,10 +313,7 @@ mod tests {
 
     #[test]
     fn serves_requests_and_rejects_garbage() {
-        let dir = std::env::temp_dir().join(format!("hvpatch-api-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("api.sock");
-        let server = Server::bind(&path).unwrap();
+        let (path, server) = bind_in("hvpatch-api-test-");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(matches!(Server::bind(&path), Err(ServerError::InUse(_))));
@@ -362,10 +368,7 @@ mod tests {
 
     #[test]
     fn silent_and_slow_clients_and_long_operations_delay_no_one() {
-        let dir = std::env::temp_dir().join(format!("hvpatch-api-slow-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("api.sock");
-        let server = Server::bind(&path).unwrap();
+        let (path, server) = bind_in("hvpatch-api-slow-");
         let stop = server.stop_flag();
         let t = std::thread::spawn(move || server.serve(&mut Slow::default()));
         // One client connects and says nothing; another sends its request byte by byte.
@@ -407,10 +410,7 @@ mod tests {
 
     #[test]
     fn a_request_line_that_never_ends_is_dropped() {
-        let dir = std::env::temp_dir().join(format!("hvpatch-api-drop-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("api.sock");
-        let server = Server::bind(&path).unwrap();
+        let (path, server) = bind_in("hvpatch-api-drop-");
         let stop = server.stop_flag();
         let t = std::thread::spawn(move || server.serve(&mut Echo));
         let mut s = UnixStream::connect(&path).unwrap();
