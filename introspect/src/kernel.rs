@@ -68,6 +68,9 @@ pub struct KernelInfo {
 pub struct Extras {
     /// BTF/ORC/per-CPU layout model (model.rs), built on first use.
     pub(crate) model: std::sync::OnceLock<crate::model::Model>,
+    /// Frame-pointer code outside the kernel's ORC (hvpatch's patch functions), set by the
+    /// patcher: unwinds go through it.
+    pub(crate) fp_text: std::sync::RwLock<Vec<(u64, u64)>>,
 }
 
 /// A guest kernel: symbols, KASLR, paging root. Build with [`Kernel::open`].
@@ -381,6 +384,24 @@ impl Kernel {
     /// Reads a NUL-terminated string of at most `max` bytes at a kernel VA (lossy UTF-8).
     pub fn read_cstr(&self, mem: &dyn PhysMemory, va: u64, max: usize) -> Option<String> {
         read_cstr(mem, self.root, va, max)
+    }
+
+    /// Declares code outside the kernel's ORC that keeps frame pointers (the functions of
+    /// loaded patches; `[start, end)` ranges): stack unwinds go through it at return addresses
+    /// and call an interrupted ip in it unreliable. Replaces earlier ranges.
+    pub fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]) {
+        if let Ok(mut v) = self.extras.fp_text.write() {
+            *v = ranges.to_vec();
+        }
+    }
+
+    /// The ranges of [`Kernel::set_frame_pointer_text`].
+    pub fn frame_pointer_text(&self) -> Vec<(u64, u64)> {
+        self.extras
+            .fp_text
+            .read()
+            .map(|v| v.clone())
+            .unwrap_or_default()
     }
 
     /// Lazily computed parts owned by the BTF/ORC/tasks modules (see [`Extras`]).

@@ -27,6 +27,12 @@ pub trait GuestAccess {
     /// `(name, offset, size)` of the symbol containing `addr`.
     fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)>;
 
+    /// Code outside the kernel's ORC that keeps frame pointers (see
+    /// [`crate::unwind::UnwindEnv::fp_text`]): hvpatch's patch functions.
+    fn frame_pointer_text(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+
     /// Guest-physical address of kernel virtual address `va`, if the view can translate.
     fn translate(&self, _va: u64) -> Option<u64> {
         None
@@ -495,6 +501,10 @@ impl GuestAccess for KernelGuest<'_> {
 
     fn translate(&self, va: u64) -> Option<u64> {
         self.kernel.translate(self.mem, va).ok()
+    }
+
+    fn frame_pointer_text(&self) -> Vec<(u64, u64)> {
+        self.kernel.frame_pointer_text()
     }
 
     fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {

@@ -78,13 +78,18 @@ impl StackReader for Reader<'_> {
     }
 }
 
-fn env<'a>(m: &'a Model, modules: &'a LazyModules<'a>) -> UnwindEnv<'a> {
+fn env<'a>(
+    m: &'a Model,
+    modules: &'a LazyModules<'a>,
+    fp_text: &'a [(u64, u64)],
+) -> UnwindEnv<'a> {
     UnwindEnv {
         orc: &m.orc,
         orc_ranges: &m.orc_ranges,
         text_ranges: &m.text_ranges,
         modules: Some(modules),
         regs: m.regs,
+        fp_text,
     }
 }
 
@@ -150,7 +155,8 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
         end: task.stack_base.wrapping_add(m.thread_size),
         ty: StackType::Task,
     }];
-    let w = walk(env(m, &LazyModules::new(g, m)), &stacks, &Reader(g), start);
+    let fp = g.frame_pointer_text();
+    let w = walk(env(m, &LazyModules::new(g, m), &fp), &stacks, &Reader(g), start);
     Ok(Stack {
         frames: frames(g, &w.frames, false),
         reliable: w.unreliable.is_none(),
@@ -266,7 +272,8 @@ pub fn vcpu_stack(
         bp: r.rbp(),
         signal: true,
     };
-    let w = walk(env(m, &LazyModules::new(g, m)), &stacks, &Reader(g), start);
+    let fp = g.frame_pointer_text();
+    let w = walk(env(m, &LazyModules::new(g, m), &fp), &stacks, &Reader(g), start);
     let idle = m
         .do_idle
         .is_some_and(|(s, e)| w.frames.iter().any(|&a| a > s && a <= e));

@@ -131,6 +131,10 @@ pub struct UnwindEnv<'a> {
     pub modules: Option<&'a dyn ModuleOrc>,
     /// `struct pt_regs` layout.
     pub regs: PtRegsLayout,
+    /// Code outside the kernel's ORC that keeps frame pointers (hvpatch's patch functions):
+    /// accepted as text and unwound through `rbp` at return addresses. An interrupted ip in it
+    /// (the prologue or epilogue may be half done) makes the stack unreliable.
+    pub fp_text: &'a [(u64, u64)],
 }
 
 impl std::fmt::Debug for UnwindEnv<'_> {
@@ -144,6 +148,12 @@ impl UnwindEnv<'_> {
     pub fn is_text(&self, ip: u64) -> bool {
         self.text_ranges.iter().any(|&(s, e)| ip >= s && ip < e)
             || self.modules.is_some_and(|m| m.is_text(ip))
+            || self.is_fp_text(ip)
+    }
+
+    /// Whether `ip` is in [`UnwindEnv::fp_text`].
+    pub fn is_fp_text(&self, ip: u64) -> bool {
+        self.fp_text.iter().any(|&(s, e)| ip >= s && ip < e)
     }
 
     /// `orc_find()`: vmlinux table for vmlinux text, else the module's table.
@@ -306,6 +316,15 @@ impl Walker<'_> {
             st.ip.wrapping_sub(1)
         };
         let orc = match self.env.orc_find(lookup) {
+            None if self.env.is_fp_text(lookup) => {
+                if st.signal {
+                    return self.err(
+                        st,
+                        format!("interrupted at {orig_ip:#x} in patch code (no unwind info)"),
+                    );
+                }
+                OrcEntry::FP_GUESS
+            }
             Some(o) => {
                 match o.ty {
                     OrcType::Undefined => {
@@ -592,6 +611,7 @@ pub(crate) mod tests {
             text_ranges: &ranges,
             modules: None,
             regs: layout(),
+            fp_text: &[(TEXT + 0x2000, TEXT + 0x3000)],
         };
         let stacks = [StackRange {
             start: STACK,
@@ -620,6 +640,43 @@ pub(crate) mod tests {
         assert_eq!(w.frames, vec![TEXT + 0x10, TEXT + 0x110, TEXT + 0x201]);
         assert_eq!(w.end, WalkEnd::EndOfStack);
         assert_eq!(w.unreliable, None);
+    }
+
+    #[test]
+    fn frame_pointer_text_unwinds_at_return_addresses_only() {
+        let sp = STACK + 0x3000;
+        let bp = STACK + 0x3100;
+        // ORC frame -> return into fp text -> bp chain -> END.
+        let mem = HashMap::from([
+            (sp + 8, TEXT + 0x2010),
+            (bp, 0),
+            (bp + 8, TEXT + 0x201),
+        ]);
+        let w = run(
+            &std_table(),
+            mem.clone(),
+            UnwindStart {
+                ip: TEXT + 0x10,
+                sp,
+                bp,
+                signal: true,
+            },
+        );
+        assert_eq!(w.frames, vec![TEXT + 0x10, TEXT + 0x2010, TEXT + 0x201]);
+        assert_eq!(w.end, WalkEnd::EndOfStack);
+        assert_eq!(w.unreliable, None);
+        // Interrupted inside the fp text: unreliable.
+        let w = run(
+            &std_table(),
+            mem,
+            UnwindStart {
+                ip: TEXT + 0x2010,
+                sp,
+                bp,
+                signal: true,
+            },
+        );
+        assert!(w.unreliable.unwrap().contains("patch code"));
     }
 
     #[test]

@@ -13,6 +13,20 @@
  *   HVPATCH_FUNC(cmdline_proc_show, new_show);      // replace cmdline_proc_show by new_show
  *   HVPATCH_FUNC_POS(some_static_fn, 2, new_fn);    // the 2nd `some_static_fn` in kallsyms order
  *   HVPATCH_SYMPOS(dup_static_var, 1);              // which duplicate an undefined reference means
+ *   HVPATCH_PATCH_FLAGS(HVPATCH_IMMEDIATE);         // optional: switch every task at once
+ *
+ * Calling the original: HVPATCH_ORIG(ret, name, args) declares `hvpatch_orig_<name>`, which
+ * runs the guest's original `name` (its body after the patched entry site), e.g. a wrapper:
+ *   HVPATCH_ORIG(ssize_t, pipe_read, (struct kiocb *iocb, struct iov_iter *to));
+ *   static ssize_t new_pipe_read(struct kiocb *iocb, struct iov_iter *to)
+ *   { count++; return hvpatch_orig_pipe_read(iocb, to); }
+ *
+ * Consistency (like klp's): by default enabling or disabling a patch is a transition. Each
+ * task switches to the new functions only when none of the functions the patch changes is on
+ * its stack (checked by hvpatch with the vCPUs paused), or when it returns to user space or
+ * passes the idle loop. Until then it keeps running the old versions, so functions patched
+ * together are always used together within one task. HVPATCH_IMMEDIATE (per function in
+ * HVPATCH_FUNC_FLAGS, or for the whole patch in HVPATCH_PATCH_FLAGS) skips this.
  *
  * Symbol resolution: every undefined symbol of the object is resolved against the guest's
  * kallsyms (exported or not, static included). A name that occurs at several addresses is
@@ -26,7 +40,7 @@
  * Rules of thumb:
  *   - the replacement must have the same signature as the old function;
  *   - it is entered by a `jmp` from the old function's ftrace site, with the old arguments;
- *   - immediate mode: there is no consistency model yet; do not change data layouts;
+ *   - the consistency model keeps call chains coherent, not data: do not change data layouts;
  *   - static variables in the patch live in the patch's data pages (zeroed on load).
  */
 #ifndef HVPATCH_H
@@ -44,6 +58,20 @@ struct hvpatch_func {
 	unsigned long sympos;
 	unsigned long flags;
 };
+
+/* Whole-patch flags (HVPATCH_IMMEDIATE: every function switches at once, no transition). */
+#define HVPATCH_PATCH_FLAGS(fl)                                                              \
+	static const unsigned long __hvpatch_flags                                            \
+		__attribute__((section(".hvpatch.flags"), used, aligned(8))) = (fl)
+
+/* Set by `hvpatch build`, which compiles with frame pointers: stacks through patch code unwind. */
+#ifdef __HVPATCH_FRAME_POINTERS
+static const char __hvpatch_unwind[]
+	__attribute__((section(".hvpatch.unwind"), used, aligned(1))) = "frame-pointer";
+#endif
+
+/* `hvpatch_orig_<name>(args)` runs the guest's original `name`, past its patched entry. */
+#define HVPATCH_ORIG(ret, name, args) extern ret hvpatch_orig_##name args __asm__("__hvpatch_orig_" #name)
 
 /* Position of an ambiguous undefined symbol among its duplicates in kallsyms. */
 struct hvpatch_sympos {

@@ -17,6 +17,10 @@
 //! * `-fno-jump-tables`: no indirect jumps through tables (retpoline/IBT safety).
 //! * `-fno-asynchronous-unwind-tables`: no .eh_frame (the kernel uses ORC; injected code has
 //!   none — see KERNEL-FACTS §4.2 about unwinding).
+//! * `-fno-omit-frame-pointer -mno-omit-leaf-frame-pointer`: every patch function keeps a
+//!   frame pointer, so the stack checks of the consistency model unwind through patch code
+//!   (the guest's ORC does not cover the arena); `-D__HVPATCH_FRAME_POINTERS` makes hvpatch.h
+//!   mark the object so.
 //! * `-fno-strict-aliasing -fno-delete-null-pointer-checks -fno-strict-overflow`: the kernel's
 //!   C dialect.
 
@@ -59,6 +63,9 @@ pub const KERNEL_CFLAGS: &[&str] = &[
     "-mfunction-return=thunk-extern",
     "-mharden-sls=all",
     "-fcf-protection=branch",
+    "-fno-omit-frame-pointer",
+    "-mno-omit-leaf-frame-pointer",
+    "-D__HVPATCH_FRAME_POINTERS",
 ];
 
 /// Errors from [`compile`].

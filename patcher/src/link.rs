@@ -104,7 +104,19 @@ pub trait Resolver {
     /// The guest's runtime return thunk: `None` when returns are plain `ret` (the kernel's
     /// `x86_return_thunk == __x86_return_thunk`), else the thunk to jump to.
     fn return_thunk(&self) -> Result<Option<u64>, LinkError>;
+    /// Where the original body of guest function `name` continues after its patch site
+    /// (`HVPATCH_ORIG`): the site address + 5.
+    fn original_body(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
+        let _ = sympos;
+        Err(LinkError::UnknownSymbol {
+            symbol: format!("{ORIG_PREFIX}{name}"),
+        })
+    }
 }
+
+/// Undefined symbols named `__hvpatch_orig_<fn>` (`HVPATCH_ORIG`) resolve to the original body
+/// of `<fn>` past its patch site.
+pub const ORIG_PREFIX: &str = "__hvpatch_orig_";
 
 /// One replaced function after linking.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +133,9 @@ pub struct LinkedFunc {
     pub new_addr: u64,
     /// Flags from the record.
     pub flags: u64,
+    /// Size of the new function in bytes.
+    #[serde(default)]
+    pub new_size: u64,
 }
 
 /// The linked images of a patch.
@@ -216,6 +231,19 @@ pub fn link(
             }
             SymbolSection::Absolute => sym.address(),
             SymbolSection::Undefined => {
+                if let Some(orig) = name.strip_prefix(ORIG_PREFIX) {
+                    // The sympos of the replaced function if this patch replaces it.
+                    let pos = obj
+                        .funcs
+                        .iter()
+                        .find(|f| f.old_name == orig)
+                        .map(|f| f.sympos)
+                        .or_else(|| obj.sympos.get(orig).copied())
+                        .unwrap_or(0);
+                    let a = r.original_body(orig, pos)?;
+                    resolved.insert(si.0, a);
+                    return Ok((a, name));
+                }
                 let pos = obj.sympos.get(&name).copied().unwrap_or(0);
                 match r.resolve(&name, pos) {
                     Ok(a) => a,
@@ -460,6 +488,7 @@ pub fn link(
             old_addr,
             new_addr: code_base.wrapping_add(f.new_offset),
             flags: f.flags,
+            new_size: f.new_size,
         });
     }
     Ok(Linked {

@@ -111,6 +111,9 @@ pub struct FuncRecord {
     pub new_offset: u64,
     /// Name of the new function in the object, if it has one.
     pub new_name: String,
+    /// Size of the new function in bytes (its ELF symbol size; else up to the next function
+    /// symbol or the end of its section).
+    pub new_size: u64,
 }
 
 /// Layout of the loadable sections.
@@ -143,6 +146,11 @@ pub struct PatchObject {
     pub undefined: Vec<String>,
     /// Section layout.
     pub layout: Layout,
+    /// `HVPATCH_PATCH_FLAGS` (`HVPATCH_IMMEDIATE`: the whole patch switches at once).
+    pub flags: u64,
+    /// Whether the object says its code keeps frame pointers (`hvpatch build` compiles with
+    /// `-fno-omit-frame-pointer` and marks the object), so that stacks through it unwind.
+    pub frame_pointers: bool,
     /// The object bytes.
     pub bytes: Vec<u8>,
 }
@@ -485,12 +493,14 @@ impl PatchObject {
                 if old_name.is_empty() {
                     return Err(bad(format!("function record {i}: empty old name")));
                 }
+                let new_size = func_size(&elf, *fs, *foff, pl.size);
                 funcs.push(FuncRecord {
                     old_name,
                     sympos: u64_at(d, i * FUNC_RECORD + 16),
                     flags: u64_at(d, i * FUNC_RECORD + 24),
                     new_offset: pl.offset + foff,
                     new_name: fname.clone(),
+                    new_size,
                 });
             }
         }
@@ -525,10 +535,25 @@ impl PatchObject {
                 sympos.insert(n, u64_at(d, i * SYMPOS_RECORD + 8));
             }
         }
+        let flags = meta_bytes(".hvpatch.flags")?
+            .map(|d| {
+                if d.len() != 8 {
+                    return Err(bad(format!(".hvpatch.flags size {} is not 8", d.len())));
+                }
+                Ok(u64_at(d, 0))
+            })
+            .transpose()?
+            .unwrap_or(0);
+        let frame_pointers = meta_bytes(".hvpatch.unwind")?
+            .map(cstr)
+            .transpose()?
+            .is_some_and(|s| s == "frame-pointer");
         Ok(Self {
             name,
             file_name: file,
             kernel_release,
+            flags,
+            frame_pointers,
             funcs,
             sympos,
             undefined: undefined.into_iter().collect(),
@@ -536,4 +561,23 @@ impl PatchObject {
             bytes: bytes.to_vec(),
         })
     }
+}
+
+/// Size of the function at `off` in section `sec` (`sec_size` bytes): its `STT_FUNC` symbol's
+/// size, else the distance to the next function symbol in the section or the section's end.
+fn func_size(elf: &ElfFile64<Endianness>, sec: SectionIndex, off: u64, sec_size: u64) -> u64 {
+    let in_sec = || {
+        elf.symbols()
+            .filter(move |s| s.section() == SymbolSection::Section(sec))
+            .filter(|s| s.kind() == object::SymbolKind::Text)
+    };
+    if let Some(s) = in_sec().find(|s| s.address() == off && s.size() > 0) {
+        return s.size();
+    }
+    let next = in_sec()
+        .map(|s| s.address())
+        .filter(|&a| a > off)
+        .min()
+        .unwrap_or(sec_size);
+    next.saturating_sub(off)
 }

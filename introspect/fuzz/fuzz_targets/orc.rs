@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
         text_ranges: &ranges,
         modules: None,
         regs,
+        fp_text: &[],
     };
     let stacks = [StackRange {
         start: STACK,
