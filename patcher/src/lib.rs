@@ -3,6 +3,7 @@
 
 pub mod arena;
 pub mod build;
+pub mod dispatch;
 pub mod engine;
 pub mod guest;
 pub mod kernel;
