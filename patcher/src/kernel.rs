@@ -106,3 +106,104 @@ impl Reachability for Kernel {
             .unwrap_or_default()
     }
 }
+
+/// The guest kernel's tasks and stacks for the consistency model.
+impl crate::view::TaskView for Kernel {
+    fn task_state_layout(&self, mem: &dyn PhysMemory) -> Option<crate::dispatch::TaskStateLayout> {
+        let m = self.model(mem).ok()?;
+        Some(crate::dispatch::TaskStateLayout {
+            current_task: m.percpu.current_task,
+            patch_state: m.task.patch_state?,
+        })
+    }
+
+    fn flags_offset(&self, mem: &dyn PhysMemory) -> u64 {
+        self.btf(mem)
+            .ok()
+            .and_then(|b| b.member_offset("task_struct", "thread_info.flags").ok())
+            .unwrap_or(0)
+    }
+
+    fn tasks(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+    ) -> Result<Vec<crate::view::TaskSnap>, String> {
+        let flags_off = crate::view::TaskView::flags_offset(self, mem);
+        let tasks = Kernel::tasks(self, mem, vcpus).map_err(|e| e.to_string())?;
+        tasks
+            .into_iter()
+            .map(|t| {
+                let flags = self
+                    .read_u64_virt(mem, t.addr.wrapping_add(flags_off))
+                    .map_err(|e| format!("flags of pid {}: {e}", t.pid))?;
+                let user_mode = t
+                    .running_on_vcpu
+                    .and_then(|v| vcpus.get(v))
+                    .is_some_and(|r| r.cpl() == 3);
+                Ok(crate::view::TaskSnap {
+                    addr: t.addr,
+                    pid: t.pid,
+                    tgid: t.tgid,
+                    comm: t.comm,
+                    patch_state: t.patch_state.unwrap_or(-1),
+                    flags,
+                    vcpu: t.running_on_vcpu,
+                    user_mode,
+                    is_idle: t.is_idle,
+                })
+            })
+            .collect()
+    }
+
+    fn stack(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+        task: &crate::view::TaskSnap,
+    ) -> crate::view::StackSnap {
+        let st = match task.vcpu {
+            Some(v) => self.vcpu_stack(mem, vcpus, v),
+            None => match self.task_at(mem, task.addr) {
+                Ok(t) => self.task_stack(mem, &t),
+                Err(e) => {
+                    return crate::view::StackSnap {
+                        reason: Some(e.to_string()),
+                        ..Default::default()
+                    }
+                }
+            },
+        };
+        match st {
+            Ok(s) => crate::view::StackSnap {
+                frames: s.frames.iter().map(|f| f.addr).collect(),
+                first_exact: task.vcpu.is_some(),
+                rendered: s.frames.iter().map(|f| f.render()).collect(),
+                reliable: s.reliable,
+                reason: s.reason,
+            },
+            Err(e) => crate::view::StackSnap {
+                reason: Some(e.to_string()),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]) {
+        Kernel::set_frame_pointer_text(self, ranges)
+    }
+
+    fn function_range(&self, addr: u64) -> Option<(u64, u64)> {
+        let s = self.symbolize(addr)?;
+        let start = addr - s.offset;
+        Some((start, start + s.size.max(1)))
+    }
+
+    fn symbol(&self, name: &str) -> Option<u64> {
+        self.lookup(name, None).ok()
+    }
+
+    fn translate(&self, mem: &dyn PhysMemory, va: u64) -> Option<u64> {
+        Kernel::translate(self, mem, va).ok()
+    }
+}

@@ -13,7 +13,9 @@ pub mod patchobj;
 pub mod reach;
 pub mod site;
 pub mod symbols;
+pub mod transition;
 pub mod unload;
+pub mod view;
 
 pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, Target};
 pub use guest::{GuestControl, GuestError, GuestEvent};

@@ -1,0 +1,74 @@
+//! What the consistency model asks of the guest kernel: its tasks with their livepatch state,
+//! their reliably unwound stacks, and a few symbols ([`TaskView`], implemented for
+//! `introspect::Kernel` in [`crate::kernel`]). Valid for one pause of every vCPU.
+
+use introspect::{PhysMemory, VcpuRegs};
+use serde::{Deserialize, Serialize};
+
+use crate::dispatch::TaskStateLayout;
+
+/// `TIF_PATCH_PENDING` (x86-64, 6.1 and 6.12: bit 13 of `thread_info.flags`).
+pub const TIF_PATCH_PENDING: u64 = 1 << 13;
+
+/// One task as the transition sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSnap {
+    /// `struct task_struct *`.
+    #[serde(with = "introspect::hex")]
+    pub addr: u64,
+    /// Thread id.
+    pub pid: i32,
+    /// Process id.
+    pub tgid: i32,
+    /// Name as /proc/PID/comm shows it.
+    pub comm: String,
+    /// `task_struct.patch_state` (-1 none, 0 unpatched, 1 patched).
+    pub patch_state: i32,
+    /// `thread_info.flags`.
+    #[serde(with = "introspect::hex")]
+    pub flags: u64,
+    /// The vCPU this task is `current` on.
+    pub vcpu: Option<usize>,
+    /// Running on a vCPU in user mode (no kernel frames).
+    pub user_mode: bool,
+    /// A CPU's idle task.
+    pub is_idle: bool,
+}
+
+/// A task's kernel stack.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StackSnap {
+    /// Return addresses, innermost first.
+    #[serde(with = "introspect::hex")]
+    pub frames: Vec<u64>,
+    /// Whether the first frame is an exact ip (a running task's), not a return address.
+    pub first_exact: bool,
+    /// The frames symbolized (`name+0xoff/0xsize`, bare addresses for patch code).
+    pub rendered: Vec<String>,
+    /// Whether livepatch's `arch_stack_walk_reliable()` rules accept it.
+    pub reliable: bool,
+    /// Why not.
+    pub reason: Option<String>,
+}
+
+/// The guest kernel's tasks and stacks, for transitions.
+pub trait TaskView {
+    /// Where the dispatcher finds `current->patch_state`; `None` on a kernel without
+    /// `task_struct.patch_state` (no CONFIG_LIVEPATCH).
+    fn task_state_layout(&self, mem: &dyn PhysMemory) -> Option<TaskStateLayout>;
+    /// Offset of `thread_info.flags` in `task_struct`.
+    fn flags_offset(&self, mem: &dyn PhysMemory) -> u64;
+    /// Every task: all threads and every CPU's idle task. Called with all vCPUs paused.
+    fn tasks(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs]) -> Result<Vec<TaskSnap>, String>;
+    /// The reliably unwound stack of `task` (from its vCPU's registers when it is running).
+    fn stack(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs], task: &TaskSnap) -> StackSnap;
+    /// Declares the patch code that keeps frame pointers (see
+    /// `introspect::Kernel::set_frame_pointer_text`).
+    fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]);
+    /// `[start, end)` of the kernel function containing `addr` (kallsyms).
+    fn function_range(&self, addr: u64) -> Option<(u64, u64)>;
+    /// Address of a unique symbol.
+    fn symbol(&self, name: &str) -> Option<u64>;
+    /// Guest-physical address of kernel virtual address `va`.
+    fn translate(&self, mem: &dyn PhysMemory, va: u64) -> Option<u64>;
+}
