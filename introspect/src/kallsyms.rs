@@ -10,7 +10,7 @@
 //! slice length.
 
 use memchr::memmem;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::KallsymsError;
 use crate::memory::PhysMemory;
@@ -41,7 +41,7 @@ const SCAN_CHUNK: usize = 1 << 20;
 const WINDOWS: [(u64, u64); 2] = [(4 << 20, 4 << 20), (64 << 20, 64 << 20)];
 
 /// The two table orders of `scripts/kallsyms.c`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TableOrder {
     /// offsets, relative_base, num_syms, names, markers, (seqs_of_names), token_table,
     /// token_index (6.1 and older).
@@ -52,7 +52,7 @@ pub enum TableOrder {
 }
 
 /// How addresses are encoded in `kallsyms_offsets`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AddressEncoding {
     /// CONFIG_KALLSYMS_ABSOLUTE_PERCPU: `off >= 0 ? off : relative_base - 1 - off`.
     AbsolutePercpu,
@@ -61,7 +61,7 @@ pub enum AddressEncoding {
 }
 
 /// Where the tables are (guest-physical addresses) and their global values.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KallsymsLayout {
     /// Table order.
     pub order: TableOrder,

@@ -2,7 +2,7 @@
 //! `Program` for a live guest). It holds only derived data; methods that read live memory take
 //! the guest's [`PhysMemory`] per call.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{KallsymsError, KernelError, PagingError, SymbolError};
 use crate::kallsyms::{self, KallsymsLayout};
@@ -22,7 +22,7 @@ const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
 const BANNER_MAX: usize = 512;
 
 /// Summary facts about the guest kernel.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelInfo {
     /// `uname -r`, from `linux_banner` (`"Linux version <release> ..."`).
     pub release: Option<String>,

@@ -1,7 +1,7 @@
 //! The KASLR slide, from `kallsyms_relative_base`, cross-checked against sources a guest user
 //! cannot forge: MSR_LSTAR, the IDT, and the kernel page tables.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{PagingError, SlideError};
 use crate::kallsyms::KallsymsLayout;
@@ -20,7 +20,7 @@ pub const KASLR_ALIGN: u64 = 0x20_0000;
 pub const CEA_IDT: u64 = 0xffff_fe00_0000_0000;
 
 /// Which independent check confirmed (or could not test) the slide.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CheckKind {
     /// MSR_LSTAR == runtime `entry_SYSCALL_64`.
     Lstar,
@@ -33,7 +33,7 @@ pub enum CheckKind {
 }
 
 /// Outcome of one check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CheckOutcome {
     /// The check ran and agreed.
     Passed,
@@ -42,7 +42,7 @@ pub enum CheckOutcome {
 }
 
 /// One check and its outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlideCheck {
     /// The check.
     pub kind: CheckKind,
@@ -51,7 +51,7 @@ pub struct SlideCheck {
 }
 
 /// The slide and where the kernel image is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlideReport {
     /// Runtime `_text`.
     #[serde(with = "crate::hex")]

@@ -1,6 +1,6 @@
 //! Kernel stacks of tasks and vCPUs, their reliability verdict, and the `/proc/PID/stack` view.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{GuestAccess, Model};
 use crate::modules::LazyModules;
@@ -9,7 +9,7 @@ use crate::tasks::{cpu_base, vcpu_cpus, Task};
 use crate::unwind::{walk, StackRange, StackReader, StackType, UnwindEnv, UnwindStart, WalkEnd};
 
 /// What a stack belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StackKind {
     /// A switched-out task (unwound from `thread.sp`).
     Sleeping,

@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::model::{GuestAccess, Model, ProcCommLayout, WorkerIdLayout, WorkerLayout};
@@ -69,7 +69,7 @@ pub struct VcpuCpu {
 }
 
 /// One task (thread).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     /// `struct task_struct *`.
     #[serde(with = "crate::hex")]

@@ -300,7 +300,8 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
             )?;
             let f = match what {
                 InspectWhat::Kernel => crate::format::kernel,
-                InspectWhat::Symbols | InspectWhat::Symbol => crate::format::symbols,
+                InspectWhat::Symbols => crate::format::symbols,
+                InspectWhat::Symbol => crate::format::symbol,
                 InspectWhat::Tasks => crate::format::tasks,
                 InspectWhat::Stacks => crate::format::stacks,
                 InspectWhat::Vcpus => crate::format::vcpus,
@@ -348,7 +349,7 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                     },
                     CLIENT_TIMEOUT + wait,
                 )?;
-                print_result(&v, *json, crate::format::patch);
+                print_result(&v, *json, crate::format::unloaded);
             }
             PatchOp::List { json } => print_result(
                 &request(socket, &Request::PatchList {})?,

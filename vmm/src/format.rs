@@ -1,8 +1,17 @@
-//! Human-readable rendering of API results for the CLI (`--json` prints them raw).
+//! Human-readable rendering of API results for the CLI (`--json` prints them raw). Each
+//! formatter reads the result as its type from `api::types` (the one the server builds); a
+//! result that does not fit (a much older or newer server) is printed as JSON.
 
 use std::fmt::Write as _;
 
+use introspect::slide::CheckOutcome;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::api::types::{
+    FrameLine, Patch, PatchState, StackView, Stacks, Status, SymbolLine, SymbolMatch, TaskResult,
+    Unloaded, Vcpu,
+};
 
 fn pretty(v: &Value) -> String {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
@@ -10,323 +19,257 @@ fn pretty(v: &Value) -> String {
     s
 }
 
-/// An address from the API: a hex string (`"0xffffffff81000000"`) or, from older servers, a
-/// JSON number.
-fn addr(v: &Value) -> Option<u64> {
-    match v {
-        Value::String(s) => introspect::hex::parse_hex(s).ok(),
-        other => other.as_u64(),
+/// Renders `v` read as `T` with `f`, or as JSON when it is not a `T`.
+fn typed<T: DeserializeOwned>(v: &Value, f: impl FnOnce(&T) -> String) -> String {
+    match T::deserialize(v) {
+        Ok(t) => f(&t),
+        Err(e) => {
+            tracing::debug!("result not in the expected shape ({e}); printing it as JSON");
+            pretty(v)
+        }
     }
-}
-
-fn hex(v: &Value) -> String {
-    addr(v)
-        .map(|n| format!("{n:016x}"))
-        .unwrap_or_else(|| "?".repeat(16))
 }
 
 /// `vm status|pause|resume`.
 pub fn status(v: &Value) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "host:    {}", v["host"].as_str().unwrap_or("?"));
-    let _ = writeln!(s, "vcpus:   {}", v["vcpus"]);
-    let state = if v["paused"].as_bool() == Some(true) {
-        "paused"
-    } else {
-        "running"
-    };
-    let _ = writeln!(s, "state:   {state}");
-    if let Some(a) = v["patch_arena"].as_object() {
-        let _ = writeln!(
-            s,
-            "arena:   {:#x} + {:#x} (e820 reserved)",
-            addr(&a["start"]).unwrap_or(0),
-            a["len"].as_u64().unwrap_or(0)
-        );
-    }
-    if let Some(p) = v["patches"].as_u64() {
-        let _ = writeln!(s, "patches: {p}");
-    }
-    s
+    typed(v, |st: &Status| {
+        let mut s = String::new();
+        let _ = writeln!(s, "host:    {}", st.host);
+        let _ = writeln!(s, "vcpus:   {}", st.vcpus);
+        let state = if st.paused { "paused" } else { "running" };
+        let _ = writeln!(s, "state:   {state}");
+        if let Some(a) = &st.patch_arena {
+            let _ = writeln!(s, "arena:   {:#x} + {:#x} (e820 reserved)", a.start, a.len);
+        }
+        let _ = writeln!(s, "patches: {}", st.patches);
+        s
+    })
 }
 
 /// `inspect kernel`: release, KASLR, paging, where kallsyms is, and the slide cross-checks.
 pub fn kernel(v: &Value) -> String {
-    if !v.is_object() {
-        return pretty(v);
-    }
-    let h = |k: &str| {
-        addr(&v[k])
-            .map(|n| format!("{n:#x}"))
-            .unwrap_or_else(|| "?".into())
-    };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "release:        {}",
-        v["release"].as_str().unwrap_or("?")
-    );
-    let _ = writeln!(
-        s,
-        "_text:          {} (physical {})",
-        h("text"),
-        h("text_pa")
-    );
-    let _ = writeln!(s, "KASLR slide:    {}", h("slide"));
-    let _ = writeln!(s, "phys_base:      {}", h("phys_base"));
-    let _ = writeln!(
-        s,
-        "paging:         {}-level, kernel PGD at {}, PTI {}",
-        v["paging_levels"],
-        h("pgd_pa"),
-        if v["pti"].as_bool() == Some(true) {
-            "on"
-        } else {
-            "off"
-        }
-    );
-    let k = &v["kallsyms"];
-    let _ = writeln!(
-        s,
-        "kallsyms:       {} symbols, {} table order, token table at physical {}",
-        v["num_syms"],
-        k["order"].as_str().unwrap_or("?"),
-        addr(&k["token_table_pa"])
-            .map(|n| format!("{n:#x}"))
-            .unwrap_or_else(|| "?".into())
-    );
-    for c in v["slide_report"]["checks"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        let outcome = match &c["outcome"] {
-            Value::String(o) => o.to_lowercase(),
-            Value::Object(o) => o
-                .iter()
-                .map(|(k, why)| format!("{} ({})", k.to_lowercase(), why.as_str().unwrap_or("")))
-                .collect(),
-            other => other.to_string(),
-        };
+    typed(v, |k: &introspect::KernelInfo| {
+        let mut s = String::new();
+        let _ = writeln!(s, "release:        {}", k.release.as_deref().unwrap_or("?"));
         let _ = writeln!(
             s,
-            "slide check:    {:<16} {outcome}",
-            c["kind"].as_str().unwrap_or("?")
+            "_text:          {:#x} (physical {:#x})",
+            k.text, k.text_pa
         );
-    }
-    s
+        let _ = writeln!(s, "KASLR slide:    {:#x}", k.slide);
+        let _ = writeln!(s, "phys_base:      {:#x}", k.phys_base);
+        let _ = writeln!(
+            s,
+            "paging:         {}-level, kernel PGD at {:#x}, PTI {}",
+            k.paging_levels,
+            k.pgd_pa,
+            if k.pti { "on" } else { "off" }
+        );
+        let _ = writeln!(
+            s,
+            "kallsyms:       {} symbols, {:?} table order, token table at physical {:#x}",
+            k.num_syms, k.kallsyms.order, k.kallsyms.token_table_pa
+        );
+        for c in &k.slide_report.checks {
+            let outcome = match &c.outcome {
+                CheckOutcome::Passed => "passed".to_string(),
+                CheckOutcome::Skipped(why) => format!("skipped ({why})"),
+            };
+            let _ = writeln!(
+                s,
+                "slide check:    {:<16} {outcome}",
+                format!("{:?}", c.kind)
+            );
+        }
+        s
+    })
 }
 
-/// `inspect symbols` / `inspect symbol NAME`: /proc/kallsyms-style lines.
+/// `inspect symbols`: /proc/kallsyms-style lines.
 pub fn symbols(v: &Value) -> String {
-    let Some(list) = v.as_array() else {
-        return pretty(v);
-    };
-    let mut s = String::new();
-    for sym in list {
-        let _ = write!(
-            s,
-            "{} {} {}",
-            hex(&sym["addr"]),
-            sym["type"].as_str().unwrap_or("?"),
-            sym["name"].as_str().unwrap_or("?")
-        );
-        if let Some(p) = sym["sympos"].as_u64() {
-            let _ = write!(s, "  sympos={p}");
+    typed(v, |list: &Vec<SymbolLine>| {
+        let mut s = String::new();
+        for y in list {
+            let _ = writeln!(s, "{:016x} {} {}", y.addr, y.kind, y.name);
         }
-        if let Some(z) = sym["size"].as_u64() {
-            let _ = write!(s, " size={z:#x}");
+        s
+    })
+}
+
+/// `inspect symbol NAME`: /proc/kallsyms-style lines with each match's sympos and size.
+pub fn symbol(v: &Value) -> String {
+    typed(v, |list: &Vec<SymbolMatch>| {
+        let mut s = String::new();
+        for y in list {
+            let _ = write!(
+                s,
+                "{:016x} {} {}  sympos={}",
+                y.addr, y.kind, y.name, y.sympos
+            );
+            if let Some(z) = y.size {
+                let _ = write!(s, " size={z:#x}");
+            }
+            s.push('\n');
         }
-        s.push('\n');
-    }
-    s
+        s
+    })
 }
 
 /// `inspect tasks`: a ps-like table.
 pub fn tasks(v: &Value) -> String {
-    let Some(list) = v.as_array() else {
-        return pretty(v);
-    };
-    let mut s = format!(
-        "{:>6} {:>6} {:<5} {:>4} {:<16} {}\n",
-        "PID", "TGID", "STATE", "VCPU", "COMM", "TASK"
-    );
-    for t in list {
-        let vcpu = t["running_on_vcpu"]
-            .as_u64()
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "-".into());
-        let _ = writeln!(
-            s,
-            "{:>6} {:>6} {:<5} {:>4} {:<16} {}",
-            t["pid"],
-            t["tgid"],
-            t["state_letter"]
-                .as_str()
-                .or(t["state"].as_str())
-                .unwrap_or("?"),
-            vcpu,
-            t["comm"].as_str().unwrap_or("?"),
-            hex(&t["addr"])
+    typed(v, |list: &Vec<TaskResult>| {
+        let mut s = format!(
+            "{:>6} {:>6} {:<5} {:>4} {:<16} {}\n",
+            "PID", "TGID", "STATE", "VCPU", "COMM", "TASK"
         );
-    }
-    s
+        for t in list {
+            let vcpu = t
+                .running_on_vcpu
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                s,
+                "{:>6} {:>6} {:<5} {:>4} {:<16} {:016x}",
+                t.pid, t.tgid, t.state_char, vcpu, t.comm, t.addr
+            );
+        }
+        s
+    })
 }
 
-fn frames(s: &mut String, frames: &Value) {
-    for f in frames.as_array().map(Vec::as_slice).unwrap_or_default() {
-        let sym = f["symbol"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| hex(&f["addr"]));
-        let _ = writeln!(s, "    {sym}");
+fn frames(s: &mut String, frames: &[FrameLine]) {
+    for f in frames {
+        let _ = writeln!(s, "    {}", f.symbol);
     }
 }
 
-fn verdict(st: &Value) -> String {
-    let kind = st["kind"].as_str().unwrap_or("");
-    let rel = if st["reliable"].as_bool() == Some(true) {
+fn verdict(st: &StackView) -> String {
+    let rel = if st.reliable {
         "reliable".to_string()
     } else {
-        format!("UNRELIABLE ({})", st["reason"].as_str().unwrap_or("?"))
+        format!("UNRELIABLE ({})", st.reason.as_deref().unwrap_or("?"))
     };
-    format!("{kind} {rel}")
+    format!("{:?} {rel}", st.kind)
 }
 
 /// `inspect stacks`: per task and per vCPU.
 pub fn stacks(v: &Value) -> String {
-    let mut s = String::new();
-    if let Some(cpus) = v["vcpus"].as_array() {
-        for c in cpus {
-            let _ = writeln!(s, "vcpu {}: {}", c["vcpu"], verdict(&c["stack"]));
-            frames(&mut s, &c["stack"]["frames"]);
+    typed(v, |st: &Stacks| {
+        let mut s = String::new();
+        for c in &st.vcpus {
+            let _ = writeln!(s, "vcpu {}: {}", c.vcpu, verdict(&c.stack));
+            frames(&mut s, &c.stack.frames);
         }
-    }
-    if let Some(ts) = v["tasks"].as_array() {
-        for t in ts {
-            let _ = writeln!(
-                s,
-                "{} {}: {}",
-                t["pid"],
-                t["comm"].as_str().unwrap_or("?"),
-                verdict(&t["stack"])
-            );
-            frames(&mut s, &t["stack"]["frames"]);
+        for t in &st.tasks {
+            let _ = writeln!(s, "{} {}: {}", t.pid, t.comm, verdict(&t.stack));
+            frames(&mut s, &t.stack.frames);
         }
-    }
-    if s.is_empty() {
-        pretty(v)
-    } else {
         s
-    }
+    })
 }
 
 /// `inspect vcpus`.
 pub fn vcpus(v: &Value) -> String {
-    let Some(list) = v.as_array() else {
-        return pretty(v);
-    };
-    let mut s = String::new();
-    for c in list {
-        let _ = writeln!(
-            s,
-            "vcpu {}: {} rip={} rsp={} cr3={} current={} {}",
-            c["vcpu"],
-            c["mode"].as_str().unwrap_or("?"),
-            hex(&c["rip"]),
-            hex(&c["rsp"]),
-            hex(&c["cr3"]),
-            c["current_pid"],
-            c["current_comm"].as_str().unwrap_or("?")
-        );
-        if let Some(sym) = c["rip_symbol"].as_str() {
-            let _ = writeln!(s, "    at {sym}");
+    typed(v, |list: &Vec<Vcpu>| {
+        let mut s = String::new();
+        for c in list {
+            let _ = writeln!(
+                s,
+                "vcpu {}: {} rip={:016x} rsp={:016x} cr3={:016x} current={} {}",
+                c.vcpu,
+                c.mode.map(|m| format!("{m:?}")).as_deref().unwrap_or("?"),
+                c.rip,
+                c.rsp,
+                c.cr3,
+                c.current_pid
+                    .map(|p| p.to_string())
+                    .as_deref()
+                    .unwrap_or("null"),
+                c.current_comm.as_deref().unwrap_or("?")
+            );
+            if let Some(sym) = &c.rip_symbol {
+                let _ = writeln!(s, "    at {sym}");
+            }
         }
-    }
-    s
+        s
+    })
 }
 
-/// `patch load|unload|info`.
-pub fn patch(v: &Value) -> String {
-    let Some(name) = v["name"].as_str() else {
-        return pretty(v);
-    };
+fn patch_text(p: &Patch, unload: Option<&Unloaded>) -> String {
     let mut s = String::new();
-    let state = v["state"].as_str().unwrap_or("?");
-    let unloaded = state == "Unloaded";
-    let _ = writeln!(s, "patch {name}: {state}");
-    for f in v["functions"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        let pos = f["sympos"]
-            .as_u64()
-            .filter(|p| *p > 0)
-            .map(|p| format!(",{p}"))
-            .unwrap_or_default();
-        let active = if unloaded || state == "Held" {
+    let _ = writeln!(s, "patch {}: {:?}", p.name, p.state);
+    for f in &p.functions {
+        let pos = if f.sympos > 0 {
+            format!(",{}", f.sympos)
+        } else {
+            String::new()
+        };
+        let active = if p.state != PatchState::Enabled {
             "removed"
-        } else if f["active"].as_bool() == Some(true) {
+        } else if f.active {
             "active"
         } else {
             "superseded"
         };
         let _ = writeln!(
             s,
-            "    {}{pos} at {} -> {} ({active})",
-            f["old_name"].as_str().unwrap_or("?"),
-            hex(&f["old_addr"]),
-            hex(&f["new_addr"])
+            "    {}{pos} at {:016x} -> {:016x} ({active})",
+            f.old_name, f.old_addr, f.new_addr
         );
     }
-    if let Some(h) = v["held"].as_object() {
-        let _ = writeln!(
-            s,
-            "    disabled; code and data kept because {}",
-            h.get("by").and_then(Value::as_str).unwrap_or("?")
-        );
-        for f in h
-            .get("stack")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            let _ = writeln!(s, "        {}", f.as_str().unwrap_or("?"));
+    if let Some(h) = &p.held {
+        let _ = writeln!(s, "    disabled; code and data kept because {}", h.by);
+        for f in &h.stack {
+            let _ = writeln!(s, "        {f}");
         }
     }
-    let u = &v["unload"];
-    if let Some(checks) = u["checks"].as_u64().filter(|&c| c > 1) {
-        let _ = writeln!(
-            s,
-            "    waited {} µs ({checks} checks) until nothing in the guest could reach it; first held by {}",
-            u["waited_us"].as_u64().unwrap_or(0),
-            u["first_hold"]["by"].as_str().unwrap_or("?")
-        );
-    }
-    let (op, pause, total) = if unloaded {
-        ("unload", "unload_pause_us", "unload_us")
-    } else {
-        ("load", "pause_us", "load_us")
-    };
-    if let (Some(p), Some(t)) = (v[pause].as_u64(), v[total].as_u64()) {
-        let _ = writeln!(
-            s,
-            "    {op} took {t} µs, of which the guest was paused {p} µs"
-        );
+    match unload {
+        Some(u) => {
+            let r = &u.unload;
+            if r.checks > 1 {
+                let _ = writeln!(
+                    s,
+                    "    waited {} µs ({} checks) until nothing in the guest could reach it; first held by {}",
+                    r.waited_us,
+                    r.checks,
+                    r.first_hold.as_ref().map_or("?", |h| h.by.as_str())
+                );
+            }
+            let _ = writeln!(
+                s,
+                "    unload took {} µs, of which the guest was paused {} µs",
+                u.unload_us, u.unload_pause_us
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "    load took {} µs, of which the guest was paused {} µs",
+                p.load_us, p.pause_us
+            );
+        }
     }
     s
 }
 
+/// `patch load|info`.
+pub fn patch(v: &Value) -> String {
+    typed(v, |p: &Patch| patch_text(p, None))
+}
+
+/// `patch unload`.
+pub fn unloaded(v: &Value) -> String {
+    typed(v, |u: &Unloaded| patch_text(&u.patch, Some(u)))
+}
+
 /// `patch list`.
 pub fn patch_list(v: &Value) -> String {
-    let Some(list) = v.as_array() else {
-        return pretty(v);
-    };
-    if list.is_empty() {
-        return "no patches loaded\n".into();
-    }
-    list.iter().map(patch).collect()
+    typed(v, |list: &Vec<Patch>| {
+        if list.is_empty() {
+            return "no patches loaded\n".into();
+        }
+        list.iter().map(|p| patch_text(p, None)).collect()
+    })
 }
 
 #[cfg(test)]
@@ -342,13 +285,14 @@ mod tests {
         let want = "ffffffff81000000 T _text\n0000000000000000 A fixed_percpu_data\n";
         assert_eq!(super::symbols(&hex), want);
         assert_eq!(super::symbols(&num), want);
+        // Not a result of this shape: printed as JSON.
         let bad = json!([{"addr": "ffffffff81000000", "type": "T", "name": "x"}]);
-        assert_eq!(super::symbols(&bad), format!("{} T x\n", "?".repeat(16)));
+        assert_eq!(super::symbols(&bad), super::pretty(&bad));
 
         let one = json!([{"addr": "0xffffffff81234560", "type": "t", "name": "f",
                           "sympos": 2, "size": 96}]);
         assert_eq!(
-            super::symbols(&one),
+            super::symbol(&one),
             "ffffffff81234560 t f  sympos=2 size=0x60\n"
         );
 
@@ -359,26 +303,58 @@ mod tests {
             "{}",
             super::status(&st)
         );
-        let k = json!({"release": "6.12", "text": "0xffffffff9a000000", "text_pa": "0x2a00000",
-                       "slide": "0x19000000", "phys_base": "0x0", "paging_levels": 5,
-                       "pgd_pa": "0x2a0c000", "pti": false, "num_syms": 1,
-                       "kallsyms": {"order": "New", "token_table_pa": "0x3e1a000"},
-                       "slide_report": {"checks": []}});
+        let k = json!({"release": "6.12", "banner": "Linux version 6.12", "text": "0xffffffff9a000000",
+                       "text_pa": "0x2a00000", "slide": "0x19000000", "phys_base": "0x0",
+                       "paging_levels": 5, "pgd_pa": "0x2a0c000", "pti": false, "num_syms": 1,
+                       "kallsyms": {"order": "New", "encoding": "Relative", "num_syms": 1,
+                                    "num_syms_pa": "0x3e00000", "names_pa": "0x3e00008",
+                                    "markers_pa": "0x3e10000", "seqs_of_names_pa": null,
+                                    "token_table_pa": "0x3e1a000", "token_index_pa": "0x3e1b000",
+                                    "offsets_pa": "0x3e1c000", "relative_base_pa": "0x3e2c000",
+                                    "relative_base": "0xffffffff9a000000"},
+                       "slide_report": {"text": "0xffffffff9a000000", "slide": "0x19000000",
+                                        "text_pa": "0x2a00000", "phys_base": "0x0",
+                                        "checks": [{"kind": "Lstar", "outcome": "Passed"},
+                                                   {"kind": "PhysLayout", "outcome": {"Skipped": "why"}}]}});
         let text = super::kernel(&k);
         assert!(
             text.contains("_text:          0xffffffff9a000000 (physical 0x2a00000)")
                 && text.contains("KASLR slide:    0x19000000")
                 && text.contains("kernel PGD at 0x2a0c000")
-                && text.contains("token table at physical 0x3e1a000"),
+                && text.contains("New table order, token table at physical 0x3e1a000")
+                && text.contains("Lstar            passed")
+                && text.contains("PhysLayout       skipped (why)"),
             "{text}"
         );
-        let p = json!({"name": "p", "state": "Enabled", "functions": [{"old_name": "f",
-                       "sympos": 0, "old_addr": "0xffffffff81234560",
-                       "new_addr": "0xffffffffc0001000", "active": true}]});
+        let range = json!({"va": "0xffffffffc0001000", "len": 64, "pages": ["0x1fe00000"]});
+        let p = json!({"name": "p", "file_name": "p.o", "kernel_release": null, "state": "Enabled",
+                       "functions": [{"old_name": "f", "sympos": 0, "old_addr": "0xffffffff81234560",
+                                      "site": "0xffffffff81234564", "new_addr": "0xffffffffc0001000",
+                                      "active": true, "flags": 1}],
+                       "code": range, "data": range, "return_sites": 0, "pause_us": 12,
+                       "load_us": 340, "held": null});
+        let text = super::patch(&p);
         assert!(
-            super::patch(&p).contains("f at ffffffff81234560 -> ffffffffc0001000 (active)"),
-            "{}",
-            super::patch(&p)
+            text.contains("f at ffffffff81234560 -> ffffffffc0001000 (active)")
+                && text.contains("load took 340 µs, of which the guest was paused 12 µs"),
+            "{text}"
         );
+        let mut u = p.clone();
+        u["state"] = json!("Unloaded");
+        u["functions"][0]["active"] = json!(false);
+        u["unload_pause_us"] = json!(7);
+        u["unload_us"] = json!(900);
+        u["unload"] = json!({"name": "p", "checks": 3, "waited_us": 800, "first_hold": null,
+                             "pause_us": 7, "total_pause_us": 20, "unload_us": 900});
+        let text = super::unloaded(&u);
+        assert!(
+            text.contains("patch p: Unloaded")
+                && text.contains("(removed)")
+                && text.contains("waited 800 µs (3 checks)")
+                && text.contains("unload took 900 µs, of which the guest was paused 7 µs"),
+            "{text}"
+        );
+        // Not an unload result: printed as JSON.
+        assert_eq!(super::unloaded(&p), super::pretty(&p));
     }
 }

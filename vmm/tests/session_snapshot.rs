@@ -30,7 +30,13 @@ fn call(s: &mut Session, req: Request) -> Response {
 fn ok(s: &mut Session, req: Request) -> Value {
     let r = call(s, req.clone());
     assert!(r.ok, "{req:?}: {:?}", r.error);
-    r.result.unwrap_or(Value::Null)
+    let v = r.result.unwrap_or(Value::Null);
+    // The result is exactly its type's serialized form (what the CLI and docs/API.md read).
+    let typed = req
+        .check_result(v.clone())
+        .unwrap_or_else(|e| panic!("{req:?}: result does not fit its type: {e}"));
+    assert_eq!(typed, v, "{req:?}");
+    v
 }
 
 fn err_kind(s: &mut Session, req: Request) -> (String, String) {

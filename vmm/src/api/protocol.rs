@@ -70,7 +70,8 @@ pub enum Request {
     },
 }
 
-/// Error details in a failed response.
+/// Error details in a failed response (made from a typed
+/// [`ReqError`](super::error::ReqError)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     /// Machine-readable category (`bad_request`, `guest`, `introspect`, `patch`, ...).
@@ -99,18 +100,6 @@ impl Response {
             ok: true,
             result: Some(result),
             error: None,
-        }
-    }
-
-    /// A failed response.
-    pub fn err(kind: &str, message: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            result: None,
-            error: Some(ApiError {
-                kind: kind.to_string(),
-                message: message.into(),
-            }),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{debug, warn};
 
+use super::error::ReqError;
 use super::protocol::{Request, Response, MAX_REQUEST_BYTES};
 
 /// Errors setting up or running the API server.
@@ -171,7 +172,10 @@ impl Server {
                             let _ = stream.set_nonblocking(false);
                             let _ = write_response(
                                 &stream,
-                                &Response::err("busy", format!("more than {MAX_CONNECTIONS} API connections at once; retry")),
+                                &ReqError::Busy(format!(
+                                    "more than {MAX_CONNECTIONS} API connections at once; retry"
+                                ))
+                                .into(),
                             );
                             continue;
                         }
@@ -248,10 +252,7 @@ fn serve_connection(
     }
     let resp = if line.len() > MAX_REQUEST_BYTES {
         warn!("API request over {MAX_REQUEST_BYTES} bytes refused");
-        Response::err(
-            "bad_request",
-            format!("request larger than {MAX_REQUEST_BYTES} bytes"),
-        )
+        ReqError::BadRequest(format!("request larger than {MAX_REQUEST_BYTES} bytes")).into()
     } else {
         match serde_json::from_slice::<Request>(&line) {
             Ok(req) => {
@@ -273,7 +274,7 @@ fn serve_connection(
                     }
                 }
             }
-            Err(e) => Response::err("bad_request", format!("malformed request: {e}")),
+            Err(e) => ReqError::BadRequest(format!("malformed request: {e}")).into(),
         }
     };
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;

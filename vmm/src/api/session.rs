@@ -6,11 +6,17 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use introspect::{Kernel, VcpuRegs};
 use patcher::kernel::KernelSymbols;
-use patcher::{Engine, GuestControl, PatchError, Target};
-use serde_json::{json, Value};
+use patcher::{Engine, GuestControl, Target};
+use serde::Serialize;
+use serde_json::Value;
 
+use super::error::ReqError;
 use super::protocol::{InspectWhat, Request, Response};
 use super::server::{Handler, Reply};
+use super::types::{
+    FrameLine, Patch, PatchArena, StackView, Stacks, Status, SymbolLine, SymbolMatch, TaskStack,
+    Unloaded, Vcpu, VcpuStack,
+};
 
 /// Longest banner compared when checking that the cached kernel model still fits the guest.
 const BANNER_MAX: usize = 512;
@@ -34,10 +40,7 @@ pub struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         for p in self.pending.drain(..) {
-            p.reply.send(Response::err(
-                "guest",
-                "the server is stopping; the patch stays disabled and held in the guest",
-            ));
+            p.reply.send(ReqError::Stopping.into());
         }
     }
 }
@@ -56,30 +59,13 @@ pub const MAX_UNLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 const REAP_FIRST: Duration = Duration::from_millis(100);
 const REAP_MAX: Duration = Duration::from_secs(5);
 
-/// A failed request: (kind, message).
-type ReqError = (&'static str, String);
-
-fn guest_err(e: patcher::GuestError) -> ReqError {
-    ("guest", e.to_string())
+/// A result on the wire.
+fn to_json<T: Serialize>(v: &T) -> Result<Value, ReqError> {
+    Ok(serde_json::to_value(v)?)
 }
 
-fn patch_err(e: PatchError) -> ReqError {
-    match e {
-        PatchError::NotLoaded(_) => ("not_found", e.to_string()),
-        PatchError::Held { .. } => ("held", e.to_string()),
-        PatchError::Guest(g) => ("guest", g.to_string()),
-        other => ("patch", other.to_string()),
-    }
-}
-
-/// A 64-bit address as the API writes it: a hex string (JSON numbers lose precision above
-/// 2^53 in jq and JavaScript).
-fn hx(v: u64) -> String {
-    introspect::hex::to_hex(v)
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ReqError> {
-    serde_json::to_value(v).map_err(|e| ("internal", e.to_string()))
+fn missing_kernel() -> ReqError {
+    ReqError::Internal("kernel model missing".into())
 }
 
 impl Session {
@@ -124,14 +110,14 @@ impl Session {
     ) -> Result<T, ReqError> {
         let was_paused = self.control.is_paused();
         if !was_paused {
-            self.control.pause().map_err(guest_err)?;
+            self.control.pause()?;
         }
         let regs: Result<Vec<VcpuRegs>, ReqError> = (0..self.control.vcpu_count())
-            .map(|i| self.control.regs(i).map_err(guest_err))
+            .map(|i| self.control.regs(i).map_err(ReqError::from))
             .collect();
         let result = regs.and_then(|regs| f(self, &regs));
         if !was_paused {
-            let resumed = self.control.resume().map_err(guest_err);
+            let resumed = self.control.resume().map_err(ReqError::from);
             if result.is_ok() {
                 resumed?;
             }
@@ -158,110 +144,133 @@ impl Session {
                 );
                 self.engine = Engine::new();
                 for p in self.pending.drain(..) {
-                    p.reply.send(Response::err(
-                        "guest",
-                        "the guest kernel changed (reboot) while the unload waited; its patches are gone",
-                    ));
+                    p.reply.send(ReqError::KernelChanged.into());
                 }
             }
-            let k = Kernel::open(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
+            let k = Kernel::open(mem, regs)?;
             self.kernel = Some(k);
         }
-        self.kernel
-            .as_ref()
-            .ok_or(("internal", "kernel model missing".to_string()))
+        self.kernel.as_ref().ok_or_else(missing_kernel)
     }
 
-    fn status(&mut self) -> Result<Value, ReqError> {
-        Ok(json!({
-            "host": self.host,
-            "vcpus": self.control.vcpu_count(),
-            "paused": self.control.is_paused(),
-            "patch_arena": self.control.patch_arena().map(|(s, l)| json!({"start": hx(s), "len": l})),
-            "patches": self.engine.list().len(),
-        }))
+    fn status(&mut self) -> Status {
+        Status {
+            host: self.host.to_string(),
+            vcpus: self.control.vcpu_count(),
+            paused: self.control.is_paused(),
+            patch_arena: self
+                .control
+                .patch_arena()
+                .map(|(start, len)| PatchArena { start, len }),
+            patches: self.engine.list().len(),
+        }
     }
 
     fn inspect(&mut self, what: InspectWhat, name: Option<String>) -> Result<Value, ReqError> {
         self.paused(|s, regs| {
             s.kernel(regs)?;
             let (Some(k), mem) = (s.kernel.as_ref(), s.control.memory()) else {
-                return Err(("internal", "kernel model missing".into()));
+                return Err(missing_kernel());
             };
             match what {
                 InspectWhat::Kernel => to_json(k.info()),
-                InspectWhat::Symbols => Ok(Value::Array(
-                    k.symbols()
+                InspectWhat::Symbols => {
+                    let all: Vec<SymbolLine> = k
+                        .symbols()
                         .iter()
-                        .map(|y| json!({"addr": hx(y.addr), "type": y.kind.to_string(), "name": y.name}))
-                        .collect(),
-                )),
+                        .map(|y| SymbolLine {
+                            addr: y.addr,
+                            kind: y.kind,
+                            name: y.name.to_string(),
+                        })
+                        .collect();
+                    to_json(&all)
+                }
                 InspectWhat::Symbol => {
-                    let name = name.ok_or(("bad_request", "inspect symbol needs a name".to_string()))?;
+                    let name = name.ok_or_else(|| {
+                        ReqError::BadRequest("inspect symbol needs a name".into())
+                    })?;
                     let mut all: Vec<_> = k.symbols().lookup_all(&name).collect();
                     all.sort_by_key(|y| y.index);
                     if all.is_empty() {
-                        return Err(("not_found", format!("no symbol named {name} in the guest kernel")));
+                        return Err(ReqError::NoSymbol(name));
                     }
-                    Ok(Value::Array(
-                        all.iter()
-                            .enumerate()
-                            .map(|(i, y)| {
-                                let size = k.symbolize(y.addr).filter(|r| r.addr == y.addr).map(|r| r.size);
-                                json!({"addr": hx(y.addr), "type": y.kind.to_string(), "name": y.name,
-                                       "sympos": i + 1, "size": size})
-                            })
-                            .collect(),
-                    ))
+                    let matches: Vec<SymbolMatch> = all
+                        .iter()
+                        .enumerate()
+                        .map(|(i, y)| SymbolMatch {
+                            addr: y.addr,
+                            kind: y.kind,
+                            name: y.name.to_string(),
+                            sympos: i + 1,
+                            size: k
+                                .symbolize(y.addr)
+                                .filter(|r| r.addr == y.addr)
+                                .map(|r| r.size),
+                        })
+                        .collect();
+                    to_json(&matches)
                 }
-                InspectWhat::Tasks => {
-                    let tasks = k.tasks(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
-                    to_json(&tasks)
-                }
+                InspectWhat::Tasks => to_json(&k.tasks(mem, regs)?),
                 InspectWhat::Stacks => {
-                    let tasks = k.tasks(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
+                    let tasks = k.tasks(mem, regs)?;
                     let mut vcpus = Vec::new();
                     for i in 0..regs.len() {
-                        let st = k.vcpu_stack(mem, regs, i).map_err(|e| ("introspect", e.to_string()))?;
-                        vcpus.push(json!({"vcpu": i, "stack": stack_json(k, mem, &st)}));
+                        let st = k.vcpu_stack(mem, regs, i)?;
+                        vcpus.push(VcpuStack {
+                            vcpu: i,
+                            stack: stack_view(k, mem, &st),
+                        });
                     }
                     let mut out = Vec::new();
                     for t in tasks.iter().filter(|t| t.running_on_vcpu.is_none()) {
-                        let st = k.task_stack(mem, t).map_err(|e| ("introspect", e.to_string()))?;
-                        out.push(json!({"pid": t.pid, "comm": t.comm, "addr": hx(t.addr), "stack": stack_json(k, mem, &st)}));
+                        let st = k.task_stack(mem, t)?;
+                        out.push(TaskStack {
+                            pid: t.pid,
+                            comm: t.comm.clone(),
+                            addr: t.addr,
+                            stack: stack_view(k, mem, &st),
+                        });
                     }
-                    Ok(json!({"vcpus": vcpus, "tasks": out}))
+                    to_json(&Stacks { vcpus, tasks: out })
                 }
                 InspectWhat::Vcpus => {
-                    let tasks = k.tasks(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
-                    let cpus = k.vcpu_cpus(mem, regs).map_err(|e| ("introspect", e.to_string()))?;
+                    let tasks = k.tasks(mem, regs)?;
+                    let cpus = k.vcpu_cpus(mem, regs)?;
                     let mut out = Vec::new();
                     for (i, r) in regs.iter().enumerate() {
                         let st = k.vcpu_stack(mem, regs, i).ok();
                         let cur = cpus.get(i).and_then(|c| c.current);
                         let task = cur.and_then(|a| tasks.iter().find(|t| t.addr == a));
-                        out.push(json!({
-                            "vcpu": i,
-                            "cpu": cpus.get(i).and_then(|c| c.cpu),
-                            "mode": st.as_ref().map(|s| format!("{:?}", s.kind)),
-                            "rip": hx(r.rip), "rsp": hx(r.rsp()), "cr3": hx(r.cr3), "cpl": r.cpl(),
-                            "rip_symbol": if r.cpl() == 0 { k.symbolize(r.rip).map(|y| y.to_string()) } else { None },
-                            "current": cur.map(hx),
-                            "current_pid": task.map(|t| t.pid),
-                            "current_comm": task.map(|t| t.comm.clone()),
-                            "stack": st.as_ref().map(|st| stack_json(k, mem, st)),
-                        }));
+                        out.push(Vcpu {
+                            vcpu: i,
+                            cpu: cpus.get(i).and_then(|c| c.cpu),
+                            mode: st.as_ref().map(|s| s.kind),
+                            rip: r.rip,
+                            rsp: r.rsp(),
+                            cr3: r.cr3,
+                            cpl: r.cpl(),
+                            rip_symbol: if r.cpl() == 0 {
+                                k.symbolize(r.rip).map(|y| y.to_string())
+                            } else {
+                                None
+                            },
+                            current: cur,
+                            current_pid: task.map(|t| t.pid),
+                            current_comm: task.map(|t| t.comm.clone()),
+                            stack: st.as_ref().map(|st| stack_view(k, mem, st)),
+                        });
                     }
-                    Ok(Value::Array(out))
+                    to_json(&out)
                 }
             }
         })
     }
 
-    fn patch_load(&mut self, object_base64: &str, file_name: &str) -> Result<Value, ReqError> {
+    fn patch_load(&mut self, object_base64: &str, file_name: &str) -> Result<Patch, ReqError> {
         let object = base64::engine::general_purpose::STANDARD
             .decode(object_base64)
-            .map_err(|e| ("bad_request", format!("object_base64 is not base64: {e}")))?;
+            .map_err(|e| ReqError::BadRequest(format!("object_base64 is not base64: {e}")))?;
         // Build the kernel model while paused (consistent registers), then let the engine do
         // its own preparation outside and its writes inside its own pause window.
         // EFER.NXE decides whether the arena's data pages may carry NX; read it in the same pause.
@@ -270,7 +279,7 @@ impl Session {
             Ok(regs.first().is_some_and(|r| r.nx_enabled()))
         })?;
         let Some(kernel) = self.kernel.as_ref() else {
-            return Err(("internal", "kernel model missing".into()));
+            return Err(missing_kernel());
         };
         let syms = KernelSymbols::new(kernel, self.control.memory());
         let target = Target {
@@ -279,9 +288,8 @@ impl Session {
         };
         let info = self
             .engine
-            .load(self.control.as_mut(), &target, &object, file_name)
-            .map_err(patch_err)?;
-        to_json(&info)
+            .load(self.control.as_mut(), &target, &object, file_name)?;
+        Ok(info.into())
     }
 
     /// Starts an unload: disables the patch and checks once. Freed at once: the result. Still
@@ -291,23 +299,22 @@ impl Session {
             let info = self
                 .engine
                 .info(name)
-                .ok_or(("not_found", format!("no patch named {name} is loaded")))?;
+                .ok_or_else(|| ReqError::NoPatch(name.to_string()))?;
             self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
             let Some(kernel) = self.kernel.as_ref() else {
-                return Err(("internal", "kernel model missing".to_string()));
+                return Err(missing_kernel());
             };
             let progress = self
                 .engine
-                .unload_start(self.control.as_mut(), name, kernel)
-                .map_err(patch_err)?;
+                .unload_start(self.control.as_mut(), name, kernel)?;
             Ok((info, progress))
         })();
         self.next_reap = Instant::now() + REAP_FIRST;
         self.reap_every = REAP_FIRST;
         match r {
-            Err((kind, msg)) => reply.send(Response::err(kind, msg)),
+            Err(e) => reply.send(e.into()),
             Ok((info, progress)) if progress.is_done() => {
-                reply.send(unloaded(&info, &progress.report));
+                reply.send(unloaded(info, progress.report));
             }
             Ok((info, progress)) => self.pending.push(PendingUnload {
                 next_check: progress.next_check(),
@@ -343,19 +350,15 @@ impl Session {
             // next one, whatever the number of waiting unloads.
             self.next_unload_check = Instant::now() + t0.elapsed() * 10;
             let done = match step {
-                Ok(true) => Some(unloaded(&p.info, &p.progress.report)),
+                Ok(true) => Some(unloaded(p.info.clone(), p.progress.report.clone())),
                 Ok(false) if p.progress.elapsed() >= p.timeout => {
-                    let (kind, msg) = patch_err(p.progress.timed_out());
-                    Some(Response::err(kind, msg))
+                    Some(ReqError::from(p.progress.timed_out()).into())
                 }
                 Ok(false) => {
                     p.next_check = p.progress.next_check();
                     None
                 }
-                Err(e) => {
-                    let (kind, msg) = patch_err(e);
-                    Some(Response::err(kind, msg))
-                }
+                Err(e) => Some(ReqError::from(e).into()),
             };
             if let Some(resp) = done {
                 self.pending.swap_remove(i).reply.send(resp);
@@ -376,42 +379,34 @@ struct PendingUnload {
 }
 
 /// The result of a finished unload: the patch as it was, `Unloaded`, with the report.
-fn unloaded(info: &patcher::PatchInfo, report: &patcher::UnloadReport) -> Response {
-    let mut v = match to_json(info) {
-        Ok(v) => v,
-        Err((kind, msg)) => return Response::err(kind, msg),
-    };
-    v["state"] = json!("Unloaded");
-    // None of its functions is live any more.
-    if let Some(fs) = v["functions"].as_array_mut() {
-        for f in fs {
-            f["active"] = json!(false);
-        }
+fn unloaded(info: patcher::PatchInfo, report: patcher::UnloadReport) -> Response {
+    match to_json(&Unloaded::new(info, report)) {
+        Ok(v) => Response::ok(v),
+        Err(e) => e.into(),
     }
-    v["held"] = Value::Null;
-    v["unload_pause_us"] = json!(report.pause_us);
-    v["unload_us"] = json!(report.unload_us);
-    match to_json(report) {
-        Ok(r) => v["unload"] = r,
-        Err((kind, msg)) => return Response::err(kind, msg),
-    }
-    Response::ok(v)
 }
 
 /// A stack as the API reports it: frames rendered `name+0xoff/0xsize`, and `proc`, the lines
 /// the guest's `/proc/PID/stack` would show for it.
-fn stack_json(
+fn stack_view(
     k: &Kernel,
     mem: &dyn introspect::PhysMemory,
     st: &introspect::stack::Stack,
-) -> Value {
-    json!({
-        "kind": format!("{:?}", st.kind),
-        "reliable": st.reliable,
-        "reason": st.reason,
-        "frames": st.frames.iter().map(|f| json!({"addr": hx(f.addr), "symbol": f.render()})).collect::<Vec<_>>(),
-        "proc": k.proc_stack_view(mem, st).unwrap_or_default(),
-    })
+) -> StackView {
+    StackView {
+        kind: st.kind,
+        reliable: st.reliable,
+        reason: st.reason.clone(),
+        frames: st
+            .frames
+            .iter()
+            .map(|f| FrameLine {
+                addr: f.addr,
+                symbol: f.render(),
+            })
+            .collect(),
+        proc: k.proc_stack_view(mem, st).unwrap_or_default(),
+    }
 }
 
 impl Handler for Session {
@@ -423,32 +418,34 @@ impl Handler for Session {
                     .min(MAX_UNLOAD_TIMEOUT);
                 return self.patch_unload(&name, timeout, reply);
             }
-            Request::Status {} => self.status(),
-            Request::Pause {} => self
-                .control
-                .pause()
-                .map_err(guest_err)
-                .and_then(|_| self.status()),
-            Request::Resume {} => self
-                .control
-                .resume()
-                .map_err(guest_err)
-                .and_then(|_| self.status()),
+            Request::Status {} => to_json(&self.status()),
+            Request::Pause {} => match self.control.pause() {
+                Ok(()) => to_json(&self.status()),
+                Err(e) => Err(e.into()),
+            },
+            Request::Resume {} => match self.control.resume() {
+                Ok(()) => to_json(&self.status()),
+                Err(e) => Err(e.into()),
+            },
             Request::Inspect { what, name } => self.inspect(what, name),
             Request::PatchLoad {
                 object_base64,
                 file_name,
-            } => self.patch_load(&object_base64, &file_name),
-            Request::PatchList {} => to_json(&self.engine.list()),
-            Request::PatchInfo { name } => self
-                .engine
-                .info(&name)
-                .ok_or(("not_found", format!("no patch named {name} is loaded")))
-                .and_then(|i| to_json(&i)),
+            } => self
+                .patch_load(&object_base64, &file_name)
+                .and_then(|p| to_json(&p)),
+            Request::PatchList {} => {
+                let list: Vec<Patch> = self.engine.list().into_iter().map(Patch::from).collect();
+                to_json(&list)
+            }
+            Request::PatchInfo { name } => match self.engine.info(&name) {
+                Some(i) => to_json(&Patch::from(i)),
+                None => Err(ReqError::NoPatch(name)),
+            },
         };
         reply.send(match r {
             Ok(v) => Response::ok(v),
-            Err((kind, msg)) => Response::err(kind, msg),
+            Err(e) => e.into(),
         })
     }
 
