@@ -4,14 +4,18 @@
 pub mod arena;
 pub mod build;
 pub mod engine;
+mod func_stack;
 pub mod guest;
+pub mod info;
 pub mod kernel;
 pub mod link;
 pub mod paging;
 pub mod patchobj;
+pub mod plan;
 pub mod reach;
 pub mod site;
 pub mod symbols;
+mod txn;
 pub mod unload;
 
 pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, Target};
