@@ -109,13 +109,16 @@ pub enum SymbolError {
     },
     /// Several symbols have this name and no (non-zero) position was given.
     #[error(
-        "symbol {name:?} is ambiguous: {count} symbols have this name (give sympos 1..={count})"
+        "symbol {name:?} is ambiguous: {count} symbols have this name ({}); give sympos 1..={count}",
+        positions(addrs)
     )]
     Ambiguous {
         /// The name.
         name: String,
         /// How many symbols have it.
         count: u32,
+        /// Their addresses in kallsyms order (sympos 1, 2, ...).
+        addrs: Vec<u64>,
     },
     /// The position is larger than the number of symbols with this name.
     #[error("symbol {name:?} has no position {sympos}: only {count} symbols have this name")]
@@ -123,10 +126,20 @@ pub enum SymbolError {
         /// The name.
         name: String,
         /// The requested 1-based position.
-        sympos: u32,
+        sympos: u64,
         /// How many symbols have it.
         count: u32,
     },
+}
+
+/// `"sympos 1 = 0x…, 2 = 0x…"` for an ambiguous name's candidates.
+fn positions(addrs: &[u64]) -> String {
+    let list: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{} = {a:#x}", i + 1))
+        .collect();
+    format!("sympos {}", list.join(", "))
 }
 
 /// Errors computing or cross-checking the KASLR slide.

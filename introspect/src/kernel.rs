@@ -136,6 +136,16 @@ fn stable_root(mem: &dyn PhysMemory, root: PageRoot, symbols: &Symbols, text: u6
     }
 }
 
+/// The release (`uname -r`) in a `linux_banner` text: the word after `"Linux version "`
+/// (`"Linux version 6.1.0-18-amd64 (debian-kernel@...) ..."` → `"6.1.0-18-amd64"`). `None`
+/// when the text is not a banner.
+pub fn release_from_banner(banner: &str) -> Option<&str> {
+    banner
+        .strip_prefix("Linux version ")?
+        .split_whitespace()
+        .next()
+}
+
 impl Kernel {
     /// Finds the kernel: locates kallsyms in guest RAM, decodes it, and accepts the first
     /// candidate whose KASLR slide agrees with the page tables (and LSTAR / IDT when available)
@@ -231,8 +241,7 @@ impl Kernel {
             .and_then(|va| read_cstr(mem, root, va, BANNER_MAX));
         let release = banner
             .as_deref()
-            .and_then(|b| b.strip_prefix("Linux version "))
-            .and_then(|r| r.split_whitespace().next())
+            .and_then(release_from_banner)
             .map(str::to_string);
         let pti = detect_pti(mem, root, report.text);
         let info = KernelInfo {
@@ -452,5 +461,22 @@ impl From<VirtReadError> for KernelError {
             VirtReadError::Paging(p) => KernelError::Paging(p),
             VirtReadError::Mem(m) => KernelError::Mem(m),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::release_from_banner;
+
+    #[test]
+    fn release_is_the_word_after_linux_version() {
+        let b = "Linux version 6.1.0-18-amd64 (debian-kernel@lists.debian.org) (gcc-12) #1 SMP";
+        assert_eq!(release_from_banner(b), Some("6.1.0-18-amd64"));
+        assert_eq!(
+            release_from_banner("Linux version 5.10.0\0\0"),
+            Some("5.10.0\0\0")
+        );
+        assert_eq!(release_from_banner("Linux version "), None);
+        assert_eq!(release_from_banner("Linux 6.1"), None);
     }
 }

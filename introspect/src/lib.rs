@@ -41,4 +41,4 @@ pub use kernel::{Kernel, KernelInfo};
 pub use memory::{MemError, PhysMemory, SliceMemory, SliceRegion};
 pub use paging::{PageRoot, Walk, WalkEntry};
 pub use regs::VcpuRegs;
-pub use symbols::{Symbol, SymbolRef, Symbols};
+pub use symbols::{pick_sympos, Symbol, SymbolRef, Symbols};

@@ -60,6 +60,33 @@ fn name_key(name: &str) -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// The one "name + position among duplicates" rule, klp's `sympos` (`klp_find_object_symbol`):
+/// `addrs` are the addresses of every symbol named `name`, in kallsyms order; `sympos` 0
+/// requires the name to be unique (one entry, even where aliases share an address), `N` picks
+/// the `N`-th entry (1-based). Returns the index into `addrs`.
+pub fn pick_sympos(name: &str, addrs: &[u64], sympos: u64) -> Result<usize, SymbolError> {
+    let count = u32::try_from(addrs.len()).unwrap_or(u32::MAX);
+    match (addrs.len(), sympos) {
+        (0, _) => Err(SymbolError::Unknown {
+            name: name.to_string(),
+        }),
+        (1, 0) => Ok(0),
+        (_, 0) => Err(SymbolError::Ambiguous {
+            name: name.to_string(),
+            count,
+            addrs: addrs.to_vec(),
+        }),
+        (n, p) => match usize::try_from(p - 1) {
+            Ok(i) if i < n => Ok(i),
+            _ => Err(SymbolError::NoSuchPos {
+                name: name.to_string(),
+                sympos: p,
+                count,
+            }),
+        },
+    }
+}
+
 /// The kernel symbol table (core kernel, no modules), address-sorted like the kernel's.
 #[derive(Debug, Clone, Default)]
 pub struct Symbols {
@@ -227,8 +254,9 @@ impl Symbols {
             .filter_map(move |&i| self.get(i as usize))
     }
 
-    /// Address of `name`, with livepatch `sympos` semantics: `sympos` is the 1-based position
-    /// among same-named symbols in address order; `None`/`Some(0)` requires a unique name.
+    /// Address of `name`, with livepatch `sympos` semantics ([`pick_sympos`]): `sympos` is the
+    /// 1-based position among same-named symbols in table order; `None`/`Some(0)` requires a
+    /// unique name.
     pub fn lookup(&self, name: &str, sympos: Option<u32>) -> Result<u64, SymbolError> {
         self.lookup_symbol(name, sympos).map(|s| s.addr)
     }
@@ -240,29 +268,11 @@ impl Symbols {
         sympos: Option<u32>,
     ) -> Result<Symbol<'_>, SymbolError> {
         let (lo, hi) = self.name_range(name);
-        let count = u32::try_from(hi - lo).unwrap_or(u32::MAX);
-        let pick = match (count, sympos.unwrap_or(0)) {
-            (0, _) => {
-                return Err(SymbolError::Unknown {
-                    name: name.to_string(),
-                })
-            }
-            (1, 0) => 0,
-            (_, 0) => {
-                return Err(SymbolError::Ambiguous {
-                    name: name.to_string(),
-                    count,
-                })
-            }
-            (c, p) if p > c => {
-                return Err(SymbolError::NoSuchPos {
-                    name: name.to_string(),
-                    sympos: p,
-                    count: c,
-                })
-            }
-            (_, p) => (p - 1) as usize,
-        };
+        let addrs: Vec<u64> = self.by_name[lo..hi]
+            .iter()
+            .map(|&i| self.syms.get(i as usize).map_or(0, |r| r.addr))
+            .collect();
+        let pick = pick_sympos(name, &addrs, u64::from(sympos.unwrap_or(0)))?;
         let idx = self.by_name[lo + pick] as usize;
         self.get(idx).ok_or(SymbolError::Unknown {
             name: name.to_string(),
@@ -352,14 +362,16 @@ mod tests {
             s.lookup("dup", None),
             Err(SymbolError::Ambiguous {
                 name: "dup".into(),
-                count: 2
+                count: 2,
+                addrs: vec![0x1000, 0x1040]
             })
         );
         assert_eq!(
             s.lookup("dup", Some(0)),
             Err(SymbolError::Ambiguous {
                 name: "dup".into(),
-                count: 2
+                count: 2,
+                addrs: vec![0x1000, 0x1040]
             })
         );
         assert_eq!(s.lookup("dup", Some(2)), Ok(0x1040));
@@ -382,6 +394,37 @@ mod tests {
         assert!(s.symbolize(0x2000).is_none());
         let names: Vec<_> = s.iter().map(|x| x.name).collect();
         assert_eq!(names[3], "dup");
+    }
+
+    #[test]
+    fn pick_sympos_is_klps_rule() {
+        assert_eq!(pick_sympos("x", &[7], 0), Ok(0));
+        assert_eq!(pick_sympos("x", &[7], 1), Ok(0));
+        assert_eq!(pick_sympos("x", &[1, 2, 3], 3), Ok(2));
+        // Aliases at one address still make the name ambiguous (klp counts entries).
+        let e = pick_sympos("x", &[5, 5], 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "symbol \"x\" is ambiguous: 2 symbols have this name (sympos 1 = 0x5, 2 = 0x5); \
+             give sympos 1..=2"
+        );
+        let e = pick_sympos("x", &[1, 2], 3).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "symbol \"x\" has no position 3: only 2 symbols have this name"
+        );
+        assert!(matches!(
+            pick_sympos("x", &[1], u64::MAX),
+            Err(SymbolError::NoSuchPos {
+                sympos: u64::MAX,
+                count: 1,
+                ..
+            })
+        ));
+        assert_eq!(
+            pick_sympos("x", &[], 1),
+            Err(SymbolError::Unknown { name: "x".into() })
+        );
     }
 
     #[test]

@@ -350,7 +350,8 @@ fn check_lookup(d: &Dump, k: &Kernel) {
                 k.lookup(name, None),
                 Err(SymbolError::Ambiguous {
                     name: name.to_string(),
-                    count
+                    count,
+                    addrs: addrs.clone()
                 })
             );
             for (i, a) in addrs.iter().enumerate() {
@@ -365,7 +366,7 @@ fn check_lookup(d: &Dump, k: &Kernel) {
                 k.lookup(name, Some(count + 1)),
                 Err(SymbolError::NoSuchPos {
                     name: name.to_string(),
-                    sympos: count + 1,
+                    sympos: u64::from(count) + 1,
                     count
                 })
             );

@@ -14,21 +14,30 @@
 //! during the switch keeps running that code. Unloading (see `unload.rs`) therefore first
 //! disables the patch — its entries go back to the previous version at once — and frees its
 //! pages only when nothing in the guest can reach them any more.
+//!
+//! The parts: `plan.rs` computes a load before the pause, `txn.rs` is the write transaction
+//! inside it, `func_stack.rs` the per-site patch stacks, `info.rs` the public descriptions;
+//! this file holds the engine's state and the orchestration.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use introspect::PhysMemory;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::arena::{pte, Arena, ArenaError, ArenaInfo, PageKind, PAGE};
+use crate::arena::{Arena, ArenaError, ArenaInfo};
+use crate::func_stack::{SiteStack, StackEntry};
 use crate::guest::{GuestControl, GuestError};
-use crate::link::{link, pick_sympos, LinkError, Resolver, RETURN_THUNK};
+use crate::link::LinkError;
 use crate::paging::{KernelPaging, PagingError};
-use crate::patchobj::{ObjectError, PatchObject};
-use crate::site::{self, SiteOwner, NOP5};
+use crate::patchobj::ObjectError;
+use crate::plan::{plan_load, LoadPlan};
+use crate::site;
 use crate::symbols::SymbolSource;
+use crate::txn::{apply, paused};
+
+pub use crate::info::{ArenaRange, FuncInfo, OpTiming, PatchInfo, PatchState};
+pub use crate::plan::guest_release;
 
 /// Errors of engine operations. The guest is unchanged after any of them.
 #[derive(Debug, Error)]
@@ -108,91 +117,6 @@ pub enum PatchError {
     },
 }
 
-/// State of a loaded patch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PatchState {
-    /// Loaded, immediate mode (every function switched at once).
-    Enabled,
-    /// Unloaded (disabled: no function runs it any more) but its code and data pages are kept
-    /// because something in the guest may still execute, return into or read them; see
-    /// [`PatchInfo::held`]. They are freed once a later check finds them unreachable.
-    Held,
-}
-
-/// One replaced function.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FuncInfo {
-    /// Replaced function.
-    pub old_name: String,
-    /// Its sympos (0 = unique).
-    pub sympos: u64,
-    /// Its address.
-    #[serde(with = "introspect::hex")]
-    pub old_addr: u64,
-    /// Patch site (fn+0 or fn+4 after ENDBR).
-    #[serde(with = "introspect::hex")]
-    pub site: u64,
-    /// The new function's address (in the arena).
-    #[serde(with = "introspect::hex")]
-    pub new_addr: u64,
-    /// Whether this patch's version is the one running (top of the function's stack).
-    pub active: bool,
-    /// `HVPATCH_*` flags of the record (`HVPATCH_IMMEDIATE` = 1; every load is immediate today).
-    pub flags: u64,
-}
-
-/// A range of the arena used by a patch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArenaRange {
-    /// Kernel VA.
-    #[serde(with = "introspect::hex")]
-    pub va: u64,
-    /// Bytes used.
-    pub len: u64,
-    /// Guest-physical pages backing it.
-    #[serde(with = "introspect::hex")]
-    pub pages: Vec<u64>,
-}
-
-/// Public description of a loaded patch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PatchInfo {
-    /// Patch name.
-    pub name: String,
-    /// Object file name.
-    pub file_name: String,
-    /// HVPATCH_KERNEL, if any.
-    pub kernel_release: Option<String>,
-    /// State.
-    pub state: PatchState,
-    /// Replaced functions.
-    pub functions: Vec<FuncInfo>,
-    /// Code (RX).
-    pub code: ArenaRange,
-    /// Data (RW, NX).
-    pub data: ArenaRange,
-    /// Return-thunk sites rewritten by the linker.
-    pub return_sites: usize,
-    /// Time the vCPUs were paused for the load, µs.
-    pub pause_us: u64,
-    /// Whole load time, µs.
-    pub load_us: u64,
-    /// For a [`PatchState::Held`] patch: what held it at the last check.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub held: Option<crate::reach::Hold>,
-}
-
-/// Timing of the last load/unload.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OpTiming {
-    /// Preparation (before pausing).
-    pub prepare: Duration,
-    /// Pause window (pause → resume).
-    pub pause: Duration,
-    /// Total.
-    pub total: Duration,
-}
-
 /// What the engine needs to know about the guest kernel.
 #[derive(Clone, Copy)]
 pub struct Target<'a> {
@@ -223,31 +147,6 @@ impl<'a> Target<'a> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct StackEntry {
-    pub(crate) patch: String,
-    #[serde(with = "introspect::hex")]
-    pub(crate) new_addr: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct SiteStack {
-    pub(crate) func: String,
-    #[serde(with = "introspect::hex")]
-    pub(crate) site_pa: u64,
-    pub(crate) original: [u8; 5],
-    pub(crate) entries: Vec<StackEntry>,
-}
-
-impl SiteStack {
-    pub(crate) fn current_bytes(&self, site: u64) -> [u8; 5] {
-        match self.entries.last() {
-            Some(e) => site::jmp_bytes(site, e.new_addr).unwrap_or(self.original),
-            None => self.original,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Loaded {
     /// Unique for the engine's life (names repeat: a held patch and its reload).
     #[serde(default)]
@@ -258,16 +157,6 @@ pub(crate) struct Loaded {
     /// PTEs written at load: (page index, value).
     #[serde(with = "introspect::hex")]
     pub(crate) ptes: Vec<(usize, u64)>,
-}
-
-/// One planned write with the bytes expected there before it.
-#[derive(Debug, Clone)]
-pub(crate) struct Write {
-    pub(crate) pa: u64,
-    pub(crate) expect: Option<Vec<u8>>,
-    pub(crate) old: Vec<u8>,
-    pub(crate) new: Vec<u8>,
-    pub(crate) what: String,
 }
 
 /// The engine. Its whole state is serde-serializable ([`Engine::state`]), so a host process
@@ -285,49 +174,6 @@ pub struct Engine {
     pub(crate) last: OpTiming,
 }
 
-struct GuestResolver<'a> {
-    t: &'a Target<'a>,
-    mem: &'a dyn PhysMemory,
-}
-
-impl Resolver for GuestResolver<'_> {
-    fn resolve(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
-        pick_sympos(name, &self.t.symbols.addresses(name), sympos)
-    }
-
-    fn return_thunk(&self) -> Result<Option<u64>, LinkError> {
-        let rt = self.t.symbols.addresses(RETURN_THUNK).first().copied();
-        if let Some(var) = self.t.symbols.addresses("x86_return_thunk").first() {
-            let v = self
-                .t
-                .paging
-                .read_u64(self.mem, *var)
-                .map_err(|e| LinkError::Guest(e.to_string()))?;
-            if Some(v) == rt {
-                return Ok(None);
-            }
-            if self.t.symbols.symbolize(v).is_none() {
-                return Err(LinkError::Guest(format!(
-                    "x86_return_thunk = {v:#x} is not kernel text"
-                )));
-            }
-            return Ok(Some(v));
-        }
-        // Older kernels: no selectable thunk; `__x86_return_thunk` is either `ret` or the thunk.
-        match rt {
-            None => Ok(None),
-            Some(rt) => {
-                let mut b = [0u8; 1];
-                self.t
-                    .paging
-                    .read_virt(self.mem, rt, &mut b)
-                    .map_err(|e| LinkError::Guest(e.to_string()))?;
-                Ok(if b[0] == 0xc3 { None } else { Some(rt) })
-            }
-        }
-    }
-}
-
 /// A patch id never used before in this process (ids survive engine resets, so a waiting
 /// operation can never mistake a new patch for the one it waits for).
 pub(crate) fn fresh_id() -> u64 {
@@ -335,109 +181,9 @@ pub(crate) fn fresh_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Reads the guest's `uname -r` from `linux_banner` ("Linux version <release> (...").
-pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchError> {
-    let va = *t
-        .symbols
-        .addresses("linux_banner")
-        .first()
-        .ok_or_else(|| PatchError::Release("no linux_banner symbol".into()))?;
-    let mut b = [0u8; 160];
-    t.paging
-        .read_virt(mem, va, &mut b)
-        .map_err(|e| PatchError::Release(e.to_string()))?;
-    let s = String::from_utf8_lossy(&b);
-    let rest = s
-        .strip_prefix("Linux version ")
-        .ok_or_else(|| PatchError::Release(format!("unexpected banner {s:?}")))?;
-    let rel = rest.split(' ').next().unwrap_or("");
-    if rel.is_empty() {
-        return Err(PatchError::Release(format!("unexpected banner {s:?}")));
-    }
-    Ok(rel.to_string())
-}
-
-/// Names a dynamically allocated ftrace ops trampoline: ftrace copies `ftrace_caller` or
-/// `ftrace_regs_caller` into module space (`create_trampoline()`), so its first bytes match.
-fn ftrace_trampoline(mem: &dyn PhysMemory, t: &Target, addr: u64) -> Option<String> {
-    let mut here = [0u8; 24];
-    t.paging.read_virt(mem, addr, &mut here).ok()?;
-    for name in ["ftrace_regs_caller", "ftrace_caller"] {
-        let Some(&orig) = t.symbols.addresses(name).first() else {
-            continue;
-        };
-        let mut b = [0u8; 24];
-        if t.paging.read_virt(mem, orig, &mut b).is_ok() && b == here {
-            return Some(format!(
-                "{name} (a copy: ftrace ops trampoline at {addr:#x})"
-            ));
-        }
-    }
-    None
-}
-
-fn read(mem: &dyn PhysMemory, pa: u64, len: usize) -> Result<Vec<u8>, PatchError> {
-    let mut b = vec![0u8; len];
-    mem.read_phys(pa, &mut b)
-        .map_err(|e| PatchError::Memory(e.to_string()))?;
-    Ok(b)
-}
-
+/// `d` in whole microseconds.
 pub(crate) fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Runs `f` with all vCPUs paused (unless the caller had them paused already).
-pub(crate) fn paused<T>(
-    ctl: &mut dyn GuestControl,
-    f: impl FnOnce(&mut dyn GuestControl) -> Result<T, PatchError>,
-) -> Result<(T, Duration), PatchError> {
-    let was = ctl.is_paused();
-    let t = Instant::now();
-    if !was {
-        ctl.pause()?;
-    }
-    let r = f(ctl);
-    let resumed = if was { Ok(()) } else { ctl.resume() };
-    let d = t.elapsed();
-    let v = r?;
-    resumed?;
-    Ok((v, d))
-}
-
-/// Verifies then applies `writes` in order; on failure restores what was written.
-pub(crate) fn apply(ctl: &mut dyn GuestControl, writes: &mut [Write]) -> Result<(), PatchError> {
-    for w in writes.iter_mut() {
-        if let Some(exp) = &w.expect {
-            let cur = read(ctl.memory(), w.pa, exp.len())?;
-            if &cur != exp {
-                return Err(PatchError::Changed(format!(
-                    "{} at {:#x}: expected {}, found {}",
-                    w.what,
-                    w.pa,
-                    site::hex(&exp[..exp.len().min(16)]),
-                    site::hex(&cur[..cur.len().min(16)])
-                )));
-            }
-        }
-        w.old = read(ctl.memory(), w.pa, w.new.len())?;
-    }
-    let mut done = 0usize;
-    let mut err = None;
-    for w in writes.iter() {
-        if let Err(e) = ctl.write_phys(w.pa, &w.new) {
-            err = Some(e);
-            break;
-        }
-        done += 1;
-    }
-    if let Some(e) = err {
-        for w in writes[..done].iter().rev() {
-            let _ = ctl.write_phys(w.pa, &w.old);
-        }
-        return Err(e.into());
-    }
-    Ok(())
 }
 
 impl Engine {
@@ -549,7 +295,10 @@ impl Engine {
         i
     }
 
-    /// Loads a patch object (`file_name` names it unless it has `HVPATCH_NAME`).
+    /// Loads a patch object (`file_name` names it unless it has `HVPATCH_NAME`): plans it while
+    /// the guest runs ([`plan_load`]), then, with every vCPU paused, re-verifies that the arena
+    /// pages are still free and every byte to overwrite is as planned, and writes
+    /// ([`apply`]); then records it.
     pub fn load(
         &mut self,
         ctl: &mut dyn GuestControl,
@@ -558,250 +307,50 @@ impl Engine {
         file_name: &str,
     ) -> Result<PatchInfo, PatchError> {
         let t0 = Instant::now();
-        let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
-        if self
-            .patches
-            .iter()
-            .any(|p| p.info.name == obj.name && p.info.state == PatchState::Enabled)
-        {
-            return Err(PatchError::AlreadyLoaded(obj.name));
-        }
-        if let Some(wanted) = &obj.kernel_release {
-            let guest = guest_release(ctl.memory(), t)?;
-            if &guest != wanted {
-                return Err(PatchError::KernelMismatch {
-                    patch: obj.name,
-                    wanted: wanted.clone(),
-                    guest,
-                });
-            }
-        }
-        // Arena (discovered once, state kept on success only).
-        let base = match &self.arena {
-            Some(a) => a.clone(),
-            None => match ctl.patch_arena() {
-                Some((s, l)) => Arena::host(s, l),
-                None => Arena::low_memory(ctl.memory(), &t.paging, t.symbols)?,
-            },
-        };
-        let mem = ctl.memory();
-        let ncode = obj.layout.code_size.div_ceil(PAGE) as usize;
-        let ndata = obj.layout.data_size.div_ceil(PAGE) as usize;
-        // Map (reusing the last slot with its old layout first; a fresh slot if the patch
-        // does not fit that layout) and pick the code and data pages.
-        let place = |reuse: bool| -> Result<_, PatchError> {
-            let mut arena = base.clone();
-            let new_mapping = match arena.mapping {
-                Some(_) => None,
-                None => {
-                    let m = arena.plan_mapping(mem, &t.paging, t.symbols, reuse)?;
-                    arena.set_mapped(m);
-                    Some(m)
-                }
-            };
-            let code_start = arena.find_run(ncode, PageKind::Code)?;
-            arena.mark(code_start, ncode, PageKind::Code);
-            let data_start = arena.find_run(ndata, PageKind::Data)?;
-            arena.mark(data_start, ndata, PageKind::Data);
-            Ok((arena, new_mapping, code_start, data_start))
-        };
-        let (arena, new_mapping, code_start, data_start) = match place(true) {
-            Err(PatchError::Arena(ArenaError::Full { .. })) if base.mapping.is_none() => {
-                place(false)?
-            }
-            r => r?,
-        };
-        let mapping = arena
-            .mapping
-            .ok_or_else(|| PatchError::Changed("no mapping".into()))?;
-        let va_of = |i: usize| mapping.va + i as u64 * PAGE;
-        let (code_base, data_base) = (va_of(code_start), va_of(data_start));
-
-        let resolver = GuestResolver { t, mem };
-        let linked =
-            link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
-                patch: obj.name.clone(),
-                source: Box::new(source),
-            })?;
-
-        // Entry sites.
-        struct SitePlan {
-            site: u64,
-            site_pa: u64,
-            expect: [u8; 5],
-            jmp: [u8; 5],
-            original: Option<[u8; 5]>,
-        }
-        let mut plans = Vec::new();
-        let mut functions = Vec::new();
-        for f in &linked.funcs {
-            let mut head = [0u8; 9];
-            t.paging.read_virt(mem, f.old_addr, &mut head)?;
-            let site = f.old_addr + site::site_offset(&head);
-            let serr = |what: String| PatchError::Site {
-                func: f.old_name.clone(),
-                addr: f.old_addr,
-                site,
-                what,
-            };
-            let site_pa = t.paging.translate(mem, site)?;
-            if t.paging.translate(mem, site + 4)? != site_pa + 4 {
-                return Err(serr("the 5-byte site crosses a page boundary".into()));
-            }
-            if plans.iter().any(|p: &SitePlan| p.site == site) {
-                return Err(serr("replaced twice by this patch".into()));
-            }
-            let mut cur = [0u8; 5];
-            mem.read_phys(site_pa, &mut cur)
-                .map_err(|e| PatchError::Memory(e.to_string()))?;
-            let (expect, original) = match self.sites.get(&site) {
-                Some(st) => (st.current_bytes(site), None),
-                None => (NOP5, Some(NOP5)),
-            };
-            if cur != expect {
-                let sym = |a: u64| {
-                    t.symbols
-                        .symbolize(a)
-                        .map(|(n, o)| format!("{n}+{o:#x}"))
-                        .or_else(|| ftrace_trampoline(mem, t, a))
-                };
-                let owner = site::classify(site, &cur, &sym);
-                let what = match owner {
-                    SiteOwner::Unexpected if self.sites.contains_key(&site) => {
-                        format!("our jmp was overwritten: found {}", site::hex(&cur))
-                    }
-                    o => format!(
-                        "{o}; found {} where {} was expected",
-                        site::hex(&cur),
-                        site::hex(&expect)
-                    ),
-                };
-                return Err(serr(what));
-            }
-            let jmp = site::jmp_bytes(site, f.new_addr).ok_or_else(|| {
-                serr(format!(
-                    "new function {:#x} is out of rel32 reach",
-                    f.new_addr
-                ))
-            })?;
-            plans.push(SitePlan {
-                site,
-                site_pa,
-                expect,
-                jmp,
-                original,
-            });
-            functions.push(FuncInfo {
-                old_name: f.old_name.clone(),
-                sympos: f.sympos,
-                old_addr: f.old_addr,
-                site,
-                new_addr: f.new_addr,
-                active: true,
-                flags: f.flags,
-            });
-        }
-
-        // Every byte to write, with what must be there now.
-        let zero = vec![0u8; PAGE as usize];
-        let mut writes = Vec::new();
-        let mut pte_writes = Vec::new();
-        // The pages are verified all-zero; only their non-zero prefix is written (fewer bytes
-        // through slow backends such as the gdbstub).
-        let page_chunks = |bytes: &[u8], start: usize, n: usize| -> Vec<(usize, Vec<u8>)> {
-            (0..n)
-                .map(|k| {
-                    let lo = (k * PAGE as usize).min(bytes.len());
-                    let hi = ((k + 1) * PAGE as usize).min(bytes.len());
-                    let chunk = &bytes[lo..hi];
-                    let used = chunk.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
-                    (start + k, chunk[..used].to_vec())
-                })
-                .collect()
-        };
-        let table_pa = arena.pages[mapping.table];
-        for (kind, chunks) in [
-            (PageKind::Code, page_chunks(&linked.code, code_start, ncode)),
-            (PageKind::Data, page_chunks(&linked.data, data_start, ndata)),
-        ] {
-            for (i, content) in chunks {
-                let pa = arena.pages[i];
-                writes.push(Write {
-                    pa,
-                    expect: Some(zero.clone()),
-                    old: vec![],
-                    new: content,
-                    what: format!("arena page {i}"),
-                });
-                pte_writes.push((i, pte(pa, kind, t.paging.nx)));
-            }
-        }
-        let mut low_mem_pages: Vec<u64> = writes.iter().map(|w| w.pa).collect();
-        if let Some(m) = new_mapping {
-            let mut table = vec![0u8; PAGE as usize];
-            for &(i, v) in &pte_writes {
-                table[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
-            }
-            writes.push(Write {
-                pa: table_pa,
-                expect: Some(zero.clone()),
-                old: vec![],
-                new: table,
-                what: "page table".into(),
-            });
-            writes.push(Write {
-                pa: m.pmd_pa,
-                expect: Some(m.pmd_old.to_le_bytes().to_vec()),
-                old: vec![],
-                new: m.pmd_new.to_le_bytes().to_vec(),
-                what: format!("PMD entry for {:#x}", m.va),
-            });
-            low_mem_pages.push(table_pa);
-        } else {
-            for &(i, v) in &pte_writes {
-                writes.push(Write {
-                    pa: table_pa + i as u64 * 8,
-                    expect: Some(vec![0; 8]),
-                    old: vec![],
-                    new: v.to_le_bytes().to_vec(),
-                    what: format!("PTE {i}"),
-                });
-            }
-            writes.push(Write {
-                pa: mapping.pmd_pa,
-                expect: Some(mapping.pmd_new.to_le_bytes().to_vec()),
-                old: vec![],
-                new: mapping.pmd_new.to_le_bytes().to_vec(),
-                what: "our PMD entry".into(),
-            });
-        }
-        for p in &plans {
-            writes.push(Write {
-                pa: p.site_pa,
-                expect: Some(p.expect.to_vec()),
-                old: vec![],
-                new: p.jmp.to_vec(),
-                what: format!("entry site {:#x}", p.site),
-            });
-        }
+        let mut plan = plan_load(self, ctl, t, object, file_name)?;
         let prepare = t0.elapsed();
 
         // Pause window: re-verify and write.
-        let arena_ref = &arena;
         let paging = t.paging;
         let ((), pause) = paused(ctl, |ctl| {
-            for &pa in &low_mem_pages {
-                arena_ref.verify_free(ctl.memory(), &paging, pa)?;
+            for &pa in &plan.low_mem_pages {
+                plan.arena.verify_free(ctl.memory(), &paging, pa)?;
             }
-            apply(ctl, &mut writes)
+            apply(ctl, &mut plan.writes)
         })?;
 
-        // Commit.
-        for (p, f) in plans.iter().zip(&functions) {
-            let st = self.sites.entry(p.site).or_insert_with(|| SiteStack {
+        let info = self.commit(plan, t.paging, prepare, pause, t0);
+        tracing::info!(patch = %info.name, pause_us = info.pause_us, "patch loaded");
+        Ok(self.with_active(&info))
+    }
+
+    /// Records a load written into the guest: its function stacks, arena, patch and timing.
+    fn commit(
+        &mut self,
+        plan: LoadPlan,
+        paging: KernelPaging,
+        prepare: Duration,
+        pause: Duration,
+        t0: Instant,
+    ) -> PatchInfo {
+        let LoadPlan {
+            obj,
+            arena,
+            code_run,
+            data_run,
+            code_base,
+            data_base,
+            return_sites,
+            functions,
+            sites,
+            pte_writes,
+            ..
+        } = plan;
+        for (s, f) in sites.iter().zip(&functions) {
+            let st = self.sites.entry(s.site).or_insert_with(|| SiteStack {
                 func: f.old_name.clone(),
-                site_pa: p.site_pa,
-                original: p.original.unwrap_or(NOP5),
+                site_pa: s.site_pa,
+                original: s.original,
                 entries: Vec::new(),
             });
             st.entries.push(StackEntry {
@@ -809,7 +358,7 @@ impl Engine {
                 new_addr: f.new_addr,
             });
         }
-        let pages = |s: usize, n: usize| (s..s + n).map(|i| arena.pages[i]).collect::<Vec<_>>();
+        let pages = |(s, n): (usize, usize)| (s..s + n).map(|i| arena.pages[i]).collect();
         let total = t0.elapsed();
         let info = PatchInfo {
             name: obj.name.clone(),
@@ -820,25 +369,25 @@ impl Engine {
             code: ArenaRange {
                 va: code_base,
                 len: obj.layout.code_size,
-                pages: pages(code_start, ncode),
+                pages: pages(code_run),
             },
             data: ArenaRange {
                 va: data_base,
                 len: obj.layout.data_size,
-                pages: pages(data_start, ndata),
+                pages: pages(data_run),
             },
-            return_sites: linked.return_sites,
+            return_sites,
             pause_us: us(pause),
             load_us: us(total),
             held: None,
         };
         self.arena = Some(arena);
-        self.paging = Some(t.paging);
+        self.paging = Some(paging);
         self.patches.push(Loaded {
             id: fresh_id(),
             info: info.clone(),
-            code_run: (code_start, ncode),
-            data_run: (data_start, ndata),
+            code_run,
+            data_run,
             ptes: pte_writes,
         });
         self.last = OpTiming {
@@ -846,15 +395,14 @@ impl Engine {
             pause,
             total,
         };
-        tracing::info!(patch = %info.name, pause_us = info.pause_us, "patch loaded");
-        Ok(self.with_active(&info))
+        info
     }
 }
 
 #[cfg(test)]
 mod state_tests {
     use super::*;
-    use crate::arena::Mapping;
+    use crate::arena::{Mapping, PageKind};
     use serde_json::Value;
 
     const OLD: u64 = 0xffff_ffff_8123_4560;

@@ -16,6 +16,8 @@ use object::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use introspect::SymbolError;
+
 use crate::patchobj::{is_got_reloc, Part, PatchObject, SUPPORTED_RELOCS};
 
 /// Name of the kernel's compile-time return thunk.
@@ -24,32 +26,10 @@ pub const RETURN_THUNK: &str = "__x86_return_thunk";
 /// Errors linking a patch.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum LinkError {
-    /// The symbol is not in the guest's kallsyms.
-    #[error("unknown symbol {symbol}: not in the guest's kallsyms")]
-    UnknownSymbol {
-        /// Symbol name.
-        symbol: String,
-    },
-    /// The symbol is in kallsyms several times and no sympos was given.
-    #[error("ambiguous symbol {symbol}: {count} different addresses in the guest's kallsyms ({addrs}); give its position with HVPATCH_SYMPOS({symbol}, n) / HVPATCH_FUNC_POS")]
-    Ambiguous {
-        /// Symbol name.
-        symbol: String,
-        /// Number of distinct addresses.
-        count: usize,
-        /// The addresses (hex, kallsyms order).
-        addrs: String,
-    },
-    /// The sympos is out of range.
-    #[error("symbol {symbol}: sympos {sympos} given but kallsyms has {count} occurrence(s)")]
-    BadSympos {
-        /// Symbol name.
-        symbol: String,
-        /// Requested position.
-        sympos: u64,
-        /// Occurrences.
-        count: usize,
-    },
+    /// A symbol cannot be resolved in the guest's kallsyms: unknown, ambiguous without a
+    /// sympos, or its sympos out of range ([`introspect::pick_sympos`]).
+    #[error("guest kallsyms: {0}{hint}", hint = sympos_hint(.0))]
+    Symbol(#[from] SymbolError),
     /// An unsupported relocation type.
     #[error("unsupported relocation type {r_type} at {section}+{offset:#x} (symbol {symbol})")]
     UnsupportedRelocation {
@@ -98,8 +78,8 @@ pub enum LinkError {
 
 /// Resolves names in the guest kernel.
 pub trait Resolver {
-    /// Address of `name`; `sympos` 0 = it must be unique (several entries at the same address
-    /// count once), n ≥ 1 = the n-th occurrence in kallsyms order.
+    /// Address of `name` by klp's sympos rule ([`introspect::pick_sympos`]): `sympos` 0 = the
+    /// name must be unique, n ≥ 1 = the n-th occurrence in kallsyms order.
     fn resolve(&self, name: &str, sympos: u64) -> Result<u64, LinkError>;
     /// The guest's runtime return thunk: `None` when returns are plain `ret` (the kernel's
     /// `x86_return_thunk == __x86_return_thunk`), else the thunk to jump to.
@@ -108,9 +88,9 @@ pub trait Resolver {
     /// (`HVPATCH_ORIG`): the site address + 5.
     fn original_body(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
         let _ = sympos;
-        Err(LinkError::UnknownSymbol {
-            symbol: format!("{ORIG_PREFIX}{name}"),
-        })
+        Err(LinkError::Symbol(SymbolError::Unknown {
+            name: format!("{ORIG_PREFIX}{name}"),
+        }))
     }
 }
 
@@ -247,7 +227,7 @@ pub fn link(
                 let pos = obj.sympos.get(&name).copied().unwrap_or(0);
                 match r.resolve(&name, pos) {
                     Ok(a) => a,
-                    Err(LinkError::UnknownSymbol { .. }) if sym.is_weak() => 0,
+                    Err(LinkError::Symbol(SymbolError::Unknown { .. })) if sym.is_weak() => 0,
                     Err(e) => return Err(e),
                 }
             }
@@ -500,39 +480,17 @@ pub fn link(
 }
 
 /// Picks the address for `name` among `addrs` (all kallsyms entries of that name, in kallsyms
-/// order) following the sympos rules of [`Resolver::resolve`].
+/// order) by klp's sympos rule, [`introspect::pick_sympos`].
 pub fn pick_sympos(name: &str, addrs: &[u64], sympos: u64) -> Result<u64, LinkError> {
-    if addrs.is_empty() {
-        return Err(LinkError::UnknownSymbol {
-            symbol: name.to_string(),
-        });
-    }
-    if sympos == 0 {
-        let mut distinct: Vec<u64> = Vec::new();
-        for &a in addrs {
-            if !distinct.contains(&a) {
-                distinct.push(a);
-            }
+    Ok(addrs[introspect::pick_sympos(name, addrs, sympos)?])
+}
+
+/// How a patch names a symbol's position, for an ambiguous name.
+fn sympos_hint(e: &SymbolError) -> &'static str {
+    match e {
+        SymbolError::Ambiguous { .. } => {
+            " (in the patch: HVPATCH_SYMPOS(name, n) or HVPATCH_FUNC_POS)"
         }
-        if distinct.len() == 1 {
-            return Ok(distinct[0]);
-        }
-        return Err(LinkError::Ambiguous {
-            symbol: name.to_string(),
-            count: distinct.len(),
-            addrs: distinct
-                .iter()
-                .map(|a| format!("{a:#x}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
+        _ => "",
     }
-    usize::try_from(sympos - 1)
-        .ok()
-        .and_then(|i| addrs.get(i).copied())
-        .ok_or(LinkError::BadSympos {
-            symbol: name.to_string(),
-            sympos,
-            count: addrs.len(),
-        })
 }

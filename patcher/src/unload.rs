@@ -19,10 +19,11 @@ use introspect::VcpuRegs;
 use serde::{Deserialize, Serialize};
 
 use crate::arena::PAGE;
-use crate::engine::{apply, paused, us, Engine, PatchError, PatchState, Write};
+use crate::engine::{us, Engine, PatchError, PatchState};
 use crate::guest::GuestControl;
 use crate::reach::{Hold, Reachability};
 use crate::site;
+use crate::txn::{apply, paused, Write};
 
 /// First and longest delay between two checks of a held patch during [`Engine::unload`].
 const FIRST_RECHECK: Duration = Duration::from_millis(1);

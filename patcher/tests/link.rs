@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use introspect::SymbolError;
 use patcher::build::{compile, BuildOptions};
 use patcher::link::{link, pick_sympos, LinkError, Resolver};
 use patcher::patchobj::{ObjectError, PatchObject};
@@ -174,7 +175,7 @@ fn ambiguous_and_unknown_symbols_are_refused() {
     obj.sympos.clear();
     let e = link(&obj, &map(None), CODE, DATA).unwrap_err();
     assert!(
-        matches!(&e, LinkError::Ambiguous { symbol, count: 2, .. } if symbol == "dup_static"),
+        matches!(&e, LinkError::Symbol(SymbolError::Ambiguous { name, count: 2, .. }) if name == "dup_static"),
         "{e}"
     );
     let mut m = map(None);
@@ -183,9 +184,9 @@ fn ambiguous_and_unknown_symbols_are_refused() {
     let e = link(&obj, &m, CODE, DATA).unwrap_err();
     assert_eq!(
         e,
-        LinkError::UnknownSymbol {
-            symbol: "nr_processes".into()
-        }
+        LinkError::Symbol(SymbolError::Unknown {
+            name: "nr_processes".into()
+        })
     );
     assert!(e.to_string().contains("nr_processes"));
     obj_sympos_out_of_range();
@@ -195,17 +196,21 @@ fn obj_sympos_out_of_range() {
     let e = pick_sympos("x", &[1, 2], 3).unwrap_err();
     assert!(matches!(
         e,
-        LinkError::BadSympos {
+        LinkError::Symbol(SymbolError::NoSuchPos {
             count: 2,
             sympos: 3,
             ..
-        }
+        })
     ));
-    assert_eq!(
-        pick_sympos("x", &[5, 5], 0).unwrap(),
-        5,
-        "aliases at one address are not ambiguous"
+    assert!(e.to_string().contains("only 2 symbols"), "{e}");
+    // klp's rule: sympos 0 needs one entry, even where aliases share an address.
+    let e = pick_sympos("x", &[5, 5], 0).unwrap_err();
+    assert!(
+        e.to_string().contains("sympos 1 = 0x5, 2 = 0x5")
+            && e.to_string().contains("HVPATCH_SYMPOS"),
+        "{e}"
     );
+    assert_eq!(pick_sympos("x", &[5, 5], 2).unwrap(), 5);
 }
 
 #[test]

@@ -1,0 +1,91 @@
+//! The public description of loaded patches: [`PatchInfo`] with its [`FuncInfo`]s and
+//! [`ArenaRange`]s, the [`PatchState`], and the [`OpTiming`] of the last operation.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// State of a loaded patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PatchState {
+    /// Loaded, immediate mode (every function switched at once).
+    Enabled,
+    /// Unloaded (disabled: no function runs it any more) but its code and data pages are kept
+    /// because something in the guest may still execute, return into or read them; see
+    /// [`PatchInfo::held`]. They are freed once a later check finds them unreachable.
+    Held,
+}
+
+/// One replaced function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuncInfo {
+    /// Replaced function.
+    pub old_name: String,
+    /// Its sympos (0 = unique).
+    pub sympos: u64,
+    /// Its address.
+    #[serde(with = "introspect::hex")]
+    pub old_addr: u64,
+    /// Patch site (fn+0 or fn+4 after ENDBR).
+    #[serde(with = "introspect::hex")]
+    pub site: u64,
+    /// The new function's address (in the arena).
+    #[serde(with = "introspect::hex")]
+    pub new_addr: u64,
+    /// Whether this patch's version is the one running (top of the function's stack).
+    pub active: bool,
+    /// `HVPATCH_*` flags of the record (`HVPATCH_IMMEDIATE` = 1; every load is immediate today).
+    pub flags: u64,
+}
+
+/// A range of the arena used by a patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArenaRange {
+    /// Kernel VA.
+    #[serde(with = "introspect::hex")]
+    pub va: u64,
+    /// Bytes used.
+    pub len: u64,
+    /// Guest-physical pages backing it.
+    #[serde(with = "introspect::hex")]
+    pub pages: Vec<u64>,
+}
+
+/// Public description of a loaded patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchInfo {
+    /// Patch name.
+    pub name: String,
+    /// Object file name.
+    pub file_name: String,
+    /// HVPATCH_KERNEL, if any.
+    pub kernel_release: Option<String>,
+    /// State.
+    pub state: PatchState,
+    /// Replaced functions.
+    pub functions: Vec<FuncInfo>,
+    /// Code (RX).
+    pub code: ArenaRange,
+    /// Data (RW, NX).
+    pub data: ArenaRange,
+    /// Return-thunk sites rewritten by the linker.
+    pub return_sites: usize,
+    /// Time the vCPUs were paused for the load, µs.
+    pub pause_us: u64,
+    /// Whole load time, µs.
+    pub load_us: u64,
+    /// For a [`PatchState::Held`] patch: what held it at the last check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<crate::reach::Hold>,
+}
+
+/// Timing of the last load/unload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpTiming {
+    /// Preparation (before pausing).
+    pub prepare: Duration,
+    /// Pause window (pause → resume).
+    pub pause: Duration,
+    /// Total.
+    pub total: Duration,
+}

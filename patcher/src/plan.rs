@@ -1,0 +1,413 @@
+//! Everything a load computes while the guest runs, before any vCPU is paused: the release
+//! check, arena placement, linking ([`GuestResolver`]), the entry-site checks ([`entry_site`])
+//! and the full list of writes with the bytes expected under each — a [`LoadPlan`]. The pause
+//! window then only re-verifies and writes (`txn`).
+
+use introspect::PhysMemory;
+
+use crate::arena::{pte, Arena, ArenaError, PageKind, PAGE};
+use crate::engine::{Engine, PatchError, Target};
+use crate::func_stack::SiteStack;
+use crate::guest::GuestControl;
+use crate::info::{FuncInfo, PatchState};
+use crate::link::{link, pick_sympos, LinkError, LinkedFunc, Resolver, RETURN_THUNK};
+use crate::patchobj::PatchObject;
+use crate::site::{self, SiteOwner, NOP5};
+use crate::txn::Write;
+use std::collections::BTreeMap;
+
+/// Resolves the patch's names in the guest: kallsyms by klp's sympos rule, the runtime return
+/// thunk from guest memory.
+struct GuestResolver<'a> {
+    t: &'a Target<'a>,
+    mem: &'a dyn PhysMemory,
+}
+
+impl Resolver for GuestResolver<'_> {
+    fn resolve(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
+        pick_sympos(name, &self.t.symbols.addresses(name), sympos)
+    }
+
+    fn return_thunk(&self) -> Result<Option<u64>, LinkError> {
+        let rt = self.t.symbols.addresses(RETURN_THUNK).first().copied();
+        if let Some(var) = self.t.symbols.addresses("x86_return_thunk").first() {
+            let v = self
+                .t
+                .paging
+                .read_u64(self.mem, *var)
+                .map_err(|e| LinkError::Guest(e.to_string()))?;
+            if Some(v) == rt {
+                return Ok(None);
+            }
+            if self.t.symbols.symbolize(v).is_none() {
+                return Err(LinkError::Guest(format!(
+                    "x86_return_thunk = {v:#x} is not kernel text"
+                )));
+            }
+            return Ok(Some(v));
+        }
+        // Older kernels: no selectable thunk; `__x86_return_thunk` is either `ret` or the thunk.
+        match rt {
+            None => Ok(None),
+            Some(rt) => {
+                let mut b = [0u8; 1];
+                self.t
+                    .paging
+                    .read_virt(self.mem, rt, &mut b)
+                    .map_err(|e| LinkError::Guest(e.to_string()))?;
+                Ok(if b[0] == 0xc3 { None } else { Some(rt) })
+            }
+        }
+    }
+}
+
+/// Reads the guest's `uname -r` from `linux_banner` ([`introspect::kernel::release_from_banner`]).
+pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchError> {
+    let va = *t
+        .symbols
+        .addresses("linux_banner")
+        .first()
+        .ok_or_else(|| PatchError::Release("no linux_banner symbol".into()))?;
+    let mut b = [0u8; 160];
+    t.paging
+        .read_virt(mem, va, &mut b)
+        .map_err(|e| PatchError::Release(e.to_string()))?;
+    let s = String::from_utf8_lossy(&b);
+    let banner = s.split('\0').next().unwrap_or("");
+    introspect::kernel::release_from_banner(banner)
+        .map(str::to_string)
+        .ok_or_else(|| PatchError::Release(format!("unexpected banner {banner:?}")))
+}
+
+/// Names a dynamically allocated ftrace ops trampoline: ftrace copies `ftrace_caller` or
+/// `ftrace_regs_caller` into module space (`create_trampoline()`), so its first bytes match.
+fn ftrace_trampoline(mem: &dyn PhysMemory, t: &Target, addr: u64) -> Option<String> {
+    let mut here = [0u8; 24];
+    t.paging.read_virt(mem, addr, &mut here).ok()?;
+    for name in ["ftrace_regs_caller", "ftrace_caller"] {
+        let Some(&orig) = t.symbols.addresses(name).first() else {
+            continue;
+        };
+        let mut b = [0u8; 24];
+        if t.paging.read_virt(mem, orig, &mut b).is_ok() && b == here {
+            return Some(format!(
+                "{name} (a copy: ftrace ops trampoline at {addr:#x})"
+            ));
+        }
+    }
+    None
+}
+
+/// A replaced function's entry site, checked: where it is and what it holds. Writing a `jmp`
+/// there (to the new function, or to any other target in rel32 reach) is one [`Write`] away
+/// ([`EntrySite::write_jmp`]).
+#[derive(Debug, Clone)]
+pub(crate) struct EntrySite {
+    /// The replaced function.
+    pub(crate) func: String,
+    /// Its address.
+    pub(crate) addr: u64,
+    /// The site: fn+0, or fn+4 after ENDBR.
+    pub(crate) site: u64,
+    /// Guest-physical address of the site (all 5 bytes on one page).
+    pub(crate) site_pa: u64,
+    /// The bytes there now, verified: the jmp of the site's top patch, or the NOP.
+    pub(crate) expect: [u8; 5],
+    /// The bytes before any patch (what comes back when its last patch goes).
+    pub(crate) original: [u8; 5],
+}
+
+impl EntrySite {
+    /// The load error for this site.
+    pub(crate) fn error(&self, what: String) -> PatchError {
+        PatchError::Site {
+            func: self.func.clone(),
+            addr: self.addr,
+            site: self.site,
+            what,
+        }
+    }
+
+    /// The write replacing the (verified) current bytes with `jmp target`.
+    pub(crate) fn write_jmp(&self, target: u64) -> Result<Write, PatchError> {
+        let jmp = site::jmp_bytes(self.site, target)
+            .ok_or_else(|| self.error(format!("new function {target:#x} is out of rel32 reach")))?;
+        Ok(Write {
+            pa: self.site_pa,
+            expect: Some(self.expect.to_vec()),
+            old: vec![],
+            new: jmp.to_vec(),
+            what: format!("entry site {:#x}", self.site),
+        })
+    }
+}
+
+/// Finds and checks the entry site of `f` (linked, so its old address is resolved): the site
+/// must lie on one page and hold what `sites` (the engine's function stacks) says it holds —
+/// the top patch's jmp, or the NOP when unpatched. Anything else is named (ftrace, a kprobe,
+/// another live patcher, ...) in the error.
+pub(crate) fn entry_site(
+    sites: &BTreeMap<u64, SiteStack>,
+    mem: &dyn PhysMemory,
+    t: &Target,
+    f: &LinkedFunc,
+) -> Result<EntrySite, PatchError> {
+    let mut head = [0u8; 9];
+    t.paging.read_virt(mem, f.old_addr, &mut head)?;
+    let site = f.old_addr + site::site_offset(&head);
+    let mut s = EntrySite {
+        func: f.old_name.clone(),
+        addr: f.old_addr,
+        site,
+        site_pa: t.paging.translate(mem, site)?,
+        expect: NOP5,
+        original: NOP5,
+    };
+    if t.paging.translate(mem, site + 4)? != s.site_pa + 4 {
+        return Err(s.error("the 5-byte site crosses a page boundary".into()));
+    }
+    let mut cur = [0u8; 5];
+    mem.read_phys(s.site_pa, &mut cur)
+        .map_err(|e| PatchError::Memory(e.to_string()))?;
+    if let Some(st) = sites.get(&site) {
+        s.expect = st.current_bytes(site);
+        s.original = st.original;
+    }
+    if cur != s.expect {
+        let sym = |a: u64| {
+            t.symbols
+                .symbolize(a)
+                .map(|(n, o)| format!("{n}+{o:#x}"))
+                .or_else(|| ftrace_trampoline(mem, t, a))
+        };
+        let what = match site::classify(site, &cur, &sym) {
+            SiteOwner::Unexpected if sites.contains_key(&site) => {
+                format!("our jmp was overwritten: found {}", site::hex(&cur))
+            }
+            o => format!(
+                "{o}; found {} where {} was expected",
+                site::hex(&cur),
+                site::hex(&s.expect)
+            ),
+        };
+        return Err(s.error(what));
+    }
+    Ok(s)
+}
+
+/// A load, computed: the patch, where it goes, what it replaces, and every byte to write.
+#[derive(Debug)]
+pub(crate) struct LoadPlan {
+    /// The parsed patch.
+    pub(crate) obj: PatchObject,
+    /// The arena with this patch's pages marked, and mapped (`arena.mapping`; when this load
+    /// creates the mapping, its page table and PMD entry are among the writes).
+    pub(crate) arena: Arena,
+    /// Code pages: (first page index, count).
+    pub(crate) code_run: (usize, usize),
+    /// Data pages: (first page index, count).
+    pub(crate) data_run: (usize, usize),
+    /// Kernel VA of the code.
+    pub(crate) code_base: u64,
+    /// Kernel VA of the data.
+    pub(crate) data_base: u64,
+    /// Return-thunk sites rewritten by the linker.
+    pub(crate) return_sites: usize,
+    /// The replaced functions (as [`crate::PatchInfo::functions`]).
+    pub(crate) functions: Vec<FuncInfo>,
+    /// Their entry sites, in the order of `functions`.
+    pub(crate) sites: Vec<EntrySite>,
+    /// The PTEs to write: (page index, value).
+    pub(crate) pte_writes: Vec<(usize, u64)>,
+    /// Arena pages this load takes (the page table too when it maps): verified still free
+    /// inside the pause.
+    pub(crate) low_mem_pages: Vec<u64>,
+    /// Every write, in order: pages, page table / PTEs, PMD entry, entry sites.
+    pub(crate) writes: Vec<Write>,
+}
+
+/// Computes a load of `object` (named `file_name` unless it has `HVPATCH_NAME`) into the
+/// guest, reading but never writing it: release check, arena placement, linking, entry-site
+/// checks and the writes.
+pub(crate) fn plan_load(
+    engine: &Engine,
+    ctl: &mut dyn GuestControl,
+    t: &Target,
+    object: &[u8],
+    file_name: &str,
+) -> Result<LoadPlan, PatchError> {
+    let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
+    if engine
+        .patches
+        .iter()
+        .any(|p| p.info.name == obj.name && p.info.state == PatchState::Enabled)
+    {
+        return Err(PatchError::AlreadyLoaded(obj.name));
+    }
+    if let Some(wanted) = &obj.kernel_release {
+        let guest = guest_release(ctl.memory(), t)?;
+        if &guest != wanted {
+            return Err(PatchError::KernelMismatch {
+                patch: obj.name,
+                wanted: wanted.clone(),
+                guest,
+            });
+        }
+    }
+    // Arena (discovered once, state kept on success only).
+    let base = match &engine.arena {
+        Some(a) => a.clone(),
+        None => match ctl.patch_arena() {
+            Some((s, l)) => Arena::host(s, l),
+            None => Arena::low_memory(ctl.memory(), &t.paging, t.symbols)?,
+        },
+    };
+    let mem = ctl.memory();
+    let ncode = obj.layout.code_size.div_ceil(PAGE) as usize;
+    let ndata = obj.layout.data_size.div_ceil(PAGE) as usize;
+    // Map (reusing the last slot with its old layout first; a fresh slot if the patch
+    // does not fit that layout) and pick the code and data pages.
+    let place = |reuse: bool| -> Result<_, PatchError> {
+        let mut arena = base.clone();
+        let new_mapping = match arena.mapping {
+            Some(_) => None,
+            None => {
+                let m = arena.plan_mapping(mem, &t.paging, t.symbols, reuse)?;
+                arena.set_mapped(m);
+                Some(m)
+            }
+        };
+        let code_start = arena.find_run(ncode, PageKind::Code)?;
+        arena.mark(code_start, ncode, PageKind::Code);
+        let data_start = arena.find_run(ndata, PageKind::Data)?;
+        arena.mark(data_start, ndata, PageKind::Data);
+        Ok((arena, new_mapping, code_start, data_start))
+    };
+    let (arena, new_mapping, code_start, data_start) = match place(true) {
+        Err(PatchError::Arena(ArenaError::Full { .. })) if base.mapping.is_none() => place(false)?,
+        r => r?,
+    };
+    let mapping = arena
+        .mapping
+        .ok_or_else(|| PatchError::Changed("no mapping".into()))?;
+    let va_of = |i: usize| mapping.va + i as u64 * PAGE;
+    let (code_base, data_base) = (va_of(code_start), va_of(data_start));
+
+    let resolver = GuestResolver { t, mem };
+    let linked =
+        link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
+            patch: obj.name.clone(),
+            source: Box::new(source),
+        })?;
+
+    // Entry sites.
+    let mut sites: Vec<EntrySite> = Vec::new();
+    let mut site_writes = Vec::new();
+    let mut functions = Vec::new();
+    for f in &linked.funcs {
+        let es = entry_site(&engine.sites, mem, t, f)?;
+        if sites.iter().any(|p| p.site == es.site) {
+            return Err(es.error("replaced twice by this patch".into()));
+        }
+        site_writes.push(es.write_jmp(f.new_addr)?);
+        functions.push(FuncInfo {
+            old_name: f.old_name.clone(),
+            sympos: f.sympos,
+            old_addr: f.old_addr,
+            site: es.site,
+            new_addr: f.new_addr,
+            active: true,
+            flags: f.flags,
+        });
+        sites.push(es);
+    }
+
+    // Every byte to write, with what must be there now.
+    let zero = vec![0u8; PAGE as usize];
+    let mut writes = Vec::new();
+    let mut pte_writes = Vec::new();
+    // The pages are verified all-zero; only their non-zero prefix is written (fewer bytes
+    // through slow backends such as the gdbstub).
+    let page_chunks = |bytes: &[u8], start: usize, n: usize| -> Vec<(usize, Vec<u8>)> {
+        (0..n)
+            .map(|k| {
+                let lo = (k * PAGE as usize).min(bytes.len());
+                let hi = ((k + 1) * PAGE as usize).min(bytes.len());
+                let chunk = &bytes[lo..hi];
+                let used = chunk.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+                (start + k, chunk[..used].to_vec())
+            })
+            .collect()
+    };
+    let table_pa = arena.pages[mapping.table];
+    for (kind, chunks) in [
+        (PageKind::Code, page_chunks(&linked.code, code_start, ncode)),
+        (PageKind::Data, page_chunks(&linked.data, data_start, ndata)),
+    ] {
+        for (i, content) in chunks {
+            let pa = arena.pages[i];
+            writes.push(Write {
+                pa,
+                expect: Some(zero.clone()),
+                old: vec![],
+                new: content,
+                what: format!("arena page {i}"),
+            });
+            pte_writes.push((i, pte(pa, kind, t.paging.nx)));
+        }
+    }
+    let mut low_mem_pages: Vec<u64> = writes.iter().map(|w| w.pa).collect();
+    if let Some(m) = new_mapping {
+        let mut table = vec![0u8; PAGE as usize];
+        for &(i, v) in &pte_writes {
+            table[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        writes.push(Write {
+            pa: table_pa,
+            expect: Some(zero.clone()),
+            old: vec![],
+            new: table,
+            what: "page table".into(),
+        });
+        writes.push(Write {
+            pa: m.pmd_pa,
+            expect: Some(m.pmd_old.to_le_bytes().to_vec()),
+            old: vec![],
+            new: m.pmd_new.to_le_bytes().to_vec(),
+            what: format!("PMD entry for {:#x}", m.va),
+        });
+        low_mem_pages.push(table_pa);
+    } else {
+        for &(i, v) in &pte_writes {
+            writes.push(Write {
+                pa: table_pa + i as u64 * 8,
+                expect: Some(vec![0; 8]),
+                old: vec![],
+                new: v.to_le_bytes().to_vec(),
+                what: format!("PTE {i}"),
+            });
+        }
+        writes.push(Write {
+            pa: mapping.pmd_pa,
+            expect: Some(mapping.pmd_new.to_le_bytes().to_vec()),
+            old: vec![],
+            new: mapping.pmd_new.to_le_bytes().to_vec(),
+            what: "our PMD entry".into(),
+        });
+    }
+    writes.extend(site_writes);
+    Ok(LoadPlan {
+        obj,
+        arena,
+        code_run: (code_start, ncode),
+        data_run: (data_start, ndata),
+        code_base,
+        data_base,
+        return_sites: linked.return_sites,
+        functions,
+        sites,
+        pte_writes,
+        low_mem_pages,
+        writes,
+    })
+}
