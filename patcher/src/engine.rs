@@ -115,6 +115,27 @@ pub enum PatchError {
         /// The details.
         hold: Box<crate::reach::Hold>,
     },
+    /// A transition is running (only one at a time, as in klp).
+    #[error("patch {0} is in transition; wait for it, disable it (reverses) or force it first")]
+    InTransition(String),
+    /// The guest's own livepatch is busy or not idle, so a transition cannot start.
+    #[error("the guest's livepatch is not idle: {0}")]
+    GuestKlp(String),
+    /// A transition did not complete in time and was reversed.
+    #[error("{name}: the transition to {target} did not complete in {waited_ms} ms and was reversed; still blocking: {blocking}")]
+    TransitionTimeout {
+        /// Patch name.
+        name: String,
+        /// "patched" or "unpatched".
+        target: String,
+        /// How long it waited.
+        waited_ms: u64,
+        /// The tasks that held it.
+        blocking: String,
+    },
+    /// The operation does not fit the patch's state.
+    #[error("{0}")]
+    State(String),
 }
 
 /// What the engine needs to know about the guest kernel.
@@ -170,6 +191,9 @@ pub struct Engine {
     pub(crate) sites: BTreeMap<u64, SiteStack>,
     /// Kernel paging of the last load.
     pub(crate) paging: Option<KernelPaging>,
+    /// The transition in progress, if any (the consistency model, `consistency.rs`).
+    #[serde(default)]
+    pub(crate) transition: Option<crate::transition::Transition>,
     #[serde(skip)]
     pub(crate) last: OpTiming,
 }
@@ -283,7 +307,7 @@ impl Engine {
         self.last
     }
 
-    fn with_active(&self, info: &PatchInfo) -> PatchInfo {
+    pub(crate) fn with_active(&self, info: &PatchInfo) -> PatchInfo {
         let mut i = info.clone();
         for f in &mut i.functions {
             f.active = self
@@ -307,8 +331,9 @@ impl Engine {
         file_name: &str,
     ) -> Result<PatchInfo, PatchError> {
         let t0 = Instant::now();
-        let mut plan = plan_load(self, ctl, t, object, file_name)?;
+        let mut plan = plan_load(self, ctl, t, object, file_name, None)?;
         let prepare = t0.elapsed();
+        plan.writes.append(&mut plan.site_writes);
 
         // Pause window: re-verify and write.
         let paging = t.paging;
@@ -319,19 +344,20 @@ impl Engine {
             apply(ctl, &mut plan.writes)
         })?;
 
-        let info = self.commit(plan, t.paging, prepare, pause, t0);
+        let info = self.commit(plan, t.paging, prepare, pause, t0, true);
         tracing::info!(patch = %info.name, pause_us = info.pause_us, "patch loaded");
         Ok(self.with_active(&info))
     }
 
     /// Records a load written into the guest: its function stacks, arena, patch and timing.
-    fn commit(
+    pub(crate) fn commit(
         &mut self,
         plan: LoadPlan,
         paging: KernelPaging,
         prepare: Duration,
         pause: Duration,
         t0: Instant,
+        immediate: bool,
     ) -> PatchInfo {
         let LoadPlan {
             obj,
@@ -344,6 +370,8 @@ impl Engine {
             functions,
             sites,
             pte_writes,
+            code_len,
+            data_len,
             ..
         } = plan;
         for (s, f) in sites.iter().zip(&functions) {
@@ -352,10 +380,12 @@ impl Engine {
                 site_pa: s.site_pa,
                 original: s.original,
                 entries: Vec::new(),
+                during: None,
             });
             st.entries.push(StackEntry {
                 patch: obj.name.clone(),
                 new_addr: f.new_addr,
+                new_size: f.new_size,
             });
         }
         let pages = |(s, n): (usize, usize)| (s..s + n).map(|i| arena.pages[i]).collect();
@@ -368,17 +398,19 @@ impl Engine {
             functions,
             code: ArenaRange {
                 va: code_base,
-                len: obj.layout.code_size,
+                len: code_len,
                 pages: pages(code_run),
             },
             data: ArenaRange {
                 va: data_base,
-                len: obj.layout.data_size,
+                len: data_len,
                 pages: pages(data_run),
             },
             return_sites,
             pause_us: us(pause),
             load_us: us(total),
+            immediate,
+            frame_pointers: obj.frame_pointers,
             held: None,
         };
         self.arena = Some(arena);
@@ -432,6 +464,8 @@ mod state_tests {
                 new_addr: NEW,
                 active: true,
                 flags: 1,
+                new_size: 64,
+                stub: None,
             }],
             code: ArenaRange {
                 va: NEW,
@@ -446,6 +480,8 @@ mod state_tests {
             return_sites: 0,
             pause_us: 5,
             load_us: 9,
+            immediate: true,
+            frame_pointers: true,
             held: None,
         };
         Engine {
@@ -466,7 +502,9 @@ mod state_tests {
                     entries: vec![StackEntry {
                         patch: "p".into(),
                         new_addr: NEW,
+                        new_size: 64,
                     }],
+                    during: None,
                 },
             )]),
             paging: Some(KernelPaging {
@@ -474,6 +512,7 @@ mod state_tests {
                 la57: false,
                 nx: true,
             }),
+            transition: None,
             last: OpTiming::default(),
         }
     }

@@ -14,6 +14,10 @@ pub enum PatchState {
     /// because something in the guest may still execute, return into or read them; see
     /// [`PatchInfo::held`]. They are freed once a later check finds them unreachable.
     Held,
+    /// Loaded but not running: every task runs the previous version of its functions (after
+    /// `patch disable`, or a reversed enable). Its code and data stay in place; `patch enable`
+    /// switches it on again and `patch unload` frees it.
+    Disabled,
 }
 
 /// One replaced function.
@@ -36,6 +40,13 @@ pub struct FuncInfo {
     pub active: bool,
     /// `HVPATCH_*` flags of the record (`HVPATCH_IMMEDIATE` = 1; every load is immediate today).
     pub flags: u64,
+    /// Size of the new function, bytes.
+    #[serde(default)]
+    pub new_size: u64,
+    /// The dispatcher stub of the consistency model for this function (none for immediate
+    /// patches).
+    #[serde(default, with = "introspect::hex")]
+    pub stub: Option<u64>,
 }
 
 /// A range of the arena used by a patch.
@@ -74,6 +85,13 @@ pub struct PatchInfo {
     pub pause_us: u64,
     /// Whole load time, µs.
     pub load_us: u64,
+    /// Immediate patch (`HVPATCH_PATCH_FLAGS(HVPATCH_IMMEDIATE)` or `load --immediate`): every
+    /// task switches at once, without the consistency model.
+    #[serde(default)]
+    pub immediate: bool,
+    /// Built with frame pointers (`hvpatch build`): stack checks unwind through its code.
+    #[serde(default)]
+    pub frame_pointers: bool,
     /// For a [`PatchState::Held`] patch: what held it at the last check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<crate::reach::Hold>,

@@ -117,6 +117,15 @@ impl crate::view::TaskView for Kernel {
         })
     }
 
+    fn klp_patch_layout(&self, mem: &dyn PhysMemory) -> Option<(u64, u64, u64)> {
+        let b = self.btf(mem).ok()?;
+        Some((
+            b.struct_size("klp_patch").ok()?,
+            b.member_offset("klp_patch", "list").ok()?,
+            b.member_offset("klp_patch", "obj_list").ok()?,
+        ))
+    }
+
     fn flags_offset(&self, mem: &dyn PhysMemory) -> u64 {
         self.btf(mem)
             .ok()

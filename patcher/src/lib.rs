@@ -3,6 +3,7 @@
 
 pub mod arena;
 pub mod build;
+pub mod consistency;
 pub mod dispatch;
 pub mod engine;
 mod func_stack;
@@ -21,6 +22,7 @@ mod txn;
 pub mod unload;
 pub mod view;
 
+pub use consistency::{LoadOptions, StepOutcome, TransitionStatus};
 pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, Target};
 pub use guest::{GuestControl, GuestError, GuestEvent};
 pub use paging::KernelPaging;

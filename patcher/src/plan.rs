@@ -222,8 +222,33 @@ pub(crate) struct LoadPlan {
     /// Arena pages this load takes (the page table too when it maps): verified still free
     /// inside the pause.
     pub(crate) low_mem_pages: Vec<u64>,
-    /// Every write, in order: pages, page table / PTEs, PMD entry, entry sites.
+    /// Every write but the entry sites, in order: pages, page table / PTEs, PMD entry.
     pub(crate) writes: Vec<Write>,
+    /// The entry sites' jmps to the new functions (an immediate switch), in the order of
+    /// `functions`.
+    pub(crate) site_writes: Vec<Write>,
+    /// Offset in the data part of the room for the transition's stand-in `klp_patch`
+    /// ([`ConsistentPlan::dummy_size`] bytes), when planned for the consistency model.
+    pub(crate) dummy_off: Option<u64>,
+    /// Bytes used in the code part (the object's code, then the stubs).
+    pub(crate) code_len: u64,
+    /// Bytes used in the data part (the object's data, then the stand-in `klp_patch`).
+    pub(crate) data_len: u64,
+}
+
+/// What a load for the consistency model adds: a dispatcher stub per function after the code,
+/// and room for a stand-in `struct klp_patch` after the data.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConsistentPlan {
+    /// Where the stubs find `current->patch_state`.
+    pub(crate) layout: crate::dispatch::TaskStateLayout,
+    /// sizeof(struct klp_patch).
+    pub(crate) dummy_size: u64,
+}
+
+/// `n` rounded up to 64.
+fn align64(n: u64) -> u64 {
+    n.div_ceil(64) * 64
 }
 
 /// Computes a load of `object` (named `file_name` unless it has `HVPATCH_NAME`) into the
@@ -235,8 +260,20 @@ pub(crate) fn plan_load(
     t: &Target,
     object: &[u8],
     file_name: &str,
+    consistent: Option<ConsistentPlan>,
 ) -> Result<LoadPlan, PatchError> {
     let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
+    plan_parsed(engine, ctl, t, obj, consistent)
+}
+
+/// [`plan_load`] of a parsed object.
+pub(crate) fn plan_parsed(
+    engine: &Engine,
+    ctl: &mut dyn GuestControl,
+    t: &Target,
+    obj: PatchObject,
+    consistent: Option<ConsistentPlan>,
+) -> Result<LoadPlan, PatchError> {
     if engine
         .patches
         .iter()
@@ -263,8 +300,24 @@ pub(crate) fn plan_load(
         },
     };
     let mem = ctl.memory();
-    let ncode = obj.layout.code_size.div_ceil(PAGE) as usize;
-    let ndata = obj.layout.data_size.div_ceil(PAGE) as usize;
+    let nfuncs = obj.funcs.len() as u64;
+    let stub_off = align64(obj.layout.code_size);
+    let mut dummy_off = align64(obj.layout.data_size);
+    if let Some(c) = consistent {
+        // The stand-in klp_patch stays on one page.
+        if c.dummy_size > 0 && dummy_off / PAGE != (dummy_off + c.dummy_size - 1) / PAGE {
+            dummy_off = dummy_off.div_ceil(PAGE) * PAGE;
+        }
+    }
+    let (code_len, data_len) = match consistent {
+        Some(c) => (
+            stub_off + nfuncs * crate::dispatch::STUB_SIZE,
+            dummy_off + c.dummy_size,
+        ),
+        None => (obj.layout.code_size, obj.layout.data_size),
+    };
+    let ncode = code_len.div_ceil(PAGE) as usize;
+    let ndata = data_len.div_ceil(PAGE) as usize;
     // Map (reusing the last slot with its old layout first; a fresh slot if the patch
     // does not fit that layout) and pick the code and data pages.
     let place = |reuse: bool| -> Result<_, PatchError> {
@@ -294,11 +347,14 @@ pub(crate) fn plan_load(
     let (code_base, data_base) = (va_of(code_start), va_of(data_start));
 
     let resolver = GuestResolver { t, mem };
-    let linked =
+    let mut linked =
         link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
             patch: obj.name.clone(),
             source: Box::new(source),
         })?;
+    if consistent.is_some() {
+        linked.code.resize(code_len as usize, 0xcc);
+    }
 
     // Entry sites.
     let mut sites: Vec<EntrySite> = Vec::new();
@@ -310,7 +366,24 @@ pub(crate) fn plan_load(
             return Err(es.error("replaced twice by this patch".into()));
         }
         site_writes.push(es.write_jmp(f.new_addr)?);
+        let stub = match consistent {
+            Some(c) => {
+                let at = stub_off + functions.len() as u64 * crate::dispatch::STUB_SIZE;
+                let va = code_base + at;
+                let (old, _) = engine
+                    .sites
+                    .get(&es.site)
+                    .map_or((es.site + 5, None), |st| st.top(es.site));
+                let b = crate::dispatch::stub(c.layout, va, old, f.new_addr)
+                    .map_err(|e| es.error(e.to_string()))?;
+                linked.code[at as usize..(at as usize + b.len())].copy_from_slice(&b);
+                Some(va)
+            }
+            None => None,
+        };
         functions.push(FuncInfo {
+            new_size: f.new_size,
+            stub,
             old_name: f.old_name.clone(),
             sympos: f.sympos,
             old_addr: f.old_addr,
@@ -395,8 +468,11 @@ pub(crate) fn plan_load(
             what: "our PMD entry".into(),
         });
     }
-    writes.extend(site_writes);
     Ok(LoadPlan {
+        site_writes,
+        dummy_off: consistent.map(|_| dummy_off),
+        code_len,
+        data_len,
         obj,
         arena,
         code_run: (code_start, ncode),

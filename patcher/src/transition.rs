@@ -180,6 +180,16 @@ pub struct Transition {
     pub blocking: Vec<Blocker>,
     /// Total time the vCPUs were paused for it, µs.
     pub pause_us: u64,
+    /// The stand-in `struct klp_patch` that `klp_transition_patch` points to while ours runs,
+    /// so that the guest's livepatch refuses to start a transition of its own (-EBUSY).
+    #[serde(default, with = "introspect::hex")]
+    pub dummy: Option<u64>,
+    /// Set when the guest's livepatch variables changed under us.
+    #[serde(default)]
+    pub interference: Option<String>,
+    /// Every task's state at the last check.
+    #[serde(default)]
+    pub tasks: Vec<TaskState>,
 }
 
 /// One write of a task field or guest variable (guest virtual address, bytes).
@@ -382,6 +392,9 @@ mod tests {
             checks: 0,
             blocking: vec![],
             pause_us: 0,
+            dummy: None,
+            interference: None,
+            tasks: vec![],
         }
     }
 

@@ -56,6 +56,8 @@ pub trait TaskView {
     /// Where the dispatcher finds `current->patch_state`; `None` on a kernel without
     /// `task_struct.patch_state` (no CONFIG_LIVEPATCH).
     fn task_state_layout(&self, mem: &dyn PhysMemory) -> Option<TaskStateLayout>;
+    /// `struct klp_patch`: (size, offset of `list`, offset of `obj_list`), from BTF.
+    fn klp_patch_layout(&self, mem: &dyn PhysMemory) -> Option<(u64, u64, u64)>;
     /// Offset of `thread_info.flags` in `task_struct`.
     fn flags_offset(&self, mem: &dyn PhysMemory) -> u64;
     /// Every task: all threads and every CPU's idle task. Called with all vCPUs paused.

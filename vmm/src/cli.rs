@@ -162,15 +162,73 @@ pub enum VmOp {
 /// `hvpatch patch` operations.
 #[derive(Debug, Subcommand)]
 pub enum PatchOp {
-    /// Load (enable) a patch object.
+    /// Load and enable a patch object. Tasks switch one by one (the consistency model); it
+    /// waits, showing progress, until every task runs the new code.
     Load {
         /// Patch object built by `hvpatch build`.
         file: PathBuf,
+        /// Return at once; follow the transition with `patch status`.
+        #[arg(long)]
+        no_wait: bool,
+        /// Reverse the transition if it has not completed after SECS (default 60 when
+        /// waiting, none with --no-wait).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// Switch every task at once, without the consistency model.
+        #[arg(long)]
+        immediate: bool,
         /// Print the raw JSON result.
         #[arg(long)]
         json: bool,
     },
-    /// Unload (disable) a patch.
+    /// Enable a disabled patch (a transition to patched).
+    Enable {
+        /// Patch name.
+        name: String,
+        /// Return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// Reverse the transition if it has not completed after SECS (default 60).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a patch (a transition to unpatched; it stays loaded). Disabling a patch in
+    /// transition reverses it.
+    Disable {
+        /// Patch name.
+        name: String,
+        /// Return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// Reverse the transition if it has not completed after SECS (default 60).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The transition in progress: direction, every task's state, the tasks that block it
+    /// and why, with their stacks.
+    Status {
+        /// Only this patch.
+        name: Option<String>,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Complete a stuck transition now, switching the tasks that still block it (they may
+    /// run a mix of old and new code). Prints the tasks it overrode.
+    Force {
+        /// Patch name.
+        name: String,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unload a patch: disable it (a transition), then free it.
     Unload {
         /// Patch name.
         name: String,
@@ -309,7 +367,13 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
             print_result(&v, *json, f);
         }
         Command::Patch { op } => match op {
-            PatchOp::Load { file, json } => {
+            PatchOp::Load {
+                file,
+                no_wait,
+                timeout,
+                immediate,
+                json,
+            } => {
                 let bytes = std::fs::read(file).map_err(|source| CliError::Read {
                     path: file.clone(),
                     source,
@@ -318,28 +382,74 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
+                let timeout_ms = secs_to_ms(*timeout)?;
                 let req = Request::PatchLoad {
                     object_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
                     file_name,
+                    immediate: immediate.then_some(true),
+                    wait: Some(!no_wait),
+                    timeout_ms,
                 };
-                print_result(&request(socket, &req)?, *json, crate::format::patch);
+                let v = waiting(socket, &req, !*no_wait && !*json, timeout_ms)?;
+                print_result(&v, *json, crate::format::patch);
+            }
+            PatchOp::Enable {
+                name,
+                no_wait,
+                timeout,
+                json,
+            }
+            | PatchOp::Disable {
+                name,
+                no_wait,
+                timeout,
+                json,
+            } => {
+                let timeout_ms = secs_to_ms(*timeout)?;
+                let (name, wait) = (name.clone(), Some(!no_wait));
+                let req = if matches!(op, PatchOp::Enable { .. }) {
+                    Request::PatchEnable {
+                        name,
+                        wait,
+                        timeout_ms,
+                    }
+                } else {
+                    Request::PatchDisable {
+                        name,
+                        wait,
+                        timeout_ms,
+                    }
+                };
+                let v = waiting(socket, &req, !*no_wait && !*json, timeout_ms)?;
+                print_result(&v, *json, crate::format::patch);
+            }
+            PatchOp::Status { name, json } => {
+                let v = request(socket, &Request::PatchStatus { name: name.clone() })?;
+                print_result(&v, *json, crate::format::patch_status);
+            }
+            PatchOp::Force { name, json } => {
+                let v = request(socket, &Request::PatchForce { name: name.clone() })?;
+                if let Some(o) = v["overridden"].as_array().filter(|o| !o.is_empty()) {
+                    eprintln!(
+                        "warning: forced {name}: {} task(s) were switched while the transition still waited for them and may run a mix of old and new code:",
+                        o.len()
+                    );
+                    for b in o {
+                        eprintln!("  pid {} ({}): {}", b["pid"], b["comm"].as_str().unwrap_or("?"), crate::format::why(&b["why"]));
+                    }
+                }
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    print_result(&v["patch"], false, crate::format::patch);
+                }
             }
             PatchOp::Unload {
                 name,
                 timeout,
                 json,
             } => {
-                let timeout_ms = match timeout {
-                    Some(t) if t.is_finite() && *t >= 0.0 && *t <= 3600.0 => {
-                        Some((t * 1000.0) as u64)
-                    }
-                    Some(t) => {
-                        return Err(CliError::Other(format!(
-                            "--timeout {t}: give seconds between 0 and 3600"
-                        )))
-                    }
-                    None => None,
-                };
+                let timeout_ms = secs_to_ms(*timeout)?;
                 let wait = Duration::from_millis(timeout_ms.unwrap_or(10_000));
                 let v = request_with(
                     socket,
@@ -423,4 +533,54 @@ mod tests {
         assert_eq!(parse_mem_layout("flat"), Ok(crate::attach::MemLayout::Flat));
         assert!(parse_mem_layout("split").is_err() && parse_mem_layout("weird:1").is_err());
     }
+}
+
+/// `--timeout SECS` in ms (0 to 3600 s).
+fn secs_to_ms(t: Option<f64>) -> Result<Option<u64>, CliError> {
+    match t {
+        Some(t) if t.is_finite() && (0.0..=3600.0).contains(&t) => Ok(Some((t * 1000.0) as u64)),
+        Some(t) => Err(CliError::Other(format!(
+            "--timeout {t}: give seconds between 0 and 3600"
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Sends `req`, which may wait for a transition (up to its timeout, then as long again for
+/// the reversal); with `progress`, prints the transition's state to stderr every second
+/// meanwhile (from a second connection).
+fn waiting(
+    socket: &Path,
+    req: &Request,
+    progress: bool,
+    timeout_ms: Option<u64>,
+) -> Result<Value, CliError> {
+    let limit = CLIENT_TIMEOUT + Duration::from_millis(timeout_ms.unwrap_or(60_000)) * 2;
+    if !progress {
+        return request_with(socket, req, limit);
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut last = String::new();
+            let t0 = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                if t0.elapsed() < Duration::from_millis(900) {
+                    continue;
+                }
+                let Ok(v) = request(socket, &Request::PatchStatus { name: None }) else {
+                    continue;
+                };
+                let line = crate::format::progress(&v);
+                if !line.is_empty() && line != last && !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!("{line}");
+                    last = line;
+                }
+            }
+        });
+        let r = request_with(socket, req, limit);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
 }

@@ -6,11 +6,12 @@ use std::fmt::Write as _;
 
 use introspect::slide::CheckOutcome;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::types::{
-    FrameLine, Patch, PatchState, StackView, Stacks, Status, SymbolLine, SymbolMatch, TaskResult,
-    Unloaded, Vcpu,
+    FrameLine, Patch, PatchState, PatchStatus, StackView, Stacks, Status, SymbolLine,
+    SymbolMatch, TaskResult, Unloaded, Vcpu,
 };
 
 fn pretty(v: &Value) -> String {
@@ -204,7 +205,9 @@ fn patch_text(p: &Patch, unload: Option<&Unloaded>) -> String {
         } else {
             String::new()
         };
-        let active = if p.state != PatchState::Enabled {
+        let active = if p.state == PatchState::Disabled {
+            "disabled"
+        } else if p.state != PatchState::Enabled {
             "removed"
         } else if f.active {
             "active"
@@ -255,6 +258,86 @@ fn patch_text(p: &Patch, unload: Option<&Unloaded>) -> String {
 /// `patch load|info`.
 pub fn patch(v: &Value) -> String {
     typed(v, |p: &Patch| patch_text(p, None))
+}
+
+/// A blocker's reason (`why` of `patch status`), in words.
+pub fn why(v: &Value) -> String {
+    match serde_json::from_value::<patcher::transition::Why>(v.clone()) {
+        Ok(w) => w.to_string(),
+        Err(_) => v.to_string(),
+    }
+}
+
+/// `patch status`.
+pub fn patch_status(v: &Value) -> String {
+    typed(v, |st: &PatchStatus| {
+        let mut s = String::new();
+        match &st.transition {
+            None => s.push_str("no transition in progress\n"),
+            Some(t) => {
+                let _ = writeln!(
+                    s,
+                    "transition: {} {}{} ({:?}), {} ms, {} checks, {} µs paused",
+                    t.patch,
+                    t.direction,
+                    if t.reversed { " (reversed)" } else { "" },
+                    t.mode,
+                    t.elapsed_ms,
+                    t.checks,
+                    t.pause_us
+                );
+                let switched = t.tasks.iter().filter(|x| x.patch_state == t.target).count();
+                let _ = writeln!(
+                    s,
+                    "tasks: {switched} of {} at the target state {}",
+                    t.tasks.len(),
+                    t.target
+                );
+                if let Some(i) = &t.interference {
+                    let _ = writeln!(s, "WARNING: {i}");
+                }
+                for b in &t.blocking {
+                    let on = b.vcpu.map(|v| format!(", running on vCPU {v}")).unwrap_or_default();
+                    let _ = writeln!(s, "blocking: pid {} ({}{on}): {}", b.pid, b.comm, b.why);
+                    for f in &b.stack {
+                        let _ = writeln!(s, "    {f}");
+                    }
+                }
+            }
+        }
+        for p in &st.patches {
+            s.push_str(&patch_text(p, None));
+        }
+        s
+    })
+}
+
+/// One line of progress of the transition in `v` (a `patch status` result), or "".
+pub fn progress(v: &Value) -> String {
+    let Ok(st) = PatchStatus::deserialize(v) else {
+        return String::new();
+    };
+    let Some(t) = st.transition else {
+        return String::new();
+    };
+    let switched = t.tasks.iter().filter(|x| x.patch_state == t.target).count();
+    let who: Vec<String> = t
+        .blocking
+        .iter()
+        .take(3)
+        .map(|b| format!("pid {} ({}): {}", b.pid, b.comm, b.why))
+        .collect();
+    format!(
+        "{} {}: {switched}/{} tasks switched; waiting for {}",
+        t.patch,
+        t.direction,
+        t.tasks.len(),
+        if who.is_empty() {
+            "the next check".to_string()
+        } else {
+            who.join("; ")
+        }
+    )
 }
 
 /// `patch unload`.

@@ -45,15 +45,62 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
-    /// Load (enable) a patch object.
+    /// Load and enable a patch object: a transition of the consistency model (tasks switch one
+    /// by one), or every task at once for an immediate patch.
     PatchLoad {
         /// The relocatable ELF object, base64-encoded.
         object_base64: String,
         /// The object's file name (names the patch unless it declares a name).
         file_name: String,
+        /// Switch every task at once, without the consistency model (default: as the patch
+        /// says with `HVPATCH_PATCH_FLAGS`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        immediate: Option<bool>,
+        /// Answer once the transition completed (default true); false: at once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait: Option<bool>,
+        /// Reverse the transition when it has not completed after this many ms (default
+        /// 60 000 when waiting, none otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
-    /// Unload a patch by name: disable it at once, then wait (up to `timeout_ms`, default 10 s)
-    /// until nothing in the guest can reach its code or data, and free them.
+    /// Enable a disabled patch (a transition to patched).
+    PatchEnable {
+        /// Patch name.
+        name: String,
+        /// Answer once the transition completed (default true).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait: Option<bool>,
+        /// Reverse after this many ms (default 60 000 when waiting).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Disable an enabled patch (a transition to unpatched); it stays loaded. Disabling a
+    /// patch in transition reverses the transition.
+    PatchDisable {
+        /// Patch name.
+        name: String,
+        /// Answer once the transition completed (default true).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait: Option<bool>,
+        /// Reverse after this many ms (default 60 000 when waiting).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Complete a stuck transition at once, switching every task without checks.
+    PatchForce {
+        /// Patch name (must be the one in transition).
+        name: String,
+    },
+    /// The transition in progress (tasks, blockers) and the loaded patches.
+    PatchStatus {
+        /// Only this patch (its transition, if it is the one in transition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Unload a patch by name: disable it (a transition for a consistent patch, at once for an
+    /// immediate one), then wait (up to `timeout_ms`, default 10 s in all) until nothing in the
+    /// guest can reach its code or data, and free them.
     PatchUnload {
         /// Patch name.
         name: String,

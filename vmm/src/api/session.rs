@@ -14,8 +14,8 @@ use super::error::ReqError;
 use super::protocol::{InspectWhat, Request, Response};
 use super::server::{Handler, Reply};
 use super::types::{
-    FrameLine, Patch, PatchArena, StackView, Stacks, Status, SymbolLine, SymbolMatch, TaskStack,
-    Unloaded, Vcpu, VcpuStack,
+    Forced, FrameLine, Patch, PatchArena, PatchStatus, StackView, Stacks, Status, SymbolLine,
+    SymbolMatch, TaskStack, Unloaded, Vcpu, VcpuStack,
 };
 
 /// Longest banner compared when checking that the cached kernel model still fits the guest.
@@ -35,12 +35,43 @@ pub struct Session {
     pending: Vec<PendingUnload>,
     /// No waiting unload is checked before this (the pause budget).
     next_unload_check: Instant,
+    /// Clients (and deadlines) waiting for the transition in progress to end.
+    waiters: Vec<Waiter>,
+    /// The transition is not checked again before this (the pause budget).
+    next_transition_check: Instant,
+}
+
+/// What a client waits for while a transition runs.
+#[derive(Debug)]
+enum WaitOp {
+    /// A load, enable or disable: answered with the patch.
+    Switch,
+    /// An unload: once disabled, the patch is freed (the unload continues as usual).
+    Unload(Duration),
+    /// No client: only the deadline (a `wait: false` request with a timeout).
+    Deadline,
+}
+
+/// A client waiting for the transition of `patch` to end, or a deadline reversing it.
+struct Waiter {
+    op: WaitOp,
+    patch: String,
+    reply: Option<Reply>,
+    deadline: Option<Instant>,
+    started: Instant,
+    /// The target the transition had when this waiter's deadline reversed it.
+    reversed_from: Option<i32>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         for p in self.pending.drain(..) {
             p.reply.send(ReqError::Stopping.into());
+        }
+        for w in self.waiters.drain(..) {
+            if let Some(r) = w.reply {
+                r.send(ReqError::Stopping.into());
+            }
         }
     }
 }
@@ -55,6 +86,10 @@ impl std::fmt::Debug for Session {
 pub const DEFAULT_UNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait an unload request may ask for (a held patch is freed later anyway).
 pub const MAX_UNLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a waiting load, enable or disable lets its transition run before reversing it.
+pub const DEFAULT_TRANSITION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Shortest interval between two checks of a transition.
+const TRANSITION_CHECK_MIN: Duration = Duration::from_millis(5);
 /// First and longest interval between background checks of held patches.
 const REAP_FIRST: Duration = Duration::from_millis(100);
 const REAP_MAX: Duration = Duration::from_secs(5);
@@ -80,6 +115,8 @@ impl Session {
             reap_every: REAP_FIRST,
             pending: Vec::new(),
             next_unload_check: Instant::now(),
+            waiters: Vec::new(),
+            next_transition_check: Instant::now(),
         }
     }
 
@@ -145,6 +182,11 @@ impl Session {
                 self.engine = Engine::new();
                 for p in self.pending.drain(..) {
                     p.reply.send(ReqError::KernelChanged.into());
+                }
+                for w in self.waiters.drain(..) {
+                    if let Some(r) = w.reply {
+                        r.send(ReqError::KernelChanged.into());
+                    }
                 }
             }
             let k = Kernel::open(mem, regs)?;
@@ -267,7 +309,12 @@ impl Session {
         })
     }
 
-    fn patch_load(&mut self, object_base64: &str, file_name: &str) -> Result<Patch, ReqError> {
+    fn patch_load(
+        &mut self,
+        object_base64: &str,
+        file_name: &str,
+        opts: patcher::LoadOptions,
+    ) -> Result<Patch, ReqError> {
         let object = base64::engine::general_purpose::STANDARD
             .decode(object_base64)
             .map_err(|e| ReqError::BadRequest(format!("object_base64 is not base64: {e}")))?;
@@ -286,15 +333,249 @@ impl Session {
             symbols: &syms,
             paging: syms.paging(nx),
         };
-        let info = self
-            .engine
-            .load(self.control.as_mut(), &target, &object, file_name)?;
+        let info = self.engine.load_consistent(
+            self.control.as_mut(),
+            &target,
+            kernel,
+            &object,
+            file_name,
+            opts,
+        )?;
         Ok(info.into())
+    }
+
+    /// After a load, enable or disable: answers at once, or waits for the transition (and
+    /// arms its deadline).
+    fn after_switch(
+        &mut self,
+        name: &str,
+        wait: bool,
+        timeout: Option<Duration>,
+        result: Result<(), ReqError>,
+        reply: Reply,
+    ) {
+        if let Err(e) = result {
+            return reply.send(e.into());
+        }
+        let running = self
+            .engine
+            .transition_status()
+            .is_some_and(|t| t.patch == name);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        if running && wait {
+            self.waiters.push(Waiter {
+                op: WaitOp::Switch,
+                patch: name.to_string(),
+                reply: Some(reply),
+                deadline,
+                started: Instant::now(),
+                reversed_from: None,
+            });
+            return;
+        }
+        if running && deadline.is_some() {
+            self.waiters.push(Waiter {
+                op: WaitOp::Deadline,
+                patch: name.to_string(),
+                reply: None,
+                deadline,
+                started: Instant::now(),
+                reversed_from: None,
+            });
+        }
+        reply.send(self.patch_result(name));
+    }
+
+    fn patch_result(&self, name: &str) -> Response {
+        match self.engine.info(name) {
+            Some(i) => match to_json(&Patch::from(i)) {
+                Ok(v) => Response::ok(v),
+                Err(e) => e.into(),
+            },
+            None => ReqError::NoPatch(name.to_string()).into(),
+        }
+    }
+
+    /// `patch enable` / `patch disable` (target 1 / 0).
+    fn patch_switch(&mut self, name: &str, target: i32, timeout: Option<Duration>) -> Result<(), ReqError> {
+        self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
+        let Some(kernel) = self.kernel.as_ref() else {
+            return Err(missing_kernel());
+        };
+        if target == 1 {
+            self.engine.enable(self.control.as_mut(), kernel, name, timeout)?;
+        } else {
+            self.engine.disable(self.control.as_mut(), kernel, name, timeout)?;
+        }
+        Ok(())
+    }
+
+    /// `patch_enable` (target 1) / `patch_disable` (0).
+    fn switch_request(
+        &mut self,
+        name: &str,
+        target: i32,
+        wait: Option<bool>,
+        timeout_ms: Option<u64>,
+        reply: Reply,
+    ) {
+        let wait = wait.unwrap_or(true);
+        let timeout = transition_timeout(wait, timeout_ms);
+        let r = self.patch_switch(name, target, timeout);
+        self.after_switch(name, wait, timeout, r, reply);
+    }
+
+    fn patch_force(&mut self, name: &str) -> Result<Forced, ReqError> {
+        match self.engine.transition_status() {
+            Some(t) if t.patch == name => {}
+            Some(t) => {
+                return Err(ReqError::BadRequest(format!(
+                    "{name} is not in transition ({} is)",
+                    t.patch
+                )))
+            }
+            None => {
+                return Err(ReqError::BadRequest(format!(
+                    "no transition is in progress ({name} is not in transition)"
+                )))
+            }
+        }
+        self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
+        let Some(kernel) = self.kernel.as_ref() else {
+            return Err(missing_kernel());
+        };
+        let overridden = self.engine.force(self.control.as_mut(), kernel)?;
+        if !overridden.is_empty() {
+            tracing::warn!(
+                patch = name,
+                tasks = ?overridden.iter().map(|b| format!("{} ({})", b.pid, b.comm)).collect::<Vec<_>>(),
+                "transition forced: these tasks were switched while they still blocked"
+            );
+        }
+        self.answer_waiters();
+        let patch = self
+            .engine
+            .info(name)
+            .map(Patch::from)
+            .ok_or_else(|| ReqError::NoPatch(name.to_string()))?;
+        Ok(Forced { patch, overridden })
+    }
+
+    fn patch_status(&self, name: Option<&str>) -> PatchStatus {
+        let mut transition = self.engine.transition_status();
+        if let Some(n) = name {
+            transition = transition.filter(|t| t.patch == n);
+        }
+        PatchStatus {
+            transition,
+            patches: self
+                .engine
+                .list()
+                .into_iter()
+                .filter(|p| name.map_or(true, |n| p.name == n))
+                .map(Patch::from)
+                .collect(),
+        }
+    }
+
+    /// One check of the transition in progress, when due; reverses it first if a waiter's
+    /// deadline passed.
+    fn advance_transition(&mut self) {
+        if Instant::now() < self.next_transition_check {
+            return;
+        }
+        let Some(kernel) = self.kernel.as_ref() else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some(t) = self.engine.transition_status() {
+            let due = self
+                .waiters
+                .iter()
+                .any(|w| w.patch == t.patch && w.reversed_from.is_none() && w.deadline.is_some_and(|d| now >= d));
+            if due {
+                match self.engine.reverse(self.control.as_mut(), kernel) {
+                    Ok(()) => {
+                        for w in self.waiters.iter_mut().filter(|w| w.patch == t.patch) {
+                            w.reversed_from = Some(t.target);
+                            w.deadline = None;
+                        }
+                    }
+                    Err(e) => tracing::warn!("reversing the transition of {}: {e}", t.patch),
+                }
+            }
+        }
+        let t0 = Instant::now();
+        if let Err(e) = self.engine.transition_step(self.control.as_mut(), kernel) {
+            tracing::warn!("transition check: {e}");
+        }
+        self.next_transition_check = Instant::now() + (t0.elapsed() * 10).max(TRANSITION_CHECK_MIN);
+        self.answer_waiters();
+    }
+
+    /// Answers the clients waiting for a transition that is no longer running.
+    fn answer_waiters(&mut self) {
+        let running = self.engine.transition_status().map(|t| t.patch);
+        let mut i = 0;
+        while i < self.waiters.len() {
+            if running.as_deref() == Some(self.waiters[i].patch.as_str()) {
+                i += 1;
+                continue;
+            }
+            let w = self.waiters.swap_remove(i);
+            let Some(reply) = w.reply else {
+                continue;
+            };
+            if let Some(target) = w.reversed_from {
+                reply.send(
+                    ReqError::from(self.engine.timeout_error(&w.patch, w.started.elapsed(), target))
+                        .into(),
+                );
+                continue;
+            }
+            match w.op {
+                WaitOp::Unload(timeout) => {
+                    let left = timeout.saturating_sub(w.started.elapsed());
+                    self.patch_unload(&w.patch, left, reply);
+                }
+                _ => reply.send(self.patch_result(&w.patch)),
+            }
+        }
     }
 
     /// Starts an unload: disables the patch and checks once. Freed at once: the result. Still
     /// reachable: the unload waits in [`Session::pending`], advanced by [`Handler::tick`].
     fn patch_unload(&mut self, name: &str, timeout: Duration, reply: Reply) {
+        // A consistent patch is first disabled by a transition; the unload goes on once every
+        // task runs the previous version.
+        let consistent_enabled = self.engine.info(name).is_some_and(|i| {
+            i.state == patcher::PatchState::Enabled && !i.immediate
+        });
+        let disabling = self
+            .engine
+            .transition_status()
+            .is_some_and(|t| t.patch == name && t.target == 0);
+        if consistent_enabled || disabling {
+            let r = if disabling {
+                Ok(())
+            } else {
+                self.patch_switch(name, 0, Some(timeout))
+            };
+            if let Err(e) = r {
+                return reply.send(e.into());
+            }
+            if self.engine.transition_status().is_some_and(|t| t.patch == name) {
+                self.waiters.push(Waiter {
+                    op: WaitOp::Unload(timeout),
+                    patch: name.to_string(),
+                    reply: Some(reply),
+                    deadline: Some(Instant::now() + timeout),
+                    started: Instant::now(),
+                    reversed_from: None,
+                });
+                return;
+            }
+        }
         let r = (|| {
             let info = self
                 .engine
@@ -431,9 +712,36 @@ impl Handler for Session {
             Request::PatchLoad {
                 object_base64,
                 file_name,
-            } => self
-                .patch_load(&object_base64, &file_name)
-                .and_then(|p| to_json(&p)),
+                immediate,
+                wait,
+                timeout_ms,
+            } => {
+                let wait = wait.unwrap_or(true);
+                let timeout = transition_timeout(wait, timeout_ms);
+                let opts = patcher::LoadOptions {
+                    immediate: immediate.unwrap_or(false),
+                    timeout,
+                };
+                match self.patch_load(&object_base64, &file_name, opts) {
+                    Ok(p) => {
+                        let name = p.name.clone();
+                        return self.after_switch(&name, wait, timeout, Ok(()), reply);
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Request::PatchEnable {
+                name,
+                wait,
+                timeout_ms,
+            } => return self.switch_request(&name, 1, wait, timeout_ms, reply),
+            Request::PatchDisable {
+                name,
+                wait,
+                timeout_ms,
+            } => return self.switch_request(&name, 0, wait, timeout_ms, reply),
+            Request::PatchForce { name } => self.patch_force(&name).and_then(|f| to_json(&f)),
+            Request::PatchStatus { name } => to_json(&self.patch_status(name.as_deref())),
             Request::PatchList {} => {
                 let list: Vec<Patch> = self.engine.list().into_iter().map(Patch::from).collect();
                 to_json(&list)
@@ -450,6 +758,9 @@ impl Handler for Session {
     }
 
     fn tick(&mut self) {
+        if self.engine.in_transition() || !self.waiters.is_empty() {
+            self.advance_transition();
+        }
         if !self.pending.is_empty() {
             self.advance_unloads();
         } else if self.engine.has_held() && Instant::now() >= self.next_reap {
@@ -458,11 +769,26 @@ impl Handler for Session {
     }
 
     fn tick_interval(&self) -> Duration {
+        if self.engine.in_transition() {
+            return self
+                .next_transition_check
+                .saturating_duration_since(Instant::now());
+        }
         match self.pending.iter().map(|p| p.next_check).min() {
             Some(t) => t
                 .max(self.next_unload_check)
                 .saturating_duration_since(Instant::now()),
             None => Duration::from_millis(20),
         }
+    }
+}
+
+/// The timeout of a transition: as asked, else [`DEFAULT_TRANSITION_TIMEOUT`] when the client
+/// waits and none when it does not; at most [`MAX_UNLOAD_TIMEOUT`].
+fn transition_timeout(wait: bool, timeout_ms: Option<u64>) -> Option<Duration> {
+    match timeout_ms {
+        Some(ms) => Some(Duration::from_millis(ms).min(MAX_UNLOAD_TIMEOUT)),
+        None if wait => Some(DEFAULT_TRANSITION_TIMEOUT),
+        None => None,
     }
 }

@@ -185,6 +185,8 @@ pub struct Vcpu {
 pub enum PatchState {
     /// Loaded and enabled.
     Enabled,
+    /// Loaded, not running (`patch disable`, or an enable that was reversed).
+    Disabled,
     /// Disabled, its pages kept because something may still reach them.
     Held,
     /// Disabled and freed.
@@ -195,6 +197,7 @@ impl From<patcher::PatchState> for PatchState {
     fn from(s: patcher::PatchState) -> Self {
         match s {
             patcher::PatchState::Enabled => PatchState::Enabled,
+            patcher::PatchState::Disabled => PatchState::Disabled,
             patcher::PatchState::Held => PatchState::Held,
         }
     }
@@ -224,6 +227,10 @@ pub struct Patch {
     pub pause_us: u64,
     /// Whole load time, µs.
     pub load_us: u64,
+    /// Immediate: every task switches at once (no consistency model).
+    pub immediate: bool,
+    /// Built with frame pointers: stack checks unwind through its code.
+    pub frame_pointers: bool,
     /// For a held patch: what held it at the last check.
     pub held: Option<Hold>,
 }
@@ -241,6 +248,8 @@ impl From<PatchInfo> for Patch {
             return_sites: p.return_sites,
             pause_us: p.pause_us,
             load_us: p.load_us,
+            immediate: p.immediate,
+            frame_pointers: p.frame_pointers,
             held: p.held,
         }
     }
@@ -280,6 +289,24 @@ impl Unloaded {
     }
 }
 
+/// `patch_status`: the transition in progress and the loaded patches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchStatus {
+    /// The transition in progress, if any.
+    pub transition: Option<patcher::TransitionStatus>,
+    /// The loaded patches.
+    pub patches: Vec<Patch>,
+}
+
+/// `patch_force`: the patch after its forced completion and the tasks that were overridden.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forced {
+    /// The patch.
+    pub patch: Patch,
+    /// The tasks switched although they still blocked.
+    pub overridden: Vec<patcher::transition::Blocker>,
+}
+
 /// `value` read as `T` and written again: what the typed API keeps of it.
 fn round_trip<T: Serialize + DeserializeOwned>(value: Value) -> Result<Value, serde_json::Error> {
     serde_json::to_value(serde_json::from_value::<T>(value)?)
@@ -301,7 +328,12 @@ impl Request {
                 InspectWhat::Stacks => round_trip::<Stacks>(result),
                 InspectWhat::Vcpus => round_trip::<Vec<Vcpu>>(result),
             },
-            Request::PatchLoad { .. } | Request::PatchInfo { .. } => round_trip::<Patch>(result),
+            Request::PatchLoad { .. }
+            | Request::PatchInfo { .. }
+            | Request::PatchEnable { .. }
+            | Request::PatchDisable { .. } => round_trip::<Patch>(result),
+            Request::PatchForce { .. } => round_trip::<Forced>(result),
+            Request::PatchStatus { .. } => round_trip::<PatchStatus>(result),
             Request::PatchList {} => round_trip::<Vec<Patch>>(result),
             Request::PatchUnload { .. } => round_trip::<Unloaded>(result),
         }

@@ -1,0 +1,1058 @@
+//! Engine operations of the consistency model (see [`crate::transition`]): loading, enabling
+//! and disabling a patch as a transition, advancing it check by check, reversing and forcing
+//! it. Every step runs inside one pause of every vCPU and writes through one transaction
+//! ([`crate::txn::apply`]): verified bytes, rolled back on failure.
+
+use std::time::{Duration, Instant};
+
+use introspect::{PhysMemory, VcpuRegs};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{us, Engine, PatchError, Target};
+use crate::guest::GuestControl;
+use crate::info::{PatchInfo, PatchState};
+use crate::patchobj::PatchObject;
+use crate::plan::{plan_parsed, ConsistentPlan};
+use crate::site;
+use crate::transition::{
+    now_ms, Blocker, KlpVars, Mode, TaskState, TransFunc, Transition, VarWrite, Why, KLP_IDLE,
+};
+use crate::txn::{apply, paused, Write};
+use crate::view::{TaskSnap, TaskView};
+
+/// `HVPATCH_IMMEDIATE` (hvpatch.h): per function, or for the whole patch.
+pub const HVPATCH_IMMEDIATE: u64 = 1;
+
+/// Options of a load under the consistency model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Switch every task at once (as if the patch had `HVPATCH_PATCH_FLAGS(HVPATCH_IMMEDIATE)`).
+    pub immediate: bool,
+    /// Reverse the transition when it has not completed after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// The transition as `patch status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionStatus {
+    /// The patch in transition.
+    pub patch: String,
+    /// 1 patching, 0 unpatching (like /sys/kernel/livepatch/P/transition + enabled).
+    pub target: i32,
+    /// "patching" or "unpatching".
+    pub direction: String,
+    /// Whether it was reversed.
+    pub reversed: bool,
+    /// How tasks switch.
+    pub mode: Mode,
+    /// Time since it started, ms.
+    pub elapsed_ms: u64,
+    /// Checks made.
+    pub checks: u64,
+    /// vCPU pause time spent on it so far, µs.
+    pub pause_us: u64,
+    /// The tasks that held it at the last check.
+    pub blocking: Vec<Blocker>,
+    /// Every task's state at the last check (1 patched, 0 unpatched).
+    pub tasks: Vec<TaskState>,
+    /// Set when the guest's livepatch variables changed under the transition.
+    pub interference: Option<String>,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// No transition runs (it completed now or earlier).
+    Complete,
+    /// It still waits for the tasks in [`Engine::transition_status`].
+    Pending,
+}
+
+/// One site change of a transition start: the bytes there now, during the transition and
+/// after it.
+struct SiteSwitch {
+    site: u64,
+    pa: u64,
+    now: [u8; 5],
+    during: [u8; 5],
+    after: [u8; 5],
+}
+
+fn vcpu_regs(ctl: &mut dyn GuestControl) -> Result<Vec<VcpuRegs>, PatchError> {
+    (0..ctl.vcpu_count())
+        .map(|v| ctl.regs(v).map_err(PatchError::from))
+        .collect()
+}
+
+fn read_bytes(mem: &dyn PhysMemory, pa: u64, len: usize) -> Result<Vec<u8>, PatchError> {
+    let mut b = vec![0u8; len];
+    mem.read_phys(pa, &mut b)
+        .map_err(|e| PatchError::Memory(e.to_string()))?;
+    Ok(b)
+}
+
+/// A guest-variable write as a verified transaction write (its current bytes expected).
+fn var_write(view: &dyn TaskView, mem: &dyn PhysMemory, w: VarWrite) -> Result<Write, PatchError> {
+    let pa = view
+        .translate(mem, w.va)
+        .ok_or_else(|| PatchError::Memory(format!("{} at {:#x} is not mapped", w.what, w.va)))?;
+    let cur = read_bytes(mem, pa, w.bytes.len())?;
+    Ok(Write {
+        pa,
+        expect: Some(cur),
+        old: vec![],
+        new: w.bytes,
+        what: w.what,
+    })
+}
+
+fn read_var(view: &dyn TaskView, mem: &dyn PhysMemory, va: u64, len: usize) -> Option<Vec<u8>> {
+    let pa = view.translate(mem, va)?;
+    let mut b = vec![0u8; len];
+    mem.read_phys(pa, &mut b).ok()?;
+    Some(b)
+}
+
+fn i32_of(b: &[u8]) -> i32 {
+    i32::from_le_bytes(b.get(..4).and_then(|x| x.try_into().ok()).unwrap_or([0; 4]))
+}
+
+fn u64_of(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b.get(..8).and_then(|x| x.try_into().ok()).unwrap_or([0; 8]))
+}
+
+fn site_write(s: &SiteSwitch, new: [u8; 5]) -> Write {
+    Write {
+        pa: s.pa,
+        expect: Some(s.now.to_vec()),
+        old: vec![],
+        new: new.to_vec(),
+        what: format!("entry site {:#x}", s.site),
+    }
+}
+
+fn blocking_summary(b: &[Blocker]) -> String {
+    if b.is_empty() {
+        return "nothing".into();
+    }
+    let mut s: Vec<String> = b
+        .iter()
+        .take(5)
+        .map(|b| format!("pid {} ({}): {}", b.pid, b.comm, b.why))
+        .collect();
+    if b.len() > 5 {
+        s.push(format!("and {} more", b.len() - 5));
+    }
+    s.join("; ")
+}
+
+impl Engine {
+    /// The transition in progress, for `patch status`.
+    pub fn transition_status(&self) -> Option<TransitionStatus> {
+        self.transition.as_ref().map(|t| TransitionStatus {
+            patch: t.patch.clone(),
+            target: t.target,
+            direction: if t.target == 1 {
+                "patching"
+            } else {
+                "unpatching"
+            }
+            .into(),
+            reversed: t.reversed,
+            mode: t.mode,
+            elapsed_ms: now_ms().saturating_sub(t.started_ms),
+            checks: t.checks,
+            pause_us: t.pause_us,
+            blocking: t.blocking.clone(),
+            tasks: t.tasks.clone(),
+            interference: t.interference.clone(),
+        })
+    }
+
+    /// Whether a transition runs.
+    pub fn in_transition(&self) -> bool {
+        self.transition.is_some()
+    }
+
+    /// The error for a transition that did not complete in time (after reversing it).
+    pub fn timeout_error(&self, name: &str, waited: Duration, was_target: i32) -> PatchError {
+        PatchError::TransitionTimeout {
+            name: name.to_string(),
+            target: if was_target == 1 {
+                "patched"
+            } else {
+                "unpatched"
+            }
+            .into(),
+            waited_ms: waited.as_millis() as u64,
+            blocking: self
+                .transition
+                .as_ref()
+                .map(|t| blocking_summary(&t.blocking))
+                .unwrap_or_else(|| "nothing (the reversal completed)".into()),
+        }
+    }
+
+    /// Code of loaded patches built with frame pointers (the unwinder goes through it).
+    fn fp_text(&self) -> Vec<(u64, u64)> {
+        self.patches
+            .iter()
+            .filter(|p| p.info.frame_pointers)
+            .map(|p| (p.info.code.va, p.info.code.va + p.info.code.len))
+            .collect()
+    }
+
+    /// Loads a patch under the consistency model: the patch's functions switch task by task
+    /// (see [`crate::transition`]), unless it is immediate (`HVPATCH_IMMEDIATE` or
+    /// `opts.immediate`: then as [`Engine::load`]). Returns once the transition started — or
+    /// completed, when no task was in the way at the first check; advance it with
+    /// [`Engine::transition_step`].
+    pub fn load_consistent(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        t: &Target,
+        view: &dyn TaskView,
+        object: &[u8],
+        file_name: &str,
+        opts: LoadOptions,
+    ) -> Result<PatchInfo, PatchError> {
+        let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
+        if opts.immediate || obj.flags & HVPATCH_IMMEDIATE != 0 {
+            return self.load(ctl, t, object, file_name);
+        }
+        if let Some(tr) = &self.transition {
+            return Err(PatchError::InTransition(tr.patch.clone()));
+        }
+        let t0 = Instant::now();
+        let mem = ctl.memory();
+        let layout = view.task_state_layout(mem);
+        let klp = KlpVars::find(view);
+        let dummy_layout = view.klp_patch_layout(mem);
+        let mode = match (layout, klp, dummy_layout) {
+            (Some(_), Some(_), Some(_)) => Mode::PerTask,
+            _ => Mode::WholeGuest,
+        };
+        let cp = match (mode, layout, dummy_layout) {
+            (Mode::PerTask, Some(layout), Some((size, _, _))) => Some(ConsistentPlan {
+                layout,
+                dummy_size: size,
+            }),
+            _ => None,
+        };
+        let name = obj.name.clone();
+        let mut plan = plan_parsed(self, ctl, t, obj, cp)?;
+        let prepare = t0.elapsed();
+        let mem = ctl.memory();
+        let mut funcs = Vec::new();
+        let mut switches = Vec::new();
+        for (es, f) in plan.sites.iter().zip(&plan.functions) {
+            let (old_entry, prev) = self
+                .sites
+                .get(&es.site)
+                .map_or((es.site + 5, None), |st| st.top(es.site));
+            let old_range = prev
+                .or_else(|| view.function_range(f.old_addr))
+                .unwrap_or((f.old_addr, f.old_addr + 1));
+            let immediate = f.flags & HVPATCH_IMMEDIATE != 0;
+            let jmp = |to: u64| {
+                site::jmp_bytes(es.site, to)
+                    .ok_or_else(|| es.error(format!("{to:#x} is out of rel32 reach")))
+            };
+            let after = jmp(f.new_addr)?;
+            let during = match (immediate, f.stub) {
+                (false, Some(stub)) => jmp(stub)?,
+                _ if mode == Mode::WholeGuest && !immediate => es.expect,
+                _ => after,
+            };
+            switches.push(SiteSwitch {
+                site: es.site,
+                pa: es.site_pa,
+                now: es.expect,
+                during,
+                after,
+            });
+            funcs.push(TransFunc {
+                name: f.old_name.clone(),
+                site: es.site,
+                stub: f.stub.unwrap_or(0),
+                old_range,
+                new_range: (f.new_addr, f.new_addr + f.new_size.max(1)),
+                old_entry,
+                immediate,
+            });
+        }
+        let mut tr = Transition {
+            patch_id: 0,
+            patch: name.clone(),
+            target: 1,
+            reversed: false,
+            mode,
+            funcs,
+            klp: if mode == Mode::PerTask { klp } else { None },
+            patch_state_off: layout.map_or(0, |l| l.patch_state),
+            flags_off: view.flags_offset(mem),
+            started_ms: now_ms(),
+            timeout_ms: opts.timeout.map(|d| d.as_millis() as u64),
+            checks: 0,
+            blocking: vec![],
+            pause_us: 0,
+            dummy: plan.dummy_off.map(|o| plan.data_base + o),
+            interference: None,
+            tasks: vec![],
+        };
+        let dummy = dummy_layout.zip(tr.dummy);
+        view.set_frame_pointer_text(&self.fp_text());
+        let paging = t.paging;
+        let (done, pause) = paused(ctl, |ctl| {
+            for &pa in &plan.low_mem_pages {
+                plan.arena.verify_free(ctl.memory(), &paging, pa)?;
+            }
+            let pre = std::mem::take(&mut plan.writes);
+            begin_paused(ctl, view, &mut tr, pre, &switches, dummy)
+        })?;
+        let info = self.commit(plan, t.paging, prepare, pause, t0, false);
+        let p = self
+            .patches
+            .last()
+            .ok_or_else(|| PatchError::Changed("lost the loaded patch".into()))?;
+        tr.patch_id = p.id;
+        tr.pause_us = us(pause);
+        if !done {
+            for s in &switches {
+                if let Some(st) = self.sites.get_mut(&s.site) {
+                    st.during = Some(s.during);
+                }
+            }
+            tracing::info!(patch = %name, blocking = tr.blocking.len(), "transition started");
+            self.transition = Some(tr);
+        } else {
+            tracing::info!(patch = %name, pause_us = us(pause), "patch loaded, every task switched at once");
+        }
+        Ok(self.with_active(&info))
+    }
+
+    /// Enables a disabled patch (a transition to patched, or at once if it is immediate).
+    pub fn enable(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(), PatchError> {
+        if let Some(tr) = &self.transition {
+            if tr.patch == name {
+                // Enabling a patch that is being disabled reverses it; already enabling: done.
+                return if tr.target == 0 {
+                    self.reverse(ctl, view)
+                } else {
+                    Ok(())
+                };
+            }
+        }
+        self.switch(ctl, view, name, 1, timeout)
+    }
+
+    /// Disables an enabled patch: a transition to unpatched (at once if it is immediate). The
+    /// patch stays loaded ([`PatchState::Disabled`]) until unloaded.
+    pub fn disable(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(), PatchError> {
+        if let Some(tr) = &self.transition {
+            if tr.patch == name {
+                // Disabling a patch in transition reverses it; already disabling: done.
+                return if tr.target == 1 {
+                    self.reverse(ctl, view)
+                } else {
+                    Ok(())
+                };
+            }
+        }
+        self.switch(ctl, view, name, 0, timeout)
+    }
+
+    /// Starts the transition of patch `name` to `target`.
+    fn switch(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+        name: &str,
+        target: i32,
+        timeout: Option<Duration>,
+    ) -> Result<(), PatchError> {
+        if let Some(tr) = &self.transition {
+            return Err(PatchError::InTransition(tr.patch.clone()));
+        }
+        let idx = self
+            .patches
+            .iter()
+            .position(|p| {
+                p.info.name == name
+                    && matches!(p.info.state, PatchState::Enabled | PatchState::Disabled)
+            })
+            .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
+        let want = if target == 1 {
+            PatchState::Disabled
+        } else {
+            PatchState::Enabled
+        };
+        if self.patches[idx].info.state != want {
+            return Err(PatchError::State(format!(
+                "{name} is {:?}; {} needs it {want:?}",
+                self.patches[idx].info.state,
+                if target == 1 { "enable" } else { "disable" }
+            )));
+        }
+        let info = self.patches[idx].info.clone();
+        let id = self.patches[idx].id;
+        let mem = ctl.memory();
+        let layout = view.task_state_layout(mem);
+        let klp = KlpVars::find(view);
+        let has_stubs = info.functions.iter().all(|f| f.stub.is_some());
+        let mode = if !info.immediate && has_stubs && layout.is_some() && klp.is_some() {
+            Mode::PerTask
+        } else {
+            Mode::WholeGuest
+        };
+        // What runs now and what will run, per function.
+        let mut funcs = Vec::new();
+        let mut switches = Vec::new();
+        let mut stub_writes = Vec::new();
+        let mut gone = Vec::new();
+        for f in &info.functions {
+            let st = self
+                .sites
+                .get(&f.site)
+                .ok_or_else(|| PatchError::Changed(format!("no function stack for {}", f.old_name)))?;
+            let top_is_us = st.entries.last().is_some_and(|e| e.patch == name);
+            if target == 0 && !top_is_us {
+                // A newer patch runs this function: nothing changes for it; only leave its
+                // stack at the end.
+                gone.push(f.site);
+                continue;
+            }
+            let now = st.current_bytes(f.site);
+            let (old_entry, prev) = if target == 1 {
+                st.top(f.site)
+            } else {
+                st.below_top(f.site)
+            };
+            let old_range = prev
+                .or_else(|| view.function_range(f.old_addr))
+                .unwrap_or((f.old_addr, f.old_addr + 1));
+            let old_bytes = if target == 1 {
+                now
+            } else {
+                st.below_bytes(f.site)
+            };
+            let new_bytes = site::jmp_bytes(f.site, f.new_addr)
+                .ok_or_else(|| PatchError::Changed(format!("{} out of reach", f.old_name)))?;
+            let immediate = info.immediate || f.flags & HVPATCH_IMMEDIATE != 0;
+            let after = if target == 1 { new_bytes } else { old_bytes };
+            let during = match (mode, immediate, f.stub) {
+                (_, true, _) => after,
+                (Mode::PerTask, false, Some(stub)) => {
+                    // The stub's old target is the version under this patch now.
+                    if let Some(l) = layout {
+                        let b = crate::dispatch::stub(l, stub, old_entry, f.new_addr)
+                            .map_err(|e| PatchError::Changed(e.to_string()))?;
+                        let pa = view.translate(mem, stub).ok_or_else(|| {
+                            PatchError::Memory(format!("stub {stub:#x} is not mapped"))
+                        })?;
+                        let cur = read_bytes(mem, pa, b.len())?;
+                        if cur != b {
+                            stub_writes.push(Write {
+                                pa,
+                                expect: Some(cur),
+                                old: vec![],
+                                new: b,
+                                what: format!("dispatcher stub of {}", f.old_name),
+                            });
+                        }
+                    }
+                    site::jmp_bytes(f.site, stub)
+                        .ok_or_else(|| PatchError::Changed("stub out of reach".into()))?
+                }
+                _ => now,
+            };
+            switches.push(SiteSwitch {
+                site: f.site,
+                pa: st.site_pa,
+                now,
+                during,
+                after,
+            });
+            funcs.push(TransFunc {
+                name: f.old_name.clone(),
+                site: f.site,
+                stub: f.stub.unwrap_or(0),
+                old_range,
+                new_range: (f.new_addr, f.new_addr + f.new_size.max(1)),
+                old_entry,
+                immediate,
+            });
+        }
+        let dummy_layout = view.klp_patch_layout(mem);
+        let dummy_va = dummy_layout.and_then(|_| {
+            // The room after the data, as planned at load.
+            let used = info.data.len.checked_sub(dummy_layout.map_or(0, |d| d.0))?;
+            Some(info.data.va + used)
+        });
+        let mut tr = Transition {
+            patch_id: id,
+            patch: name.to_string(),
+            target,
+            reversed: false,
+            mode,
+            funcs,
+            klp: if mode == Mode::PerTask { klp } else { None },
+            patch_state_off: layout.map_or(0, |l| l.patch_state),
+            flags_off: view.flags_offset(mem),
+            started_ms: now_ms(),
+            timeout_ms: timeout.map(|d| d.as_millis() as u64),
+            checks: 0,
+            blocking: vec![],
+            pause_us: 0,
+            dummy: if mode == Mode::PerTask { dummy_va } else { None },
+            interference: None,
+            tasks: vec![],
+        };
+        let dummy = dummy_layout.zip(tr.dummy);
+        view.set_frame_pointer_text(&self.fp_text());
+        // Enabling puts the patch back on top of its functions' stacks first.
+        if target == 1 {
+            for f in &info.functions {
+                if let Some(st) = self.sites.get_mut(&f.site) {
+                    st.entries.push(crate::func_stack::StackEntry {
+                        patch: name.to_string(),
+                        new_addr: f.new_addr,
+                        new_size: f.new_size,
+                    });
+                }
+            }
+        }
+        let r = paused(ctl, |ctl| {
+            begin_paused(ctl, view, &mut tr, stub_writes, &switches, dummy)
+        });
+        let (done, pause) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                if target == 1 {
+                    self.pop_entries(name, &info);
+                }
+                return Err(e);
+            }
+        };
+        tr.pause_us = us(pause);
+        self.last.pause = pause;
+        for s in &gone {
+            if let Some(st) = self.sites.get_mut(s) {
+                st.entries.retain(|e| e.patch != name);
+            }
+        }
+        if done {
+            self.finish_bookkeeping(id, name, target, &info);
+        } else {
+            for s in &switches {
+                if let Some(st) = self.sites.get_mut(&s.site) {
+                    st.during = Some(s.during);
+                }
+            }
+            if target == 1 {
+                if let Some(p) = self.patches.iter_mut().find(|p| p.id == id) {
+                    p.info.state = PatchState::Enabled;
+                }
+            }
+            self.transition = Some(tr);
+        }
+        Ok(())
+    }
+
+    fn pop_entries(&mut self, name: &str, info: &PatchInfo) {
+        for f in &info.functions {
+            if let Some(st) = self.sites.get_mut(&f.site) {
+                if st.entries.last().is_some_and(|e| e.patch == name) {
+                    st.entries.pop();
+                }
+            }
+        }
+    }
+
+    /// The engine's records once a patch reached `target` everywhere.
+    fn finish_bookkeeping(&mut self, id: u64, name: &str, target: i32, info: &PatchInfo) {
+        for f in &info.functions {
+            if let Some(st) = self.sites.get_mut(&f.site) {
+                st.during = None;
+                if target == 0 {
+                    st.entries.retain(|e| e.patch != name);
+                }
+            }
+        }
+        self.sites
+            .retain(|_, st| !st.entries.is_empty() || st.during.is_some());
+        if let Some(p) = self.patches.iter_mut().find(|p| p.id == id) {
+            p.info.state = if target == 1 {
+                PatchState::Enabled
+            } else {
+                PatchState::Disabled
+            };
+        }
+    }
+
+    /// One check of the transition in progress, in one pause: tasks that may switch now do; when
+    /// none is left the transition completes. Reverses it first when its timeout passed.
+    pub fn transition_step(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+    ) -> Result<StepOutcome, PatchError> {
+        let Some(mut tr) = self.transition.take() else {
+            return Ok(StepOutcome::Complete);
+        };
+        view.set_frame_pointer_text(&self.fp_text());
+        let sites = self.sites.clone();
+        let r = paused(ctl, |ctl| step_paused(ctl, view, &mut tr, &sites));
+        match r {
+            Ok((done, pause)) => {
+                tr.pause_us += us(pause);
+                tr.checks += 1;
+                if done {
+                    let info = self
+                        .patches
+                        .iter()
+                        .find(|p| p.id == tr.patch_id)
+                        .map(|p| p.info.clone());
+                    if let Some(info) = info {
+                        self.finish_bookkeeping(tr.patch_id, &tr.patch, tr.target, &info);
+                    }
+                    tracing::info!(patch = %tr.patch, target = tr.target, checks = tr.checks, "transition complete");
+                    Ok(StepOutcome::Complete)
+                } else {
+                    self.transition = Some(tr);
+                    Ok(StepOutcome::Pending)
+                }
+            }
+            Err(e) => {
+                self.transition = Some(tr);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reverses the transition in progress: every task converges back to the state it started
+    /// from (klp_reverse_transition). Tasks that never switched are already there.
+    pub fn reverse(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+    ) -> Result<(), PatchError> {
+        let Some(mut tr) = self.transition.take() else {
+            return Err(PatchError::State("no transition is in progress".into()));
+        };
+        let sites = self.sites.clone();
+        let r = paused(ctl, |ctl| reverse_paused(ctl, view, &mut tr, &sites));
+        match r {
+            Ok((during, pause)) => {
+                tr.pause_us += us(pause);
+                for (site, b) in during {
+                    if let Some(st) = self.sites.get_mut(&site) {
+                        st.during = Some(b);
+                    }
+                }
+                tracing::info!(patch = %tr.patch, target = tr.target, "transition reversed");
+                self.transition = Some(tr);
+                Ok(())
+            }
+            Err(e) => {
+                self.transition = Some(tr);
+                Err(e)
+            }
+        }
+    }
+
+    /// Completes the transition in progress at once, switching every task without checks
+    /// (`patch force`, like klp's `force`). Returns the tasks it overrode.
+    pub fn force(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+    ) -> Result<Vec<Blocker>, PatchError> {
+        let Some(tr) = self.transition.take() else {
+            return Err(PatchError::State("no transition is in progress".into()));
+        };
+        let sites = self.sites.clone();
+        let r = paused(ctl, |ctl| {
+            let regs = vcpu_regs(ctl)?;
+            let mem = ctl.memory();
+            let tasks = view.tasks(mem, &regs).map_err(PatchError::Memory)?;
+            let (_, blocking) = tr.classify(view, mem, &regs, &tasks);
+            complete_paused(ctl, view, &tr, &tasks, &sites)?;
+            Ok(blocking)
+        });
+        match r {
+            Ok((overridden, _)) => {
+                let info = self
+                    .patches
+                    .iter()
+                    .find(|p| p.id == tr.patch_id)
+                    .map(|p| p.info.clone());
+                if let Some(info) = info {
+                    self.finish_bookkeeping(tr.patch_id, &tr.patch, tr.target, &info);
+                }
+                tracing::warn!(patch = %tr.patch, overridden = overridden.len(), "transition forced");
+                Ok(overridden)
+            }
+            Err(e) => {
+                self.transition = Some(tr);
+                Err(e)
+            }
+        }
+    }
+
+    /// Advances the transition until it completes; after `timeout` reverses it and waits for
+    /// the reversal (as long again), then fails with [`PatchError::TransitionTimeout`].
+    pub fn transition_wait(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+        timeout: Duration,
+    ) -> Result<(), PatchError> {
+        let t0 = Instant::now();
+        let mut delay = Duration::from_millis(1);
+        let mut reversed_from: Option<(String, i32)> = None;
+        loop {
+            let s0 = Instant::now();
+            if self.transition_step(ctl, view)? == StepOutcome::Complete {
+                return match reversed_from {
+                    None => Ok(()),
+                    Some((name, target)) => Err(self.timeout_error(&name, t0.elapsed(), target)),
+                };
+            }
+            if t0.elapsed() >= timeout && reversed_from.is_none() {
+                if let Some(tr) = &self.transition {
+                    reversed_from = Some((tr.patch.clone(), tr.target));
+                }
+                self.reverse(ctl, view)?;
+            } else if t0.elapsed() >= timeout * 2 {
+                let (name, target) = reversed_from.unwrap_or_default();
+                return Err(self.timeout_error(&name, t0.elapsed(), target));
+            }
+            // The guest runs at least ten times as long as the check took.
+            std::thread::sleep(delay.max(s0.elapsed() * 10));
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Refuses to start while the guest's own livepatch is busy or not idle.
+fn check_guest_klp(
+    view: &dyn TaskView,
+    mem: &dyn PhysMemory,
+    klp: &KlpVars,
+    tasks: &[TaskSnap],
+) -> Result<(), PatchError> {
+    let rd = |va: u64, n: usize, what: &str| {
+        read_var(view, mem, va, n)
+            .ok_or_else(|| PatchError::Memory(format!("cannot read the guest's {what}")))
+    };
+    let tp = u64_of(&rd(klp.transition_patch, 8, "klp_transition_patch")?);
+    if tp != 0 {
+        return Err(PatchError::GuestKlp(format!(
+            "a livepatch transition is in progress in the guest (klp_transition_patch = {tp:#x})"
+        )));
+    }
+    let ts = i32_of(&rd(klp.target_state, 4, "klp_target_state")?);
+    if ts != KLP_IDLE {
+        return Err(PatchError::GuestKlp(format!(
+            "klp_target_state is {ts}, not -1"
+        )));
+    }
+    if let Some(m) = klp.mutex {
+        let owner = u64_of(&rd(m, 8, "klp_mutex")?);
+        if owner != 0 {
+            return Err(PatchError::GuestKlp(format!(
+                "klp_mutex is held (owner {owner:#x}): the guest is enabling or disabling a livepatch; retry"
+            )));
+        }
+    }
+    if let Some(t) = tasks.iter().find(|t| t.patch_state != KLP_IDLE) {
+        return Err(PatchError::GuestKlp(format!(
+            "pid {} ({}) has patch_state {}, not -1",
+            t.pid, t.comm, t.patch_state
+        )));
+    }
+    Ok(())
+}
+
+/// The stand-in `struct klp_patch`: zeroed, its `list` and `obj_list` empty (self-linked).
+fn dummy_bytes(layout: (u64, u64, u64), va: u64) -> Vec<u8> {
+    let (size, list, obj_list) = layout;
+    let mut b = vec![0u8; size as usize];
+    for off in [list, obj_list] {
+        let me = (va + off).to_le_bytes();
+        let o = off as usize;
+        if o + 16 <= b.len() {
+            b[o..o + 8].copy_from_slice(&me);
+            b[o + 8..o + 16].copy_from_slice(&me);
+        }
+    }
+    b
+}
+
+/// The first check of a transition, in the pause that starts it: when no task is in the way
+/// every site switches at once (returns `true`); else the tasks that may switch do, the others
+/// get the initial state and `TIF_PATCH_PENDING`, and the sites go to the dispatcher.
+fn begin_paused(
+    ctl: &mut dyn GuestControl,
+    view: &dyn TaskView,
+    tr: &mut Transition,
+    pre: Vec<Write>,
+    switches: &[SiteSwitch],
+    dummy: Option<((u64, u64, u64), u64)>,
+) -> Result<bool, PatchError> {
+    let regs = vcpu_regs(ctl)?;
+    let mem = ctl.memory();
+    let tasks = view.tasks(mem, &regs).map_err(PatchError::Memory)?;
+    if let Some(k) = &tr.klp {
+        check_guest_klp(view, mem, k, &tasks)?;
+    }
+    let (ok, blocking) = tr.classify(view, mem, &regs, &tasks);
+    let mut writes = pre;
+    if blocking.is_empty() {
+        writes.extend(switches.iter().map(|s| site_write(s, s.after)));
+        apply(ctl, &mut writes)?;
+        return Ok(true);
+    }
+    if tr.mode == Mode::PerTask {
+        let safe: std::collections::HashSet<u64> = ok.iter().map(|t| t.addr).collect();
+        let initial = 1 - tr.target;
+        for t in &tasks {
+            let s = safe.contains(&t.addr);
+            for w in tr.task_writes(t, if s { tr.target } else { initial }, !s) {
+                writes.push(var_write(view, mem, w)?);
+            }
+        }
+        if let Some(w) = tr.target_write(tr.target) {
+            writes.push(var_write(view, mem, w)?);
+        }
+        if let (Some(k), Some((layout, va))) = (tr.klp, dummy) {
+            let pa = view
+                .translate(mem, va)
+                .ok_or_else(|| PatchError::Memory(format!("klp_patch stand-in {va:#x}")))?;
+            writes.push(Write {
+                pa,
+                expect: None,
+                old: vec![],
+                new: dummy_bytes(layout, va),
+                what: "klp_patch stand-in".into(),
+            });
+            writes.push(var_write(
+                view,
+                mem,
+                VarWrite {
+                    va: k.transition_patch,
+                    bytes: va.to_le_bytes().to_vec(),
+                    what: "klp_transition_patch".into(),
+                },
+            )?);
+        }
+        // The states as just written.
+        tr.tasks = Transition::states(&tasks);
+        for (s, t) in tr.tasks.iter_mut().zip(&tasks) {
+            s.patch_state = if safe.contains(&t.addr) {
+                tr.target
+            } else {
+                initial
+            };
+        }
+    }
+    writes.extend(switches.iter().map(|s| site_write(s, s.during)));
+    apply(ctl, &mut writes)?;
+    tr.blocking = blocking;
+    Ok(false)
+}
+
+/// A check of a running transition (see [`Engine::transition_step`]); `true` when it completed.
+fn step_paused(
+    ctl: &mut dyn GuestControl,
+    view: &dyn TaskView,
+    tr: &mut Transition,
+    sites: &std::collections::BTreeMap<u64, crate::func_stack::SiteStack>,
+) -> Result<bool, PatchError> {
+    let regs = vcpu_regs(ctl)?;
+    let mem = ctl.memory();
+    let tasks = view.tasks(mem, &regs).map_err(PatchError::Memory)?;
+    if let (Some(k), Some(dummy)) = (tr.klp, tr.dummy) {
+        let tp = read_var(view, mem, k.transition_patch, 8).map(|b| u64_of(&b));
+        let ts = read_var(view, mem, k.target_state, 4).map(|b| i32_of(&b));
+        if tp != Some(dummy) || ts != Some(tr.target) {
+            let msg = format!(
+                "the guest's livepatch changed its state during the transition: klp_transition_patch {tp:x?} (ours {dummy:#x}), klp_target_state {ts:?} (ours {})",
+                tr.target
+            );
+            if tr.interference.is_none() {
+                tracing::warn!("{msg}");
+            }
+            tr.interference = Some(msg);
+        }
+    }
+    let (ok, mut blocking) = tr.classify(view, mem, &regs, &tasks);
+    if blocking.is_empty() && tr.mode == Mode::PerTask {
+        // klp_synchronize_transition's job: no vCPU may be inside klp_update_patch_state,
+        // which could still store the target it read after the states are reset.
+        for t in tasks.iter().filter(|t| t.vcpu.is_some() && !t.user_mode) {
+            let st = view.stack(mem, &regs, t);
+            if tr.in_klp_update(&st) {
+                blocking.push(Blocker {
+                    pid: t.pid,
+                    comm: t.comm.clone(),
+                    vcpu: t.vcpu,
+                    why: Why::InKlpUpdate,
+                    stack: st.rendered,
+                });
+            }
+        }
+    }
+    if blocking.is_empty() {
+        complete_paused(ctl, view, tr, &tasks, sites)?;
+        tr.blocking.clear();
+        return Ok(true);
+    }
+    let mut writes = Vec::new();
+    if tr.mode == Mode::PerTask {
+        for t in &ok {
+            for w in tr.task_writes(t, tr.target, false) {
+                writes.push(var_write(view, mem, w)?);
+            }
+        }
+    }
+    apply(ctl, &mut writes)?;
+    let safe: std::collections::HashSet<u64> = ok.iter().map(|t| t.addr).collect();
+    tr.tasks = tasks
+        .iter()
+        .map(|t| TaskState {
+            pid: t.pid,
+            comm: t.comm.clone(),
+            patch_state: if safe.contains(&t.addr) && tr.mode == Mode::PerTask {
+                tr.target
+            } else {
+                t.patch_state
+            },
+        })
+        .collect();
+    tr.blocking = blocking;
+    Ok(false)
+}
+
+/// Completes a transition: the sites jump straight to the target version, and the guest's
+/// livepatch fields go back to idle (klp_complete_transition).
+fn complete_paused(
+    ctl: &mut dyn GuestControl,
+    view: &dyn TaskView,
+    tr: &Transition,
+    tasks: &[TaskSnap],
+    sites: &std::collections::BTreeMap<u64, crate::func_stack::SiteStack>,
+) -> Result<(), PatchError> {
+    let mem = ctl.memory();
+    let mut writes = Vec::new();
+    for f in &tr.funcs {
+        let Some(st) = sites.get(&f.site) else {
+            continue;
+        };
+        let now = st.current_bytes(f.site);
+        let after = if tr.target == 1 {
+            site::jmp_bytes(f.site, f.new_range.0).unwrap_or(now)
+        } else {
+            st.below_bytes(f.site)
+        };
+        if after != now {
+            writes.push(Write {
+                pa: st.site_pa,
+                expect: Some(now.to_vec()),
+                old: vec![],
+                new: after.to_vec(),
+                what: format!("entry site of {} ({:#x})", f.name, f.site),
+            });
+        }
+    }
+    if tr.mode == Mode::PerTask {
+        for t in tasks {
+            for w in tr.task_writes(t, KLP_IDLE, false) {
+                writes.push(var_write(view, mem, w)?);
+            }
+        }
+        if let Some(w) = tr.target_write(KLP_IDLE) {
+            writes.push(var_write(view, mem, w)?);
+        }
+        if let (Some(k), Some(dummy)) = (tr.klp, tr.dummy) {
+            if read_var(view, mem, k.transition_patch, 8).map(|b| u64_of(&b)) == Some(dummy) {
+                writes.push(var_write(
+                    view,
+                    mem,
+                    VarWrite {
+                        va: k.transition_patch,
+                        bytes: 0u64.to_le_bytes().to_vec(),
+                        what: "klp_transition_patch".into(),
+                    },
+                )?);
+            }
+        }
+    }
+    apply(ctl, &mut writes)
+}
+
+/// Reverses a transition (see [`Engine::reverse`]); returns the sites' new bytes during it.
+fn reverse_paused(
+    ctl: &mut dyn GuestControl,
+    view: &dyn TaskView,
+    tr: &mut Transition,
+    sites: &std::collections::BTreeMap<u64, crate::func_stack::SiteStack>,
+) -> Result<Vec<(u64, [u8; 5])>, PatchError> {
+    let regs = vcpu_regs(ctl)?;
+    let mem = ctl.memory();
+    let tasks = view.tasks(mem, &regs).map_err(PatchError::Memory)?;
+    tr.target = 1 - tr.target;
+    tr.reversed = !tr.reversed;
+    tr.started_ms = now_ms();
+    let mut writes = Vec::new();
+    if tr.mode == Mode::PerTask {
+        // TIF_PATCH_PENDING now means the new target: set where the state differs from it.
+        for t in &tasks {
+            let pending = t.patch_state != tr.target;
+            for w in tr.task_writes(t, t.patch_state, pending) {
+                writes.push(var_write(view, mem, w)?);
+            }
+        }
+        if let Some(w) = tr.target_write(tr.target) {
+            writes.push(var_write(view, mem, w)?);
+        }
+    }
+    // Immediate functions switch back at once.
+    let mut during = Vec::new();
+    for f in tr.funcs.iter().filter(|f| f.immediate) {
+        let Some(st) = sites.get(&f.site) else {
+            continue;
+        };
+        let now = st.current_bytes(f.site);
+        let want = if tr.target == 1 {
+            site::jmp_bytes(f.site, f.new_range.0).unwrap_or(now)
+        } else {
+            st.below_bytes(f.site)
+        };
+        if want != now {
+            writes.push(Write {
+                pa: st.site_pa,
+                expect: Some(now.to_vec()),
+                old: vec![],
+                new: want.to_vec(),
+                what: format!("entry site of {}", f.name),
+            });
+        }
+        during.push((f.site, want));
+    }
+    apply(ctl, &mut writes)?;
+    Ok(during)
+}
