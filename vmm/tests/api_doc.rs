@@ -150,10 +150,44 @@ fn with_all_arguments(r: &Request) -> Request {
             name,
             timeout_ms: Some(timeout_ms.unwrap_or_default()),
         },
+        Request::PatchLoad {
+            object_base64,
+            file_name,
+            immediate,
+            wait,
+            timeout_ms,
+        } => Request::PatchLoad {
+            object_base64,
+            file_name,
+            immediate: Some(immediate.unwrap_or_default()),
+            wait: Some(wait.unwrap_or_default()),
+            timeout_ms: Some(timeout_ms.unwrap_or_default()),
+        },
+        Request::PatchEnable {
+            name,
+            wait,
+            timeout_ms,
+        } => Request::PatchEnable {
+            name,
+            wait: Some(wait.unwrap_or_default()),
+            timeout_ms: Some(timeout_ms.unwrap_or_default()),
+        },
+        Request::PatchDisable {
+            name,
+            wait,
+            timeout_ms,
+        } => Request::PatchDisable {
+            name,
+            wait: Some(wait.unwrap_or_default()),
+            timeout_ms: Some(timeout_ms.unwrap_or_default()),
+        },
+        Request::PatchStatus { name } => Request::PatchStatus {
+            name: Some(name.unwrap_or_default()),
+        },
         r @ (Request::Status {}
         | Request::Pause {}
         | Request::Resume {}
-        | Request::PatchLoad { .. }
+        | Request::PatchForce { .. }
         | Request::PatchList {}
         | Request::PatchInfo { .. }) => r,
     }
