@@ -97,6 +97,9 @@ fn session_on(snap: &'static common::Snapshot) {
     let load = |o: &str| Request::PatchLoad {
         object_base64: o.to_string(),
         file_name: "cmdline.o".into(),
+        immediate: Some(true),
+        wait: None,
+        timeout_ms: None,
     };
     let info = ok(&mut s, load(&obj));
     assert_eq!(info["state"], "Enabled");
