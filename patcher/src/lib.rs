@@ -4,7 +4,8 @@
 pub mod arena;
 pub mod build;
 pub mod engine;
-pub mod guest;
+/// The guest-control trait, from its own crate (`hvpatch-guest-control`).
+pub use guest_control as guest;
 pub mod kernel;
 pub mod link;
 pub mod paging;
