@@ -71,6 +71,8 @@ pub struct QemuAttach {
     bp_vcpus: Vec<usize>,
     /// A breakpoint stop that arrived while we were pausing.
     pending: Option<GuestEvent>,
+    /// Physical-memory-mode switches on (`Qqemu.PhyMemMode:1`) so far.
+    phys_mode_switches: u64,
     timeout: Duration,
 }
 
@@ -149,6 +151,7 @@ impl QemuAttach {
             vcpu_bps: Vec::new(),
             bp_vcpus: Vec::new(),
             pending: None,
+            phys_mode_switches: 0,
             timeout: t,
         };
         me.threads = me.read_threads()?;
@@ -231,6 +234,7 @@ impl QemuAttach {
     }
 
     fn phys_mode(&mut self, on: bool) -> Result<(), AttachError> {
+        self.phys_mode_switches += u64::from(on);
         let r = self
             .gdb
             .command(&format!("Qqemu.PhyMemMode:{}", u8::from(on)), self.timeout)?;
@@ -461,6 +465,12 @@ impl QemuAttach {
     /// gdbstub thread ids of the vCPUs.
     pub fn threads(&self) -> &[u64] {
         &self.threads
+    }
+
+    /// How often the backend switched the gdbstub to physical-memory mode (one per
+    /// [`GuestControl::write_phys_batch`], plus one at connect).
+    pub fn phys_mode_switches(&self) -> u64 {
+        self.phys_mode_switches
     }
 
     /// The mapped RAM file.
