@@ -305,41 +305,6 @@ pub fn proc_stack_view(m: &Model, stack: &Stack) -> Vec<String> {
         .collect()
 }
 
-/// Parses a `stacks.txt`-style dump ("== PID COMM" then `/proc/PID/stack` lines) into
-/// `(pid, comm, lines)`.
-pub fn parse_proc_stacks(text: &str) -> Vec<(i32, String, Vec<String>)> {
-    let mut out: Vec<(i32, String, Vec<String>)> = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("== ") {
-            let mut it = rest.splitn(2, ' ');
-            let pid = it.next().and_then(|p| p.parse().ok()).unwrap_or(-1);
-            out.push((pid, it.next().unwrap_or("").to_string(), Vec::new()));
-        } else if line.starts_with("[<") {
-            if let Some(last) = out.last_mut() {
-                last.2.push(line.trim_end().to_string());
-            }
-        }
-    }
-    out
-}
-
-/// Compares our view of a stack with the guest's `/proc/PID/stack` lines; `Err` describes
-/// the first difference.
-pub fn compare_with_proc(ours: &[String], proc_lines: &[String]) -> Result<(), String> {
-    for i in 0..ours.len().max(proc_lines.len()) {
-        let a = ours.get(i).map(String::as_str).unwrap_or("<missing>");
-        let b = proc_lines.get(i).map(String::as_str).unwrap_or("<missing>");
-        if a != b {
-            return Err(format!(
-                "line {i}: ours `{a}` vs /proc `{b}`\nours:\n{}\n/proc:\n{}",
-                ours.join("\n"),
-                proc_lines.join("\n")
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl crate::Kernel {
     /// The kernel stack of a switched-out task (see [`task_stack`]). A task running on a vCPU
     /// gives an empty, unreliable stack: unwind it with [`crate::Kernel::vcpu_stack`].

@@ -3,10 +3,15 @@
 //! were the same before the snapshot's `stop` and after its `cont` (`harness::snapshot`), so
 //! every task listed there must match.
 
+/// Test oracles shared with the harness crate (`harness::oracle`).
+#[path = "../../tests/src/oracle.rs"]
+#[allow(dead_code)]
+mod oracle;
 mod stacks_support;
 
 use introspect::model::GuestAccess;
-use introspect::stack::{compare_with_proc, parse_proc_stacks, StackKind};
+use introspect::stack::StackKind;
+use oracle::{compare_stack_with_proc, parse_proc_stacks};
 use stacks_support::*;
 
 /// Tasks the snapshot maker parks (comm, a function on its /proc stack); each must be in
@@ -47,7 +52,7 @@ fn check_tasks(ver: &'static str) {
             errs.push(format!("pid {pid} ({comm}): unreliable: {:?}", st.reason));
         }
         let ours = s.kernel.proc_stack_view(&s.mem, &st).unwrap();
-        if let Err(e) = compare_with_proc(&ours, lines) {
+        if let Err(e) = compare_stack_with_proc(&ours, lines) {
             errs.push(format!("pid {pid} ({comm}): {e}"));
         }
         compared += 1;

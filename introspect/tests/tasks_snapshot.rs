@@ -1,9 +1,12 @@
 //! The task list and per-CPU `current` of the memory snapshots vs the guest's own `ps`.
 
+/// Test oracles shared with the harness crate (`harness::oracle`).
+#[path = "../../tests/src/oracle.rs"]
+#[allow(dead_code)]
+mod oracle;
 mod stacks_support;
 
-use introspect::stack::parse_proc_stacks;
-use introspect::tasks::{compare_with_proc_comm, compare_with_ps, parse_ps};
+use oracle::{compare_with_proc_comm, compare_with_ps, parse_proc_stacks, parse_ps};
 use stacks_support::*;
 
 fn check(ver: &'static str) {

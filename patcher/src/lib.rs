@@ -7,7 +7,8 @@ pub mod consistency;
 pub mod dispatch;
 pub mod engine;
 mod func_stack;
-pub mod guest;
+/// The guest-control trait, from its own crate (`hvpatch-guest-control`).
+pub use guest_control as guest;
 pub mod info;
 pub mod kernel;
 pub mod link;

@@ -66,18 +66,14 @@ pub(crate) fn apply(ctl: &mut dyn GuestControl, writes: &mut [Write]) -> Result<
         }
         w.old = read(ctl.memory(), w.pa, w.new.len())?;
     }
-    let mut done = 0usize;
-    let mut err = None;
-    for w in writes.iter() {
-        if let Err(e) = ctl.write_phys(w.pa, &w.new) {
-            err = Some(e);
-            break;
-        }
-        done += 1;
-    }
-    if let Some(e) = err {
-        for w in writes[..done].iter().rev() {
-            let _ = ctl.write_phys(w.pa, &w.old);
+    let batch: Vec<(u64, &[u8])> = writes.iter().map(|w| (w.pa, w.new.as_slice())).collect();
+    if let Err(e) = ctl.write_phys_batch(&batch) {
+        // A prefix of the batch may have landed (the last write possibly in part): restore,
+        // newest first, every write whose bytes are no longer the old ones.
+        for w in writes.iter().rev() {
+            if read(ctl.memory(), w.pa, w.old.len()).ok().as_ref() != Some(&w.old) {
+                let _ = ctl.write_phys(w.pa, &w.old);
+            }
         }
         return Err(e.into());
     }

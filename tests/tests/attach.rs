@@ -1,6 +1,7 @@
 //! QEMU attach backend (`vmm::attach::QemuAttach`) on booted 6.1 and 6.12 guests: pause and
 //! registers, pause/resume while the guest works, physical writes seen by the guest, hardware
-//! breakpoints reported with vCPU and RIP, wait timeouts, and QEMU vanishing underneath.
+//! breakpoints reported with vCPU and RIP, wait timeouts, batched writes, single-stepping one
+//! vCPU, and QEMU vanishing underneath.
 
 use std::time::{Duration, Instant};
 
@@ -202,6 +203,8 @@ fn breakpoints(g: &mut Guest, a: &mut QemuAttach) {
     g.spawn("sleep 1; cat /proc/cmdline > /tmp/c1; sleep 1; cat /proc/cmdline > /tmp/c2")
         .unwrap();
     for hit in 0..2 {
+        // `wait_event` never resumes: the first hit left the guest paused.
+        a.resume().unwrap();
         let ev = a.wait_event(Duration::from_secs(60)).unwrap();
         let Some(GuestEvent::Breakpoint { vcpu, rip }) = ev else {
             panic!("hit {hit}: expected a breakpoint, got {ev:?}");
@@ -226,6 +229,122 @@ fn breakpoints(g: &mut Guest, a: &mut QemuAttach) {
     // Breakpoints cleared: nothing stops the guest any more.
     g.run("cat /proc/cmdline").unwrap();
     assert_eq!(a.wait_event(Duration::from_millis(500)).unwrap(), None);
+}
+
+/// Several writes in one batch cost one physical-memory-mode switch and are all seen by the
+/// guest; a batch with a bad range writes nothing.
+fn batched_writes(g: &mut Guest, a: &mut QemuAttach) {
+    // Pages 2..4 of a tmpfs file start with markers that are never typed in one piece.
+    g.run(
+        "{ head -c 4096 /dev/zero; for i in 1 2 3; do printf 'HVBATCH-%s-%s' m$i 4242; head -c 4081 /dev/zero; done; } \
+         > /tmp/b",
+    )
+    .unwrap();
+    let olds: [&[u8]; 3] = [b"HVBATCH-m1-4242", b"HVBATCH-m2-4242", b"HVBATCH-m3-4242"];
+    let news: [&[u8]; 3] = [b"HVBATCH-x1-7777", b"HVBATCH-x2-7777", b"HVBATCH-x3-7777"];
+    a.pause().unwrap();
+    let mut batch: Vec<(u64, &[u8])> = Vec::new();
+    for (old, new) in olds.iter().zip(news) {
+        let hits = find_all(a.memory(), old, true);
+        assert!(
+            !hits.is_empty() && hits.len() <= 8,
+            "page-aligned copies of {}: {hits:x?}",
+            String::from_utf8_lossy(old)
+        );
+        batch.extend(hits.into_iter().map(|pa| (pa, new)));
+    }
+    // A bad range anywhere: nothing is written.
+    let end = a.memory().regions()[0].1;
+    let mut bad = batch.clone();
+    bad.push((end - 4, news[0]));
+    let switches = a.phys_mode_switches();
+    assert!(matches!(
+        a.write_phys_batch(&bad),
+        Err(GuestError::WriteOutOfRange { .. })
+    ));
+    assert_eq!(a.phys_mode_switches(), switches);
+    for &(pa, _) in &batch {
+        let mut back = [0u8; 15];
+        a.memory().read_phys(pa, &mut back).unwrap();
+        assert!(olds.contains(&&back[..]), "written despite the bad range");
+    }
+    // While running (the backend pauses around the batch): one mode switch for all writes.
+    a.resume().unwrap();
+    a.write_phys_batch(&batch).unwrap();
+    assert!(!a.is_paused());
+    assert_eq!(
+        a.phys_mode_switches(),
+        switches + 1,
+        "{} writes",
+        batch.len()
+    );
+    for &(pa, new) in &batch {
+        let mut back = [0u8; 15];
+        a.memory().read_phys(pa, &mut back).unwrap();
+        assert_eq!(&back, new);
+    }
+    let want: String = news
+        .iter()
+        .map(|n| format!("{}\n", String::from_utf8_lossy(n)))
+        .collect();
+    let got = g
+        .run("for o in 4097 8193 12289; do tail -c +$o /tmp/b | head -c 15; echo; done")
+        .unwrap();
+    assert_eq!(got, want);
+}
+
+/// Single-stepping one vCPU from a breakpoint: it moves one instruction at a time through
+/// `cmdline_proc_show` while the other vCPU stays where it is; afterwards the guest runs on.
+fn single_step(g: &mut Guest, a: &mut QemuAttach) {
+    let addr = ksym(g, "cmdline_proc_show");
+    let (etext, stext) = (ksym(g, "_etext"), ksym(g, "_stext"));
+    let expected = g.run("cat /proc/cmdline").unwrap();
+    let pa = kernel_pa(g, "cmdline_proc_show");
+    assert!(matches!(a.single_step(0), Err(GuestError::NotPaused)));
+    a.set_breakpoints(&[addr]).unwrap();
+    g.spawn("sleep 1; cat /proc/cmdline > /tmp/s1").unwrap();
+    let ev = a.wait_event(Duration::from_secs(60)).unwrap();
+    let Some(GuestEvent::Breakpoint { vcpu, rip }) = ev else {
+        panic!("expected a breakpoint, got {ev:?}");
+    };
+    assert_eq!(rip, addr);
+    assert!(matches!(a.single_step(2), Err(GuestError::NoSuchVcpu(2))));
+    let other = 1 - vcpu;
+    let other_before = a.regs(other).unwrap();
+    let mut code = [0u8; 4];
+    a.memory().read_phys(pa, &mut code).unwrap();
+    let mut prev = addr;
+    for step in 0..6 {
+        let r = a.single_step(vcpu).unwrap();
+        assert!(a.is_paused(), "step {step}: the guest stays paused");
+        assert_eq!(r.rip, a.regs(vcpu).unwrap().rip);
+        assert_ne!(r.rip, prev, "step {step}: no progress");
+        assert!((stext..etext).contains(&r.rip), "step {step}: {:#x}", r.rip);
+        assert_eq!(r.cpl(), 0);
+        if step == 0 {
+            // The first instruction: ENDBR64 (4 bytes) or at most 15 bytes long.
+            if code == [0xf3, 0x0f, 0x1e, 0xfa] {
+                assert_eq!(r.rip, addr + 4, "step over ENDBR64");
+            } else {
+                assert!(r.rip > addr && r.rip <= addr + 15, "{:#x}", r.rip);
+            }
+        }
+        prev = r.rip;
+    }
+    let o = a.regs(other).unwrap();
+    assert_eq!(
+        (o.rip, o.gprs),
+        (other_before.rip, other_before.gprs),
+        "the other vCPU ran during the steps"
+    );
+    a.set_breakpoints(&[]).unwrap();
+    a.resume().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while g.run_status("test -s /tmp/s1").unwrap().0 != 0 {
+        assert!(Instant::now() < deadline, "the stepped cat never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(g.run("cat /tmp/s1").unwrap(), expected);
 }
 
 /// QEMU frozen (SIGSTOP): requests time out instead of hanging; after SIGCONT the backend
@@ -273,6 +392,8 @@ fn attach_suite(series: KernelSeries) {
     write_phys_seen_by_guest(&mut g, &mut a);
     code_write_invalidates_translations(&mut g, &mut a);
     breakpoints(&mut g, &mut a);
+    batched_writes(&mut g, &mut a);
+    single_step(&mut g, &mut a);
     qemu_freezes(&mut g, &mut a);
     // Detach (drop) leaves the guest running; attaching again works.
     drop(a);

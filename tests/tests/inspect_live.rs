@@ -24,7 +24,7 @@ struct ProcTask {
 
 /// Parses "== PID SWITCHES COMM" blocks into pid → task.
 fn parse_stacks(text: &str) -> BTreeMap<i64, ProcTask> {
-    introspect::stack::parse_proc_stacks(text)
+    harness::oracle::parse_proc_stacks(text)
         .into_iter()
         .map(|(pid, rest, stack)| {
             let (switches, comm) = rest.split_once(' ').unwrap_or((&rest, ""));
@@ -81,7 +81,7 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
             )
         })
         .collect();
-    let rows = introspect::tasks::parse_ps(&ps);
+    let rows = harness::oracle::parse_ps(&ps);
     assert!(rows.len() > 20, "ps printed too few rows:\n{ps}");
     let ps_pid = rows.iter().find(|r| r.1 == "ps").map(|r| r.0 as i64);
     // Tasks that did not run from the first /proc reading to the second (ps and hvpatch's read
@@ -102,7 +102,7 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
             // ps shows the first 15 bytes of /proc/PID/comm. A workqueue worker that ran in
             // between may have changed its `-<desc>` suffix.
             Some(c)
-                if comm.as_bytes() != introspect::tasks::ps_comm(c)
+                if comm.as_bytes() != harness::oracle::ps_comm(c)
                     && (still(*pid as i64) || !c.starts_with("kworker/")) =>
             {
                 errors.push(format!("pid {pid}: ps comm {comm}, hvpatch comm {c}"))
@@ -190,7 +190,7 @@ fn check_tasks_and_stacks(g: &mut Guest, srv: &AttachServer, parked: &[(u32, &st
             .iter()
             .map(|l| l.as_str().unwrap().to_string())
             .collect();
-        if let Err(e) = introspect::stack::compare_with_proc(&view, lines) {
+        if let Err(e) = harness::oracle::compare_stack_with_proc(&view, lines) {
             errors.push(format!("pid {pid}: {e}"));
         }
         if st["reliable"] != Value::Bool(true) {

@@ -280,7 +280,13 @@ fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
     let a = counters(&c, 2);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(a, counters(&c, 2));
+    // `wait_event` never resumes: a paused guest is an error.
+    assert!(matches!(
+        c.wait_event(Duration::from_millis(10)),
+        Err(patcher::GuestError::Paused)
+    ));
     // Hit it again: resuming steps over the breakpoint and the loop comes back to it.
+    c.resume().unwrap();
     assert_eq!(c.wait_event(Duration::from_secs(20)).unwrap(), hit);
     let before = counters(&c, 2);
     assert_eq!(
@@ -289,12 +295,173 @@ fn kvm_hardware_breakpoint_stops_the_vcpu_that_hit_it() {
         "exactly one loop iteration between two hits"
     );
     c.set_breakpoints(&[]).unwrap();
+    c.resume().unwrap();
     assert_eq!(c.wait_event(Duration::from_millis(300)).unwrap(), None);
     // No breakpoint any more: both vCPUs keep running.
     assert!(
         wait_until(Duration::from_secs(20), || {
             let after = counters(&c, 2);
             after[1] > before[1] + 10 && after[0] > before[0] + 10
+        }),
+        "{before:?} -> {:?}",
+        counters(&c, 2)
+    );
+    stop(&mut vm);
+}
+
+/// Emits `l: inc qword [rdi]; b: add qword [rdi+8], 1; j: jmp l` and returns `[l, b, j]`.
+fn three_step_loop(a: &mut CodeAssembler) -> Result<Vec<CodeLabel>, IcedError> {
+    let mut l = a.create_label();
+    let mut b = a.create_label();
+    let mut j = a.create_label();
+    a.set_label(&mut l)?;
+    a.inc(qword_ptr(rdi))?;
+    a.set_label(&mut b)?;
+    a.add(qword_ptr(rdi + 8), 1)?;
+    a.set_label(&mut j)?;
+    a.jmp(l)?;
+    Ok(vec![l, b, j])
+}
+
+#[test]
+fn kvm_per_vcpu_breakpoint_stops_only_that_vcpu() {
+    require_kvm();
+    // Both vCPUs run the same loop (own counters); only vCPU 1 gets the breakpoint.
+    let (code, labels) = assemble(CODE_BASE, three_step_loop);
+    let mut vm = start_code(code, counter_vcpus_at(&[labels[0], labels[0]]));
+    let mut c = vm.control();
+    wait_counters_above(&c, 2, 100, Duration::from_secs(10));
+    assert!(matches!(
+        c.set_vcpu_breakpoints(2, &[labels[1]]),
+        Err(patcher::GuestError::NoSuchVcpu(2))
+    ));
+    assert!(matches!(
+        c.set_vcpu_breakpoints(0, &[1, 2, 3, 4, 5]),
+        Err(patcher::GuestError::TooManyBreakpoints(5))
+    ));
+    c.set_vcpu_breakpoints(1, &[labels[1]]).unwrap();
+    let hit1 = Some(GuestEvent::Breakpoint {
+        vcpu: 1,
+        rip: labels[1],
+    });
+    let first = counters(&c, 2);
+    let mut last = first.clone();
+    let t = std::time::Instant::now();
+    let mut round = 0;
+    // Until vCPU 0 has looped through the same address 100 times: every hit is vCPU 1's,
+    // and vCPU 1 does exactly one loop per hit.
+    while round < 5 || counters(&c, 2)[0] < first[0] + 100 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "vCPU 0 did not run past vCPU 1's breakpoint: {first:?} -> {:?}",
+            counters(&c, 2)
+        );
+        assert_eq!(
+            c.wait_event(Duration::from_secs(20)).unwrap(),
+            hit1,
+            "round {round}"
+        );
+        assert!(c.is_paused());
+        assert_eq!(c.regs(1).unwrap().rip, labels[1]);
+        let now = counters(&c, 2);
+        if round > 0 {
+            assert_eq!(
+                now[1],
+                last[1] + 1,
+                "round {round}: vCPU 1 ran past its breakpoint"
+            );
+        }
+        last = now;
+        round += 1;
+        c.resume().unwrap();
+    }
+    // Now vCPU 0 gets it too, and vCPU 1's is cleared: only vCPU 0 stops.
+    c.set_vcpu_breakpoints(0, &[labels[1]]).unwrap();
+    c.set_vcpu_breakpoints(1, &[]).unwrap();
+    let hit0 = Some(GuestEvent::Breakpoint {
+        vcpu: 0,
+        rip: labels[1],
+    });
+    for round in 0..3 {
+        let ev = c.wait_event(Duration::from_secs(20)).unwrap();
+        assert_eq!(ev, hit0, "round {round}");
+        c.resume().unwrap();
+    }
+    c.set_breakpoints(&[]).unwrap();
+    let before = counters(&c, 2);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let after = counters(&c, 2);
+            after[0] > before[0] + 10 && after[1] > before[1] + 10
+        }),
+        "{before:?} -> {:?}",
+        counters(&c, 2)
+    );
+    stop(&mut vm);
+}
+
+#[test]
+fn kvm_single_step_runs_one_instruction_of_one_vcpu() {
+    require_kvm();
+    let (code, labels) = assemble(CODE_BASE, three_step_loop);
+    let mut vm = start_code(code, counter_vcpus_at(&[labels[0], labels[0]]));
+    let mut c = vm.control();
+    wait_counters_above(&c, 2, 100, Duration::from_secs(10));
+    assert!(matches!(
+        c.single_step(0),
+        Err(patcher::GuestError::NotPaused)
+    ));
+    // A breakpoint on vCPU 0's next instruction must not stop the step.
+    c.set_vcpu_breakpoints(0, &[labels[2]]).unwrap();
+    c.pause().unwrap();
+    assert!(matches!(
+        c.single_step(2),
+        Err(patcher::GuestError::NoSuchVcpu(2))
+    ));
+    let other = c.regs(1).unwrap();
+    let start_rip = c.regs(0).unwrap().rip;
+    let mut at = labels
+        .iter()
+        .position(|&l| l == start_rip)
+        .unwrap_or_else(|| panic!("vCPU 0 paused at {start_rip:#x}, not in {labels:x?}"));
+    for step in 0..7 {
+        let before = counters(&c, 2);
+        let before_add = phys_u64(&c, counter_addr(0) + 8);
+        let r = c.single_step(0).unwrap();
+        assert!(c.is_paused(), "step {step}: the guest stays paused");
+        let next = (at + 1) % 3;
+        assert_eq!(r.rip, labels[next], "step {step}: from {:#x}", labels[at]);
+        assert_eq!(r.rip, c.regs(0).unwrap().rip);
+        let after = counters(&c, 2);
+        // `inc` adds one to vCPU 0's counter, `add` one to the word after it; nothing else.
+        assert_eq!(after[0], before[0] + u64::from(at == 0), "step {step}");
+        assert_eq!(
+            phys_u64(&c, counter_addr(0) + 8),
+            before_add + u64::from(at == 1),
+            "step {step}"
+        );
+        assert_eq!(after[1], before[1], "step {step}: vCPU 1 ran");
+        at = next;
+    }
+    let o = c.regs(1).unwrap();
+    assert_eq!((o.rip, o.gprs), (other.rip, other.gprs), "vCPU 1 moved");
+    // The guest still runs normally afterwards (vCPU 0's breakpoint still armed).
+    c.resume().unwrap();
+    let ev = c.wait_event(Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        ev,
+        Some(GuestEvent::Breakpoint {
+            vcpu: 0,
+            rip: labels[2]
+        })
+    );
+    c.set_breakpoints(&[]).unwrap();
+    c.resume().unwrap();
+    let before = counters(&c, 2);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let after = counters(&c, 2);
+            after[0] > before[0] + 10 && after[1] > before[1] + 10
         }),
         "{before:?} -> {:?}",
         counters(&c, 2)

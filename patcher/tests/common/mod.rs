@@ -47,6 +47,8 @@ pub struct SnapGuest {
     pub writes: usize,
     /// Fail the write with this index (0-based), to test rollback.
     pub fail_write_at: Option<usize>,
+    /// Number of `write_phys_batch` calls.
+    pub batches: usize,
     /// Pause count.
     pub pauses: usize,
     /// Host arena to report (`None`: like QEMU attach).
@@ -96,10 +98,38 @@ impl GuestControl for SnapGuest {
             .copy_from_slice(data);
         Ok(())
     }
+    fn write_phys_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), GuestError> {
+        self.batches += 1;
+        for &(pa, data) in writes {
+            self.write_phys(pa, data)?;
+        }
+        Ok(())
+    }
     fn set_breakpoints(&mut self, _addrs: &[u64]) -> Result<(), GuestError> {
         Ok(())
     }
+    fn set_vcpu_breakpoints(&mut self, vcpu: usize, _addrs: &[u64]) -> Result<(), GuestError> {
+        if vcpu >= self.vcpus.len() {
+            return Err(GuestError::NoSuchVcpu(vcpu));
+        }
+        Ok(())
+    }
+    fn single_step(&mut self, vcpu: usize) -> Result<VcpuRegs, GuestError> {
+        if vcpu >= self.vcpus.len() {
+            return Err(GuestError::NoSuchVcpu(vcpu));
+        }
+        if !self.paused {
+            return Err(GuestError::NotPaused);
+        }
+        Err(GuestError::Backend(
+            "a snapshot guest cannot execute instructions".into(),
+        ))
+    }
+    /// Nothing ever happens in a snapshot: times out at once while "running".
     fn wait_event(&mut self, _timeout: Duration) -> Result<Option<GuestEvent>, GuestError> {
+        if self.paused {
+            return Err(GuestError::Paused);
+        }
         Ok(None)
     }
     fn patch_arena(&self) -> Option<(u64, u64)> {
@@ -217,6 +247,7 @@ impl Snapshot {
             paused: false,
             writes: 0,
             fail_write_at: None,
+            batches: 0,
             pauses: 0,
             arena: None,
         }
@@ -274,6 +305,7 @@ pub fn snap_guest_default() -> SnapGuest {
         paused: false,
         writes: 0,
         fail_write_at: None,
+        batches: 0,
         pauses: 0,
         arena: None,
     }

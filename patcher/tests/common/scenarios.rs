@@ -331,7 +331,9 @@ pub fn failed_write_rollback(s: &Snapshot) {
         assert_ram_eq(&g, &s.ram);
         assert!(!g.is_paused_for_test(), "resumed after failure");
         // The engine state is unchanged: a clean load still works.
+        let batches = g.batches;
         e.load(&mut g, &t, &cmdline_patch(), "cmdline.o").unwrap();
+        assert!(g.batches > batches, "load writes through write_phys_batch");
         e.unload(&mut g, "cmdline-fix", &super::kernel(s), super::UNLOAD_WAIT)
             .unwrap();
         assert_ram_eq(&g, &s.ram);

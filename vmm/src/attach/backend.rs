@@ -1,10 +1,10 @@
-//! [`QemuAttach`]: `patcher::GuestControl` over QEMU's gdbstub and RAM file.
+//! [`QemuAttach`]: [`guest_control::GuestControl`] over QEMU's gdbstub and RAM file.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use guest_control::{GuestControl, GuestError, GuestEvent};
 use introspect::{PhysMemory, VcpuRegs};
-use patcher::{GuestControl, GuestError, GuestEvent};
 
 use super::gdb::{hex_decode, hex_encode, parse_thread_id, GdbClient, StopReply};
 use super::layout::{includes, RegLayout};
@@ -49,6 +49,12 @@ impl Default for AttachOptions {
 ///
 /// Connecting leaves the guest running. Dropping it removes its breakpoints and detaches,
 /// so the guest keeps running after hvpatch exits.
+///
+/// Per-vCPU breakpoints ([`GuestControl::set_vcpu_breakpoints`]) are emulated: QEMU's
+/// gdbstub inserts a `Z1` breakpoint on every CPU, so the backend inserts the union of all
+/// vCPUs' addresses (at most 4 in all) and a hit by a vCPU that did not ask for that address
+/// is stepped over and the guest continued without an event. Such hits cost a few gdbstub
+/// round trips each while the guest is stopped.
 pub struct QemuAttach {
     gdb: GdbClient,
     ram: RamFile,
@@ -57,11 +63,16 @@ pub struct QemuAttach {
     threads: Vec<u64>,
     paused: bool,
     gone: Option<String>,
+    /// Breakpoints inserted in QEMU (`Z1`): the union of `vcpu_bps`, sorted.
     breakpoints: Vec<u64>,
-    /// vCPU that last stopped on one of our breakpoints (needs a step over it on resume).
-    bp_vcpu: Option<usize>,
+    /// Breakpoints each vCPU asked for (index = vCPU).
+    vcpu_bps: Vec<Vec<u64>>,
+    /// vCPUs that stopped on one of our breakpoints (need a step over it on resume).
+    bp_vcpus: Vec<usize>,
     /// A breakpoint stop that arrived while we were pausing.
     pending: Option<GuestEvent>,
+    /// Physical-memory-mode switches on (`Qqemu.PhyMemMode:1`) so far.
+    phys_mode_switches: u64,
     timeout: Duration,
 }
 
@@ -69,6 +80,14 @@ impl std::fmt::Debug for QemuAttach {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QemuAttach").finish_non_exhaustive()
     }
+}
+
+/// `addrs` sorted, without duplicates.
+fn sorted(addrs: &[u64]) -> Vec<u64> {
+    let mut v = addrs.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn gerr(e: AttachError) -> GuestError {
@@ -129,11 +148,14 @@ impl QemuAttach {
             paused: true,
             gone: None,
             breakpoints: Vec::new(),
-            bp_vcpu: None,
+            vcpu_bps: Vec::new(),
+            bp_vcpus: Vec::new(),
             pending: None,
+            phys_mode_switches: 0,
             timeout: t,
         };
         me.threads = me.read_threads()?;
+        me.vcpu_bps = vec![Vec::new(); me.threads.len()];
         me.check_phys_mode_and_ram()?;
         me.gdb.clear_stops();
         me.cont()?;
@@ -212,6 +234,7 @@ impl QemuAttach {
     }
 
     fn phys_mode(&mut self, on: bool) -> Result<(), AttachError> {
+        self.phys_mode_switches += u64::from(on);
         let r = self
             .gdb
             .command(&format!("Qqemu.PhyMemMode:{}", u8::from(on)), self.timeout)?;
@@ -306,18 +329,22 @@ impl QemuAttach {
             return Ok(None);
         };
         let rip = self.read_regs(vcpu)?.rip;
-        if self.breakpoints.contains(&rip) {
-            self.bp_vcpu = Some(vcpu);
-            Ok(Some(GuestEvent::Breakpoint { vcpu, rip }))
-        } else {
-            Ok(None)
+        if !self.breakpoints.contains(&rip) {
+            return Ok(None);
         }
+        if !self.bp_vcpus.contains(&vcpu) {
+            self.bp_vcpus.push(vcpu);
+        }
+        // Another vCPU's breakpoint (per-vCPU emulation): no event; stepped over on resume.
+        Ok(self.vcpu_bps[vcpu]
+            .contains(&rip)
+            .then_some(GuestEvent::Breakpoint { vcpu, rip }))
     }
 
     /// Resumes; first steps the vCPU that sits on one of our breakpoints past it (QEMU would
     /// report the same breakpoint again at once).
     fn do_resume(&mut self) -> Result<(), AttachError> {
-        if let Some(vcpu) = self.bp_vcpu.take() {
+        for vcpu in std::mem::take(&mut self.bp_vcpus) {
             let rip = self.read_regs(vcpu)?.rip;
             if self.breakpoints.contains(&rip) {
                 self.step_over(vcpu)?;
@@ -326,6 +353,9 @@ impl QemuAttach {
         self.cont()
     }
 
+    /// Single-steps `vcpu` (`vCont;s:tid`: the other vCPUs stay stopped) with our
+    /// breakpoints removed for the step. QEMU's default step flags hold off interrupts and
+    /// timers during it.
     fn step_over(&mut self, vcpu: usize) -> Result<(), AttachError> {
         let tid = self.threads[vcpu];
         let bps = self.breakpoints.clone();
@@ -386,9 +416,61 @@ impl QemuAttach {
         Ok(r)
     }
 
+    /// Replaces every vCPU's breakpoints with `per` and inserts their union in QEMU.
+    fn insert_breakpoints(&mut self, per: Vec<Vec<u64>>) -> Result<(), GuestError> {
+        let mut union: Vec<u64> = per.iter().flatten().copied().collect();
+        union.sort_unstable();
+        union.dedup();
+        if union.len() > MAX_BREAKPOINTS {
+            return Err(GuestError::TooManyBreakpoints(union.len()));
+        }
+        self.paused_op(|me| {
+            for a in std::mem::take(&mut me.breakpoints) {
+                me.gdb.command_ok(&format!("z1,{a:x},1"), me.timeout)?;
+            }
+            for &a in &union {
+                let r = me.gdb.command_ok(&format!("Z1,{a:x},1"), me.timeout)?;
+                if r.as_slice() != b"OK" {
+                    return Err(AttachError::Unsupported(format!(
+                        "hardware breakpoints (Z1: {})",
+                        String::from_utf8_lossy(&r)
+                    )));
+                }
+                me.breakpoints.push(a);
+            }
+            me.vcpu_bps = per;
+            Ok(())
+        })
+    }
+
+    fn step_one(&mut self, vcpu: usize) -> Result<VcpuRegs, AttachError> {
+        let tid = self.threads[vcpu];
+        let r = self.gdb.command_ok(&format!("Hg{tid:x}"), self.timeout)?;
+        if r.as_slice() != b"OK" {
+            return Err(AttachError::Protocol(format!(
+                "Hg{tid:x}: {}",
+                String::from_utf8_lossy(&r)
+            )));
+        }
+        self.step_over(vcpu)?;
+        self.bp_vcpus.retain(|&v| v != vcpu);
+        let regs = self.read_regs(vcpu)?;
+        // Landed on a breakpoint: step over it on resume, as after a hit.
+        if self.breakpoints.contains(&regs.rip) {
+            self.bp_vcpus.push(vcpu);
+        }
+        Ok(regs)
+    }
+
     /// gdbstub thread ids of the vCPUs.
     pub fn threads(&self) -> &[u64] {
         &self.threads
+    }
+
+    /// How often the backend switched the gdbstub to physical-memory mode (one per
+    /// [`GuestControl::write_phys_batch`], plus one at connect).
+    pub fn phys_mode_switches(&self) -> u64 {
+        self.phys_mode_switches
     }
 
     /// The mapped RAM file.
@@ -441,33 +523,71 @@ impl GuestControl for QemuAttach {
     }
 
     fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), GuestError> {
-        if !self.ram.contains(pa, data.len() as u64) {
-            return Err(GuestError::WriteOutOfRange {
-                pa,
-                len: data.len(),
-            });
+        self.write_phys_batch(&[(pa, data)])
+    }
+
+    fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<(), GuestError> {
+        let per = vec![sorted(addrs); self.threads.len()];
+        self.insert_breakpoints(per)
+    }
+
+    /// Emulated (see [`QemuAttach`]): QEMU's `Z1` applies to all CPUs.
+    fn set_vcpu_breakpoints(&mut self, vcpu: usize, addrs: &[u64]) -> Result<(), GuestError> {
+        if vcpu >= self.threads.len() {
+            return Err(GuestError::NoSuchVcpu(vcpu));
         }
-        if data.is_empty() {
+        let mut per = self.vcpu_bps.clone();
+        per[vcpu] = sorted(addrs);
+        self.insert_breakpoints(per)
+    }
+
+    /// `Hg` + `vCont;s:tid` on that vCPU's thread; the others stay stopped.
+    fn single_step(&mut self, vcpu: usize) -> Result<VcpuRegs, GuestError> {
+        self.check_alive()?;
+        if vcpu >= self.threads.len() {
+            return Err(GuestError::NoSuchVcpu(vcpu));
+        }
+        if !self.paused {
+            return Err(GuestError::NotPaused);
+        }
+        let r = self.step_one(vcpu);
+        self.track(r)
+    }
+
+    /// One physical-memory-mode toggle (`Qqemu.PhyMemMode:1` … `:0`) for the whole batch;
+    /// then the written bytes are checked in the RAM file (local reads, no stub round trips).
+    fn write_phys_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), GuestError> {
+        for &(pa, data) in writes {
+            if !self.ram.contains(pa, data.len() as u64) {
+                return Err(GuestError::WriteOutOfRange {
+                    pa,
+                    len: data.len(),
+                });
+            }
+        }
+        if writes.iter().all(|(_, d)| d.is_empty()) {
             return Ok(());
         }
         self.paused_op(|me| {
             me.phys_mode(true)?;
             let mut res = Ok(());
-            for (i, chunk) in data.chunks(WRITE_CHUNK).enumerate() {
-                let a = pa + (i * WRITE_CHUNK) as u64;
-                let cmd = format!("M{a:x},{:x}:{}", chunk.len(), hex_encode(chunk));
-                match me.gdb.command_ok(&cmd, me.timeout) {
-                    Ok(r) if r.as_slice() == b"OK" => {}
-                    Ok(r) => {
-                        res = Err(AttachError::Protocol(format!(
-                            "M: {}",
-                            String::from_utf8_lossy(&r)
-                        )));
-                        break;
-                    }
-                    Err(e) => {
-                        res = Err(e);
-                        break;
+            'writes: for &(pa, data) in writes {
+                for (i, chunk) in data.chunks(WRITE_CHUNK).enumerate() {
+                    let a = pa + (i * WRITE_CHUNK) as u64;
+                    let cmd = format!("M{a:x},{:x}:{}", chunk.len(), hex_encode(chunk));
+                    match me.gdb.command_ok(&cmd, me.timeout) {
+                        Ok(r) if r.as_slice() == b"OK" => {}
+                        Ok(r) => {
+                            res = Err(AttachError::Protocol(format!(
+                                "M: {}",
+                                String::from_utf8_lossy(&r)
+                            )));
+                            break 'writes;
+                        }
+                        Err(e) => {
+                            res = Err(e);
+                            break 'writes;
+                        }
                     }
                 }
             }
@@ -475,40 +595,24 @@ impl GuestControl for QemuAttach {
             let off = me.phys_mode(false);
             res?;
             off?;
-            // The RAM file must now hold the bytes.
-            let mut back = vec![0u8; data.len()];
-            me.ram
-                .read_phys(pa, &mut back)
-                .map_err(|e| AttachError::MemLayout(e.to_string()))?;
-            if back != data {
-                return Err(AttachError::MemLayout(format!(
-                    "write at {pa:#x} through the gdbstub is not visible in the RAM file"
-                )));
-            }
-            Ok(())
-        })
-    }
-
-    fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<(), GuestError> {
-        if addrs.len() > MAX_BREAKPOINTS {
-            return Err(GuestError::TooManyBreakpoints(addrs.len()));
-        }
-        let mut new: Vec<u64> = addrs.to_vec();
-        new.sort_unstable();
-        new.dedup();
-        self.paused_op(|me| {
-            for a in std::mem::take(&mut me.breakpoints) {
-                me.gdb.command_ok(&format!("z1,{a:x},1"), me.timeout)?;
-            }
-            for &a in &new {
-                let r = me.gdb.command_ok(&format!("Z1,{a:x},1"), me.timeout)?;
-                if r.as_slice() != b"OK" {
-                    return Err(AttachError::Unsupported(format!(
-                        "hardware breakpoints (Z1: {})",
-                        String::from_utf8_lossy(&r)
+            // The RAM file must now hold the bytes (of each write no later write overlaps).
+            for (k, &(pa, data)) in writes.iter().enumerate() {
+                let end = pa + data.len() as u64;
+                let overlapped = writes[k + 1..]
+                    .iter()
+                    .any(|&(p, d)| p < end && pa < p + d.len() as u64);
+                if data.is_empty() || overlapped {
+                    continue;
+                }
+                let mut back = vec![0u8; data.len()];
+                me.ram
+                    .read_phys(pa, &mut back)
+                    .map_err(|e| AttachError::MemLayout(e.to_string()))?;
+                if back != data {
+                    return Err(AttachError::MemLayout(format!(
+                        "write at {pa:#x} through the gdbstub is not visible in the RAM file"
                     )));
                 }
-                me.breakpoints.push(a);
             }
             Ok(())
         })
@@ -520,8 +624,7 @@ impl GuestControl for QemuAttach {
             return Ok(Some(ev));
         }
         if self.paused {
-            let r = self.do_resume();
-            self.track(r)?;
+            return Err(GuestError::Paused);
         }
         let deadline = Instant::now() + timeout;
         loop {

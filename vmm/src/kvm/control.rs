@@ -1,10 +1,10 @@
-//! [`KvmControl`]: the KVM implementation of [`patcher::GuestControl`].
+//! [`KvmControl`]: the KVM implementation of [`guest_control::GuestControl`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guest_control::{GuestControl, GuestError, GuestEvent};
 use introspect::{PhysMemory, VcpuRegs};
-use patcher::{GuestControl, GuestError, GuestEvent};
 
 use super::memory::KvmMemory;
 use super::msrs::{introspection_msrs, MSR_KERNEL_GS_BASE, MSR_LSTAR};
@@ -26,6 +26,9 @@ impl std::fmt::Debug for KvmControl {
     }
 }
 
+/// Longest time one single-stepped instruction may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn backend(what: &str, vcpu: usize, e: impl std::fmt::Display) -> GuestError {
     GuestError::Backend(format!("vCPU {vcpu}: {what}: {e}"))
 }
@@ -39,6 +42,35 @@ impl KvmControl {
     /// The guest memory view (also available as `&dyn PhysMemory` via [`GuestControl`]).
     pub fn kvm_memory(&self) -> &KvmMemory {
         &self.memory
+    }
+
+    /// Sets the breakpoints of the vCPUs in `which`, pausing around it if running.
+    fn arm_breakpoints(
+        &mut self,
+        which: std::ops::Range<usize>,
+        addrs: &[u64],
+    ) -> Result<(), GuestError> {
+        if addrs.len() > 4 {
+            return Err(GuestError::TooManyBreakpoints(addrs.len()));
+        }
+        let was_paused = self.is_paused();
+        if !was_paused {
+            self.shared.pause()?;
+        }
+        let dbg = guest_debug(addrs);
+        let mut result = Ok(());
+        for i in which {
+            let h = &self.shared.vcpus[i];
+            *lock(&h.debug) = dbg;
+            if let Err(e) = lock(&h.fd).set_guest_debug(&dbg) {
+                result = Err(backend("KVM_SET_GUEST_DEBUG", i, e));
+                break;
+            }
+        }
+        if !was_paused {
+            self.shared.resume()?;
+        }
+        result
     }
 
     fn require_paused(&self) -> Result<(), GuestError> {
@@ -131,36 +163,40 @@ impl GuestControl for KvmControl {
     }
 
     fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<(), GuestError> {
-        if addrs.len() > 4 {
-            return Err(GuestError::TooManyBreakpoints(addrs.len()));
+        self.arm_breakpoints(0..self.shared.vcpus.len(), addrs)
+    }
+
+    /// `KVM_SET_GUEST_DEBUG` on that vCPU alone: each vCPU has its own debug registers.
+    fn set_vcpu_breakpoints(&mut self, vcpu: usize, addrs: &[u64]) -> Result<(), GuestError> {
+        if vcpu >= self.shared.vcpus.len() {
+            return Err(GuestError::NoSuchVcpu(vcpu));
         }
-        let was_paused = self.is_paused();
-        if !was_paused {
-            self.shared.pause()?;
+        self.arm_breakpoints(vcpu..vcpu + 1, addrs)
+    }
+
+    /// `KVM_GUESTDBG_SINGLESTEP` (with `KVM_GUESTDBG_BLOCKIRQ` where KVM has it) on that vCPU
+    /// while the other vCPUs stay parked.
+    fn single_step(&mut self, vcpu: usize) -> Result<VcpuRegs, GuestError> {
+        if vcpu >= self.shared.vcpus.len() {
+            return Err(GuestError::NoSuchVcpu(vcpu));
         }
-        let dbg = guest_debug(addrs);
-        let mut result = Ok(());
-        for (i, h) in self.shared.vcpus.iter().enumerate() {
-            *lock(&h.debug) = dbg;
-            if let Err(e) = lock(&h.fd).set_guest_debug(&dbg) {
-                result = Err(backend("KVM_SET_GUEST_DEBUG", i, e));
-                break;
-            }
-        }
-        if !was_paused {
-            self.shared.resume()?;
-        }
-        result
+        self.require_paused()?;
+        self.shared.single_step(vcpu, STEP_TIMEOUT)?;
+        self.regs(vcpu)
     }
 
     fn wait_event(&mut self, timeout: Duration) -> Result<Option<GuestEvent>, GuestError> {
         let deadline = Instant::now() + timeout;
-        {
-            let mut st = self.shared.state();
+        let mut st = self.shared.state();
+        loop {
             if let Some(ev) = st.events.pop_front() {
+                let pausing = st.pause_requested;
                 drop(st);
-                // Breakpoint events leave the VM paused (unless it has ended meanwhile).
-                let _ = self.shared.wait_parked(None);
+                // Breakpoint events leave the VM paused (unless it has ended meanwhile, or
+                // was resumed before the event was taken).
+                if pausing {
+                    let _ = self.shared.wait_parked(None);
+                }
                 return Ok(Some(ev));
             }
             if st.outcome.is_some() {
@@ -170,18 +206,8 @@ impl GuestControl for KvmControl {
                 st.exit_reported = true;
                 return Ok(Some(GuestEvent::Exited));
             }
-        }
-        self.shared.resume()?;
-        let mut st = self.shared.state();
-        loop {
-            if let Some(ev) = st.events.pop_front() {
-                drop(st);
-                let _ = self.shared.wait_parked(None);
-                return Ok(Some(ev));
-            }
-            if st.outcome.is_some() {
-                st.exit_reported = true;
-                return Ok(Some(GuestEvent::Exited));
+            if st.pause_requested {
+                return Err(GuestError::Paused);
             }
             let now = Instant::now();
             if now >= deadline {

@@ -6,7 +6,7 @@
 //! tables (MADT: Debian's kernels enumerate CPUs only from ACPI) and an MP table, normalised
 //! CPUID and boot MSRs; [`Vm::create_raw`] runs raw code for tests. One thread per vCPU;
 //! pausing uses a signal plus `kvm_run.immediate_exit` ([`pause`]).
-//! [`Vm::control`] gives a [`KvmControl`], the [`patcher::GuestControl`] of the VM.
+//! [`Vm::control`] gives a [`KvmControl`], the [`guest_control::GuestControl`] of the VM.
 
 pub mod boot;
 pub mod control;

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use guest_control::{GuestError, GuestEvent};
 use kvm_ioctls::VcpuFd;
-use patcher::{GuestError, GuestEvent};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -154,6 +154,9 @@ pub struct RunState {
     pub events: VecDeque<GuestEvent>,
     /// Guest memory was written while paused: reload MMU state before resuming.
     pub mmu_dirty: bool,
+    /// While paused: the vCPU asked to leave its park for one single-stepped instruction
+    /// ([`Shared::single_step`]); the vCPU clears it once the step is done.
+    pub step: Option<usize>,
 }
 
 impl RunState {
@@ -191,6 +194,8 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const KICK_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a called-off single step may take to park again.
+const STEP_GRACE: Duration = Duration::from_secs(1);
 
 impl Shared {
     /// Locks the run state.
@@ -282,6 +287,53 @@ impl Shared {
         drop(st);
         self.cond.notify_all();
         Ok(())
+    }
+
+    /// Runs exactly one instruction on parked vCPU `idx` while the others stay parked; returns
+    /// once the vCPU has parked again. Needs the VM paused.
+    pub fn single_step(&self, idx: usize, timeout: Duration) -> Result<(), GuestError> {
+        let st = self.state();
+        if st.outcome.is_some() || !st.started {
+            return Err(Self::gone(&st));
+        }
+        if !st.all_parked() {
+            return Err(GuestError::NotPaused);
+        }
+        let dirty = st.mmu_dirty;
+        drop(st);
+        if dirty {
+            self.reload_mmu()?;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state();
+        st.mmu_dirty = false;
+        st.step = Some(idx);
+        self.cond.notify_all();
+        loop {
+            if st.outcome.is_some() {
+                st.step = None;
+                return Err(Self::gone(&st));
+            }
+            if st.step.is_none() && st.all_parked() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                // Call the step off; the vCPU parks at its next exit.
+                st.step = None;
+                drop(st);
+                self.kick_all();
+                self.wait_parked(Some(Instant::now() + STEP_GRACE))?;
+                return Err(GuestError::Backend(format!(
+                    "vCPU {idx}: single step did not finish within {timeout:?}"
+                )));
+            }
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Makes KVM drop cached translations (shadow pages, TLB) of every parked vCPU by

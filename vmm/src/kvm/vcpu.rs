@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use std::sync::atomic::Ordering;
 
+use guest_control::GuestEvent;
 use kvm_bindings::{
     kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use patcher::GuestEvent;
 use tracing::debug;
 
 use super::error::VmError;
@@ -58,10 +58,10 @@ fn run_loop(shared: &Shared, idx: usize) -> Option<Outcome> {
             if st.outcome.is_some() {
                 return None;
             }
-            if st.pause_requested {
+            if st.pause_requested && st.step != Some(idx) {
                 st.parked += 1;
                 shared.cond.notify_all();
-                while st.pause_requested && st.outcome.is_none() {
+                while st.pause_requested && st.outcome.is_none() && st.step != Some(idx) {
                     st = shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 st.parked -= 1;
@@ -69,7 +69,10 @@ fn run_loop(shared: &Shared, idx: usize) -> Option<Outcome> {
             }
         }
         let mut fd = lock(&handle.fd);
-        let stepping = handle.step_over.load(Ordering::SeqCst);
+        // Single-step over a breakpoint we stopped at, or one instruction the controller asked
+        // for while the others stay parked (`Shared::single_step`).
+        let requested = shared.state().step == Some(idx);
+        let stepping = requested || handle.step_over.load(Ordering::SeqCst);
         if stepping {
             if let Err(e) = arm_single_step(&fd) {
                 return Some(Outcome::Error(e));
@@ -94,6 +97,15 @@ fn run_loop(shared: &Shared, idx: usize) -> Option<Outcome> {
                         what: "KVM_SET_GUEST_DEBUG",
                         source,
                     }));
+                }
+                if requested {
+                    drop(fd);
+                    let mut st = shared.state();
+                    if st.step == Some(idx) {
+                        st.step = None;
+                    }
+                    drop(st);
+                    shared.cond.notify_all();
                 }
             }
             Action::Breakpoint(rip) => {

@@ -1,5 +1,8 @@
-//! The one trait through which the patcher reaches a guest. The KVM VMM and the QEMU attach
-//! backend both implement it.
+//! hvpatch-guest-control: the one trait through which hvpatch reaches a guest,
+//! [`GuestControl`]. The KVM VMM (`vmm::kvm`) and the QEMU attach backend (`vmm::attach`)
+//! implement it; the patcher (`patcher::guest` re-exports this crate) uses it. It depends only
+//! on introspect (for [`PhysMemory`] and [`VcpuRegs`]), so backends need not depend on the
+//! patcher.
 
 use std::time::Duration;
 
@@ -13,6 +16,9 @@ pub enum GuestError {
     /// The operation needs all vCPUs paused.
     #[error("the guest is not paused")]
     NotPaused,
+    /// The operation needs a running guest ([`GuestControl::wait_event`] on a paused guest).
+    #[error("the guest is paused: resume it before waiting for events")]
+    Paused,
     /// vCPU index out of range.
     #[error("no vCPU {0}")]
     NoSuchVcpu(usize),
@@ -67,11 +73,34 @@ pub trait GuestControl: Send {
     /// Writes guest-physical memory so that the guest's instruction fetch sees it (code caches
     /// dropped). Used for code and for patch-arena data.
     fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), GuestError>;
+    /// Writes several guest-physical ranges, in order, as [`GuestControl::write_phys`] would
+    /// one by one (later writes win where ranges overlap), but letting the backend pay its
+    /// per-write setup once for the whole batch. On error, a prefix of the batch (possibly
+    /// with a partial last write) may have been written; the caller restores what it needs.
+    fn write_phys_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), GuestError> {
+        for &(pa, data) in writes {
+            self.write_phys(pa, data)?;
+        }
+        Ok(())
+    }
     /// Sets the hardware execution breakpoints (guest virtual addresses) on every vCPU,
-    /// replacing earlier ones. An empty slice clears them.
+    /// replacing earlier ones (including per-vCPU ones). An empty slice clears them.
     fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<(), GuestError>;
-    /// Resumes if paused and waits up to `timeout` for the next event. `Ok(None)` on timeout
-    /// (the guest keeps running).
+    /// Sets the hardware execution breakpoints of vCPU `vcpu` only, replacing its earlier
+    /// ones; other vCPUs keep theirs. An empty slice clears them. A hit pauses all vCPUs, as
+    /// with [`GuestControl::set_breakpoints`]. Backends whose debug registers are shared by
+    /// all vCPUs may emulate this (see the backend's documentation).
+    fn set_vcpu_breakpoints(&mut self, vcpu: usize, addrs: &[u64]) -> Result<(), GuestError>;
+    /// Executes exactly one instruction on vCPU `vcpu` of a paused guest while the other
+    /// vCPUs stay stopped, with breakpoints (and, where the backend can, interrupts) held off
+    /// for the step; returns the vCPU's registers after it. The guest stays paused.
+    /// [`GuestError::NotPaused`] if the guest is running.
+    fn single_step(&mut self, vcpu: usize) -> Result<VcpuRegs, GuestError>;
+    /// Waits up to `timeout` for the next event of a running guest. `Ok(None)` on timeout (the
+    /// guest keeps running). It never resumes the guest: call [`GuestControl::resume`] first.
+    /// An event that is already queued (e.g. a breakpoint hit that paused the guest) is
+    /// returned even if the guest is paused, and so is [`GuestEvent::Exited`] once the guest
+    /// ended; otherwise a paused guest is an error, [`GuestError::Paused`].
     fn wait_event(&mut self, timeout: Duration) -> Result<Option<GuestEvent>, GuestError>;
     /// Guest-physical range `(start, len)` that the host reserved for patch code and data (our
     /// VMM's e820-reserved arena). `None` when the host has none (QEMU attach): the patcher then
