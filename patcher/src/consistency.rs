@@ -174,8 +174,14 @@ impl Engine {
         self.transition.is_some()
     }
 
-    /// The error for a transition that did not complete in time (after reversing it).
-    pub fn timeout_error(&self, name: &str, waited: Duration, was_target: i32) -> PatchError {
+    /// The error for a transition that did not complete in time and was reversed; `blocking`
+    /// held it when it was reversed.
+    pub fn timeout_error(
+        name: &str,
+        waited: Duration,
+        was_target: i32,
+        blocking: &[Blocker],
+    ) -> PatchError {
         PatchError::TransitionTimeout {
             name: name.to_string(),
             target: if was_target == 1 {
@@ -185,11 +191,7 @@ impl Engine {
             }
             .into(),
             waited_ms: waited.as_millis() as u64,
-            blocking: self
-                .transition
-                .as_ref()
-                .map(|t| blocking_summary(&t.blocking))
-                .unwrap_or_else(|| "nothing (the reversal completed)".into()),
+            blocking: blocking_summary(blocking),
         }
     }
 
@@ -300,7 +302,15 @@ impl Engine {
             interference: None,
             tasks: vec![],
         };
-        let dummy = dummy_layout.zip(tr.dummy);
+        // The stand-in's guest-physical address, from the pages this load takes (their mapping
+        // is written in the same pause).
+        let dummy = match (dummy_layout, plan.dummy_off) {
+            (Some(l), Some(off)) => {
+                let page = plan.arena.pages[plan.data_run.0 + (off / crate::arena::PAGE) as usize];
+                Some((l, plan.data_base + off, page + off % crate::arena::PAGE))
+            }
+            _ => None,
+        };
         view.set_frame_pointer_text(&self.fp_text());
         let paging = t.paging;
         let (done, pause) = paused(ctl, |ctl| {
@@ -417,6 +427,27 @@ impl Engine {
         } else {
             Mode::WholeGuest
         };
+        if target == 1 {
+            // A function whose stack went empty meanwhile starts a new one (its site holds
+            // the ftrace NOP again; `begin_paused` verifies the bytes).
+            for f in &info.functions {
+                if !self.sites.contains_key(&f.site) {
+                    let site_pa = view.translate(mem, f.site).ok_or_else(|| {
+                        PatchError::Memory(format!("site {:#x} is not mapped", f.site))
+                    })?;
+                    self.sites.insert(
+                        f.site,
+                        crate::func_stack::SiteStack {
+                            func: f.old_name.clone(),
+                            site_pa,
+                            original: site::NOP5,
+                            entries: vec![],
+                            during: None,
+                        },
+                    );
+                }
+            }
+        }
         // What runs now and what will run, per function.
         let mut funcs = Vec::new();
         let mut switches = Vec::new();
@@ -520,7 +551,16 @@ impl Engine {
             interference: None,
             tasks: vec![],
         };
-        let dummy = dummy_layout.zip(tr.dummy);
+        let dummy = match (dummy_layout, tr.dummy) {
+            (Some(l), Some(va)) => {
+                let off = va - info.data.va;
+                info.data
+                    .pages
+                    .get((off / crate::arena::PAGE) as usize)
+                    .map(|p| (l, va, p + off % crate::arena::PAGE))
+            }
+            _ => None,
+        };
         view.set_frame_pointer_text(&self.fp_text());
         // Enabling puts the patch back on top of its functions' stacks first.
         if target == 1 {
@@ -591,8 +631,6 @@ impl Engine {
                 }
             }
         }
-        self.sites
-            .retain(|_, st| !st.entries.is_empty() || st.during.is_some());
         if let Some(p) = self.patches.iter_mut().find(|p| p.id == id) {
             p.info.state = if target == 1 {
                 PatchState::Enabled
@@ -600,6 +638,17 @@ impl Engine {
                 PatchState::Disabled
             };
         }
+        // A disabled patch keeps its functions' stacks (with their original bytes) for a
+        // later enable.
+        let keep: std::collections::HashSet<u64> = self
+            .patches
+            .iter()
+            .filter(|p| p.info.state == PatchState::Disabled)
+            .flat_map(|p| p.info.functions.iter().map(|f| f.site))
+            .collect();
+        self.sites.retain(|site, st| {
+            !st.entries.is_empty() || st.during.is_some() || keep.contains(site)
+        });
     }
 
     /// One check of the transition in progress, in one pause: tasks that may switch now do; when
@@ -722,23 +771,25 @@ impl Engine {
     ) -> Result<(), PatchError> {
         let t0 = Instant::now();
         let mut delay = Duration::from_millis(1);
-        let mut reversed_from: Option<(String, i32)> = None;
+        let mut reversed_from: Option<(String, i32, Vec<Blocker>)> = None;
         loop {
             let s0 = Instant::now();
             if self.transition_step(ctl, view)? == StepOutcome::Complete {
                 return match reversed_from {
                     None => Ok(()),
-                    Some((name, target)) => Err(self.timeout_error(&name, t0.elapsed(), target)),
+                    Some((name, target, b)) => {
+                        Err(Self::timeout_error(&name, t0.elapsed(), target, &b))
+                    }
                 };
             }
             if t0.elapsed() >= timeout && reversed_from.is_none() {
                 if let Some(tr) = &self.transition {
-                    reversed_from = Some((tr.patch.clone(), tr.target));
+                    reversed_from = Some((tr.patch.clone(), tr.target, tr.blocking.clone()));
                 }
                 self.reverse(ctl, view)?;
             } else if t0.elapsed() >= timeout * 2 {
-                let (name, target) = reversed_from.unwrap_or_default();
-                return Err(self.timeout_error(&name, t0.elapsed(), target));
+                let (name, target, b) = reversed_from.unwrap_or_default();
+                return Err(Self::timeout_error(&name, t0.elapsed(), target, &b));
             }
             // The guest runs at least ten times as long as the check took.
             std::thread::sleep(delay.max(s0.elapsed() * 10));
@@ -811,7 +862,7 @@ fn begin_paused(
     tr: &mut Transition,
     pre: Vec<Write>,
     switches: &[SiteSwitch],
-    dummy: Option<((u64, u64, u64), u64)>,
+    dummy: Option<((u64, u64, u64), u64, u64)>,
 ) -> Result<bool, PatchError> {
     let regs = vcpu_regs(ctl)?;
     let mem = ctl.memory();
@@ -838,10 +889,7 @@ fn begin_paused(
         if let Some(w) = tr.target_write(tr.target) {
             writes.push(var_write(view, mem, w)?);
         }
-        if let (Some(k), Some((layout, va))) = (tr.klp, dummy) {
-            let pa = view
-                .translate(mem, va)
-                .ok_or_else(|| PatchError::Memory(format!("klp_patch stand-in {va:#x}")))?;
+        if let (Some(k), Some((layout, va, pa))) = (tr.klp, dummy) {
             writes.push(Write {
                 pa,
                 expect: None,

@@ -28,6 +28,16 @@ impl Resolver for GuestResolver<'_> {
         pick_sympos(name, &self.t.symbols.addresses(name), sympos)
     }
 
+    fn original_body(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
+        let addr = self.resolve(name, sympos)?;
+        let mut head = [0u8; 9];
+        self.t
+            .paging
+            .read_virt(self.mem, addr, &mut head)
+            .map_err(|e| LinkError::Guest(e.to_string()))?;
+        Ok(addr + site::site_offset(&head) + 5)
+    }
+
     fn return_thunk(&self) -> Result<Option<u64>, LinkError> {
         let rt = self.t.symbols.addresses(RETURN_THUNK).first().copied();
         if let Some(var) = self.t.symbols.addresses("x86_return_thunk").first() {

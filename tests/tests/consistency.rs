@@ -30,12 +30,13 @@ fn object(name: &str, body: &str) -> String {
     p.display().to_string()
 }
 
-/// `pipe_read` counting its calls (then the original), and `/proc/cmdline` printing the count.
+/// `pipe_read` calling the original and counting the calls that returned (so a reader blocked
+/// in it has the new function on its stack), and `/proc/cmdline` printing the count.
 const PIPE_PATCH: &str = "struct kiocb; struct iov_iter;\n\
     HVPATCH_ORIG(ssize_t, pipe_read, (struct kiocb *iocb, struct iov_iter *to));\n\
     static unsigned long reads;\n\
     static ssize_t new_pipe_read(struct kiocb *iocb, struct iov_iter *to)\n\
-    { __atomic_fetch_add(&reads, 1, __ATOMIC_RELAXED); return hvpatch_orig_pipe_read(iocb, to); }\n\
+    { ssize_t r = hvpatch_orig_pipe_read(iocb, to); __atomic_fetch_add(&reads, 1, __ATOMIC_RELAXED); return r; }\n\
     static int show(struct seq_file *m, void *v) { seq_printf(m, \"pipe patched %lu\\n\", reads); return 0; }\n\
     HVPATCH_FUNC(pipe_read, new_pipe_read);\n\
     HVPATCH_FUNC(cmdline_proc_show, show);";
@@ -286,18 +287,40 @@ fn blocked_task(c: &mut Ctx) {
     std::thread::sleep(Duration::from_millis(300));
     let n2: u64 = c.run("cat /proc/cmdline").trim().rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n2 > n1, "the new pipe_read did not count: {n1} -> {n2}");
-    // Unload: the reader now sleeps inside the new pipe_read and holds the unpatching.
+    // Unload: the reader now sleeps inside the new pipe_read and holds the unpatching; a short
+    // timeout reverses it (the patch stays enabled) and names the reader.
     let _ = pid_of_stack(c, "cat", "pipe_read");
     let r = c.srv().cli(&["patch", "unload", "pipecount", "--timeout", "1"]).unwrap();
     assert!(!r.success, "unload should wait for the reader: {}", r.stdout);
-    let s = c.status();
-    assert_eq!(s["transition"]["target"], 0, "{s:#}");
     assert!(
-        s["transition"]["blocking"].as_array().unwrap().iter().any(|b| b["pid"] == reader),
-        "{s:#}"
+        r.stderr.contains("reversed") && r.stderr.contains(&format!("pid {reader} (cat)")),
+        "{}",
+        r.stderr
     );
-    c.run("echo bye > /tmp/f");
-    let v = c.json(&["patch", "unload", "pipecount", "--timeout", "30"]);
+    let s = c.status();
+    assert!(s["transition"].is_null(), "{s:#}");
+    assert_eq!(s["patches"][0]["state"], "Enabled", "{s:#}");
+    assert!(c.run("cat /proc/cmdline").starts_with("pipe patched "));
+    // With time, the unload waits; the reader returns to user space once the fifo is written,
+    // switches back there, and the unload completes.
+    let srv = c.srv.as_ref().expect("server");
+    let g = &mut c.g;
+    let v = std::thread::scope(|sc| {
+        let unload = sc.spawn(|| srv.json(&["patch", "unload", "pipecount", "--timeout", "60"]).unwrap());
+        std::thread::sleep(Duration::from_millis(1500));
+        let s = srv.json(&["patch", "status"]).unwrap();
+        assert_eq!(s["transition"]["target"], 0, "{s:#}");
+        let b = s["transition"]["blocking"].as_array().unwrap();
+        let me = b.iter().find(|b| b["pid"] == reader).unwrap_or_else(|| panic!("{s:#}"));
+        // The new pipe_read (patch code, unwound through its frame pointer) is on its stack.
+        assert_eq!(me["why"]["kind"], "on_stack", "{me:#}");
+        assert!(
+            me["stack"].as_array().unwrap().iter().any(|f| f.as_str().unwrap().starts_with("vfs_read")),
+            "the unwind did not get through the patch frame: {me:#}"
+        );
+        g.run("echo bye > /tmp/f").unwrap();
+        unload.join().unwrap()
+    });
     assert_eq!(v["state"], "Unloaded", "{v:#}");
     assert_ne!(c.run("cat /proc/cmdline").split(' ').next(), Some("pipe"));
     c.run("kill $(pidof sleep) 2>/dev/null; true");

@@ -59,8 +59,9 @@ struct Waiter {
     reply: Option<Reply>,
     deadline: Option<Instant>,
     started: Instant,
-    /// The target the transition had when this waiter's deadline reversed it.
-    reversed_from: Option<i32>,
+    /// The target the transition had when this waiter's deadline reversed it, and what
+    /// blocked it then.
+    reversed_from: Option<(i32, Vec<patcher::transition::Blocker>)>,
 }
 
 impl Drop for Session {
@@ -497,7 +498,7 @@ impl Session {
                 match self.engine.reverse(self.control.as_mut(), kernel) {
                     Ok(()) => {
                         for w in self.waiters.iter_mut().filter(|w| w.patch == t.patch) {
-                            w.reversed_from = Some(t.target);
+                            w.reversed_from = Some((t.target, t.blocking.clone()));
                             w.deadline = None;
                         }
                     }
@@ -526,11 +527,9 @@ impl Session {
             let Some(reply) = w.reply else {
                 continue;
             };
-            if let Some(target) = w.reversed_from {
-                reply.send(
-                    ReqError::from(self.engine.timeout_error(&w.patch, w.started.elapsed(), target))
-                        .into(),
-                );
+            if let Some((target, blocking)) = &w.reversed_from {
+                let e = Engine::timeout_error(&w.patch, w.started.elapsed(), *target, blocking);
+                reply.send(ReqError::from(e).into());
                 continue;
             }
             match w.op {
