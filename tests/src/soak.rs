@@ -136,6 +136,16 @@ pub struct SoakReport {
     pub median_load_pause: Duration,
     /// What each hammer saw.
     pub hammers: Vec<HammerTally>,
+    /// Cycles run under the consistency model (the others are immediate).
+    pub consistent_cycles: usize,
+    /// Transitions (enable and disable) of the consistent cycles.
+    pub transitions: usize,
+    /// Median and longest transition, start to completion.
+    pub median_transition: Duration,
+    /// Longest transition.
+    pub max_transition: Duration,
+    /// Median vCPU pause added up over one transition.
+    pub median_transition_pause: Duration,
 }
 
 impl fmt::Display for SoakReport {
@@ -168,6 +178,15 @@ impl fmt::Display for SoakReport {
         for (k, n) in &self.kinds {
             writeln!(f, "  held at the first check by {k}: {n} unload(s)")?;
         }
+        writeln!(
+            f,
+            "  consistent cycles: {} ({} transitions), transition median {:.2?}, longest {:.2?}, vCPU pause per transition median {:.2?}",
+            self.consistent_cycles,
+            self.transitions,
+            self.median_transition,
+            self.max_transition,
+            self.median_transition_pause
+        )?;
         for h in &self.hammers {
             let seen: Vec<String> = h
                 .seen
@@ -256,10 +275,55 @@ fn soak_on(
     let (mut load_pauses, mut unload_pauses) = (Vec::new(), Vec::new());
     let mut pages = std::collections::BTreeSet::new();
     let t0 = Instant::now();
+    let (mut trans_times, mut trans_pauses) = (Vec::new(), Vec::new());
+    // Loads and disables of the consistent cycles: start, wait for the transition, time it.
+    let transition_done = |e: &mut Engine,
+                               ctl: &mut vmm::attach::QemuAttach,
+                               started: Instant,
+                               times: &mut Vec<Duration>,
+                               pauses: &mut Vec<Duration>|
+     -> Result<(), String> {
+        let pause0 = e.transition_status().map_or(0, |t| t.pause_us);
+        let mut pause = pause0;
+        while e.in_transition() {
+            pause = e.transition_status().map_or(pause, |t| t.pause_us);
+            std::thread::sleep(Duration::from_millis(2));
+            if e.transition_step(ctl, &kernel).map_err(|x| x.to_string())?
+                == patcher::StepOutcome::Complete
+            {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("transition stuck: {:?}", e.transition_status()));
+            }
+        }
+        times.push(started.elapsed());
+        pauses.push(Duration::from_micros(pause.max(pause0)));
+        Ok(())
+    };
     for i in 0..cycles {
-        let info = e
-            .load(&mut ctl, &t, &obj, "soak.o")
-            .map_err(|err| format!("cycle {i}: load failed: {err}"))?;
+        let consistent = i % 2 == 1;
+        let info = if consistent {
+            rep.consistent_cycles += 1;
+            let s0 = Instant::now();
+            let info = e
+                .load_consistent(
+                    &mut ctl,
+                    &t,
+                    &kernel,
+                    &obj,
+                    "soak.o",
+                    patcher::LoadOptions::default(),
+                )
+                .map_err(|err| format!("cycle {i}: consistent load failed: {err}"))?;
+            transition_done(&mut e, &mut ctl, s0, &mut trans_times, &mut trans_pauses)
+                .map_err(|err| format!("cycle {i}: load: {err}"))?;
+            rep.transitions += 1;
+            info
+        } else {
+            e.load(&mut ctl, &t, &obj, "soak.o")
+                .map_err(|err| format!("cycle {i}: load failed: {err}"))?
+        };
         load_pauses.push(Duration::from_micros(info.pause_us));
         pages.extend(info.code.pages.iter().chain(&info.data.pages).copied());
         // Let the hammers run the patch for a varying while (0-4 ms).
@@ -276,6 +340,15 @@ fn soak_on(
                 e.unload(&mut ctl, "soak-top", &kernel, Duration::from_secs(10))
                     .map_err(|err| format!("cycle {i}: stacked unload failed: {err}"))?,
             );
+        }
+        if consistent {
+            // Disable by a transition, then free.
+            let s0 = Instant::now();
+            e.disable(&mut ctl, &kernel, "soak", None)
+                .map_err(|err| format!("cycle {i}: disable failed: {err}"))?;
+            transition_done(&mut e, &mut ctl, s0, &mut trans_times, &mut trans_pauses)
+                .map_err(|err| format!("cycle {i}: disable: {err}"))?;
+            rep.transitions += 1;
         }
         unloads.push(
             e.unload(&mut ctl, "soak", &kernel, Duration::from_secs(10))
@@ -313,6 +386,9 @@ fn soak_on(
     rep.elapsed = t0.elapsed();
     rep.median_load_pause = median(load_pauses);
     rep.median_unload_pause = median(unload_pauses);
+    rep.max_transition = trans_times.iter().copied().max().unwrap_or_default();
+    rep.median_transition = median(trans_times);
+    rep.median_transition_pause = median(trans_pauses);
 
     // The guest's text and the arena are as before.
     let text_after = read_text(&kernel, &ctl, 64).map_err(|e| e.to_string())?;

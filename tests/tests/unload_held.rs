@@ -1,5 +1,7 @@
 //! Unload of a patch a task is still inside, through `hvpatch attach` and the CLI, on booted
-//! 6.1 and 6.12 guests: the patched `cmdline_proc_show` sleeps in `msleep`.
+//! 6.1 and 6.12 guests: the patched `cmdline_proc_show` sleeps in `msleep`. The patches are
+//! immediate (`--immediate`): the consistency model would not disable the patch while the task
+//! is inside it (tests/tests/consistency.rs covers that).
 //! - `patch unload` disables the patch at once, waits until the sleeper has left it, then frees;
 //! - with a short `--timeout` it fails naming the task; the patch stays disabled and held
 //!   (`patch list` / `info` say why) and the server frees it by itself once the task left;
@@ -79,7 +81,10 @@ fn wait_sleeping(g: &mut Guest) {
 /// Loads a `sleeper` patch named `name` and starts a reader (output to `out`) that sleeps in it.
 fn sleep_in_patch(srv: &AttachServer, g: &mut Guest, name: &str, ms: u32, out: &str) {
     let p = sleeper(name, ms);
-    srv.json(&["patch", "load", p.to_str().unwrap()]).unwrap();
+    // Immediate mode: this test is about unloading a patch a task is still inside, which
+    // immediate mode allows (the consistency model would wait for the task instead).
+    srv.json(&["patch", "load", p.to_str().unwrap(), "--immediate"])
+        .unwrap();
     g.spawn(&format!("cat /proc/cmdline > {out}")).unwrap();
     wait_sleeping(g);
 }
@@ -209,7 +214,7 @@ fn held_unload(series: KernelSeries) {
         .unwrap();
     assert!(!out.success);
     let sample = sleeper("sleeper4", 1);
-    srv.json(&["patch", "load", sample.to_str().unwrap()])
+    srv.json(&["patch", "load", sample.to_str().unwrap(), "--immediate"])
         .unwrap();
     srv.kill_hard();
     wait_file(&mut g, "/tmp/s3", "slept\n", Duration::from_secs(15));
