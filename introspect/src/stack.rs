@@ -78,11 +78,7 @@ impl StackReader for Reader<'_> {
     }
 }
 
-fn env<'a>(
-    m: &'a Model,
-    modules: &'a LazyModules<'a>,
-    fp_text: &'a [(u64, u64)],
-) -> UnwindEnv<'a> {
+fn env<'a>(m: &'a Model, modules: &'a LazyModules<'a>, fp_text: &'a [(u64, u64)]) -> UnwindEnv<'a> {
     UnwindEnv {
         orc: &m.orc,
         orc_ranges: &m.orc_ranges,
@@ -156,7 +152,12 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
         ty: StackType::Task,
     }];
     let fp = g.frame_pointer_text();
-    let w = walk(env(m, &LazyModules::new(g, m), &fp), &stacks, &Reader(g), start);
+    let w = walk(
+        env(m, &LazyModules::new(g, m), &fp),
+        &stacks,
+        &Reader(g),
+        start,
+    );
     Ok(Stack {
         frames: frames(g, &w.frames, false),
         reliable: w.unreliable.is_none(),
@@ -273,7 +274,12 @@ pub fn vcpu_stack(
         signal: true,
     };
     let fp = g.frame_pointer_text();
-    let w = walk(env(m, &LazyModules::new(g, m), &fp), &stacks, &Reader(g), start);
+    let w = walk(
+        env(m, &LazyModules::new(g, m), &fp),
+        &stacks,
+        &Reader(g),
+        start,
+    );
     let idle = m
         .do_idle
         .is_some_and(|(s, e)| w.frames.iter().any(|&a| a > s && a <= e));

@@ -647,11 +647,7 @@ pub(crate) mod tests {
         let sp = STACK + 0x3000;
         let bp = STACK + 0x3100;
         // ORC frame -> return into fp text -> bp chain -> END.
-        let mem = HashMap::from([
-            (sp + 8, TEXT + 0x2010),
-            (bp, 0),
-            (bp + 8, TEXT + 0x201),
-        ]);
+        let mem = HashMap::from([(sp + 8, TEXT + 0x2010), (bp, 0), (bp + 8, TEXT + 0x201)]);
         let w = run(
             &std_table(),
             mem.clone(),

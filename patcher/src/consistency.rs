@@ -431,20 +431,17 @@ impl Engine {
             // A function whose stack went empty meanwhile starts a new one (its site holds
             // the ftrace NOP again; `begin_paused` verifies the bytes).
             for f in &info.functions {
-                if !self.sites.contains_key(&f.site) {
+                if let std::collections::btree_map::Entry::Vacant(v) = self.sites.entry(f.site) {
                     let site_pa = view.translate(mem, f.site).ok_or_else(|| {
                         PatchError::Memory(format!("site {:#x} is not mapped", f.site))
                     })?;
-                    self.sites.insert(
-                        f.site,
-                        crate::func_stack::SiteStack {
-                            func: f.old_name.clone(),
-                            site_pa,
-                            original: site::NOP5,
-                            entries: vec![],
-                            during: None,
-                        },
-                    );
+                    v.insert(crate::func_stack::SiteStack {
+                        func: f.old_name.clone(),
+                        site_pa,
+                        original: site::NOP5,
+                        entries: vec![],
+                        during: None,
+                    });
                 }
             }
         }
@@ -454,10 +451,9 @@ impl Engine {
         let mut stub_writes = Vec::new();
         let mut gone = Vec::new();
         for f in &info.functions {
-            let st = self
-                .sites
-                .get(&f.site)
-                .ok_or_else(|| PatchError::Changed(format!("no function stack for {}", f.old_name)))?;
+            let st = self.sites.get(&f.site).ok_or_else(|| {
+                PatchError::Changed(format!("no function stack for {}", f.old_name))
+            })?;
             let top_is_us = st.entries.last().is_some_and(|e| e.patch == name);
             if target == 0 && !top_is_us {
                 // A newer patch runs this function: nothing changes for it; only leave its
@@ -547,7 +543,11 @@ impl Engine {
             checks: 0,
             blocking: vec![],
             pause_us: 0,
-            dummy: if mode == Mode::PerTask { dummy_va } else { None },
+            dummy: if mode == Mode::PerTask {
+                dummy_va
+            } else {
+                None
+            },
             interference: None,
             tasks: vec![],
         };
@@ -669,6 +669,8 @@ impl Engine {
                 tr.pause_us += us(pause);
                 tr.checks += 1;
                 if done {
+                    // The whole transition's pause time, for `last_timing`.
+                    self.last.pause = Duration::from_micros(tr.pause_us);
                     let info = self
                         .patches
                         .iter()

@@ -54,8 +54,16 @@ impl SiteStack {
     /// The version under the top entry: where it starts (the previous patch's function, or
     /// the original body after the site) and, for a patch, its `[start, end)`.
     pub(crate) fn below_top(&self, site: u64) -> (u64, Option<(u64, u64)>) {
-        match self.entries.len().checked_sub(2).and_then(|i| self.entries.get(i)) {
-            Some(e) => (e.new_addr, Some((e.new_addr, e.new_addr + e.new_size.max(1)))),
+        match self
+            .entries
+            .len()
+            .checked_sub(2)
+            .and_then(|i| self.entries.get(i))
+        {
+            Some(e) => (
+                e.new_addr,
+                Some((e.new_addr, e.new_addr + e.new_size.max(1))),
+            ),
             None => (site + 5, None),
         }
     }
@@ -63,7 +71,12 @@ impl SiteStack {
     /// The bytes the site holds when the top entry is gone: the jmp of the one below, or the
     /// original.
     pub(crate) fn below_bytes(&self, site: u64) -> [u8; 5] {
-        match self.entries.len().checked_sub(2).and_then(|i| self.entries.get(i)) {
+        match self
+            .entries
+            .len()
+            .checked_sub(2)
+            .and_then(|i| self.entries.get(i))
+        {
             Some(e) => site::jmp_bytes(site, e.new_addr).unwrap_or(self.original),
             None => self.original,
         }
@@ -72,7 +85,10 @@ impl SiteStack {
     /// The version on top now (before pushing another entry): as [`SiteStack::below_top`].
     pub(crate) fn top(&self, site: u64) -> (u64, Option<(u64, u64)>) {
         match self.entries.last() {
-            Some(e) => (e.new_addr, Some((e.new_addr, e.new_addr + e.new_size.max(1)))),
+            Some(e) => (
+                e.new_addr,
+                Some((e.new_addr, e.new_addr + e.new_size.max(1))),
+            ),
             None => (site + 5, None),
         }
     }

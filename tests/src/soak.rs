@@ -278,15 +278,12 @@ fn soak_on(
     let (mut trans_times, mut trans_pauses) = (Vec::new(), Vec::new());
     // Loads and disables of the consistent cycles: start, wait for the transition, time it.
     let transition_done = |e: &mut Engine,
-                               ctl: &mut vmm::attach::QemuAttach,
-                               started: Instant,
-                               times: &mut Vec<Duration>,
-                               pauses: &mut Vec<Duration>|
+                           ctl: &mut vmm::attach::QemuAttach,
+                           started: Instant,
+                           times: &mut Vec<Duration>,
+                           pauses: &mut Vec<Duration>|
      -> Result<(), String> {
-        let pause0 = e.transition_status().map_or(0, |t| t.pause_us);
-        let mut pause = pause0;
         while e.in_transition() {
-            pause = e.transition_status().map_or(pause, |t| t.pause_us);
             std::thread::sleep(Duration::from_millis(2));
             if e.transition_step(ctl, &kernel).map_err(|x| x.to_string())?
                 == patcher::StepOutcome::Complete
@@ -298,7 +295,8 @@ fn soak_on(
             }
         }
         times.push(started.elapsed());
-        pauses.push(Duration::from_micros(pause.max(pause0)));
+        // All the pauses of the transition (its start, when it completed at once, or every check).
+        pauses.push(e.last_timing().pause);
         Ok(())
     };
     for i in 0..cycles {

@@ -141,7 +141,11 @@ impl Ctx {
             .into_iter()
             .filter(|l| !self.before.contains(l))
             .collect();
-        assert!(new.is_empty(), "{when}: the guest complained:\n{}", new.join("\n"));
+        assert!(
+            new.is_empty(),
+            "{when}: the guest complained:\n{}",
+            new.join("\n")
+        );
     }
 
     fn status(&self) -> Value {
@@ -215,7 +219,10 @@ fn pid_of_stack(c: &mut Ctx, comm: &str, frame: &str) -> i32 {
         if let Some(p) = out.lines().next().and_then(|l| l.trim().parse().ok()) {
             return p;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "no {comm} in {frame}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no {comm} in {frame}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -240,9 +247,16 @@ fn blocked_task(c: &mut Ctx) {
         .find(|b| b["pid"] == reader)
         .unwrap_or_else(|| panic!("the reader {reader} does not block: {s:#}"));
     assert_eq!(b["why"]["kind"], "on_stack", "{b:#}");
-    assert!(b["why"]["frame"].as_str().unwrap().starts_with("pipe_read"), "{b:#}");
     assert!(
-        b["stack"].as_array().unwrap().iter().any(|f| f.as_str().unwrap().starts_with("vfs_read")),
+        b["why"]["frame"].as_str().unwrap().starts_with("pipe_read"),
+        "{b:#}"
+    );
+    assert!(
+        b["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().starts_with("vfs_read")),
         "{b:#}"
     );
     // Everyone else runs the new code: a new process sees it, the reader is still unpatched.
@@ -255,14 +269,24 @@ fn blocked_task(c: &mut Ctx) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["pid"].as_i64().unwrap(), t["patch_state"].as_i64().unwrap()))
+        .map(|t| {
+            (
+                t["pid"].as_i64().unwrap(),
+                t["patch_state"].as_i64().unwrap(),
+            )
+        })
         .collect();
     let proc = c.proc_states();
     let ours2: std::collections::BTreeMap<i64, i64> = c.status()["transition"]["tasks"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["pid"].as_i64().unwrap(), t["patch_state"].as_i64().unwrap()))
+        .map(|t| {
+            (
+                t["pid"].as_i64().unwrap(),
+                t["patch_state"].as_i64().unwrap(),
+            )
+        })
         .collect();
     let mut compared = 0;
     for (pid, st) in &proc {
@@ -282,16 +306,37 @@ fn blocked_task(c: &mut Ctx) {
     c.wait_complete(Duration::from_secs(20));
     assert!(c.proc_states().iter().all(|&(_, s)| s == -1));
     assert_eq!(c.run("cat /tmp/out"), "hello\n");
-    let n1: u64 = c.run("cat /proc/cmdline").trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let n1: u64 = c
+        .run("cat /proc/cmdline")
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     c.run("echo again > /tmp/f");
     std::thread::sleep(Duration::from_millis(300));
-    let n2: u64 = c.run("cat /proc/cmdline").trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let n2: u64 = c
+        .run("cat /proc/cmdline")
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(n2 > n1, "the new pipe_read did not count: {n1} -> {n2}");
     // Unload: the reader now sleeps inside the new pipe_read and holds the unpatching; a short
     // timeout reverses it (the patch stays enabled) and names the reader.
     let _ = pid_of_stack(c, "cat", "pipe_read");
-    let r = c.srv().cli(&["patch", "unload", "pipecount", "--timeout", "1"]).unwrap();
-    assert!(!r.success, "unload should wait for the reader: {}", r.stdout);
+    let r = c
+        .srv()
+        .cli(&["patch", "unload", "pipecount", "--timeout", "1"])
+        .unwrap();
+    assert!(
+        !r.success,
+        "unload should wait for the reader: {}",
+        r.stdout
+    );
     assert!(
         r.stderr.contains("reversed") && r.stderr.contains(&format!("pid {reader} (cat)")),
         "{}",
@@ -306,16 +351,26 @@ fn blocked_task(c: &mut Ctx) {
     let srv = c.srv.as_ref().expect("server");
     let g = &mut c.g;
     let v = std::thread::scope(|sc| {
-        let unload = sc.spawn(|| srv.json(&["patch", "unload", "pipecount", "--timeout", "60"]).unwrap());
+        let unload = sc.spawn(|| {
+            srv.json(&["patch", "unload", "pipecount", "--timeout", "60"])
+                .unwrap()
+        });
         std::thread::sleep(Duration::from_millis(1500));
         let s = srv.json(&["patch", "status"]).unwrap();
         assert_eq!(s["transition"]["target"], 0, "{s:#}");
         let b = s["transition"]["blocking"].as_array().unwrap();
-        let me = b.iter().find(|b| b["pid"] == reader).unwrap_or_else(|| panic!("{s:#}"));
+        let me = b
+            .iter()
+            .find(|b| b["pid"] == reader)
+            .unwrap_or_else(|| panic!("{s:#}"));
         // The new pipe_read (patch code, unwound through its frame pointer) is on its stack.
         assert_eq!(me["why"]["kind"], "on_stack", "{me:#}");
         assert!(
-            me["stack"].as_array().unwrap().iter().any(|f| f.as_str().unwrap().starts_with("vfs_read")),
+            me["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f.as_str().unwrap().starts_with("vfs_read")),
             "the unwind did not get through the patch frame: {me:#}"
         );
         g.run("echo bye > /tmp/f").unwrap();
@@ -361,7 +416,11 @@ fn busy_target(c: &mut Ctx) {
     let t = &s["transition"];
     assert_eq!(t["patch"], "kthreadd", "{s:#}");
     assert!(
-        t["blocking"].as_array().unwrap().iter().any(|b| b["pid"] == 2 && b["why"]["kind"] == "on_stack"),
+        t["blocking"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["pid"] == 2 && b["why"]["kind"] == "on_stack"),
         "kthreadd (pid 2) does not block: {s:#}"
     );
     // Others switched: init (pid 1, sleeping in wait) is patched.
@@ -386,8 +445,10 @@ fn pair_cycles(c: &mut Ctx, immediate: bool, cycles: usize) -> Vec<(u64, String)
     c.json(&["patch", "load", &obj, "--timeout", "60"]);
     c.json(&["patch", "disable", name, "--timeout", "60"]);
     c.run("rm -f /tmp/h0 /tmp/h1");
-    c.g.spawn("exec hammer 0 read /proc/cmdline > /tmp/h0 2>&1").unwrap();
-    c.g.spawn("exec hammer 1 read /proc/cmdline > /tmp/h1 2>&1").unwrap();
+    c.g.spawn("exec hammer 0 read /proc/cmdline > /tmp/h0 2>&1")
+        .unwrap();
+    c.g.spawn("exec hammer 1 read /proc/cmdline > /tmp/h1 2>&1")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..cycles {
         c.json(&["patch", "enable", name, "--timeout", "60"]);
@@ -419,10 +480,15 @@ fn function_pair(c: &mut Ctx) {
     c.json(&["patch", "load", &base]);
     let consistent = pair_cycles(c, false, 10);
     assert!(
-        consistent.iter().any(|(_, l)| l == "new NN") && consistent.iter().any(|(_, l)| l == "old OO"),
+        consistent.iter().any(|(_, l)| l == "new NN")
+            && consistent.iter().any(|(_, l)| l == "old OO"),
         "the hammers did not see both versions: {consistent:?}"
     );
-    assert_eq!(mixed(&consistent), Vec::<String>::new(), "the consistent pair mixed");
+    assert_eq!(
+        mixed(&consistent),
+        Vec::<String>::new(),
+        "the consistent pair mixed"
+    );
     let immediate = pair_cycles(c, true, 10);
     assert!(
         !mixed(&immediate).is_empty(),

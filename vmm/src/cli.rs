@@ -435,7 +435,12 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                         o.len()
                     );
                     for b in o {
-                        eprintln!("  pid {} ({}): {}", b["pid"], b["comm"].as_str().unwrap_or("?"), crate::format::why(&b["why"]));
+                        eprintln!(
+                            "  pid {} ({}): {}",
+                            b["pid"],
+                            b["comm"].as_str().unwrap_or("?"),
+                            crate::format::why(&b["why"])
+                        );
                     }
                 }
                 if *json {
@@ -486,6 +491,59 @@ fn print_result(v: &Value, json: bool, human: fn(&Value) -> String) {
     }
 }
 
+/// `--timeout SECS` in ms (0 to 3600 s).
+fn secs_to_ms(t: Option<f64>) -> Result<Option<u64>, CliError> {
+    match t {
+        Some(t) if t.is_finite() && (0.0..=3600.0).contains(&t) => Ok(Some((t * 1000.0) as u64)),
+        Some(t) => Err(CliError::Other(format!(
+            "--timeout {t}: give seconds between 0 and 3600"
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Sends `req`, which may wait for a transition (up to its timeout, then as long again for
+/// the reversal); with `progress`, prints the transition's state to stderr every second
+/// meanwhile (from a second connection).
+fn waiting(
+    socket: &Path,
+    req: &Request,
+    progress: bool,
+    timeout_ms: Option<u64>,
+) -> Result<Value, CliError> {
+    let limit = CLIENT_TIMEOUT + Duration::from_millis(timeout_ms.unwrap_or(60_000)) * 2;
+    if !progress {
+        return request_with(socket, req, limit);
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut last = String::new();
+            let t0 = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                if t0.elapsed() < Duration::from_millis(900) {
+                    continue;
+                }
+                let Ok(v) = request(socket, &Request::PatchStatus { name: None }) else {
+                    continue;
+                };
+                let line = crate::format::progress(&v);
+                if !line.is_empty()
+                    && line != last
+                    && !done.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    eprintln!("{line}");
+                    last = line;
+                }
+            }
+        });
+        let r = request_with(socket, req, limit);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,54 +591,4 @@ mod tests {
         assert_eq!(parse_mem_layout("flat"), Ok(crate::attach::MemLayout::Flat));
         assert!(parse_mem_layout("split").is_err() && parse_mem_layout("weird:1").is_err());
     }
-}
-
-/// `--timeout SECS` in ms (0 to 3600 s).
-fn secs_to_ms(t: Option<f64>) -> Result<Option<u64>, CliError> {
-    match t {
-        Some(t) if t.is_finite() && (0.0..=3600.0).contains(&t) => Ok(Some((t * 1000.0) as u64)),
-        Some(t) => Err(CliError::Other(format!(
-            "--timeout {t}: give seconds between 0 and 3600"
-        ))),
-        None => Ok(None),
-    }
-}
-
-/// Sends `req`, which may wait for a transition (up to its timeout, then as long again for
-/// the reversal); with `progress`, prints the transition's state to stderr every second
-/// meanwhile (from a second connection).
-fn waiting(
-    socket: &Path,
-    req: &Request,
-    progress: bool,
-    timeout_ms: Option<u64>,
-) -> Result<Value, CliError> {
-    let limit = CLIENT_TIMEOUT + Duration::from_millis(timeout_ms.unwrap_or(60_000)) * 2;
-    if !progress {
-        return request_with(socket, req, limit);
-    }
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|sc| {
-        sc.spawn(|| {
-            let mut last = String::new();
-            let t0 = std::time::Instant::now();
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(250));
-                if t0.elapsed() < Duration::from_millis(900) {
-                    continue;
-                }
-                let Ok(v) = request(socket, &Request::PatchStatus { name: None }) else {
-                    continue;
-                };
-                let line = crate::format::progress(&v);
-                if !line.is_empty() && line != last && !done.load(std::sync::atomic::Ordering::Relaxed) {
-                    eprintln!("{line}");
-                    last = line;
-                }
-            }
-        });
-        let r = request_with(socket, req, limit);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        r
-    })
 }

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::types::{
-    FrameLine, Patch, PatchState, PatchStatus, StackView, Stacks, Status, SymbolLine,
-    SymbolMatch, TaskResult, Unloaded, Vcpu,
+    FrameLine, Patch, PatchState, PatchStatus, StackView, Stacks, Status, SymbolLine, SymbolMatch,
+    TaskResult, Unloaded, Vcpu,
 };
 
 fn pretty(v: &Value) -> String {
@@ -297,7 +297,10 @@ pub fn patch_status(v: &Value) -> String {
                     let _ = writeln!(s, "WARNING: {i}");
                 }
                 for b in &t.blocking {
-                    let on = b.vcpu.map(|v| format!(", running on vCPU {v}")).unwrap_or_default();
+                    let on = b
+                        .vcpu
+                        .map(|v| format!(", running on vCPU {v}"))
+                        .unwrap_or_default();
                     let _ = writeln!(s, "blocking: pid {} ({}{on}): {}", b.pid, b.comm, b.why);
                     for f in &b.stack {
                         let _ = writeln!(s, "    {f}");

@@ -343,8 +343,8 @@ fn the_check_can_fail() {
         (
             "a nested extra field",
             edit(
-                r#""active": true, "flags": 1}"#,
-                r#""active": true, "flags": 1, "x": 2}"#,
+                r#""active": true, "flags": 0, "new_size": 46,"#,
+                r#""active": true, "flags": 0, "x": 2, "new_size": 46,"#,
             ),
             ".x: documented but not in the type",
         ),

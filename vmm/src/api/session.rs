@@ -398,15 +398,22 @@ impl Session {
     }
 
     /// `patch enable` / `patch disable` (target 1 / 0).
-    fn patch_switch(&mut self, name: &str, target: i32, timeout: Option<Duration>) -> Result<(), ReqError> {
+    fn patch_switch(
+        &mut self,
+        name: &str,
+        target: i32,
+        timeout: Option<Duration>,
+    ) -> Result<(), ReqError> {
         self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
         let Some(kernel) = self.kernel.as_ref() else {
             return Err(missing_kernel());
         };
         if target == 1 {
-            self.engine.enable(self.control.as_mut(), kernel, name, timeout)?;
+            self.engine
+                .enable(self.control.as_mut(), kernel, name, timeout)?;
         } else {
-            self.engine.disable(self.control.as_mut(), kernel, name, timeout)?;
+            self.engine
+                .disable(self.control.as_mut(), kernel, name, timeout)?;
         }
         Ok(())
     }
@@ -473,7 +480,7 @@ impl Session {
                 .engine
                 .list()
                 .into_iter()
-                .filter(|p| name.map_or(true, |n| p.name == n))
+                .filter(|p| name.is_none_or(|n| p.name == n))
                 .map(Patch::from)
                 .collect(),
         }
@@ -490,10 +497,11 @@ impl Session {
         };
         let now = Instant::now();
         if let Some(t) = self.engine.transition_status() {
-            let due = self
-                .waiters
-                .iter()
-                .any(|w| w.patch == t.patch && w.reversed_from.is_none() && w.deadline.is_some_and(|d| now >= d));
+            let due = self.waiters.iter().any(|w| {
+                w.patch == t.patch
+                    && w.reversed_from.is_none()
+                    && w.deadline.is_some_and(|d| now >= d)
+            });
             if due {
                 match self.engine.reverse(self.control.as_mut(), kernel) {
                     Ok(()) => {
@@ -547,9 +555,10 @@ impl Session {
     fn patch_unload(&mut self, name: &str, timeout: Duration, reply: Reply) {
         // A consistent patch is first disabled by a transition; the unload goes on once every
         // task runs the previous version.
-        let consistent_enabled = self.engine.info(name).is_some_and(|i| {
-            i.state == patcher::PatchState::Enabled && !i.immediate
-        });
+        let consistent_enabled = self
+            .engine
+            .info(name)
+            .is_some_and(|i| i.state == patcher::PatchState::Enabled && !i.immediate);
         let disabling = self
             .engine
             .transition_status()
@@ -563,7 +572,11 @@ impl Session {
             if let Err(e) = r {
                 return reply.send(e.into());
             }
-            if self.engine.transition_status().is_some_and(|t| t.patch == name) {
+            if self
+                .engine
+                .transition_status()
+                .is_some_and(|t| t.patch == name)
+            {
                 self.waiters.push(Waiter {
                     op: WaitOp::Unload(timeout),
                     patch: name.to_string(),
