@@ -43,6 +43,9 @@ pub struct GuestSpec {
     /// command output (default `Some(1)`: only emergencies; `None` leaves the kernel default).
     /// Read kernel messages with `dmesg`.
     pub console_loglevel: Option<u8>,
+    /// Extra files for the guest's root file system, `(path, contents)`: appended to the test
+    /// initramfs as a second cpio archive (the kernel unpacks concatenated archives).
+    pub extra_files: Vec<(String, Vec<u8>)>,
 }
 
 impl GuestSpec {
@@ -56,7 +59,14 @@ impl GuestSpec {
             boot_timeout: Duration::from_secs(120),
             cmd_timeout: Duration::from_secs(120),
             console_loglevel: Some(1),
+            extra_files: Vec::new(),
         }
+    }
+
+    /// Adds a file to the guest's root file system (see [`GuestSpec::extra_files`]).
+    pub fn file(mut self, path: &str, contents: Vec<u8>) -> GuestSpec {
+        self.extra_files.push((path.to_string(), contents));
+        self
     }
 
     /// Adds kernel command-line arguments.
@@ -258,6 +268,42 @@ impl Guest {
         let cpu = spec.series.qemu_cpu();
         let mem = format!("{}M", spec.mem_mib);
         let p = |name: &str| dir.join(name).display().to_string();
+        let initrd = if spec.extra_files.is_empty() {
+            files.initramfs.clone()
+        } else {
+            let mut img = std::fs::read(&files.initramfs)
+                .map_err(|e| HarnessError::io("reading the initramfs", e))?;
+            let mut w = guest_images::cpio::CpioWriter::new();
+            for (path, data) in &spec.extra_files {
+                let path = path.trim_start_matches('/');
+                // Parent directories first.
+                let mut at = String::new();
+                for part in path
+                    .split('/')
+                    .collect::<Vec<_>>()
+                    .split_last()
+                    .map_or(&[][..], |x| x.1)
+                {
+                    at = if at.is_empty() {
+                        part.to_string()
+                    } else {
+                        format!("{at}/{part}")
+                    };
+                    let _ = w.dir(&at, 0o755);
+                }
+                w.file(path, 0o644, data).map_err(|e| {
+                    HarnessError::io("extra initramfs file", std::io::Error::other(e.to_string()))
+                })?;
+            }
+            // newc archives are 4-byte aligned; pad the first one so the second starts aligned.
+            while img.len() % 4 != 0 {
+                img.push(0);
+            }
+            img.extend(w.finish());
+            let out = dir.join("initrd.img");
+            std::fs::write(&out, img).map_err(|e| HarnessError::io("writing initrd.img", e))?;
+            out
+        };
         let cmdline = format!("console=ttyS0 panic=-1 {}", spec.extra_cmdline);
         let log = File::create(dir.join("qemu.log"))
             .map_err(|e| HarnessError::io("creating qemu.log", e))?;
@@ -274,7 +320,7 @@ impl Guest {
             .arg("-kernel")
             .arg(&files.bzimage)
             .arg("-initrd")
-            .arg(&files.initramfs)
+            .arg(&initrd)
             .args(["-append", cmdline.trim()])
             .args([
                 "-chardev",

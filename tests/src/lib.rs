@@ -34,6 +34,7 @@ mod error;
 mod guest;
 mod hvpatch;
 mod images;
+pub mod klp;
 pub mod oracle;
 pub mod patching;
 mod qmp;

@@ -1,0 +1,165 @@
+//! hvpatch beside the guest's own livepatch (klp), on booted 6.1 and 6.12 guests with a klp
+//! module built for that exact Debian kernel (`tests/klp/`, the kernel's livepatch-sample):
+//! - the guest's klp patches `cmdline_proc_show`, hvpatch then patches `version_proc_show` under
+//!   its consistency model: both changes show, and hvpatch refuses the function klp owns;
+//! - while an hvpatch transition runs, the guest's klp cannot start one (`insmod` of the klp
+//!   module fails with EBUSY, no warning), and works again once ours is over;
+//! - the same change (enable, then disable) made by klp and by hvpatch, idle and under a
+//!   getpid hammer on both vCPUs, timed in the same guest and printed side by side (the README's
+//!   benchmark table).
+//!
+//! Every step fails on any oops/BUG/WARNING in the guest's dmesg.
+
+use std::time::{Duration, Instant};
+
+use harness::klp::{build_klp_module, KLP_CMDLINE, KLP_MODULE};
+use harness::patching::build_patch;
+use harness::soak::kernel_complaints;
+use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
+
+fn object(name: &str, body: &str) -> String {
+    let obj = build_patch(name, &format!("HVPATCH_NAME(\"{name}\");\n{body}"));
+    let p = std::env::temp_dir().join(format!("hvpatch-klp-{}-{name}.o", std::process::id()));
+    std::fs::write(&p, obj).expect("write patch object");
+    p.display().to_string()
+}
+
+const VERSION_PATCH: &str = "static int show(struct seq_file *m, void *v) { seq_printf(m, \"hvpatch was here\\n\"); return 0; }\n\
+    HVPATCH_FUNC(version_proc_show, show);";
+const CMDLINE_PATCH: &str =
+    "static int show(struct seq_file *m, void *v) { seq_printf(m, \"x\\n\"); return 0; }\n\
+    HVPATCH_FUNC(cmdline_proc_show, show);";
+const KTHREADD_PATCH: &str = "HVPATCH_ORIG(int, kthreadd, (void *unused));\n\
+    static int new_kthreadd(void *unused) { return hvpatch_orig_kthreadd(unused); }\n\
+    HVPATCH_FUNC(kthreadd, new_kthreadd);";
+
+/// Runs `action` in the guest and waits until the klp transition is over; ms, as the guest's
+/// uptime clock measures them (10 ms resolution, polling every 5 ms).
+fn klp_timed(g: &mut Guest, action: &str) -> u64 {
+    let t = format!("/sys/kernel/livepatch/{KLP_MODULE}/transition");
+    let out = g
+        .run_timeout(
+            &format!(
+                "t0=$(cut -d' ' -f1 /proc/uptime | tr -d .); {action}; \
+                 while [ \"$(cat {t} 2>/dev/null)\" = 1 ]; do usleep 5000; done; \
+                 t1=$(cut -d' ' -f1 /proc/uptime | tr -d .); echo $(( (t1 - t0) * 10 ))"
+            ),
+            Duration::from_secs(120),
+        )
+        .expect("klp action");
+    out.trim()
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("klp timing: {out}"))
+}
+
+/// Runs the hvpatch CLI `args`; wall-clock ms.
+fn hv_timed(srv: &AttachServer, args: &[&str]) -> u64 {
+    let t = Instant::now();
+    srv.json(args)
+        .unwrap_or_else(|e| panic!("hvpatch {args:?}: {e}\n{}", srv.log_text()));
+    t.elapsed().as_millis() as u64
+}
+
+fn healthy(g: &mut Guest, before: &[String], when: &str) {
+    let new: Vec<String> = kernel_complaints(&g.run("dmesg").unwrap())
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    assert!(
+        new.is_empty(),
+        "{when}: the guest complained:\n{}",
+        new.join("\n")
+    );
+}
+
+fn coexist(series: KernelSeries) {
+    let release = harness::find_kernel(series)
+        .expect("guest images (scripts/setup)")
+        .release;
+    let ko = build_klp_module(&release).unwrap_or_else(|e| panic!("{e}"));
+    let mut g = Guest::boot(GuestSpec::new(series).file("/klp.ko", ko)).expect("boot");
+    let before = kernel_complaints(&g.run("dmesg").unwrap());
+    let cmdline = g.run("cat /proc/cmdline").unwrap();
+    let version = g.run("cat /proc/version").unwrap();
+    let srv = AttachServer::start(&g).expect("hvpatch attach");
+    let vobj = object("hvversion", VERSION_PATCH);
+
+    let mut rows = Vec::new();
+    for load in ["idle", "getpid hammer on both vCPUs"] {
+        if load != "idle" {
+            g.spawn("exec hammer 0 getpid > /dev/null").unwrap();
+            g.spawn("exec hammer 1 getpid > /dev/null").unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // klp: enable, check, disable, remove.
+        let klp_on = klp_timed(&mut g, "insmod /klp.ko");
+        assert_eq!(g.run("cat /proc/cmdline").unwrap().trim(), KLP_CMDLINE);
+        // hvpatch beside it, on another function; klp's function is refused.
+        let hv_on = hv_timed(&srv, &["patch", "load", &vobj, "--timeout", "60"]);
+        assert_eq!(g.run("cat /proc/version").unwrap(), "hvpatch was here\n");
+        assert_eq!(g.run("cat /proc/cmdline").unwrap().trim(), KLP_CMDLINE);
+        let r = srv
+            .cli(&["patch", "load", &object("hvcmdline", CMDLINE_PATCH)])
+            .unwrap();
+        assert!(!r.success, "a function klp owns must be refused");
+        assert!(r.stderr.contains("ftrace"), "{}", r.stderr);
+        let hv_off = hv_timed(&srv, &["patch", "disable", "hvversion", "--timeout", "60"]);
+        assert_eq!(g.run("cat /proc/version").unwrap(), version);
+        srv.json(&["patch", "unload", "hvversion"]).unwrap();
+        let klp_off = klp_timed(
+            &mut g,
+            &format!("echo 0 > /sys/kernel/livepatch/{KLP_MODULE}/enabled"),
+        );
+        g.run(&format!("rmmod {KLP_MODULE}")).unwrap();
+        assert_eq!(g.run("cat /proc/cmdline").unwrap(), cmdline);
+        rows.push(format!(
+            "{release}, {load}: enable klp {klp_on} ms / hvpatch {hv_on} ms; disable klp {klp_off} ms / hvpatch {hv_off} ms"
+        ));
+        healthy(&mut g, &before, load);
+    }
+    g.run("kill -TERM $(pidof hammer) 2>/dev/null; sleep 1; true")
+        .unwrap();
+
+    // While an hvpatch transition runs (kthreadd holds it), the guest's klp cannot start one.
+    srv.json(&[
+        "patch",
+        "load",
+        &object("busy", KTHREADD_PATCH),
+        "--no-wait",
+    ])
+    .unwrap();
+    assert!(!srv.json(&["patch", "status"]).unwrap()["transition"].is_null());
+    let (code, out) = g.run_status("insmod /klp.ko 2>&1").unwrap();
+    assert_ne!(
+        code, 0,
+        "insmod of a klp module during our transition must fail: {out}"
+    );
+    assert!(out.contains("busy") || out.contains("Busy"), "{out}");
+    assert_eq!(g.run("cat /proc/cmdline").unwrap(), cmdline);
+    srv.json(&["patch", "disable", "busy"]).unwrap();
+    srv.json(&["patch", "unload", "busy"]).unwrap();
+    // Idle again: klp works.
+    klp_timed(&mut g, "insmod /klp.ko");
+    assert_eq!(g.run("cat /proc/cmdline").unwrap().trim(), KLP_CMDLINE);
+    klp_timed(
+        &mut g,
+        &format!("echo 0 > /sys/kernel/livepatch/{KLP_MODULE}/enabled"),
+    );
+    g.run(&format!("rmmod {KLP_MODULE}")).unwrap();
+    healthy(&mut g, &before, "after the EBUSY check");
+    for r in rows {
+        eprintln!("klp vs hvpatch: {r}");
+    }
+}
+
+#[test]
+fn klp_coexist_6_1() {
+    coexist(KernelSeries::V6_1);
+}
+
+#[test]
+fn klp_coexist_6_12() {
+    coexist(KernelSeries::V6_12);
+}
