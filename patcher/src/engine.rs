@@ -263,8 +263,15 @@ impl Engine {
         let mut e: Engine = serde_json::from_str(json)
             .map_err(|e| PatchError::Changed(format!("bad engine state: {e}")))?;
         // Ids are unique within this process only: renumber (older states have none).
+        let in_transition = e
+            .transition
+            .as_ref()
+            .and_then(|t| e.patches.iter().position(|p| p.id == t.patch_id));
         for p in &mut e.patches {
             p.id = fresh_id();
+        }
+        if let (Some(t), Some(i)) = (e.transition.as_mut(), in_transition) {
+            t.patch_id = e.patches[i].id;
         }
         Ok(e)
     }

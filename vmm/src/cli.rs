@@ -110,6 +110,11 @@ pub struct AttachArgs {
     /// API socket to serve.
     #[arg(long)]
     pub api_socket: PathBuf,
+    /// Where the engine's state (patches, function stacks, a transition in progress) is kept
+    /// after every change, so that a restarted `hvpatch attach` continues where a dead one
+    /// stopped (default: the API socket's path + `.state`).
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
 }
 
 /// Parses `flat` or `split:<SIZE>`.

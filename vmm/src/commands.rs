@@ -20,6 +20,7 @@ fn serve_in_background(
     server: Server,
     control: Box<dyn GuestControl>,
     host: &'static str,
+    state_file: Option<PathBuf>,
 ) -> (
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<()>,
@@ -27,6 +28,9 @@ fn serve_in_background(
     let stop = server.stop_flag();
     let handle = std::thread::spawn(move || {
         let mut session = Session::new(control, host);
+        if let Some(p) = state_file {
+            session.keep_state_in(p);
+        }
         if let Err(e) = server.serve(&mut session) {
             tracing::error!("API server: {e}");
         }
@@ -54,7 +58,7 @@ pub fn run(args: &RunArgs) -> Result<i32, CliError> {
     let mut vm = Vm::create(&cfg).map_err(other)?;
     let server = Server::bind(&args.api_socket).map_err(other)?;
     vm.start().map_err(other)?;
-    let (stop, api) = serve_in_background(server, Box::new(vm.control()), "kvm");
+    let (stop, api) = serve_in_background(server, Box::new(vm.control()), "kvm", None);
     let result = vm.wait_exit();
     stop.store(true, Ordering::Relaxed);
     let _ = api.join();
@@ -101,7 +105,11 @@ pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
     // the guest is paused).
     let guard = vmm_guard(&args.qemu_gdb)?;
     let control = QemuAttach::connect_with(&args.qemu_gdb, &args.qemu_mem, opts).map_err(other)?;
-    let (stop, api) = serve_in_background(server, Box::new(control), "qemu-attach");
+    let state = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.state", args.api_socket.display())));
+    let (stop, api) = serve_in_background(server, Box::new(control), "qemu-attach", Some(state));
     while !TERMINATE.load(Ordering::Relaxed) && !api.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

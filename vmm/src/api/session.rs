@@ -39,6 +39,8 @@ pub struct Session {
     waiters: Vec<Waiter>,
     /// The transition is not checked again before this (the pause budget).
     next_transition_check: Instant,
+    /// Where the engine state is kept after every change, and what was last written there.
+    state_file: Option<(std::path::PathBuf, String)>,
 }
 
 /// What a client waits for while a transition runs.
@@ -118,6 +120,56 @@ impl Session {
             next_unload_check: Instant::now(),
             waiters: Vec::new(),
             next_transition_check: Instant::now(),
+            state_file: None,
+        }
+    }
+
+    /// Keeps the engine state in `path` after every change, and continues from the state
+    /// there now, if any: the patches and a transition a dead server left in the guest. A state
+    /// that does not match the guest (its entry sites or arena mapping differ: another guest,
+    /// a reboot) is set aside as `<path>.stale` and the session starts empty.
+    pub fn keep_state_in(&mut self, path: std::path::PathBuf) {
+        if let Ok(json) = std::fs::read_to_string(&path) {
+            match Engine::from_state(&json) {
+                Ok(e) => {
+                    let problems = e.check(self.control.as_ref());
+                    if problems.is_empty() {
+                        tracing::info!(
+                            patches = e.list().len(),
+                            transition = e.in_transition(),
+                            "continuing from {}",
+                            path.display()
+                        );
+                        self.engine = e;
+                    } else {
+                        tracing::warn!(
+                            "{} does not match the guest ({}); starting empty",
+                            path.display(),
+                            problems.join("; ")
+                        );
+                        let _ = std::fs::rename(&path, path.with_extension("state.stale"));
+                    }
+                }
+                Err(e) => tracing::warn!("{}: {e}; starting empty", path.display()),
+            }
+        }
+        self.state_file = Some((path, String::new()));
+        self.persist();
+    }
+
+    /// Writes the engine state to the state file if it changed (write, then rename).
+    fn persist(&mut self) {
+        let Some((path, last)) = &mut self.state_file else {
+            return;
+        };
+        let now = self.engine.state();
+        if &now == last {
+            return;
+        }
+        let tmp = path.with_extension("state.tmp");
+        match std::fs::write(&tmp, &now).and_then(|()| std::fs::rename(&tmp, &*path)) {
+            Ok(()) => *last = now,
+            Err(e) => tracing::warn!("saving the engine state to {}: {e}", path.display()),
         }
     }
 
@@ -492,6 +544,14 @@ impl Session {
         if Instant::now() < self.next_transition_check {
             return;
         }
+        if self.kernel.is_none() {
+            // A transition continued from the state file: find the kernel first.
+            if let Err(e) = self.paused(|s, regs| s.kernel(regs).map(|_| ())) {
+                tracing::warn!("transition check: {e}");
+                self.next_transition_check = Instant::now() + Duration::from_millis(500);
+                return;
+            }
+        }
         let Some(kernel) = self.kernel.as_ref() else {
             return;
         };
@@ -763,6 +823,7 @@ impl Handler for Session {
                 None => Err(ReqError::NoPatch(name)),
             },
         };
+        self.persist();
         reply.send(match r {
             Ok(v) => Response::ok(v),
             Err(e) => e.into(),
@@ -773,6 +834,7 @@ impl Handler for Session {
         if self.engine.in_transition() || !self.waiters.is_empty() {
             self.advance_transition();
         }
+        self.persist();
         if !self.pending.is_empty() {
             self.advance_unloads();
         } else if self.engine.has_held() && Instant::now() >= self.next_reap {

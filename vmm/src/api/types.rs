@@ -228,8 +228,10 @@ pub struct Patch {
     /// Whole load time, µs.
     pub load_us: u64,
     /// Immediate: every task switches at once (no consistency model).
+    #[serde(default)]
     pub immediate: bool,
     /// Built with frame pointers: stack checks unwind through its code.
+    #[serde(default)]
     pub frame_pointers: bool,
     /// For a held patch: what held it at the last check.
     pub held: Option<Hold>,
