@@ -452,9 +452,21 @@ impl QemuAttach {
                 String::from_utf8_lossy(&r)
             )));
         }
-        self.step_over(vcpu)?;
+        let before = self.read_regs(vcpu)?.rip;
+        // QEMU may answer a step with a stop that was already pending (the vCPU did not move):
+        // step again, a few times at most. (An instruction that keeps RIP, a `rep` string
+        // iteration or a jump to itself, is thus stepped up to three times.)
+        let mut regs;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            self.step_over(vcpu)?;
+            regs = self.read_regs(vcpu)?;
+            if regs.rip != before || tries == 3 {
+                break;
+            }
+        }
         self.bp_vcpus.retain(|&v| v != vcpu);
-        let regs = self.read_regs(vcpu)?;
         // Landed on a breakpoint: step over it on resume, as after a hit.
         if self.breakpoints.contains(&regs.rip) {
             self.bp_vcpus.push(vcpu);
