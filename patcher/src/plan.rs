@@ -276,6 +276,15 @@ pub(crate) fn plan_load(
     plan_parsed(engine, ctl, t, obj, consistent)
 }
 
+/// Refuses while a transition runs: its dispatcher stubs jump to the versions on the function
+/// stacks, which no other load or unload may change under it.
+pub(crate) fn no_transition(engine: &Engine) -> Result<(), PatchError> {
+    match &engine.transition {
+        Some(t) => Err(PatchError::InTransition(t.patch.clone())),
+        None => Ok(()),
+    }
+}
+
 /// [`plan_load`] of a parsed object.
 pub(crate) fn plan_parsed(
     engine: &Engine,
@@ -284,6 +293,7 @@ pub(crate) fn plan_parsed(
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
 ) -> Result<LoadPlan, PatchError> {
+    no_transition(engine)?;
     if engine
         .patches
         .iter()

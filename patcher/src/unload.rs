@@ -160,9 +160,7 @@ impl Engine {
             .find(name)
             .ok_or_else(|| PatchError::NotLoaded(name.to_string()))?;
         let id = self.patches[idx].id;
-        if self.transition.as_ref().is_some_and(|t| t.patch_id == id) {
-            return Err(PatchError::InTransition(name.to_string()));
-        }
+        crate::plan::no_transition(self)?;
         if self.patches[idx].info.state == PatchState::Disabled {
             // Nothing runs it any more: it is held until its pages are unreachable.
             self.patches[idx].info.state = PatchState::Held;

@@ -467,6 +467,18 @@ fn busy_target(c: &mut Ctx) {
             .any(|b| b["pid"] == 2),
         "{s:#}"
     );
+    // Only one transition at a time: other loads (immediate ones too) are refused meanwhile.
+    let other = object("other", "static int show(struct seq_file *m, void *v) { return 0; }\nHVPATCH_FUNC(cmdline_proc_show, show);");
+    for extra in [None, Some("--immediate")] {
+        let mut args = vec!["patch", "load", other.as_str()];
+        args.extend(extra);
+        let r = c.srv().cli(&args).unwrap();
+        assert!(
+            !r.success && r.stderr.contains("in transition"),
+            "{}",
+            r.stderr
+        );
+    }
     // Disable reverses, at once: kthreadd never left the old state.
     let t0 = Instant::now();
     let v = c.json(&["patch", "disable", "kthreadd", "--timeout", "10"]);
