@@ -17,7 +17,7 @@ use crate::site;
 use crate::transition::{
     now_ms, Blocker, KlpVars, Mode, TaskState, TransFunc, Transition, VarWrite, Why, KLP_IDLE,
 };
-use crate::txn::{apply, paused, Write};
+use crate::txn::{apply, paused, read, Write};
 use crate::view::{TaskSnap, TaskView};
 
 /// `HVPATCH_IMMEDIATE` (hvpatch.h): per function, or for the whole patch.
@@ -84,19 +84,12 @@ fn vcpu_regs(ctl: &mut dyn GuestControl) -> Result<Vec<VcpuRegs>, PatchError> {
         .collect()
 }
 
-fn read_bytes(mem: &dyn PhysMemory, pa: u64, len: usize) -> Result<Vec<u8>, PatchError> {
-    let mut b = vec![0u8; len];
-    mem.read_phys(pa, &mut b)
-        .map_err(|e| PatchError::Memory(e.to_string()))?;
-    Ok(b)
-}
-
 /// A guest-variable write as a verified transaction write (its current bytes expected).
 fn var_write(view: &dyn TaskView, mem: &dyn PhysMemory, w: VarWrite) -> Result<Write, PatchError> {
     let pa = view
         .translate(mem, w.va)
         .ok_or_else(|| PatchError::Memory(format!("{} at {:#x} is not mapped", w.what, w.va)))?;
-    let cur = read_bytes(mem, pa, w.bytes.len())?;
+    let cur = read(mem, pa, w.bytes.len())?;
     Ok(Write {
         pa,
         expect: Some(cur),
@@ -349,17 +342,7 @@ impl Engine {
         name: &str,
         timeout: Option<Duration>,
     ) -> Result<(), PatchError> {
-        if let Some(tr) = &self.transition {
-            if tr.patch == name {
-                // Enabling a patch that is being disabled reverses it; already enabling: done.
-                return if tr.target == 0 {
-                    self.reverse(ctl, view)
-                } else {
-                    Ok(())
-                };
-            }
-        }
-        self.switch(ctl, view, name, 1, timeout)
+        self.switch_or_reverse(ctl, view, name, 1, timeout)
     }
 
     /// Disables an enabled patch: a transition to unpatched (at once if it is immediate). The
@@ -371,17 +354,24 @@ impl Engine {
         name: &str,
         timeout: Option<Duration>,
     ) -> Result<(), PatchError> {
-        if let Some(tr) = &self.transition {
-            if tr.patch == name {
-                // Disabling a patch in transition reverses it; already disabling: done.
-                return if tr.target == 1 {
-                    self.reverse(ctl, view)
-                } else {
-                    Ok(())
-                };
-            }
+        self.switch_or_reverse(ctl, view, name, 0, timeout)
+    }
+
+    /// [`Engine::enable`] (`target` 1) / [`Engine::disable`] (0): asking a patch in transition
+    /// for the other direction reverses it; for its own direction it is already under way.
+    fn switch_or_reverse(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+        name: &str,
+        target: i32,
+        timeout: Option<Duration>,
+    ) -> Result<(), PatchError> {
+        match &self.transition {
+            Some(tr) if tr.patch == name && tr.target != target => self.reverse(ctl, view),
+            Some(tr) if tr.patch == name => Ok(()),
+            _ => self.switch(ctl, view, name, target, timeout),
         }
-        self.switch(ctl, view, name, 0, timeout)
     }
 
     /// Starts the transition of patch `name` to `target`.
@@ -489,7 +479,7 @@ impl Engine {
                         let pa = view.translate(mem, stub).ok_or_else(|| {
                             PatchError::Memory(format!("stub {stub:#x} is not mapped"))
                         })?;
-                        let cur = read_bytes(mem, pa, b.len())?;
+                        let cur = read(mem, pa, b.len())?;
                         if cur != b {
                             stub_writes.push(Write {
                                 pa,

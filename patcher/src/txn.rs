@@ -24,7 +24,7 @@ pub(crate) struct Write {
     pub(crate) what: String,
 }
 
-fn read(mem: &dyn PhysMemory, pa: u64, len: usize) -> Result<Vec<u8>, PatchError> {
+pub(crate) fn read(mem: &dyn PhysMemory, pa: u64, len: usize) -> Result<Vec<u8>, PatchError> {
     let mut b = vec![0u8; len];
     mem.read_phys(pa, &mut b)
         .map_err(|e| PatchError::Memory(e.to_string()))?;

@@ -61,6 +61,23 @@ pub fn kernel_complaints(dmesg: &str) -> Vec<String> {
         .collect()
 }
 
+/// Fails (panics) when the guest's dmesg has a complaint ([`kernel_complaints`]) that is not
+/// in `before` (those it had at boot); `when` names the step.
+pub fn assert_no_new_complaints(g: &mut Guest, before: &[String], when: &str) {
+    let dmesg = g
+        .run("dmesg")
+        .unwrap_or_else(|e| panic!("{when}: dmesg: {e}"));
+    let new: Vec<String> = kernel_complaints(&dmesg)
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    assert!(
+        new.is_empty(),
+        "{when}: the guest complained:\n{}",
+        new.join("\n")
+    );
+}
+
 /// What one `hammer` process saw.
 #[derive(Debug, Clone, Default)]
 pub struct HammerTally {

@@ -138,15 +138,7 @@ impl Ctx {
     }
 
     fn healthy(&mut self, when: &str) {
-        let new: Vec<String> = kernel_complaints(&self.run("dmesg"))
-            .into_iter()
-            .filter(|l| !self.before.contains(l))
-            .collect();
-        assert!(
-            new.is_empty(),
-            "{when}: the guest complained:\n{}",
-            new.join("\n")
-        );
+        harness::soak::assert_no_new_complaints(&mut self.g, &self.before, when);
     }
 
     fn status(&self) -> Value {
@@ -266,29 +258,22 @@ fn blocked_task(c: &mut Ctx) {
     // Fork: a child of a patched shell starts patched.
     assert_eq!(c.run("cat /proc/self/patch_state").trim(), "1");
     // The guest's /proc agrees with status for every task both list.
-    let ours: std::collections::BTreeMap<i64, i64> = c.status()["transition"]["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            (
-                t["pid"].as_i64().unwrap(),
-                t["patch_state"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let states = |c: &Ctx| -> std::collections::BTreeMap<i64, i64> {
+        c.status()["transition"]["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["pid"].as_i64().unwrap(),
+                    t["patch_state"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let ours = states(c);
     let proc = c.proc_states();
-    let ours2: std::collections::BTreeMap<i64, i64> = c.status()["transition"]["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            (
-                t["pid"].as_i64().unwrap(),
-                t["patch_state"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let ours2 = states(c);
     let mut compared = 0;
     for (pid, st) in &proc {
         let (pid, st) = (i64::from(*pid), i64::from(*st));

@@ -63,15 +63,7 @@ fn hv_timed(srv: &AttachServer, args: &[&str]) -> u64 {
 }
 
 fn healthy(g: &mut Guest, before: &[String], when: &str) {
-    let new: Vec<String> = kernel_complaints(&g.run("dmesg").unwrap())
-        .into_iter()
-        .filter(|l| !before.contains(l))
-        .collect();
-    assert!(
-        new.is_empty(),
-        "{when}: the guest complained:\n{}",
-        new.join("\n")
-    );
+    harness::soak::assert_no_new_complaints(g, before, when);
 }
 
 fn coexist(series: KernelSeries) {

@@ -90,15 +90,7 @@ fn sleep_in_patch(srv: &AttachServer, g: &mut Guest, name: &str, ms: u32, out: &
 }
 
 fn assert_healthy(g: &mut Guest, before: &[String], when: &str) {
-    let new: Vec<String> = kernel_complaints(&g.run("dmesg").unwrap())
-        .into_iter()
-        .filter(|l| !before.contains(l))
-        .collect();
-    assert!(
-        new.is_empty(),
-        "{when}: the guest complained:\n{}",
-        new.join("\n")
-    );
+    harness::soak::assert_no_new_complaints(g, before, when);
     assert_eq!(g.run("echo ok").unwrap(), "ok\n", "{when}");
 }
 

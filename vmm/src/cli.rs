@@ -164,6 +164,22 @@ pub enum VmOp {
     Resume,
 }
 
+/// Arguments of `patch enable` and `patch disable`.
+#[derive(Debug, clap::Args)]
+pub struct SwitchArgs {
+    /// Patch name.
+    pub name: String,
+    /// Return at once; follow the transition with `patch status`.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Reverse the transition if it has not completed after SECS (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Print the raw JSON result.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `hvpatch patch` operations.
 #[derive(Debug, Subcommand)]
 pub enum PatchOp {
@@ -187,34 +203,10 @@ pub enum PatchOp {
         json: bool,
     },
     /// Enable a disabled patch (a transition to patched).
-    Enable {
-        /// Patch name.
-        name: String,
-        /// Return at once.
-        #[arg(long)]
-        no_wait: bool,
-        /// Reverse the transition if it has not completed after SECS (default 60).
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<f64>,
-        /// Print the raw JSON result.
-        #[arg(long)]
-        json: bool,
-    },
+    Enable(SwitchArgs),
     /// Disable a patch (a transition to unpatched; it stays loaded). Disabling a patch in
     /// transition reverses it.
-    Disable {
-        /// Patch name.
-        name: String,
-        /// Return at once.
-        #[arg(long)]
-        no_wait: bool,
-        /// Reverse the transition if it has not completed after SECS (default 60).
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<f64>,
-        /// Print the raw JSON result.
-        #[arg(long)]
-        json: bool,
-    },
+    Disable(SwitchArgs),
     /// The transition in progress: direction, every task's state, the tasks that block it
     /// and why, with their stacks.
     Status {
@@ -398,21 +390,16 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                 let v = waiting(socket, &req, !*no_wait && !*json, timeout_ms)?;
                 print_result(&v, *json, crate::format::patch);
             }
-            PatchOp::Enable {
-                name,
-                no_wait,
-                timeout,
-                json,
-            }
-            | PatchOp::Disable {
-                name,
-                no_wait,
-                timeout,
-                json,
-            } => {
+            PatchOp::Enable(a) | PatchOp::Disable(a) => {
+                let SwitchArgs {
+                    name,
+                    no_wait,
+                    timeout,
+                    json,
+                } = a;
                 let timeout_ms = secs_to_ms(*timeout)?;
                 let (name, wait) = (name.clone(), Some(!no_wait));
-                let req = if matches!(op, PatchOp::Enable { .. }) {
+                let req = if matches!(op, PatchOp::Enable(_)) {
                     Request::PatchEnable {
                         name,
                         wait,
