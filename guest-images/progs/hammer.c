@@ -2,6 +2,8 @@
  *
  *   hammer 1 read /proc/version   open + read + close PATH in a loop, pinned to CPU 1
  *   hammer 0 getpid               syscall(SYS_getpid) in a loop, pinned to CPU 0
+ *   hammer 0 nanosleep            nanosleep(1 ms) in a loop: asleep in the kernel nearly always,
+ *                                 back in user space every millisecond
  *
  * It prints nothing while it runs (the serial console stays quiet). SIGUSR1 prints a report,
  * SIGTERM prints it and exits 0: "hammer <pid> cpu <c>: <n> calls, <k> distinct, <e> errors",
@@ -17,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_DISTINCT 16
@@ -73,11 +76,13 @@ int main(int argc, char **argv)
 	const char *mode = argc > 2 ? argv[2] : "";
 	const char *path = argc > 3 ? argv[3] : NULL;
 	int is_read = strcmp(mode, "read") == 0;
+	int is_sleep = strcmp(mode, "nanosleep") == 0;
 	cpu_set_t set;
 	char buf[4096];
 
-	if (argc < 3 || (is_read && !path) || (!is_read && strcmp(mode, "getpid") != 0)) {
-		fprintf(stderr, "usage: hammer CPU read PATH | hammer CPU getpid\n");
+	if (argc < 3 || (is_read && !path) ||
+	    (!is_read && !is_sleep && strcmp(mode, "getpid") != 0)) {
+		fprintf(stderr, "usage: hammer CPU read PATH | hammer CPU getpid | hammer CPU nanosleep\n");
 		return 2;
 	}
 	cpu = atoi(argv[1]);
@@ -115,6 +120,13 @@ int main(int argc, char **argv)
 			buf[len] = '\0';
 			nl = strchr(buf, '\n');
 			tally(buf, nl ? (size_t)(nl - buf) : (size_t)len);
+		} else if (is_sleep) {
+			struct timespec ts = { 0, 1000000 };
+			char t[32];
+			int r = nanosleep(&ts, NULL);
+
+			snprintf(t, sizeof(t), "%d", r == 0 ? 0 : errno);
+			tally(t, strlen(t));
 		} else {
 			char t[32];
 			long r = syscall(SYS_getpid);

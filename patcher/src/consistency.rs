@@ -15,7 +15,8 @@ use crate::patchobj::PatchObject;
 use crate::plan::{plan_parsed, ConsistentPlan};
 use crate::site;
 use crate::transition::{
-    now_ms, Blocker, KlpVars, Mode, TaskState, TransFunc, Transition, VarWrite, Why, KLP_IDLE,
+    now_ms, Blocker, KlpVars, Mode, Switcher, TaskState, TransFunc, Transition, VarWrite, Why,
+    BOUNDARIES, KLP_IDLE,
 };
 use crate::txn::{apply, paused, read, Write};
 use crate::view::{TaskSnap, TaskView};
@@ -30,6 +31,17 @@ pub struct LoadOptions {
     pub immediate: bool,
     /// Reverse the transition when it has not completed after this long.
     pub timeout: Option<Duration>,
+    /// How tasks switch at the kernel-exit and idle boundaries.
+    pub switcher: Switcher,
+}
+
+/// Options of an enable or disable.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SwitchOptions {
+    /// Reverse the transition when it has not completed after this long.
+    pub timeout: Option<Duration>,
+    /// How tasks switch at the kernel-exit and idle boundaries.
+    pub switcher: Switcher,
 }
 
 /// The transition as `patch status` shows it.
@@ -45,6 +57,11 @@ pub struct TransitionStatus {
     pub reversed: bool,
     /// How tasks switch.
     pub mode: Mode,
+    /// How tasks switch at the kernel-exit and idle boundaries (per-task mode).
+    pub switcher: Switcher,
+    /// Boundary breakpoint hits so far, and the tasks they switched
+    /// ([`Switcher::Breakpoints`]).
+    pub boundary_hits: (u64, u64),
     /// Time since it started, ms.
     pub elapsed_ms: u64,
     /// Checks made.
@@ -153,6 +170,8 @@ impl Engine {
             .into(),
             reversed: t.reversed,
             mode: t.mode,
+            switcher: t.switcher,
+            boundary_hits: t.boundary_hits,
             elapsed_ms: now_ms().saturating_sub(t.started_ms),
             checks: t.checks,
             pause_us: t.pause_us,
@@ -294,6 +313,10 @@ impl Engine {
             dummy: plan.dummy_off.map(|o| plan.data_base + o),
             interference: None,
             tasks: vec![],
+            switcher: opts.switcher,
+            boundaries: boundaries(view, mode, opts.switcher)?,
+            boundary_hits: (0, 0),
+            armed: false,
         };
         // The stand-in's guest-physical address, from the pages this load takes (their mapping
         // is written in the same pause).
@@ -319,7 +342,9 @@ impl Engine {
             .last()
             .ok_or_else(|| PatchError::Changed("lost the loaded patch".into()))?;
         tr.patch_id = p.id;
+        let id = p.id;
         tr.pause_us = us(pause);
+        tr.checks = 1;
         if !done {
             for s in &switches {
                 if let Some(st) = self.sites.get_mut(&s.site) {
@@ -329,8 +354,14 @@ impl Engine {
             tracing::info!(patch = %name, blocking = tr.blocking.len(), "transition started");
             self.transition = Some(tr);
         } else {
+            self.summarize(&tr, false);
             tracing::info!(patch = %name, pause_us = us(pause), "patch loaded, every task switched at once");
         }
+        let info = self
+            .patches
+            .iter()
+            .find(|p| p.id == id)
+            .map_or(info, |p| p.info.clone());
         Ok(self.with_active(&info))
     }
 
@@ -340,9 +371,9 @@ impl Engine {
         ctl: &mut dyn GuestControl,
         view: &dyn TaskView,
         name: &str,
-        timeout: Option<Duration>,
+        opts: SwitchOptions,
     ) -> Result<(), PatchError> {
-        self.switch_or_reverse(ctl, view, name, 1, timeout)
+        self.switch_or_reverse(ctl, view, name, 1, opts)
     }
 
     /// Disables an enabled patch: a transition to unpatched (at once if it is immediate). The
@@ -352,9 +383,9 @@ impl Engine {
         ctl: &mut dyn GuestControl,
         view: &dyn TaskView,
         name: &str,
-        timeout: Option<Duration>,
+        opts: SwitchOptions,
     ) -> Result<(), PatchError> {
-        self.switch_or_reverse(ctl, view, name, 0, timeout)
+        self.switch_or_reverse(ctl, view, name, 0, opts)
     }
 
     /// [`Engine::enable`] (`target` 1) / [`Engine::disable`] (0): asking a patch in transition
@@ -365,12 +396,12 @@ impl Engine {
         view: &dyn TaskView,
         name: &str,
         target: i32,
-        timeout: Option<Duration>,
+        opts: SwitchOptions,
     ) -> Result<(), PatchError> {
         match &self.transition {
             Some(tr) if tr.patch == name && tr.target != target => self.reverse(ctl, view),
             Some(tr) if tr.patch == name => Ok(()),
-            _ => self.switch(ctl, view, name, target, timeout),
+            _ => self.switch(ctl, view, name, target, opts),
         }
     }
 
@@ -381,8 +412,9 @@ impl Engine {
         view: &dyn TaskView,
         name: &str,
         target: i32,
-        timeout: Option<Duration>,
+        opts: SwitchOptions,
     ) -> Result<(), PatchError> {
+        let timeout = opts.timeout;
         if let Some(tr) = &self.transition {
             return Err(PatchError::InTransition(tr.patch.clone()));
         }
@@ -540,6 +572,10 @@ impl Engine {
             },
             interference: None,
             tasks: vec![],
+            switcher: opts.switcher,
+            boundaries: boundaries(view, mode, opts.switcher)?,
+            boundary_hits: (0, 0),
+            armed: false,
         };
         let dummy = match (dummy_layout, tr.dummy) {
             (Some(l), Some(va)) => {
@@ -577,6 +613,7 @@ impl Engine {
             }
         };
         tr.pause_us = us(pause);
+        tr.checks = 1;
         self.last.pause = pause;
         for s in &gone {
             if let Some(st) = self.sites.get_mut(s) {
@@ -585,6 +622,7 @@ impl Engine {
         }
         if done {
             self.finish_bookkeeping(id, name, target, &info);
+            self.summarize(&tr, false);
         } else {
             for s in &switches {
                 if let Some(st) = self.sites.get_mut(&s.site) {
@@ -599,6 +637,13 @@ impl Engine {
             self.transition = Some(tr);
         }
         Ok(())
+    }
+
+    /// Records how the transition `tr`, now ended, went.
+    fn summarize(&mut self, tr: &Transition, forced: bool) {
+        if let Some(p) = self.patches.iter_mut().find(|p| p.id == tr.patch_id) {
+            p.info.last_transition = Some(tr.summary(forced));
+        }
     }
 
     fn pop_entries(&mut self, name: &str, info: &PatchInfo) {
@@ -669,6 +714,7 @@ impl Engine {
                     if let Some(info) = info {
                         self.finish_bookkeeping(tr.patch_id, &tr.patch, tr.target, &info);
                     }
+                    self.summarize(&tr, false);
                     tracing::info!(patch = %tr.patch, target = tr.target, checks = tr.checks, "transition complete");
                     Ok(StepOutcome::Complete)
                 } else {
@@ -743,6 +789,7 @@ impl Engine {
                 if let Some(info) = info {
                     self.finish_bookkeeping(tr.patch_id, &tr.patch, tr.target, &info);
                 }
+                self.summarize(&tr, true);
                 tracing::warn!(patch = %tr.patch, overridden = overridden.len(), "transition forced");
                 Ok(overridden)
             }
@@ -751,6 +798,68 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    /// Whether the transition in progress switches tasks at boundary breakpoints, so the host
+    /// must hand its breakpoint hits to [`Engine::boundary_hit`].
+    pub fn wants_boundary_hits(&self) -> bool {
+        self.transition
+            .as_ref()
+            .is_some_and(|t| t.uses_breakpoints())
+    }
+
+    /// Counts vCPU pause time that the host spent on the transition outside the engine (a
+    /// boundary breakpoint hit, from the VM exit to the resume).
+    pub fn add_transition_pause(&mut self, d: Duration) {
+        if let Some(t) = &mut self.transition {
+            t.pause_us += us(d);
+        }
+    }
+
+    /// A vCPU of the paused guest stopped at a boundary breakpoint ([`Switcher::Breakpoints`]):
+    /// its current task is at the syscall/IRQ exit to user space or in the idle loop, and
+    /// switches to the target state unless its stack still holds a function the transition
+    /// changes (the boundary functions themselves may be patched). Returns whether the task
+    /// switched, and whether the transition should be checked now (no task that held it at the
+    /// last check is left). The caller resumes the guest.
+    pub fn boundary_hit(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        view: &dyn TaskView,
+        vcpu: usize,
+    ) -> Result<(bool, bool), PatchError> {
+        let fp = self.fp_text();
+        let Some(tr) = self.transition.as_mut() else {
+            return Ok((false, false));
+        };
+        if !tr.uses_breakpoints() || !ctl.is_paused() {
+            return Ok((false, false));
+        }
+        tr.boundary_hits.0 += 1;
+        view.set_frame_pointer_text(&fp);
+        let regs = vcpu_regs(ctl)?;
+        let mem = ctl.memory();
+        let t = view.current(mem, &regs, vcpu).map_err(PatchError::Memory)?;
+        if t.patch_state == tr.target || t.patch_state == KLP_IDLE {
+            // Switched already, or a task that has no state in this transition (created by
+            // nobody we know of): the checks handle it.
+            return Ok((false, false));
+        }
+        let st = view.stack(mem, &regs, &t);
+        if tr.judge(&st).is_err() {
+            return Ok((false, false));
+        }
+        let mut writes = Vec::new();
+        for w in tr.task_writes(&t, tr.target, false) {
+            writes.push(var_write(view, mem, w)?);
+        }
+        apply(ctl, &mut writes)?;
+        tr.boundary_hits.1 += 1;
+        for s in tr.tasks.iter_mut().filter(|s| s.pid == t.pid) {
+            s.patch_state = tr.target;
+        }
+        tr.blocking.retain(|b| b.pid != t.pid);
+        Ok((true, tr.blocking.is_empty()))
     }
 
     /// Advances the transition until it completes; after `timeout` reverses it and waits for
@@ -786,6 +895,42 @@ impl Engine {
             // The guest runs at least ten times as long as the check took.
             std::thread::sleep(delay.max(s0.elapsed() * 10));
             delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The boundary breakpoint addresses of a transition (none unless per-task with
+/// [`Switcher::Breakpoints`]).
+fn boundaries(view: &dyn TaskView, mode: Mode, switcher: Switcher) -> Result<Vec<u64>, PatchError> {
+    if mode != Mode::PerTask || switcher != Switcher::Breakpoints {
+        return Ok(vec![]);
+    }
+    BOUNDARIES
+        .iter()
+        .map(|name| {
+            view.symbol(name).ok_or_else(|| {
+                PatchError::State(format!(
+                    "boundary breakpoints need the guest's {name}, which its kallsyms lacks; use the guest-hooks mechanism"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Arms the boundary breakpoints of a transition that uses them, on every vCPU.
+fn arm(ctl: &mut dyn GuestControl, tr: &mut Transition) -> Result<(), PatchError> {
+    if tr.uses_breakpoints() && !tr.armed {
+        ctl.set_breakpoints(&tr.boundaries)?;
+        tr.armed = true;
+    }
+    Ok(())
+}
+
+/// Removes them (at the end of the transition).
+fn disarm(ctl: &mut dyn GuestControl, tr: &Transition) {
+    if tr.uses_breakpoints() {
+        if let Err(e) = ctl.set_breakpoints(&[]) {
+            tracing::warn!("removing the boundary breakpoints: {e}");
         }
     }
 }
@@ -910,7 +1055,12 @@ fn begin_paused(
         }
     }
     writes.extend(switches.iter().map(|s| site_write(s, s.during)));
-    apply(ctl, &mut writes)?;
+    arm(ctl, tr)?;
+    if let Err(e) = apply(ctl, &mut writes) {
+        disarm(ctl, tr);
+        tr.armed = false;
+        return Err(e);
+    }
     tr.blocking = blocking;
     Ok(false)
 }
@@ -922,16 +1072,18 @@ fn step_paused(
     tr: &mut Transition,
     sites: &std::collections::BTreeMap<u64, crate::func_stack::SiteStack>,
 ) -> Result<bool, PatchError> {
+    // A restarted hvpatch arms the boundary breakpoints again.
+    arm(ctl, tr)?;
     let regs = vcpu_regs(ctl)?;
     let mem = ctl.memory();
     let tasks = view.tasks(mem, &regs).map_err(PatchError::Memory)?;
     if let (Some(k), Some(dummy)) = (tr.klp, tr.dummy) {
         let tp = read_var(view, mem, k.transition_patch, 8).map(|b| u64_of(&b));
         let ts = read_var(view, mem, k.target_state, 4).map(|b| i32_of(&b));
-        if tp != Some(dummy) || ts != Some(tr.target) {
+        if tp != Some(dummy) || ts != Some(tr.guest_target_state()) {
             let msg = format!(
                 "the guest's livepatch changed its state during the transition: klp_transition_patch {tp:x?} (ours {dummy:#x}), klp_target_state {ts:?} (ours {})",
-                tr.target
+                tr.guest_target_state()
             );
             if tr.interference.is_none() {
                 tracing::warn!("{msg}");
@@ -1041,7 +1193,9 @@ fn complete_paused(
             }
         }
     }
-    apply(ctl, &mut writes)
+    apply(ctl, &mut writes)?;
+    disarm(ctl, tr);
+    Ok(())
 }
 
 /// Reverses a transition (see [`Engine::reverse`]); returns the sites' new bytes during it.

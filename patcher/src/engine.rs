@@ -419,6 +419,7 @@ impl Engine {
             immediate,
             frame_pointers: obj.frame_pointers,
             held: None,
+            last_transition: None,
         };
         self.arena = Some(arena);
         self.paging = Some(paging);
@@ -490,6 +491,7 @@ mod state_tests {
             immediate: true,
             frame_pointers: true,
             held: None,
+            last_transition: None,
         };
         Engine {
             arena: Some(arena),

@@ -95,6 +95,9 @@ pub struct PatchInfo {
     /// For a [`PatchState::Held`] patch: what held it at the last check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<crate::reach::Hold>,
+    /// The last transition of this patch that ended (completed or forced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<crate::transition::TransitionSummary>,
 }
 
 /// Timing of the last load/unload.

@@ -165,6 +165,35 @@ impl crate::view::TaskView for Kernel {
             .collect()
     }
 
+    fn current(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+        vcpu: usize,
+    ) -> Result<crate::view::TaskSnap, String> {
+        let cpus = self.vcpu_cpus(mem, vcpus).map_err(|e| e.to_string())?;
+        let addr = cpus
+            .get(vcpu)
+            .and_then(|c| c.current)
+            .ok_or_else(|| format!("no current task found on vCPU {vcpu}"))?;
+        let t = self.task_at(mem, addr).map_err(|e| e.to_string())?;
+        let flags_off = crate::view::TaskView::flags_offset(self, mem);
+        let flags = self
+            .read_u64_virt(mem, addr.wrapping_add(flags_off))
+            .map_err(|e| format!("flags of pid {}: {e}", t.pid))?;
+        Ok(crate::view::TaskSnap {
+            addr,
+            pid: t.pid,
+            tgid: t.tgid,
+            comm: t.comm,
+            patch_state: t.patch_state.unwrap_or(-1),
+            flags,
+            vcpu: Some(vcpu),
+            user_mode: vcpus.get(vcpu).is_some_and(|r| r.cpl() == 3),
+            is_idle: t.is_idle,
+        })
+    }
+
     fn stack(
         &self,
         mem: &dyn PhysMemory,

@@ -23,7 +23,8 @@ mod txn;
 pub mod unload;
 pub mod view;
 
-pub use consistency::{LoadOptions, StepOutcome, TransitionStatus};
+pub use consistency::{LoadOptions, StepOutcome, SwitchOptions, TransitionStatus};
+pub use transition::Switcher;
 pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, Target};
 pub use guest::{GuestControl, GuestError, GuestEvent};
 pub use paging::KernelPaging;

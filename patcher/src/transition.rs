@@ -38,6 +38,44 @@ pub enum Mode {
     WholeGuest,
 }
 
+/// How tasks switch at the kernel-exit and idle boundaries (per-task mode). Stack checks run
+/// under both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Switcher {
+    /// The guest's own klp hooks: hvpatch sets `klp_target_state` and each pending task's
+    /// `TIF_PATCH_PENDING`, and the guest's `klp_update_patch_state()` in `exit_to_user_mode`
+    /// and `do_idle` switches the task, with no VM exit.
+    #[default]
+    GuestHooks,
+    /// Hardware breakpoints on every vCPU at the guest's exit-to-user and idle boundaries
+    /// ([`BOUNDARIES`]): each crossing is a VM exit in which hvpatch switches the vCPU's
+    /// current task. The guest's klp variables stay idle.
+    Breakpoints,
+}
+
+impl std::str::FromStr for Switcher {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Switcher, String> {
+        match s {
+            "guest-hooks" | "guest_hooks" | "hooks" => Ok(Switcher::GuestHooks),
+            "breakpoints" | "bp" => Ok(Switcher::Breakpoints),
+            _ => Err(format!(
+                "unknown switch mechanism {s:?}: expected guest-hooks or breakpoints"
+            )),
+        }
+    }
+}
+
+/// The functions at whose entry a task is at a switch boundary (KERNEL-FACTS §6), in both
+/// 6.1 and 6.12: the syscall exit and the IRQ/exception exit to user space, and one pass of the
+/// idle loop (`cpu_startup_entry` calls `do_idle` once per pass).
+pub const BOUNDARIES: [&str; 3] = [
+    "syscall_exit_to_user_mode",
+    "irqentry_exit_to_user_mode",
+    "do_idle",
+];
+
 /// One function of the transition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransFunc {
@@ -190,6 +228,39 @@ pub struct Transition {
     /// Every task's state at the last check.
     #[serde(default)]
     pub tasks: Vec<TaskState>,
+    /// How tasks switch at the kernel-exit and idle boundaries.
+    #[serde(default)]
+    pub switcher: Switcher,
+    /// The boundary breakpoints ([`Switcher::Breakpoints`]).
+    #[serde(default, with = "introspect::hex")]
+    pub boundaries: Vec<u64>,
+    /// Boundary breakpoint hits so far, and the tasks they switched.
+    #[serde(default)]
+    pub boundary_hits: (u64, u64),
+    /// Whether this process armed the boundary breakpoints (a restarted one arms them again).
+    #[serde(skip)]
+    pub armed: bool,
+}
+
+/// How a transition went, once it ended (`patch info`'s `last_transition`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionSummary {
+    /// 1 patched, 0 unpatched: the state every task reached.
+    pub target: i32,
+    /// Whether it was reversed on the way (then `target` is where it came back to).
+    pub reversed: bool,
+    /// Completed by `patch force`.
+    pub forced: bool,
+    /// How tasks switched at the boundaries.
+    pub switcher: Switcher,
+    /// From its start (or its last reversal) to its end, ms.
+    pub elapsed_ms: u64,
+    /// Total vCPU pause time it took, µs (checks, boundary hits, the start and the end).
+    pub pause_us: u64,
+    /// Checks made.
+    pub checks: u64,
+    /// Boundary breakpoint hits, and the tasks they switched.
+    pub boundary_hits: (u64, u64),
 }
 
 /// One write of a task field or guest variable (guest virtual address, bytes).
@@ -316,7 +387,7 @@ impl Transition {
                 what: format!("patch_state of pid {}", t.pid),
             });
         }
-        let flags = if pending {
+        let flags = if pending && self.uses_hooks() {
             t.flags | TIF_PATCH_PENDING
         } else {
             t.flags & !TIF_PATCH_PENDING
@@ -331,13 +402,51 @@ impl Transition {
         w
     }
 
-    /// Writes of `klp_target_state`.
+    /// Whether the guest's klp hooks switch tasks at the boundaries (so `klp_target_state`
+    /// and `TIF_PATCH_PENDING` are set).
+    pub fn uses_hooks(&self) -> bool {
+        self.mode == Mode::PerTask && self.switcher == Switcher::GuestHooks
+    }
+
+    /// Whether boundary breakpoints switch tasks.
+    pub fn uses_breakpoints(&self) -> bool {
+        self.mode == Mode::PerTask && self.switcher == Switcher::Breakpoints
+    }
+
+    /// The value `klp_target_state` has while this transition runs.
+    pub fn guest_target_state(&self) -> i32 {
+        if self.uses_hooks() {
+            self.target
+        } else {
+            KLP_IDLE
+        }
+    }
+
+    /// Writes of `klp_target_state` (only the guest-hook mechanism uses it; with breakpoints
+    /// it stays -1).
     pub fn target_write(&self, value: i32) -> Option<VarWrite> {
+        if !self.uses_hooks() {
+            return None;
+        }
         self.klp.map(|k| VarWrite {
             va: k.target_state,
             bytes: value.to_le_bytes().to_vec(),
             what: "klp_target_state".into(),
         })
+    }
+
+    /// The summary of this transition as it ends now.
+    pub fn summary(&self, forced: bool) -> TransitionSummary {
+        TransitionSummary {
+            target: self.target,
+            reversed: self.reversed,
+            forced,
+            switcher: self.switcher,
+            elapsed_ms: now_ms().saturating_sub(self.started_ms),
+            pause_us: self.pause_us,
+            checks: self.checks,
+            boundary_hits: self.boundary_hits,
+        }
     }
 
     /// The per-task states for `status`.
@@ -395,6 +504,10 @@ mod tests {
             dummy: None,
             interference: None,
             tasks: vec![],
+            switcher: Switcher::GuestHooks,
+            boundaries: vec![],
+            boundary_hits: (0, 0),
+            armed: false,
         }
     }
 
@@ -454,5 +567,13 @@ mod tests {
         assert_eq!(w[0].bytes, 1i32.to_le_bytes());
         assert_eq!(w[1].bytes, 0x4u64.to_le_bytes());
         assert!(p.task_writes(&t, 0, true).is_empty());
+        // With boundary breakpoints the guest's TIF bit is never set, only cleared.
+        let mut b = tr(1);
+        b.switcher = Switcher::Breakpoints;
+        let w = b.task_writes(&t, 0, true);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].bytes, 0x4u64.to_le_bytes());
+        assert!(b.target_write(1).is_none());
+        assert_eq!(b.guest_target_state(), KLP_IDLE);
     }
 }

@@ -62,6 +62,14 @@ pub trait TaskView {
     fn flags_offset(&self, mem: &dyn PhysMemory) -> u64;
     /// Every task: all threads and every CPU's idle task. Called with all vCPUs paused.
     fn tasks(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs]) -> Result<Vec<TaskSnap>, String>;
+    /// The task that is `current` on vCPU `vcpu` (read on its own: cheaper than
+    /// [`TaskView::tasks`]). Called with all vCPUs paused.
+    fn current(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+        vcpu: usize,
+    ) -> Result<TaskSnap, String>;
     /// The reliably unwound stack of `task` (from its vCPU's registers when it is running).
     fn stack(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs], task: &TaskSnap) -> StackSnap;
     /// Declares the patch code that keeps frame pointers (see

@@ -25,6 +25,30 @@ pub fn attach_and_open(g: &Guest) -> (QemuAttach, Kernel, Vec<VcpuRegs>) {
     (ctl, kernel, regs)
 }
 
+/// The first 16 bytes of each function in `funcs` (at the addresses in `like`, when given: a
+/// previous result), through a short attach of our own (no other attach may be connected).
+pub fn entry_bytes(
+    g: &Guest,
+    funcs: &[&str],
+    like: Option<&[(String, u64, Vec<u8>)]>,
+) -> Vec<(String, u64, Vec<u8>)> {
+    let (ctl, k, _) = attach_and_open(g);
+    funcs
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let addr = match like.and_then(|l| l.get(i)) {
+                Some(l) => l.1,
+                None => k.lookup(f, None).unwrap_or_else(|e| panic!("{f}: {e}")),
+            };
+            let mut b = vec![0u8; 16];
+            k.read_virt(ctl.memory(), addr, &mut b)
+                .unwrap_or_else(|e| panic!("reading {f}: {e}"));
+            (f.to_string(), addr, b)
+        })
+        .collect()
+}
+
 /// Compiles a patch whose C source is `body` after `#include <hvpatch.h>`; `tag` names the
 /// files. Each call gets its own directory (tests build the same tags concurrently).
 pub fn build_patch(tag: &str, body: &str) -> Vec<u8> {

@@ -359,7 +359,7 @@ fn soak_on(
         if consistent {
             // Disable by a transition, then free.
             let s0 = Instant::now();
-            e.disable(&mut ctl, &kernel, "soak", None)
+            e.disable(&mut ctl, &kernel, "soak", patcher::SwitchOptions::default())
                 .map_err(|err| format!("cycle {i}: disable failed: {err}"))?;
             transition_done(&mut e, &mut ctl, s0, &mut trans_times, &mut trans_pauses)
                 .map_err(|err| format!("cycle {i}: disable: {err}"))?;

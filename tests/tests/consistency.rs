@@ -19,7 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-use harness::patching::{attach_and_open, build_patch};
+use harness::patching::build_patch;
 use harness::soak::{kernel_complaints, parse_hammer};
 use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
 use serde_json::Value;
@@ -182,25 +182,9 @@ impl Ctx {
     }
 }
 
-/// The first 16 bytes of each of [`FUNCS`], through a short attach of our own.
+/// The first 16 bytes of each of [`FUNCS`].
 fn read_text(g: &Guest, like: Option<&[(String, u64, Vec<u8>)]>) -> Vec<(String, u64, Vec<u8>)> {
-    let (ctl, k, _) = attach_and_open(g);
-    let out = FUNCS
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let addr = match like {
-                Some(l) => l[i].1,
-                None => k.lookup(f, None).unwrap_or_else(|e| panic!("{f}: {e}")),
-            };
-            let mut b = vec![0u8; 16];
-            k.read_virt(patcher::GuestControl::memory(&ctl), addr, &mut b)
-                .expect("read text");
-            (f.to_string(), addr, b)
-        })
-        .collect();
-    drop(ctl);
-    out
+    harness::patching::entry_bytes(g, FUNCS, like)
 }
 
 fn pid_of_stack(c: &mut Ctx, comm: &str, frame: &str) -> i32 {

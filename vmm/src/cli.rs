@@ -175,6 +175,11 @@ pub struct SwitchArgs {
     /// Reverse the transition if it has not completed after SECS (default 60).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// How tasks switch at kernel exit and in idle: `guest-hooks` (the guest's own klp
+    /// hooks, no VM exit; the default) or `breakpoints` (hardware breakpoints, a VM exit per
+    /// crossing).
+    #[arg(long, value_name = "MECHANISM")]
+    pub switcher: Option<patcher::Switcher>,
     /// Print the raw JSON result.
     #[arg(long)]
     pub json: bool,
@@ -198,6 +203,10 @@ pub enum PatchOp {
         /// Switch every task at once, without the consistency model.
         #[arg(long)]
         immediate: bool,
+        /// How tasks switch at kernel exit and in idle: `guest-hooks` (default) or
+        /// `breakpoints`.
+        #[arg(long, value_name = "MECHANISM")]
+        switcher: Option<patcher::Switcher>,
         /// Print the raw JSON result.
         #[arg(long)]
         json: bool,
@@ -369,6 +378,7 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                 no_wait,
                 timeout,
                 immediate,
+                switcher,
                 json,
             } => {
                 let bytes = std::fs::read(file).map_err(|source| CliError::Read {
@@ -386,6 +396,7 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                     immediate: immediate.then_some(true),
                     wait: Some(!no_wait),
                     timeout_ms,
+                    switcher: *switcher,
                 };
                 let v = waiting(socket, &req, !*no_wait && !*json, timeout_ms)?;
                 print_result(&v, *json, crate::format::patch);
@@ -395,6 +406,7 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                     name,
                     no_wait,
                     timeout,
+                    switcher,
                     json,
                 } = a;
                 let timeout_ms = secs_to_ms(*timeout)?;
@@ -404,12 +416,14 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                         name,
                         wait,
                         timeout_ms,
+                        switcher: *switcher,
                     }
                 } else {
                     Request::PatchDisable {
                         name,
                         wait,
                         timeout_ms,
+                        switcher: *switcher,
                     }
                 };
                 let v = waiting(socket, &req, !*no_wait && !*json, timeout_ms)?;

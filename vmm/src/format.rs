@@ -293,6 +293,18 @@ pub fn patch_status(v: &Value) -> String {
                     t.tasks.len(),
                     t.target
                 );
+                match t.switcher {
+                    patcher::Switcher::GuestHooks => {
+                        s.push_str("switching at kernel exit and idle: the guest's klp hooks\n")
+                    }
+                    patcher::Switcher::Breakpoints => {
+                        let _ = writeln!(
+                            s,
+                            "switching at kernel exit and idle: boundary breakpoints ({} hits, {} tasks switched)",
+                            t.boundary_hits.0, t.boundary_hits.1
+                        );
+                    }
+                }
                 if let Some(i) = &t.interference {
                     let _ = writeln!(s, "WARNING: {i}");
                 }

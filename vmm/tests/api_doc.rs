@@ -156,30 +156,36 @@ fn with_all_arguments(r: &Request) -> Request {
             immediate,
             wait,
             timeout_ms,
+            switcher,
         } => Request::PatchLoad {
             object_base64,
             file_name,
             immediate: Some(immediate.unwrap_or_default()),
             wait: Some(wait.unwrap_or_default()),
             timeout_ms: Some(timeout_ms.unwrap_or_default()),
+            switcher: Some(switcher.unwrap_or_default()),
         },
         Request::PatchEnable {
             name,
             wait,
             timeout_ms,
+            switcher,
         } => Request::PatchEnable {
             name,
             wait: Some(wait.unwrap_or_default()),
             timeout_ms: Some(timeout_ms.unwrap_or_default()),
+            switcher: Some(switcher.unwrap_or_default()),
         },
         Request::PatchDisable {
             name,
             wait,
             timeout_ms,
+            switcher,
         } => Request::PatchDisable {
             name,
             wait: Some(wait.unwrap_or_default()),
             timeout_ms: Some(timeout_ms.unwrap_or_default()),
+            switcher: Some(switcher.unwrap_or_default()),
         },
         Request::PatchStatus { name } => Request::PatchStatus {
             name: Some(name.unwrap_or_default()),

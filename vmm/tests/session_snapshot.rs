@@ -100,6 +100,7 @@ fn session_on(snap: &'static common::Snapshot) {
         immediate: Some(true),
         wait: None,
         timeout_ms: None,
+        switcher: None,
     };
     let info = ok(&mut s, load(&obj));
     assert_eq!(info["state"], "Enabled");

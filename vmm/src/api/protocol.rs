@@ -63,6 +63,10 @@ pub enum Request {
         /// 60 000 when waiting, none otherwise).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+        /// How tasks switch at kernel exit and in idle: `guest_hooks` (default) or
+        /// `breakpoints`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        switcher: Option<patcher::Switcher>,
     },
     /// Enable a disabled patch (a transition to patched).
     PatchEnable {
@@ -74,6 +78,10 @@ pub enum Request {
         /// Reverse after this many ms (default 60 000 when waiting).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+        /// How tasks switch at kernel exit and in idle: `guest_hooks` (default) or
+        /// `breakpoints`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        switcher: Option<patcher::Switcher>,
     },
     /// Disable an enabled patch (a transition to unpatched); it stays loaded. Disabling a
     /// patch in transition reverses the transition.
@@ -86,6 +94,10 @@ pub enum Request {
         /// Reverse after this many ms (default 60 000 when waiting).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+        /// How tasks switch at kernel exit and in idle: `guest_hooks` (default) or
+        /// `breakpoints`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        switcher: Option<patcher::Switcher>,
     },
     /// Complete a stuck transition at once, switching every task without checks.
     PatchForce {

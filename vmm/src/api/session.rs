@@ -41,6 +41,9 @@ pub struct Session {
     next_transition_check: Instant,
     /// Where the engine state is kept after every change, and what was last written there.
     state_file: Option<(std::path::PathBuf, String)>,
+    /// The operator paused the guest (`pause`): boundary breakpoint hits are not served (that
+    /// would resume it) until `resume`.
+    operator_paused: bool,
 }
 
 /// What a client waits for while a transition runs.
@@ -96,6 +99,8 @@ const TRANSITION_CHECK_MIN: Duration = Duration::from_millis(5);
 /// First and longest interval between background checks of held patches.
 const REAP_FIRST: Duration = Duration::from_millis(100);
 const REAP_MAX: Duration = Duration::from_secs(5);
+/// Longest time one tick serves boundary breakpoint hits before requests get their turn.
+const BOUNDARY_SLICE: Duration = Duration::from_millis(5);
 
 /// A result on the wire.
 fn to_json<T: Serialize>(v: &T) -> Result<Value, ReqError> {
@@ -121,6 +126,7 @@ impl Session {
             waiters: Vec::new(),
             next_transition_check: Instant::now(),
             state_file: None,
+            operator_paused: false,
         }
     }
 
@@ -454,7 +460,7 @@ impl Session {
         &mut self,
         name: &str,
         target: i32,
-        timeout: Option<Duration>,
+        opts: patcher::SwitchOptions,
     ) -> Result<(), ReqError> {
         self.paused(|s, regs| s.kernel(regs).map(|_| ()))?;
         let Some(kernel) = self.kernel.as_ref() else {
@@ -462,10 +468,10 @@ impl Session {
         };
         if target == 1 {
             self.engine
-                .enable(self.control.as_mut(), kernel, name, timeout)?;
+                .enable(self.control.as_mut(), kernel, name, opts)?;
         } else {
             self.engine
-                .disable(self.control.as_mut(), kernel, name, timeout)?;
+                .disable(self.control.as_mut(), kernel, name, opts)?;
         }
         Ok(())
     }
@@ -477,11 +483,16 @@ impl Session {
         target: i32,
         wait: Option<bool>,
         timeout_ms: Option<u64>,
+        switcher: Option<patcher::Switcher>,
         reply: Reply,
     ) {
         let wait = wait.unwrap_or(true);
         let timeout = transition_timeout(wait, timeout_ms);
-        let r = self.patch_switch(name, target, timeout);
+        let opts = patcher::SwitchOptions {
+            timeout,
+            switcher: switcher.unwrap_or_default(),
+        };
+        let r = self.patch_switch(name, target, opts);
         self.after_switch(name, wait, timeout, r, reply);
     }
 
@@ -582,6 +593,55 @@ impl Session {
         self.answer_waiters();
     }
 
+    /// Serves the boundary breakpoint hits of a transition with `Switcher::Breakpoints`, for at
+    /// most [`BOUNDARY_SLICE`]: each hit stopped every vCPU; the engine switches the vCPU's
+    /// task, and the guest resumes.
+    fn serve_boundary_hits(&mut self) {
+        if self.operator_paused || !self.engine.wants_boundary_hits() {
+            return;
+        }
+        let until = Instant::now() + BOUNDARY_SLICE;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let vcpu = match self.control.wait_event(left) {
+                Ok(Some(patcher::GuestEvent::Breakpoint { vcpu, .. })) => vcpu,
+                Ok(Some(patcher::GuestEvent::Exited)) | Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!("waiting for boundary hits: {e}");
+                    return;
+                }
+            };
+            // An event taken after the guest was resumed (a hit that raced with one of our
+            // own pauses) is stale: that task went on.
+            if !self.control.is_paused() {
+                continue;
+            }
+            let t0 = Instant::now();
+            let mut check_now = false;
+            if let Some(kernel) = self.kernel.as_ref() {
+                match self
+                    .engine
+                    .boundary_hit(self.control.as_mut(), kernel, vcpu)
+                {
+                    Ok((_, now)) => check_now = now,
+                    Err(e) => tracing::warn!("boundary hit on vCPU {vcpu}: {e}"),
+                }
+            }
+            if let Err(e) = self.control.resume() {
+                tracing::warn!("resuming after a boundary hit: {e}");
+                return;
+            }
+            self.engine.add_transition_pause(t0.elapsed());
+            if check_now {
+                self.next_transition_check = Instant::now();
+                return;
+            }
+        }
+    }
+
     /// Answers the clients waiting for a transition that is no longer running.
     fn answer_waiters(&mut self) {
         let running = self.engine.transition_status().map(|t| t.patch);
@@ -627,7 +687,14 @@ impl Session {
             let r = if disabling {
                 Ok(())
             } else {
-                self.patch_switch(name, 0, Some(timeout))
+                self.patch_switch(
+                    name,
+                    0,
+                    patcher::SwitchOptions {
+                        timeout: Some(timeout),
+                        switcher: patcher::Switcher::default(),
+                    },
+                )
             };
             if let Err(e) = r {
                 return reply.send(e.into());
@@ -773,11 +840,17 @@ impl Handler for Session {
             }
             Request::Status {} => to_json(&self.status()),
             Request::Pause {} => match self.control.pause() {
-                Ok(()) => to_json(&self.status()),
+                Ok(()) => {
+                    self.operator_paused = true;
+                    to_json(&self.status())
+                }
                 Err(e) => Err(e.into()),
             },
             Request::Resume {} => match self.control.resume() {
-                Ok(()) => to_json(&self.status()),
+                Ok(()) => {
+                    self.operator_paused = false;
+                    to_json(&self.status())
+                }
                 Err(e) => Err(e.into()),
             },
             Request::Inspect { what, name } => self.inspect(what, name),
@@ -787,12 +860,14 @@ impl Handler for Session {
                 immediate,
                 wait,
                 timeout_ms,
+                switcher,
             } => {
                 let wait = wait.unwrap_or(true);
                 let timeout = transition_timeout(wait, timeout_ms);
                 let opts = patcher::LoadOptions {
                     immediate: immediate.unwrap_or(false),
                     timeout,
+                    switcher: switcher.unwrap_or_default(),
                 };
                 match self.patch_load(&object_base64, &file_name, opts) {
                     Ok(p) => {
@@ -806,12 +881,14 @@ impl Handler for Session {
                 name,
                 wait,
                 timeout_ms,
-            } => return self.switch_request(&name, 1, wait, timeout_ms, reply),
+                switcher,
+            } => return self.switch_request(&name, 1, wait, timeout_ms, switcher, reply),
             Request::PatchDisable {
                 name,
                 wait,
                 timeout_ms,
-            } => return self.switch_request(&name, 0, wait, timeout_ms, reply),
+                switcher,
+            } => return self.switch_request(&name, 0, wait, timeout_ms, switcher, reply),
             Request::PatchForce { name } => self.patch_force(&name).and_then(|f| to_json(&f)),
             Request::PatchStatus { name } => to_json(&self.patch_status(name.as_deref())),
             Request::PatchList {} => {
@@ -831,6 +908,7 @@ impl Handler for Session {
     }
 
     fn tick(&mut self) {
+        self.serve_boundary_hits();
         if self.engine.in_transition() || !self.waiters.is_empty() {
             self.advance_transition();
         }
@@ -843,6 +921,10 @@ impl Handler for Session {
     }
 
     fn tick_interval(&self) -> Duration {
+        if self.engine.wants_boundary_hits() {
+            // A hit keeps every vCPU stopped until it is served.
+            return Duration::ZERO;
+        }
         if self.engine.in_transition() {
             return self
                 .next_transition_check

@@ -235,6 +235,10 @@ pub struct Patch {
     pub frame_pointers: bool,
     /// For a held patch: what held it at the last check.
     pub held: Option<Hold>,
+    /// The last transition of this patch that ended: how long it took, its pause time, how
+    /// tasks switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<patcher::transition::TransitionSummary>,
 }
 
 impl From<PatchInfo> for Patch {
@@ -253,6 +257,7 @@ impl From<PatchInfo> for Patch {
             immediate: p.immediate,
             frame_pointers: p.frame_pointers,
             held: p.held,
+            last_transition: p.last_transition,
         }
     }
 }
