@@ -75,8 +75,9 @@ pub trait GuestControl: Send {
     fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), GuestError>;
     /// Writes several guest-physical ranges, in order, as [`GuestControl::write_phys`] would
     /// one by one (later writes win where ranges overlap), but letting the backend pay its
-    /// per-write setup once for the whole batch. On error, a prefix of the batch (possibly
-    /// with a partial last write) may have been written; the caller restores what it needs.
+    /// per-write setup once for the whole batch (and, where it can, pipeline the writes). On
+    /// error, any part of the batch (whole writes or parts of them) may have been written; the
+    /// caller restores what it needs.
     fn write_phys_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), GuestError> {
         for &(pa, data) in writes {
             self.write_phys(pa, data)?;

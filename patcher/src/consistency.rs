@@ -1001,17 +1001,29 @@ fn begin_paused(
     switches: &[SiteSwitch],
     dummy: Option<((u64, u64, u64), u64, u64)>,
 ) -> Result<bool, PatchError> {
+    let t0 = Instant::now();
     let regs = vcpu_regs(ctl)?;
+    let t_regs = t0.elapsed();
     let mem = ctl.memory();
     let tasks = view.tasks(mem, &regs).map_err(PatchError::Memory)?;
+    let t_tasks = t0.elapsed();
     if let Some(k) = &tr.klp {
         check_guest_klp(view, mem, k, &tasks)?;
     }
     let (ok, blocking) = tr.classify(view, mem, &regs, &tasks);
+    let t_check = t0.elapsed();
     let mut writes = pre;
     if blocking.is_empty() {
         writes.extend(switches.iter().map(|s| site_write(s, s.after)));
         apply(ctl, &mut writes)?;
+        tracing::debug!(
+            regs_us = us(t_regs),
+            tasks_us = us(t_tasks - t_regs),
+            checks_us = us(t_check - t_tasks),
+            writes_us = us(t0.elapsed() - t_check),
+            tasks = tasks.len(),
+            "first check"
+        );
         return Ok(true);
     }
     if tr.mode == Mode::PerTask {

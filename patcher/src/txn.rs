@@ -68,7 +68,7 @@ pub(crate) fn apply(ctl: &mut dyn GuestControl, writes: &mut [Write]) -> Result<
     }
     let batch: Vec<(u64, &[u8])> = writes.iter().map(|w| (w.pa, w.new.as_slice())).collect();
     if let Err(e) = ctl.write_phys_batch(&batch) {
-        // A prefix of the batch may have landed (the last write possibly in part): restore,
+        // Part of the batch may have landed (some writes possibly in part): restore,
         // newest first, every write whose bytes are no longer the old ones.
         for w in writes.iter().rev() {
             if read(ctl.memory(), w.pa, w.old.len()).ok().as_ref() != Some(&w.old) {

@@ -333,6 +333,11 @@ fn pause_vs_immediate(c: &mut Ctx) -> String {
         cons.push(last_transition(&v)["pause_us"].as_u64().unwrap());
         c.json(&["patch", "unload", "ver"]);
     }
+    if std::env::var("HVPATCH_LOG").is_ok() {
+        for l in c.srv.log_text().lines().filter(|l| l.contains("first check")).take(12) {
+            eprintln!("{l}");
+        }
+    }
     let (i, k) = (median(imm), median(cons));
     format!(
         "pause of a load: immediate {i} µs, consistent (whole transition) {k} µs: {:.2}×",

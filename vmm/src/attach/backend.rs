@@ -18,6 +18,8 @@ const MAX_VCPUS: usize = 1024;
 /// Bytes per memory-write packet (hex-encoded: twice that on the wire; QEMU's packet
 /// buffer is 4 KiB).
 const WRITE_CHUNK: usize = 1024;
+/// Most gdbstub packets sent before their replies are read.
+const PIPELINE: usize = 32;
 /// Register names the backend needs from the target description.
 const GPR_NAMES: [&str; 16] = [
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
@@ -73,6 +75,9 @@ pub struct QemuAttach {
     pending: Option<GuestEvent>,
     /// Physical-memory-mode switches on (`Qqemu.PhyMemMode:1`) so far.
     phys_mode_switches: u64,
+    /// Every vCPU's registers, read once per stop (all vCPUs in one pipelined batch); cleared
+    /// whenever a vCPU runs.
+    regs_cache: Option<Vec<VcpuRegs>>,
     timeout: Duration,
 }
 
@@ -152,6 +157,7 @@ impl QemuAttach {
             bp_vcpus: Vec::new(),
             pending: None,
             phys_mode_switches: 0,
+            regs_cache: None,
             timeout: t,
         };
         me.threads = me.read_threads()?;
@@ -247,20 +253,51 @@ impl QemuAttach {
         Ok(())
     }
 
+    /// Registers of `vcpu` of the stopped guest: from the cache, else every vCPU's at once
+    /// (`Hg` + `g` per thread, pipelined).
     fn read_regs(&mut self, vcpu: usize) -> Result<VcpuRegs, AttachError> {
-        let tid = *self
-            .threads
-            .get(vcpu)
-            .ok_or_else(|| AttachError::Protocol(format!("no vCPU {vcpu}")))?;
-        let r = self.gdb.command_ok(&format!("Hg{tid:x}"), self.timeout)?;
-        if r.as_slice() != b"OK" {
-            return Err(AttachError::Protocol(format!(
-                "Hg{tid:x}: {}",
-                String::from_utf8_lossy(&r)
-            )));
+        if vcpu >= self.threads.len() {
+            return Err(AttachError::Protocol(format!("no vCPU {vcpu}")));
         }
-        let g = self.gdb.command_ok("g", self.timeout)?;
-        let g = hex_decode(&g).ok_or_else(|| AttachError::Protocol("bad register reply".into()))?;
+        if self.regs_cache.is_none() {
+            let cmds: Vec<String> = self
+                .threads
+                .iter()
+                .flat_map(|tid| [format!("Hg{tid:x}"), "g".to_string()])
+                .collect();
+            let replies = self.gdb.commands(&cmds, self.timeout)?;
+            let mut all = Vec::with_capacity(self.threads.len());
+            for (i, pair) in replies.chunks(2).enumerate() {
+                let [hg, g] = pair else {
+                    return Err(AttachError::Protocol("missing register reply".into()));
+                };
+                if hg.as_slice() != b"OK" {
+                    return Err(AttachError::Protocol(format!(
+                        "Hg{:x}: {}",
+                        self.threads[i],
+                        String::from_utf8_lossy(hg)
+                    )));
+                }
+                all.push(self.parse_g(g)?);
+            }
+            self.regs_cache = Some(all);
+        }
+        self.regs_cache
+            .as_ref()
+            .and_then(|c| c.get(vcpu).cloned())
+            .ok_or_else(|| AttachError::Protocol(format!("no registers of vCPU {vcpu}")))
+    }
+
+    /// Decodes a `g` reply.
+    fn parse_g(&self, reply: &[u8]) -> Result<VcpuRegs, AttachError> {
+        if reply.first() == Some(&b'E') && reply.len() == 3 {
+            return Err(AttachError::Stub {
+                command: "g".into(),
+                reply: String::from_utf8_lossy(reply).into_owned(),
+            });
+        }
+        let g =
+            hex_decode(reply).ok_or_else(|| AttachError::Protocol("bad register reply".into()))?;
         let l = &self.layout;
         let get = |name: &str| -> Result<u64, AttachError> {
             l.get(&g, name).ok_or_else(|| {
@@ -294,6 +331,7 @@ impl QemuAttach {
     /// Continues all vCPUs.
     fn cont(&mut self) -> Result<(), AttachError> {
         let deadline = Instant::now() + self.timeout;
+        self.regs_cache = None;
         self.gdb.send(b"c", deadline)?;
         self.paused = false;
         Ok(())
@@ -363,6 +401,7 @@ impl QemuAttach {
             self.gdb.command_ok(&format!("z1,{a:x},1"), self.timeout)?;
         }
         let deadline = Instant::now() + self.timeout;
+        self.regs_cache = None;
         self.gdb
             .send(format!("vCont;s:{tid:x}").as_bytes(), deadline)?;
         let stop = self.gdb.wait_stop(deadline)?;
@@ -582,24 +621,31 @@ impl GuestControl for QemuAttach {
         }
         self.paused_op(|me| {
             me.phys_mode(true)?;
+            // The writes go out pipelined, at most PIPELINE packets before their replies.
+            let cmds: Vec<String> = writes
+                .iter()
+                .flat_map(|&(pa, data)| {
+                    data.chunks(WRITE_CHUNK).enumerate().map(move |(i, chunk)| {
+                        let a = pa + (i * WRITE_CHUNK) as u64;
+                        format!("M{a:x},{:x}:{}", chunk.len(), hex_encode(chunk))
+                    })
+                })
+                .collect();
             let mut res = Ok(());
-            'writes: for &(pa, data) in writes {
-                for (i, chunk) in data.chunks(WRITE_CHUNK).enumerate() {
-                    let a = pa + (i * WRITE_CHUNK) as u64;
-                    let cmd = format!("M{a:x},{:x}:{}", chunk.len(), hex_encode(chunk));
-                    match me.gdb.command_ok(&cmd, me.timeout) {
-                        Ok(r) if r.as_slice() == b"OK" => {}
-                        Ok(r) => {
+            'writes: for part in cmds.chunks(PIPELINE) {
+                match me.gdb.commands(part, me.timeout) {
+                    Ok(replies) => {
+                        if let Some(r) = replies.iter().find(|r| r.as_slice() != b"OK") {
                             res = Err(AttachError::Protocol(format!(
                                 "M: {}",
-                                String::from_utf8_lossy(&r)
+                                String::from_utf8_lossy(r)
                             )));
                             break 'writes;
                         }
-                        Err(e) => {
-                            res = Err(e);
-                            break 'writes;
-                        }
+                    }
+                    Err(e) => {
+                        res = Err(e);
+                        break 'writes;
                     }
                 }
             }

@@ -350,6 +350,38 @@ impl GdbClient {
         Err(proto("too many unsolicited stop replies"))
     }
 
+    /// Sends several commands and returns their replies, in order. Without acks (the usual
+    /// case with QEMU) they are pipelined: all packets go out before the first reply is read,
+    /// so the batch costs about one round trip. With acks, one after the other.
+    pub fn commands(
+        &mut self,
+        payloads: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>, AttachError> {
+        if !self.no_ack {
+            return payloads.iter().map(|p| self.command(p, timeout)).collect();
+        }
+        let deadline = Instant::now() + timeout;
+        for p in payloads {
+            self.send(p.as_bytes(), deadline)?;
+        }
+        let mut replies = Vec::with_capacity(payloads.len());
+        let mut stops = 0;
+        while replies.len() < payloads.len() {
+            let reply = self.recv(deadline)?;
+            if StopReply::parse(&reply).is_some() && payloads[replies.len()] != "?" {
+                stops += 1;
+                if stops > MAX_QUEUED_STOPS * 2 {
+                    return Err(proto("too many unsolicited stop replies"));
+                }
+                self.stash(reply);
+                continue;
+            }
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
     /// Like [`GdbClient::command`] but an `E..` reply is an error.
     pub fn command_ok(&mut self, payload: &str, timeout: Duration) -> Result<Vec<u8>, AttachError> {
         let r = self.command(payload, timeout)?;
@@ -542,6 +574,33 @@ mod tests {
         let mut sent = vec![0u8; 64];
         let n = stub.read(&mut sent).unwrap();
         assert_eq!(&sent[..n], framed("Z1,1000,1").as_slice());
+    }
+
+    #[test]
+    fn pipelined_commands_go_out_before_the_first_reply() {
+        let (mut c, mut stub) = pair();
+        // The stub answers only after it has seen all three packets.
+        let t = std::thread::spawn(move || {
+            let want: Vec<u8> = [framed("Hg1"), framed("g"), framed("Hg2")].concat();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while got.len() < want.len() {
+                let n = stub.read(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got, want);
+            let mut out = framed("OK");
+            out.extend_from_slice(&framed("T05thread:01;"));
+            out.extend_from_slice(&framed("00ff"));
+            out.extend_from_slice(&framed("E01"));
+            stub.write_all(&out).unwrap();
+        });
+        let cmds = ["Hg1", "g", "Hg2"].map(String::from);
+        let r = c.commands(&cmds, Duration::from_secs(2)).unwrap();
+        assert_eq!(r, vec![b"OK".to_vec(), b"00ff".to_vec(), b"E01".to_vec()]);
+        // The stop reply that came in between is kept for wait_stop.
+        assert!(c.wait_stop(soon(10)).unwrap().is_some());
+        t.join().unwrap();
     }
 
     #[test]
