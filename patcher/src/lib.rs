@@ -24,10 +24,10 @@ pub mod unload;
 pub mod view;
 
 pub use consistency::{LoadOptions, StepOutcome, SwitchOptions, TransitionStatus};
-pub use transition::Switcher;
 pub use engine::{Engine, FuncInfo, PatchError, PatchInfo, PatchState, Target};
 pub use guest::{GuestControl, GuestError, GuestEvent};
 pub use paging::KernelPaging;
 pub use reach::{Hold, Reachability};
 pub use symbols::{SymbolMap, SymbolSource};
+pub use transition::Switcher;
 pub use unload::{UnloadProgress, UnloadReport};

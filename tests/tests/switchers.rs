@@ -134,7 +134,10 @@ impl Ctx {
             if let Some(p) = out.lines().next().and_then(|l| l.trim().parse().ok()) {
                 return p;
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "no {comm} in {frame}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no {comm} in {frame}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -174,7 +177,10 @@ fn reader_switches_at_its_exit(c: &mut Ctx, switcher: &str) {
             "no boundary breakpoint hit: {s:#}"
         );
     }
-    assert_eq!(c.run(&format!("cat /proc/{reader}/patch_state")).trim(), "0");
+    assert_eq!(
+        c.run(&format!("cat /proc/{reader}/patch_state")).trim(),
+        "0"
+    );
     // One write: the reader returns to user space (switching there) and reads again at once.
     c.run("echo hello > /tmp/f");
     c.wait_complete(Duration::from_secs(30));
@@ -189,7 +195,10 @@ fn reader_switches_at_its_exit(c: &mut Ctx, switcher: &str) {
         );
     }
     assert_eq!(c.run("cat /tmp/out"), "hello\n");
-    assert_eq!(c.run(&format!("cat /proc/{reader}/patch_state")).trim(), "-1");
+    assert_eq!(
+        c.run(&format!("cat /proc/{reader}/patch_state")).trim(),
+        "-1"
+    );
     // The reader now sleeps in the new pipe_read: the next read is counted.
     let count = |c: &mut Ctx| -> u64 {
         let out = c.run("cat /proc/cmdline");
@@ -205,7 +214,14 @@ fn reader_switches_at_its_exit(c: &mut Ctx, switcher: &str) {
     let n2 = count(c);
     assert!(n2 > n1, "the new pipe_read did not count: {n1} -> {n2}");
     // Unpatching the same way: the reader holds it inside the new pipe_read until a write.
-    c.json(&["patch", "disable", "pipecount", "--no-wait", "--switcher", switcher]);
+    c.json(&[
+        "patch",
+        "disable",
+        "pipecount",
+        "--no-wait",
+        "--switcher",
+        switcher,
+    ]);
     std::thread::sleep(Duration::from_millis(500));
     let s = c.status();
     assert_eq!(s["transition"]["target"], 0, "{s:#}");
@@ -228,7 +244,15 @@ fn sleeper_cycles(c: &mut Ctx, switcher: &str, cycles: usize) -> (u64, u64, u64)
     let (mut ms, mut pause, mut hits) = (vec![], vec![], vec![]);
     for _ in 0..cycles {
         for op in ["enable", "disable"] {
-            let v = c.json(&["patch", op, "sleepcount", "--timeout", "60", "--switcher", switcher]);
+            let v = c.json(&[
+                "patch",
+                op,
+                "sleepcount",
+                "--timeout",
+                "60",
+                "--switcher",
+                switcher,
+            ]);
             let lt = last_transition(&v);
             assert_eq!(lt["switcher"], switcher.replace('-', "_"), "{v:#}");
             ms.push(lt["elapsed_ms"].as_u64().unwrap());
@@ -262,7 +286,10 @@ fn sleepers(c: &mut Ctx) -> Vec<String> {
         let n1: u64 = c.run("cat /proc/version").trim()[7..].parse().unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let n2: u64 = c.run("cat /proc/version").trim()[7..].parse().unwrap();
-        assert!(n2 > n1, "the new hrtimer_nanosleep is not called: {n1} -> {n2}");
+        assert!(
+            n2 > n1,
+            "the new hrtimer_nanosleep is not called: {n1} -> {n2}"
+        );
         c.json(&["patch", "disable", "sleepcount", "--timeout", "60"]);
         c.healthy(&format!("after the sleepers ({switcher})"));
     }
@@ -303,7 +330,10 @@ fn dispatch_cost(c: &mut Ctx) -> String {
         "the reader does not hold the transition: {s:#}"
     );
     let dispatched = ns_per_call(c);
-    assert!(!c.status()["transition"].is_null(), "the transition ended early");
+    assert!(
+        !c.status()["transition"].is_null(),
+        "the transition ended early"
+    );
     c.run("echo x > /tmp/f");
     c.wait_complete(Duration::from_secs(30));
     let direct = ns_per_call(c);
@@ -322,8 +352,11 @@ fn dispatch_cost(c: &mut Ctx) -> String {
 /// Median vCPU pause of 10 immediate loads and of 10 consistent ones (their whole transition)
 /// of the same one-function patch, on a guest where no task is in the way.
 fn pause_vs_immediate(c: &mut Ctx) -> String {
-    let obj = object("ver", "static int show(struct seq_file *m, void *v) { seq_printf(m, \"v\\n\"); return 0; }\n\
-        HVPATCH_FUNC(version_proc_show, show);");
+    let obj = object(
+        "ver",
+        "static int show(struct seq_file *m, void *v) { seq_printf(m, \"v\\n\"); return 0; }\n\
+        HVPATCH_FUNC(version_proc_show, show);",
+    );
     let (mut imm, mut cons) = (vec![], vec![]);
     for _ in 0..10 {
         let v = c.json(&["patch", "load", &obj, "--immediate"]);
@@ -334,7 +367,13 @@ fn pause_vs_immediate(c: &mut Ctx) -> String {
         c.json(&["patch", "unload", "ver"]);
     }
     if std::env::var("HVPATCH_LOG").is_ok() {
-        for l in c.srv.log_text().lines().filter(|l| l.contains("first check")).take(12) {
+        for l in c
+            .srv
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("first check"))
+            .take(12)
+        {
             eprintln!("{l}");
         }
     }
