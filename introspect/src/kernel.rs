@@ -71,6 +71,10 @@ pub struct Extras {
     /// Frame-pointer code outside the kernel's ORC (hvpatch's patch functions), set by the
     /// patcher: unwinds go through it.
     pub(crate) fp_text: std::sync::RwLock<Vec<(u64, u64)>>,
+    /// Unwinds of switched-out tasks by task address, each with the fingerprint of what it
+    /// was computed from (stack.rs); reused while the fingerprint holds.
+    pub(crate) stack_cache:
+        std::sync::Mutex<std::collections::HashMap<u64, (u64, crate::stack::Stack)>>,
 }
 
 /// A guest kernel: symbols, KASLR, paging root. Build with [`Kernel::open`].

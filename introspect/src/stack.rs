@@ -109,6 +109,59 @@ fn frames(g: &dyn GuestAccess, ips: &[u64], first_exact: bool) -> Vec<Frame> {
         .collect()
 }
 
+/// Most tasks whose unwinds [`crate::Kernel::task_stack`] keeps.
+const STACK_CACHE_MAX: usize = 16384;
+
+/// What the unwind of switched-out `task` depends on, hashed (see
+/// [`crate::Kernel::task_stack`]); `None` when it is not kept (running, no stack, unreadable).
+fn stack_fingerprint(g: &dyn GuestAccess, m: &Model, task: &Task) -> Option<u64> {
+    if task.on_cpu || task.running_on_vcpu.is_some() || task.stack_base == 0 {
+        return None;
+    }
+    let end = task.stack_base.checked_add(m.thread_size)?;
+    if task.thread_sp < task.stack_base || task.thread_sp >= end || m.thread_size > 1 << 20 {
+        return None;
+    }
+    let mut bytes = vec![0u8; (end - task.thread_sp) as usize];
+    g.read_virt(task.thread_sp, &mut bytes).ok()?;
+    let mut h = Fnv1a64::default();
+    for v in [task.addr, task.stack_base, task.thread_sp, m.thread_size] {
+        h.write(&v.to_le_bytes());
+    }
+    for (a, b) in g.frame_pointer_text() {
+        h.write(&a.to_le_bytes());
+        h.write(&b.to_le_bytes());
+    }
+    h.write(&bytes);
+    Some(h.0)
+}
+
+/// A word-at-a-time FNV-1a variant: fast, and good enough to notice a changed stack (a guest
+/// that forges a collision only fools the checks about itself).
+struct Fnv1a64(u64);
+
+impl Default for Fnv1a64 {
+    fn default() -> Self {
+        Fnv1a64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a64 {
+    fn write(&mut self, data: &[u8]) {
+        let mut chunks = data.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0 ^ w)
+                .wrapping_mul(0x0000_0100_0000_01b3)
+                .rotate_left(29);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 ^= data.len() as u64;
+    }
+}
+
 /// The unwind of a switched-out task, from `thread.sp` → `inactive_task_frame`.
 pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, StackError> {
     if task.on_cpu || task.running_on_vcpu.is_some() {
@@ -314,6 +367,12 @@ pub fn proc_stack_view(m: &Model, stack: &Stack) -> Vec<String> {
 impl crate::Kernel {
     /// The kernel stack of a switched-out task (see [`task_stack`]). A task running on a vCPU
     /// gives an empty, unreliable stack: unwind it with [`crate::Kernel::vcpu_stack`].
+    ///
+    /// The unwind of a task is kept and reused while the task's stack is unchanged: its
+    /// address, stack base, `thread.sp`, the frame-pointer text and every byte from
+    /// `thread.sp` to the end of its stack (which is all an unwind of a sound stack reads) are
+    /// the same as when it was computed. Checking that costs a read and a hash of the used part
+    /// of the stack, against an ORC walk of every frame.
     pub fn task_stack(
         &self,
         mem: &dyn crate::PhysMemory,
@@ -322,7 +381,23 @@ impl crate::Kernel {
         let m = self
             .model(mem)
             .map_err(|e| StackError::Model(e.to_string()))?;
-        task_stack(&crate::model::KernelGuest { kernel: self, mem }, m, task)
+        let g = crate::model::KernelGuest { kernel: self, mem };
+        let print = stack_fingerprint(&g, m, task);
+        if let (Some(fp), Ok(cache)) = (print, self.extras().stack_cache.lock()) {
+            if let Some((f, st)) = cache.get(&task.addr) {
+                if *f == fp {
+                    return Ok(st.clone());
+                }
+            }
+        }
+        let st = task_stack(&g, m, task)?;
+        if let (Some(fp), Ok(mut cache)) = (print, self.extras().stack_cache.lock()) {
+            if cache.len() >= STACK_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(task.addr, (fp, st.clone()));
+        }
+        Ok(st)
     }
 
     /// The kernel stack of vCPU `vcpu` from its registers (all `vcpus` are needed to map vCPUs to

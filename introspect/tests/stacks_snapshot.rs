@@ -230,3 +230,81 @@ fn vcpu_stack_ranges_6_12() {
 fn vcpu_stack_ranges_6_1() {
     stack_ranges("6.1");
 }
+
+/// Guest memory with one byte changed.
+struct OneByte<'a> {
+    inner: &'a dyn introspect::PhysMemory,
+    pa: u64,
+    byte: u8,
+}
+
+impl introspect::PhysMemory for OneByte<'_> {
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), introspect::MemError> {
+        self.inner.read_phys(pa, buf)?;
+        if self.pa >= pa && self.pa < pa + buf.len() as u64 {
+            buf[(self.pa - pa) as usize] = self.byte;
+        }
+        Ok(())
+    }
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.inner.regions()
+    }
+}
+
+/// `Kernel::task_stack` keeps a sleeping task's unwind while its stack is unchanged, and never
+/// reuses it once a byte of the stack changed.
+fn kept_unwinds(ver: &'static str) {
+    let s = load(ver);
+    let tasks = s.kernel.tasks(&s.mem, &s.regs).unwrap();
+    let (t, a) = tasks
+        .iter()
+        .filter(|t| t.running_on_vcpu.is_none() && !t.on_cpu)
+        .find_map(|t| {
+            let st = s.kernel.task_stack(&s.mem, t).ok()?;
+            (st.reliable && st.frames.len() >= 4).then_some((t, st))
+        })
+        .expect("a sleeping task with a deep stack");
+    assert_eq!(
+        s.kernel.task_stack(&s.mem, t).unwrap(),
+        a,
+        "{ver}: kept unwind"
+    );
+    // Change the return address of the second frame where it sits on the stack.
+    let want = a.frames[1].addr;
+    let mut va = t.thread_sp;
+    let slot = loop {
+        assert!(
+            va < t.stack_base + 0x8000,
+            "{ver}: return address not on the stack"
+        );
+        let mut b = [0u8; 8];
+        s.kernel.read_virt(&s.mem, va, &mut b).unwrap();
+        if u64::from_le_bytes(b) == want {
+            break va;
+        }
+        va += 8;
+    };
+    let pa = s.kernel.translate(&s.mem, slot + 1).unwrap();
+    let mut old = [0u8; 1];
+    introspect::PhysMemory::read_phys(&s.mem, pa, &mut old).unwrap();
+    let changed = OneByte {
+        inner: &s.mem,
+        pa,
+        byte: old[0] ^ 0x40,
+    };
+    let c = s.kernel.task_stack(&changed, t).unwrap();
+    assert_ne!(c, a, "{ver}: an unwind was reused over a changed stack");
+    assert_ne!(c.frames.get(1).map(|f| f.addr), Some(want), "{ver}");
+    // And back: the original memory gives the original unwind.
+    assert_eq!(s.kernel.task_stack(&s.mem, t).unwrap(), a, "{ver}");
+}
+
+#[test]
+fn kept_unwinds_6_12() {
+    kept_unwinds("6.12");
+}
+
+#[test]
+fn kept_unwinds_6_1() {
+    kept_unwinds("6.1");
+}

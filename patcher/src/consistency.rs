@@ -328,6 +328,7 @@ impl Engine {
             _ => None,
         };
         view.set_frame_pointer_text(&self.fp_text());
+        warm_stacks(view, ctl.memory());
         let paging = t.paging;
         let (done, pause) = paused(ctl, |ctl| {
             for &pa in &plan.low_mem_pages {
@@ -588,6 +589,7 @@ impl Engine {
             _ => None,
         };
         view.set_frame_pointer_text(&self.fp_text());
+        warm_stacks(view, ctl.memory());
         // Enabling puts the patch back on top of its functions' stacks first.
         if target == 1 {
             for f in &info.functions {
@@ -915,6 +917,17 @@ fn boundaries(view: &dyn TaskView, mode: Mode, switcher: Switcher) -> Result<Vec
             })
         })
         .collect()
+}
+
+/// Unwinds every switched-out task once while the guest still runs, so that the first check,
+/// inside the pause, reuses the unwinds of the tasks that have not run since (the kernel view
+/// keeps an unwind while the task's stack is unchanged): most of a guest sleeps.
+fn warm_stacks(view: &dyn TaskView, mem: &dyn PhysMemory) {
+    if let Ok(tasks) = view.tasks(mem, &[]) {
+        for t in tasks.iter().filter(|t| !t.user_mode) {
+            let _ = view.stack(mem, &[], t);
+        }
+    }
 }
 
 /// Arms the boundary breakpoints of a transition that uses them, on every vCPU.

@@ -21,7 +21,7 @@ use crate::{find_kernel, Guest, GuestSpec, HarnessError, KernelSeries};
 pub use guest_images::{snapshots_dir, DUMPS_ENV};
 
 /// Bumped when the contents of a snapshot change, so old ones are remade.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// Each task's context-switch count ("voluntary+nonvoluntary+0") and stack, one block per
 /// task: "== PID COUNT COMM" then /proc/PID/stack.
@@ -190,6 +190,12 @@ fn user_pgd_caught(regs: &str) -> bool {
 }
 
 /// Parks the tasks the tests look for; returns (pid, wait function) pairs.
+/// Whether every CPU of an `info registers -a` dump is halted (`HLT=1`: in the idle loop).
+fn all_halted(regs: &str) -> bool {
+    let cpus = regs.matches("CPU#").count();
+    cpus > 0 && regs.matches("HLT=1").count() == cpus
+}
+
 fn park(g: &mut Guest, pti: bool) -> Result<Vec<(u32, &'static str)>, HarnessError> {
     let pipewait = g.spawn("pipewait")?;
     let mut parked = vec![
@@ -249,9 +255,16 @@ fn capture(kind: SnapshotKind, out: &Path) -> Result<(usize, usize), HarnessErro
         attempt += 1;
         let stopped = g.hmp("stop")?;
         let regs = g.hmp("info registers -a");
-        let wanted = regs
-            .as_ref()
-            .is_ok_and(|r| !kind.pti || user_pgd_caught(r) || attempt >= 50);
+        // Without PTI the snapshot tests want every vCPU in the idle loop: stop again until
+        // all are halted (a busy moment of the guest, e.g. an RCU kthread, is waited out).
+        let wanted = regs.as_ref().is_ok_and(|r| {
+            attempt >= 50
+                || if kind.pti {
+                    user_pgd_caught(r)
+                } else {
+                    all_halted(r)
+                }
+        });
         let copied = wanted.then(|| fs::copy(g.mem_file(), out.join("ram.bin")));
         let resumed = g.hmp("cont");
         let regs = regs?;
@@ -331,6 +344,13 @@ mod tests {
         assert_eq!(t[0].comm, "sh");
         assert_eq!(t[0].stack, "[<0>] do_wait+0x5/0x10\n");
         assert_eq!(t[1].stack, "== x junk\n[<0>] a+0x1/0x2\n");
+    }
+
+    #[test]
+    fn halted_cpus() {
+        assert!(all_halted("CPU#0\nRIP=1 HLT=1\nCPU#1\nRIP=2 HLT=1\n"));
+        assert!(!all_halted("CPU#0\nRIP=1 HLT=1\nCPU#1\nRIP=2 HLT=0\n"));
+        assert!(!all_halted(""));
     }
 
     #[test]
