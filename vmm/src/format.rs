@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::types::{
-    FrameLine, Patch, PatchState, PatchStatus, StackView, Stacks, Status, SymbolLine, SymbolMatch,
-    TaskResult, Unloaded, Vcpu,
+    FrameLine, ModuleResult, Patch, PatchState, PatchStatus, StackView, Stacks, Status, SymbolLine,
+    SymbolMatch, TaskResult, Unloaded, Vcpu,
 };
 
 fn pretty(v: &Value) -> String {
@@ -91,7 +91,40 @@ pub fn symbols(v: &Value) -> String {
     typed(v, |list: &Vec<SymbolLine>| {
         let mut s = String::new();
         for y in list {
-            let _ = writeln!(s, "{:016x} {} {}", y.addr, y.kind, y.name);
+            let _ = match &y.module {
+                Some(m) => writeln!(s, "{:016x} {} {}\t[{m}]", y.addr, y.kind, y.name),
+                None => writeln!(s, "{:016x} {} {}", y.addr, y.kind, y.name),
+            };
+        }
+        s
+    })
+}
+
+/// `inspect modules`: like /proc/modules (name, size, state, core text address), then each
+/// region.
+pub fn modules(v: &Value) -> String {
+    typed(v, |list: &Vec<ModuleResult>| {
+        let mut s = String::new();
+        for m in list {
+            let _ = writeln!(
+                s,
+                "{} {} {} 0x{:016x}  (struct module at {:#x})",
+                m.name,
+                m.size,
+                m.state.proc_name(),
+                m.base().unwrap_or(0),
+                m.addr
+            );
+            for r in &m.regions {
+                let _ = writeln!(
+                    s,
+                    "    {:<14} {:#x}-{:#x} ({} bytes)",
+                    format!("{:?}", r.kind),
+                    r.start,
+                    r.end,
+                    r.end - r.start
+                );
+            }
         }
         s
     })

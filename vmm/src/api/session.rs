@@ -14,8 +14,8 @@ use super::error::ReqError;
 use super::protocol::{InspectWhat, Request, Response};
 use super::server::{Handler, Reply};
 use super::types::{
-    Forced, FrameLine, Patch, PatchArena, PatchStatus, StackView, Stacks, Status, SymbolLine,
-    SymbolMatch, TaskStack, Unloaded, Vcpu, VcpuStack,
+    Forced, FrameLine, ModuleResult, Patch, PatchArena, PatchStatus, StackView, Stacks, Status,
+    SymbolLine, SymbolMatch, TaskStack, Unloaded, Vcpu, VcpuStack,
 };
 
 /// Longest banner compared when checking that the cached kernel model still fits the guest.
@@ -270,17 +270,33 @@ impl Session {
             match what {
                 InspectWhat::Kernel => to_json(k.info()),
                 InspectWhat::Symbols => {
-                    let all: Vec<SymbolLine> = k
+                    let mut all: Vec<SymbolLine> = k
                         .symbols()
                         .iter()
                         .map(|y| SymbolLine {
                             addr: y.addr,
                             kind: y.kind,
                             name: y.name.to_string(),
+                            module: None,
                         })
                         .collect();
+                    // A kernel without module support (no `modules` list in BTF) has none.
+                    let mods = match k.module_symbols(mem) {
+                        Err(introspect::ModuleError::NoLayout) => Vec::new(),
+                        r => r?,
+                    };
+                    all.extend(mods.into_iter().map(|y| SymbolLine {
+                        addr: y.addr,
+                        kind: y.kind,
+                        name: y.name,
+                        module: Some(y.module),
+                    }));
                     to_json(&all)
                 }
+                InspectWhat::Modules => match k.modules(mem) {
+                    Err(introspect::ModuleError::NoLayout) => to_json(&Vec::<ModuleResult>::new()),
+                    r => to_json(&r?),
+                },
                 InspectWhat::Symbol => {
                     let name = name.ok_or_else(|| {
                         ReqError::BadRequest("inspect symbol needs a name".into())
