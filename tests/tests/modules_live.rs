@@ -1,0 +1,388 @@
+//! Issue 10, first part: module symbols and the module list read from guest memory alone, on
+//! booted Debian 6.1 and 6.12 guests (QEMU TCG, KASLR on) that `insmod` stock Debian modules
+//! from their own kernel package (`guest_images::modules`: the .ko files of the cached
+//! linux-image .deb with their `depends=`, .ko.xz decompressed on the host).
+//!
+//! Compared with the guest's own view, read as root over the serial console:
+//! - the module lines of `hvpatch inspect symbols` equal the module lines of /proc/kallsyms
+//!   (order, address, type letter, name, module), and the whole listing equals the file;
+//! - `hvpatch inspect modules` equals /proc/modules (order, name, size, state, address) and
+//!   /sys/module/NAME/sections (`.text` is the core text base; `.rodata`, `.data`, `.bss`
+//!   lie in the matching regions);
+//! - `Kernel::lookup_in_module` finds module functions at the /proc/kallsyms address.
+//!
+//! A mismatch fails with a diff.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
+use introspect::{ModuleError, RegionKind, SymbolError};
+use patcher::GuestControl;
+use serde_json::Value;
+
+/// The modules asked for (their dependencies come along): two file systems, a network
+/// device, a network protocol and an NLS table — small, and loadable in a bare initramfs.
+const MODULES: &[&str] = &["isofs", "vfat", "nls_ascii", "dummy", "ipip"];
+
+/// Boots `series` with the stock modules in `/lib/modules/NAME.ko` and loads them all;
+/// returns the guest and the module names in load order.
+fn boot_with_modules(series: KernelSeries) -> (Guest, Vec<String>) {
+    let mods =
+        guest_images::modules::existing_modules(series.into(), MODULES).unwrap_or_else(|e| {
+            panic!(
+                "stock modules of the {series} kernel package: {e}\n(the package is kept in the \
+             image cache by `cargo run -p hvpatch-guest-images -- fetch`, i.e. scripts/setup)"
+            )
+        });
+    let mut spec = GuestSpec::new(series);
+    for m in &mods {
+        spec = spec.file(&format!("/lib/modules/{}.ko", m.name), m.bytes.clone());
+    }
+    let mut g = Guest::boot(spec).unwrap_or_else(|e| panic!("booting {series}: {e}"));
+    let mut names = Vec::new();
+    for m in &mods {
+        let (rc, out) = g
+            .run_status(&format!("insmod /lib/modules/{}.ko", m.name))
+            .expect("insmod");
+        assert_eq!(
+            rc,
+            0,
+            "{series}: insmod {} (depends {:?}) failed: {out}\n{}",
+            m.name,
+            m.depends,
+            g.run("dmesg | tail -20").unwrap_or_default()
+        );
+        names.push(m.name.clone());
+    }
+    eprintln!("{series}: loaded {names:?}");
+    (g, names)
+}
+
+/// The module lines (`addr type name\t[module]`) of a /proc/kallsyms-format text.
+fn module_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim_end)
+        .filter(|l| l.contains("\t["))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The module of a module line.
+fn module_of(line: &str) -> &str {
+    line.rsplit_once("\t[")
+        .map_or("", |(_, m)| m.trim_end_matches(']'))
+}
+
+/// A readable diff of two module-line lists: per module, the lines only on one side, then
+/// the first place where the order differs.
+fn diff(proc: &[String], ours: &[String]) -> String {
+    let mut per: BTreeMap<&str, (BTreeMap<&str, i64>, usize, usize)> = BTreeMap::new();
+    for l in proc {
+        let e = per.entry(module_of(l)).or_default();
+        *e.0.entry(l).or_default() += 1;
+        e.1 += 1;
+    }
+    for l in ours {
+        let e = per.entry(module_of(l)).or_default();
+        *e.0.entry(l).or_default() -= 1;
+        e.2 += 1;
+    }
+    let mut s = String::new();
+    for (m, (lines, np, no)) in &per {
+        let only: Vec<String> = lines
+            .iter()
+            .filter(|(_, &n)| n != 0)
+            .take(30)
+            .map(|(l, &n)| {
+                let side = if n > 0 { "- /proc" } else { "+ hvpatch" };
+                format!("    {side}: {l}")
+            })
+            .collect();
+        if !only.is_empty() || np != no {
+            s.push_str(&format!(
+                "  [{m}]: {np} lines in /proc/kallsyms, {no} from hvpatch\n{}\n",
+                only.join("\n")
+            ));
+        }
+    }
+    if let Some(i) = proc.iter().zip(ours).position(|(a, b)| a != b) {
+        s.push_str(&format!(
+            "  first difference in order at module line {}:\n    - /proc:   {}\n    + hvpatch: {}\n",
+            i + 1,
+            proc[i],
+            ours[i]
+        ));
+    }
+    s
+}
+
+/// Parses /proc/modules: (name, size, state, address).
+fn proc_modules(text: &str) -> Vec<(String, u64, String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let addr = f.get(5)?.trim_start_matches("0x");
+            Some((
+                f.first()?.to_string(),
+                f.get(1)?.parse().ok()?,
+                f.get(4)?.to_string(),
+                u64::from_str_radix(addr, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn hex(v: &Value) -> u64 {
+    v.as_str()
+        .and_then(|s| introspect::hex::parse_hex(s).ok())
+        .unwrap_or_else(|| panic!("not a hex string: {v}"))
+}
+
+/// Module symbols and the module list through the library: counts, time to read, and
+/// `lookup_in_module` against /proc/kallsyms.
+fn check_library(g: &mut Guest, loaded: &[String], proc: &[String]) {
+    let series = g.kernel().series;
+    let (mut ctl, kernel, _) = harness::patching::attach_and_open(g);
+    ctl.pause().expect("pause");
+    let mem = ctl.memory();
+    // The BTF model is built once per kernel; time the module reads alone.
+    let t = Instant::now();
+    kernel.model(mem).expect("kernel model (BTF)");
+    let t_model = t.elapsed();
+    let t = Instant::now();
+    let mods = kernel.modules(mem).expect("Kernel::modules");
+    let t_mods = t.elapsed();
+    let t = Instant::now();
+    let syms = kernel.module_symbols(mem).expect("Kernel::module_symbols");
+    let t_syms = t.elapsed();
+    let mut counts = Vec::new();
+    for m in loaded {
+        let n = syms.iter().filter(|s| &s.module == m).count();
+        let exported = syms.iter().filter(|s| &s.module == m && s.exported).count();
+        counts.push(format!("{m} {n} ({exported} exported)"));
+    }
+    eprintln!(
+        "{series}: model (BTF) {t_model:?}; {} modules in {t_mods:?}; {} module symbols in \
+         {t_syms:?}: {}",
+        mods.len(),
+        syms.len(),
+        counts.join(", ")
+    );
+    // Every text symbol that is unique in its module resolves to its /proc/kallsyms address.
+    let mut checked = 0;
+    let mut errors = Vec::new();
+    for m in loaded {
+        let mine: Vec<(u64, &str)> = proc
+            .iter()
+            .filter(|l| module_of(l) == m)
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let a = u64::from_str_radix(f.next()?, 16).ok()?;
+                let t = f.next()?;
+                let n = f.next()?;
+                matches!(t, "t" | "T").then_some((a, n))
+            })
+            .collect();
+        for &(a, n) in &mine {
+            if mine.iter().filter(|x| x.1 == n).count() != 1 {
+                continue;
+            }
+            match kernel.lookup_in_module(mem, m, n, None) {
+                Ok(x) if x == a => checked += 1,
+                other => errors.push(format!("{m}:{n}: /proc {a:#x}, hvpatch {other:?}")),
+            }
+        }
+    }
+    let m0 = &loaded[0];
+    let unknown = kernel.lookup_in_module(mem, m0, "no_such_symbol_hvpatch", None);
+    let nomod = kernel.lookup_in_module(mem, "no_such_module", "init_module", None);
+    ctl.resume().expect("resume");
+    drop(ctl);
+    assert!(
+        errors.is_empty(),
+        "{series}: lookup_in_module differs from /proc/kallsyms:\n{}",
+        errors.join("\n")
+    );
+    assert!(
+        checked >= 50,
+        "{series}: only {checked} module functions looked up"
+    );
+    assert!(
+        matches!(
+            unknown,
+            Err(ModuleError::Symbol {
+                source: SymbolError::Unknown { .. },
+                ..
+            })
+        ),
+        "{unknown:?}"
+    );
+    assert!(matches!(nomod, Err(ModuleError::NoModule(_))), "{nomod:?}");
+}
+
+/// `inspect symbols` vs /proc/kallsyms: module lines with a diff, then the whole file.
+fn check_symbols(series: KernelSeries, proc_text: &str, srv: &AttachServer, loaded: &[String]) {
+    let proc = module_lines(proc_text);
+    let ours_text = srv
+        .cli_ok(&["inspect", "symbols"])
+        .expect("inspect symbols");
+    let ours = module_lines(&ours_text);
+    for m in loaded {
+        let n = proc.iter().filter(|l| module_of(l) == m).count();
+        assert!(
+            n >= 5,
+            "{series}: /proc/kallsyms shows only {n} lines of module {m}"
+        );
+    }
+    assert!(
+        !proc.iter().any(|l| l.starts_with("0000000000000000 ")),
+        "{series}: /proc/kallsyms shows zeroed module addresses: not read as root?"
+    );
+    assert!(
+        proc == ours,
+        "{series}: module lines of `inspect symbols` differ from /proc/kallsyms:\n{}",
+        diff(&proc, &ours)
+    );
+    let all: Vec<String> = ours_text.lines().map(str::to_string).collect();
+    harness::patching::assert_kallsyms_equal(proc_text, &all, "hvpatch inspect symbols");
+    eprintln!(
+        "{series}: {} module lines of /proc/kallsyms equal (of {} lines)",
+        proc.len(),
+        all.len()
+    );
+}
+
+/// `inspect modules` vs /proc/modules and /sys/module/NAME/sections.
+fn check_modules(g: &mut Guest, srv: &AttachServer, loaded: &[String]) {
+    let series = g.kernel().series;
+    let text = g.run("cat /proc/modules").expect("/proc/modules");
+    let proc = proc_modules(&text);
+    let ours = srv.json(&["inspect", "modules"]).expect("inspect modules");
+    let ours = ours.as_array().expect("modules array");
+    let got: Vec<(String, u64, String, u64)> = ours
+        .iter()
+        .map(|m| {
+            let text = m["regions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["kind"] == "text")
+                .map_or(0, |r| hex(&r["start"]));
+            let state = match m["state"].as_str().unwrap() {
+                "coming" => "Loading",
+                "going" => "Unloading",
+                _ => "Live",
+            };
+            (
+                m["name"].as_str().unwrap().to_string(),
+                m["size"].as_u64().unwrap(),
+                state.to_string(),
+                text,
+            )
+        })
+        .collect();
+    assert_eq!(
+        proc.len(),
+        loaded.len(),
+        "{series}: /proc/modules does not list what was loaded:\n{text}"
+    );
+    assert_eq!(
+        got, proc,
+        "{series}: `inspect modules` (left) differs from /proc/modules (right):\n{text}"
+    );
+    let mut errors = Vec::new();
+    for m in ours {
+        let name = m["name"].as_str().unwrap();
+        let regions: Vec<(String, u64, u64)> = m["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["kind"].as_str().unwrap().to_string(),
+                    hex(&r["start"]),
+                    hex(&r["end"]),
+                )
+            })
+            .collect();
+        let kind_of = |k: RegionKind| serde_json::to_value(k).unwrap();
+        let sections = g
+            .run(&format!(
+                "cd /sys/module/{name}/sections && for s in .text .rodata .data .bss; do [ -e $s ] && echo $s $(cat $s); done; true"
+            ))
+            .expect("sections");
+        let mut seen_text = false;
+        for l in sections.lines() {
+            let Some((sec, a)) = l.split_once(' ') else {
+                continue;
+            };
+            let Ok(a) = u64::from_str_radix(a.trim().trim_start_matches("0x"), 16) else {
+                errors.push(format!("{name}: bad section line {l:?}"));
+                continue;
+            };
+            let want: &[RegionKind] = match sec {
+                ".text" => &[RegionKind::Text],
+                ".rodata" => &[RegionKind::Rodata],
+                _ => &[RegionKind::Data],
+            };
+            let ok = regions.iter().any(|(k, s, e)| {
+                want.iter().any(|w| kind_of(*w) == k.as_str()) && a >= *s && a < *e
+            });
+            if !ok {
+                errors.push(format!(
+                    "{name}: section {sec} at {a:#x} is not in a {want:?} region of {regions:x?}"
+                ));
+            }
+            if sec == ".text" {
+                seen_text = true;
+                let base = regions.iter().find(|r| r.0 == "text").map(|r| r.1);
+                if base != Some(a) {
+                    errors.push(format!(
+                        "{name}: /sys/module sections/.text {a:#x}, hvpatch core text base {base:x?}"
+                    ));
+                }
+            }
+        }
+        if !seen_text {
+            errors.push(format!(
+                "{name}: no sections/.text in /sys/module:\n{sections}"
+            ));
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{series}: `inspect modules` vs /sys/module/*/sections:\n{}",
+        errors.join("\n")
+    );
+}
+
+fn modules_match_guest(series: KernelSeries) {
+    let (mut g, loaded) = boot_with_modules(series);
+    // Exercise them a little: the network device and the tunnel come up.
+    let _ = g.run("ip link add hvd0 type dummy 2>&1; ip link set hvd0 up 2>&1; ip link show 2>&1 | grep -c : ");
+    let proc_text = g
+        .run_bulk("cat /proc/kallsyms")
+        .expect("cat /proc/kallsyms");
+    let proc = module_lines(&proc_text);
+    check_library(&mut g, &loaded, &proc);
+    let srv = AttachServer::start(&g).expect("hvpatch attach");
+    // The guest ran in between: read /proc/kallsyms again for the server comparison (module
+    // symbols do not change while no module comes or goes).
+    let again = g
+        .run_bulk("cat /proc/kallsyms")
+        .expect("cat /proc/kallsyms");
+    assert_eq!(module_lines(&again), proc, "{series}: module lines changed");
+    check_symbols(series, &again, &srv, &loaded);
+    check_modules(&mut g, &srv, &loaded);
+}
+
+#[test]
+fn module_symbols_match_guest_6_1() {
+    modules_match_guest(KernelSeries::V6_1);
+}
+
+#[test]
+fn module_symbols_match_guest_6_12() {
+    modules_match_guest(KernelSeries::V6_12);
+}
