@@ -495,6 +495,21 @@ pub fn lookup_in(
     Ok(addrs[i])
 }
 
+/// The size of the defined symbol at `addr` in one module's table, the way
+/// `find_kallsyms_symbol` bounds it: the distance to the next higher defined, named symbol
+/// of that module, or to the end of the module region holding `addr`. `None` when `addr` is
+/// in none of the module's regions.
+pub fn symbol_size(syms: &[ModuleSymbol], module: &Module, addr: u64) -> Option<u64> {
+    let region = module.region_of(addr)?;
+    let next = syms
+        .iter()
+        .filter(|s| s.defined && s.module == module.name && s.addr > addr && s.addr < region.end)
+        .map(|s| s.addr)
+        .min()
+        .unwrap_or(region.end);
+    Some(next - addr)
+}
+
 impl crate::Kernel {
     /// The symbols of every loaded module, read now from the guest, exactly as the module
     /// lines of `/proc/kallsyms` list them (`addr type name [module]`).

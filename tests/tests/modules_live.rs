@@ -244,6 +244,39 @@ fn check_symbols(series: KernelSeries, proc_text: &str, srv: &AttachServer, load
         "{series}: module lines of `inspect symbols` differ from /proc/kallsyms:\n{}",
         diff(&proc, &ours)
     );
+    // `inspect symbol MODULE:NAME` (and plain NAME) finds a function of each module at its
+    // /proc/kallsyms address, with sympos 1 and a size.
+    let mut errors = Vec::new();
+    for m in loaded {
+        let mine: Vec<Vec<&str>> = proc
+            .iter()
+            .filter(|l| module_of(l) == m)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let Some(f) = mine.iter().find(|f| {
+            matches!(f[1], "t" | "T") && mine.iter().filter(|g| g[2] == f[2]).count() == 1
+        }) else {
+            errors.push(format!("{m}: no unique function in /proc/kallsyms"));
+            continue;
+        };
+        for q in [format!("{m}:{}", f[2]), f[2].to_string()] {
+            let v = srv
+                .json(&["inspect", "symbol", &q])
+                .expect("inspect symbol");
+            let hit = v
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["module"].as_str() == Some(m.as_str())));
+            let ok = hit.is_some_and(|x| {
+                format!("{:016x}", hex(&x["addr"])) == f[0]
+                    && x["sympos"] == 1
+                    && x["size"].as_u64().is_some_and(|z| z > 0)
+            });
+            if !ok {
+                errors.push(format!("inspect symbol {q}: {v}; /proc: {}", f.join(" ")));
+            }
+        }
+    }
+    assert!(errors.is_empty(), "{series}:\n{}", errors.join("\n"));
     let all: Vec<String> = ours_text.lines().map(str::to_string).collect();
     harness::patching::assert_kallsyms_equal(proc_text, &all, "hvpatch inspect symbols");
     eprintln!(

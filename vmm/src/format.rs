@@ -143,6 +143,9 @@ pub fn symbol(v: &Value) -> String {
             if let Some(z) = y.size {
                 let _ = write!(s, " size={z:#x}");
             }
+            if let Some(m) = &y.module {
+                let _ = write!(s, " [{m}]");
+            }
             s.push('\n');
         }
         s

@@ -87,10 +87,13 @@ pub struct SymbolMatch {
     pub kind: char,
     /// Name.
     pub name: String,
-    /// 1-based position among the symbols of this name, in table order (livepatch's sympos).
+    /// 1-based position among the symbols of this name in the same object (vmlinux or the
+    /// module), in table order (livepatch's sympos).
     pub sympos: usize,
     /// Distance to the next symbol, when the address starts a symbol.
     pub size: Option<u64>,
+    /// The module, `null` for vmlinux.
+    pub module: Option<String>,
 }
 
 /// `inspect tasks`: one task (thread).
