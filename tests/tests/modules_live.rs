@@ -408,6 +408,32 @@ fn modules_match_guest(series: KernelSeries) {
     assert_eq!(module_lines(&again), proc, "{series}: module lines changed");
     check_symbols(series, &again, &srv, &loaded);
     check_modules(&mut g, &srv, &loaded);
+
+    // A module that goes disappears; loaded again (elsewhere), it is read again.
+    let last = loaded.last().expect("a module").clone();
+    g.run(&format!("rmmod {last}")).expect("rmmod");
+    let gone = srv.json(&["inspect", "modules"]).expect("inspect modules");
+    assert!(
+        !gone
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"].as_str() == Some(last.as_str())),
+        "{series}: {last} still listed after rmmod: {gone}"
+    );
+    let fewer = &loaded[..loaded.len() - 1];
+    let text = g
+        .run_bulk("cat /proc/kallsyms")
+        .expect("cat /proc/kallsyms");
+    check_symbols(series, &text, &srv, fewer);
+    check_modules(&mut g, &srv, fewer);
+    g.run(&format!("insmod /lib/modules/{last}.ko"))
+        .expect("insmod again");
+    let text = g
+        .run_bulk("cat /proc/kallsyms")
+        .expect("cat /proc/kallsyms");
+    check_symbols(series, &text, &srv, &loaded);
+    check_modules(&mut g, &srv, &loaded);
 }
 
 #[test]
