@@ -1,8 +1,16 @@
-//! Loaded kernel modules as the unwinder needs them: text ranges and ORC tables.
+//! Loaded kernel modules: the `modules` list walked from guest memory with `struct module`
+//! offsets from BTF (6.1: `core_layout`/`init_layout`; 6.4+: `mem[MOD_MEM_NUM_TYPES]`).
+//!
+//! Two views: [`Module`] (name, state, size and the core/init text and data regions, what
+//! `/proc/modules` and `/sys/module/NAME/sections` show; [`crate::Kernel::modules`]) and
+//! [`ModuleText`] (text ranges and ORC tables, for the unwinder). Module symbols are in
+//! [`crate::modsyms`].
 //!
 //! The module list changes at runtime, so it is not cached in the [`Model`]: it is read when
 //! an unwind first meets an ip outside vmlinux text ([`LazyModules`]) or on request
-//! ([`read_modules`]). Module ORC lookups binary-search the module's tables in guest memory.
+//! ([`read_modules`], [`read_module_list`]). Module ORC lookups binary-search the module's
+//! tables in guest memory. Every pointer and size is guest data: lists are bounded and
+//! loop-checked, ranges checked, and failures are [`ModuleError`]s.
 
 use std::cell::OnceCell;
 use std::collections::HashSet;
