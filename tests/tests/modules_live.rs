@@ -21,9 +21,27 @@ use introspect::{ModuleError, RegionKind, SymbolError};
 use patcher::GuestControl;
 use serde_json::Value;
 
-/// The modules asked for (their dependencies come along): two file systems, a network
-/// device, a network protocol and an NLS table — small, and loadable in a bare initramfs.
-const MODULES: &[&str] = &["isofs", "vfat", "nls_ascii", "dummy", "ipip"];
+/// The modules asked for (their dependencies come along): two file systems, the loop device
+/// and the NLS tables vfat mounts with, a network device and a network protocol — small, and
+/// loadable in a bare initramfs.
+const MODULES: &[&str] = &[
+    "isofs",
+    "loop",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "dummy",
+    "ipip",
+];
+
+/// Uses the modules from user space with busybox: a vfat file system on a loop device
+/// (mkdosfs, losetup, mount, write, read back) and a dummy network device.
+const EXERCISE: &str = "dd if=/dev/zero of=/tmp/fat.img bs=1k count=2048 2>/dev/null \
+    && mkdosfs /tmp/fat.img >/dev/null && losetup /dev/loop0 /tmp/fat.img && mkdir -p /mnt \
+    && mount -t vfat /dev/loop0 /mnt && echo hvpatch-vfat > /mnt/hello.txt && umount /mnt \
+    && mount -t vfat /dev/loop0 /mnt && cat /mnt/hello.txt && umount /mnt \
+    && losetup -d /dev/loop0 && ip link add hvd0 type dummy && ip link set hvd0 up \
+    && ip link show hvd0 | grep -c hvd0";
 
 /// Boots `series` with the stock modules in `/lib/modules/NAME.ko` and loads them all;
 /// returns the guest and the module names in load order.
@@ -392,8 +410,12 @@ fn check_modules(g: &mut Guest, srv: &AttachServer, loaded: &[String]) {
 
 fn modules_match_guest(series: KernelSeries) {
     let (mut g, loaded) = boot_with_modules(series);
-    // Exercise them a little: the network device and the tunnel come up.
-    let _ = g.run("ip link add hvd0 type dummy 2>&1; ip link set hvd0 up 2>&1; ip link show 2>&1 | grep -c : ");
+    let (rc, out) = g.run_status(EXERCISE).expect("exercise the modules");
+    assert!(
+        rc == 0 && out.contains("hvpatch-vfat") && out.trim_end().ends_with('1'),
+        "{series}: vfat on a loop device / a dummy device failed ({rc}): {out}\n{}",
+        g.run("dmesg | tail -20").unwrap_or_default()
+    );
     let proc_text = g
         .run_bulk("cat /proc/kallsyms")
         .expect("cat /proc/kallsyms");
