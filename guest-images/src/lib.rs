@@ -10,7 +10,7 @@
 //! kernels/<6.1|6.12>/{vmlinuz,vmlinux,config,release,stamp}
 //! initramfs.cpio.gz      .initramfs.key
 //! progs/<name>           progs/.<name>.key
-//! kernels/<6.1|6.12>/modules/{index,<name>.ko}   (stock modules, extracted on demand)
+//! kernels/<6.1|6.12>/modules/<release>/{index,<name>.ko}   (stock modules, extracted on demand)
 //! debs/*.deb
 //! ```
 

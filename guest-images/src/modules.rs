@@ -4,7 +4,7 @@
 //! (`debs/*.deb`, kept by `fetch`), under `/lib/modules/<release>/kernel/`. 6.1 ships plain
 //! `.ko` files, 6.12 `.ko.xz`; both are returned decompressed (busybox `insmod` takes plain
 //! ELF), with their dependencies from each module's `.modinfo` `depends=`, in load order.
-//! Extracted modules are cached in `kernels/<series>/modules/`.
+//! Extracted modules are cached in `kernels/<series>/modules/<release>/`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -118,7 +118,10 @@ pub fn kernel_modules(
             "the kernel package, which holds the stock modules",
         ));
     }
-    let dir = kernels::dir(cache, series).join("modules");
+    // Keyed by release: a newer package of the series gets a directory of its own.
+    let dir = kernels::dir(cache, series)
+        .join("modules")
+        .join(&stamp.release);
     fs::create_dir_all(&dir).map_err(|e| ImagesError::io("creating", &dir, e))?;
     let index = package_index(&deb, &dir, &stamp.release)?;
     let mut done: Vec<KernelModule> = Vec::new();

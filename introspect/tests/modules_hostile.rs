@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use introspect::model::GuestAccess;
 use introspect::modsyms::{
-    lookup_in, read_module_symbols, ElfSymLayout, KernelSymbolLayout, ModKallsymsLayout,
-    MAX_MODULE_SYMS, MAX_PAGES,
+    lookup_in, read_module_symbols, symbol_size, ElfSymLayout, KernelSymbolLayout,
+    ModKallsymsLayout, MAX_MODULE_SYMS, MAX_PAGES,
 };
 use introspect::modules::{
     read_module_list, LayoutOffsets, ModuleLayout, RegionLayout, MAX_MODULES,
@@ -307,6 +307,10 @@ fn well_formed_module_reads_like_proc() {
             );
         }
         assert!(m.region(RegionKind::InitRodata).is_none());
+        // Sizes end at the module's next defined symbol, or at the end of the region.
+        assert_eq!(symbol_size(&syms, m, TEXT + 0x10), Some(0x10));
+        assert_eq!(symbol_size(&syms, m, TEXT + 0x40), Some(0x2000 - 0x40));
+        assert_eq!(symbol_size(&syms, m, 0), None);
         assert!(m.regions.iter().take_while(|r| !r.kind.is_init()).count() >= 2);
     }
 }
