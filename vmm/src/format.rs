@@ -119,7 +119,10 @@ pub fn modules(v: &Value) -> String {
                 let _ = writeln!(
                     s,
                     "    {:<14} {:#x}-{:#x} ({} bytes)",
-                    format!("{:?}", r.kind),
+                    serde_json::to_value(r.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
                     r.start,
                     r.end,
                     r.end - r.start
@@ -416,6 +419,33 @@ mod tests {
         assert_eq!(
             super::symbol(&one),
             "ffffffff81234560 t f  sympos=2 size=0x60\n"
+        );
+
+        // Module symbols: /proc/kallsyms's `\t[module]`.
+        let m = json!([{"addr": "0xffffffffc0a45010", "type": "t", "name": "isofs_mount",
+                        "module": "isofs"},
+                       {"addr": "0xffffffff81000000", "type": "T", "name": "_text", "module": null}]);
+        assert_eq!(
+            super::symbols(&m),
+            "ffffffffc0a45010 t isofs_mount\t[isofs]\nffffffff81000000 T _text\n"
+        );
+        let one = json!([{"addr": "0xffffffffc0a45010", "type": "t", "name": "isofs_mount",
+                          "sympos": 1, "size": 32, "module": "isofs"}]);
+        assert_eq!(
+            super::symbol(&one),
+            "ffffffffc0a45010 t isofs_mount  sympos=1 size=0x20 [isofs]\n"
+        );
+        let mods = json!([{"addr": "0xffffffffc0a4e000", "name": "isofs", "state": "coming",
+                           "size": 57344,
+                           "regions": [{"kind": "text", "start": "0xffffffffc0a45000",
+                                        "end": "0xffffffffc0a4c000"},
+                                       {"kind": "init_text", "start": "0xffffffffc0a60000",
+                                        "end": "0xffffffffc0a61000"}]}]);
+        assert_eq!(
+            super::modules(&mods),
+            "isofs 57344 Loading 0xffffffffc0a45000  (struct module at 0xffffffffc0a4e000)\n\
+             \x20   text           0xffffffffc0a45000-0xffffffffc0a4c000 (28672 bytes)\n\
+             \x20   init_text      0xffffffffc0a60000-0xffffffffc0a61000 (4096 bytes)\n"
         );
 
         let st = json!({"host": "kvm", "vcpus": 2, "paused": false,
