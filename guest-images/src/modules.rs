@@ -124,6 +124,7 @@ pub fn kernel_modules(
         .join(&stamp.release);
     fs::create_dir_all(&dir).map_err(|e| ImagesError::io("creating", &dir, e))?;
     let index = package_index(&deb, &dir, &stamp.release)?;
+    prefetch(&index, &deb, &dir, names)?;
     let mut done: Vec<KernelModule> = Vec::new();
     let mut visiting: Vec<String> = Vec::new();
     for n in names {
@@ -171,6 +172,105 @@ fn package_index(
         .collect())
 }
 
+/// Extracts the modules `names` that are not cached yet with one pass over the package,
+/// decompressed, into `dir/<name>.ko`.
+fn extract(
+    index: &BTreeMap<String, String>,
+    deb: &Path,
+    dir: &Path,
+    names: &[String],
+) -> Result<(), ImagesError> {
+    let bad = |why: String| ImagesError::BadPackage {
+        deb: deb.to_path_buf(),
+        why,
+    };
+    let mut paths = Vec::new();
+    for n in names {
+        if dir.join(format!("{n}.ko")).is_file() {
+            continue;
+        }
+        let p = index
+            .get(n)
+            .ok_or_else(|| bad(format!("no module {n} in the package")))?;
+        paths.push((n.clone(), p.clone()));
+    }
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let tmp = dir.join(format!(
+        ".x.{}.{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(|e| ImagesError::io("creating", &tmp, e))?;
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "deb=$1; out=$2; shift 2; dpkg-deb --fsys-tarfile \"$deb\" | tar -x -C \"$out\" \"$@\"",
+        "sh",
+    ])
+    .arg(deb)
+    .arg(&tmp);
+    for (_, p) in &paths {
+        cmd.arg(format!("./{p}"));
+    }
+    let result = run(&mut cmd).and_then(|_| {
+        for (n, p) in &paths {
+            let raw = decompress(p, read(&tmp.join(p))?).map_err(|e| bad(format!("{p}: {e}")))?;
+            write_atomic(&dir.join(format!("{n}.ko")), &raw, 0o644)?;
+        }
+        Ok(())
+    });
+    let _ = fs::remove_dir_all(&tmp);
+    result
+}
+
+/// The `depends=` of a module file.
+fn depends_of(bytes: &[u8]) -> Option<Vec<String>> {
+    let info = modinfo(bytes)?;
+    Some(
+        info.iter()
+            .find_map(|s| s.strip_prefix("depends="))
+            .map(|d| {
+                d.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.replace('-', "_"))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+/// Extracts `names` and everything they depend on, one package pass per level of
+/// dependencies.
+fn prefetch(
+    index: &BTreeMap<String, String>,
+    deb: &Path,
+    dir: &Path,
+    names: &[&str],
+) -> Result<(), ImagesError> {
+    let mut seen: Vec<String> = Vec::new();
+    let mut level: Vec<String> = names.iter().map(|n| n.replace('-', "_")).collect();
+    while !level.is_empty() && seen.len() < MAX_MODULES {
+        extract(index, deb, dir, &level)?;
+        seen.extend(level.iter().cloned());
+        let mut next = Vec::new();
+        for n in &level {
+            let Ok(bytes) = read(&dir.join(format!("{n}.ko"))) else {
+                continue;
+            };
+            for d in depends_of(&bytes).unwrap_or_default() {
+                if !seen.contains(&d) && !next.contains(&d) {
+                    next.push(d);
+                }
+            }
+        }
+        level = next;
+    }
+    Ok(())
+}
+
 /// Adds `name` after its dependencies (depth-first, loop-checked).
 fn add(
     name: &str,
@@ -199,35 +299,10 @@ fn add(
         .clone();
     let ko = dir.join(format!("{name}.ko"));
     if !ko.is_file() {
-        let tmp = dir.join(format!(".x.{name}.{}", std::process::id()));
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).map_err(|e| ImagesError::io("creating", &tmp, e))?;
-        let got = run(Command::new("sh")
-            .args([
-                "-c",
-                "dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" \"./$3\"",
-                "sh",
-            ])
-            .arg(deb)
-            .arg(&tmp)
-            .arg(&path))
-        .and_then(|_| read(&tmp.join(&path)));
-        let _ = fs::remove_dir_all(&tmp);
-        let raw = decompress(&path, got?).map_err(|e| bad(format!("{path}: {e}")))?;
-        write_atomic(&ko, &raw, 0o644)?;
+        extract(index, deb, dir, std::slice::from_ref(&name))?;
     }
     let bytes = read(&ko)?;
-    let info = modinfo(&bytes).ok_or_else(|| bad(format!("{path}: no .modinfo section")))?;
-    let depends: Vec<String> = info
-        .iter()
-        .find_map(|s| s.strip_prefix("depends="))
-        .map(|d| {
-            d.split(',')
-                .filter(|s| !s.is_empty())
-                .map(|s| s.replace('-', "_"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let depends = depends_of(&bytes).ok_or_else(|| bad(format!("{path}: no .modinfo section")))?;
     visiting.push(name.clone());
     for d in &depends {
         add(d, index, deb, dir, done, visiting)?;
