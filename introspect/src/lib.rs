@@ -18,6 +18,7 @@
 //! # }
 //! ```
 
+pub mod bpfsyms;
 pub mod btf;
 pub mod error;
 pub mod hex;

@@ -528,3 +528,76 @@ fn random_byte_flips_never_panic() {
     assert!(err > 100 && ok > 100, "ok {ok}, err {err}");
     assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
 }
+
+#[test]
+fn bpf_symbols_read_like_proc_and_bad_lists_are_errors() {
+    use introspect::bpfsyms::{read_bpf_symbols, BpfKsymLayout};
+    const BHEAD: u64 = 0xffff_ffff_8300_0000;
+    const K1: u64 = 0xffff_ffff_c100_0000;
+    const K2: u64 = 0xffff_ffff_c100_1000;
+    let l = BpfKsymLayout {
+        head: BHEAD,
+        jit_kallsyms: BHEAD + 0x100,
+        jit_harden: BHEAD + 0x104,
+        start: 0,
+        name: (0x10, 512),
+        lnode: 0x210,
+    };
+    let make = || {
+        let mut g = Mem::default();
+        g.put_u32(BHEAD + 0x100, 1);
+        g.put_u32(BHEAD + 0x104, 0);
+        g.put_u64(BHEAD, K1 + 0x210);
+        g.put_u64(K1 + 0x210, K2 + 0x210);
+        g.put_u64(K2 + 0x210, BHEAD);
+        g.put_u64(K1, 0xffff_ffff_c000_1000);
+        g.put(K1 + 0x10, b"bpf_prog_0123456789abcdef_a\0");
+        g.put_u64(K2, 0xffff_ffff_c000_2000);
+        g.put(K2 + 0x10, &[b'y'; 512]);
+        g
+    };
+    let g = make();
+    let s = read_bpf_symbols(&g, &l).unwrap();
+    assert_eq!(s.len(), 2);
+    assert_eq!(
+        (
+            s[0].addr,
+            s[0].kind,
+            s[0].name.as_str(),
+            s[0].module.as_str()
+        ),
+        (
+            0xffff_ffff_c000_1000,
+            't',
+            "bpf_prog_0123456789abcdef_a",
+            "bpf"
+        )
+    );
+    assert_eq!(s[1].name.len(), 511, "cut at KSYM_NAME_LEN - 1");
+    // Hardening or bpf_jit_kallsyms != 1: /proc/kallsyms shows none.
+    let mut h = make();
+    h.put_u32(BHEAD + 0x104, 1);
+    assert!(read_bpf_symbols(&h, &l).unwrap().is_empty());
+    let mut h = make();
+    h.put_u32(BHEAD + 0x100, 2);
+    assert!(read_bpf_symbols(&h, &l).unwrap().is_empty());
+    // A loop, a user-space link, an unmapped entry.
+    let mut h = make();
+    h.put_u64(K2 + 0x210, K1 + 0x210);
+    assert!(matches!(
+        read_bpf_symbols(&h, &l),
+        Err(ModuleError::List(_))
+    ));
+    let mut h = make();
+    h.put_u64(K1 + 0x210, 0x1000);
+    assert!(matches!(
+        read_bpf_symbols(&h, &l),
+        Err(ModuleError::List(_))
+    ));
+    let mut h = make();
+    h.put_u64(K1 + 0x210, 0xffff_ffff_dead_0000);
+    assert!(matches!(
+        read_bpf_symbols(&h, &l),
+        Err(ModuleError::Read { .. })
+    ));
+}

@@ -5,7 +5,9 @@
 //!
 //! Compared with the guest's own view, read as root over the serial console:
 //! - the module lines of `hvpatch inspect symbols` equal the module lines of /proc/kallsyms
-//!   (order, address, type letter, name, module), and the whole listing equals the file;
+//!   (order, address, type letter, name, module; a JITed BPF program's `[bpf]` line too), and
+//!   the whole listing equals the file;
+//! - a module caught at `do_init_module` (coming) reads with its init text and full table;
 //! - `hvpatch inspect modules` equals /proc/modules (order, name, size, state, address) and
 //!   /sys/module/NAME/sections (`.text` is the core text base; `.rodata`, `.data`, `.bss`
 //!   lie in the matching regions);
@@ -43,6 +45,28 @@ const EXERCISE: &str = "dd if=/dev/zero of=/tmp/fat.img bs=1k count=2048 2>/dev/
     && losetup -d /dev/loop0 && ip link add hvd0 type dummy && ip link set hvd0 up \
     && ip link show hvd0 | grep -c hvd0";
 
+/// `tests/bpf/bpfhold.c` built static with the host's gcc: loads a BPF program named
+/// `hvpatch_test` (JITed, so /proc/kallsyms shows it as `[bpf]`) and holds it.
+fn bpfhold() -> Vec<u8> {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bpf/bpfhold.c");
+    let dir = std::env::temp_dir().join(format!("hvpatch-bpfhold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let out = dir.join(format!("bpfhold-{:?}", std::thread::current().id()));
+    let r = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("running gcc (apt-get install gcc; scripts/setup does): {e}"));
+    assert!(
+        r.status.success(),
+        "gcc -static {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    std::fs::read(&out).expect("bpfhold binary")
+}
+
 /// Boots `series` with the stock modules in `/lib/modules/NAME.ko` and loads them all;
 /// returns the guest and the module names in load order.
 fn boot_with_modules(series: KernelSeries) -> (Guest, Vec<String>) {
@@ -53,7 +77,7 @@ fn boot_with_modules(series: KernelSeries) -> (Guest, Vec<String>) {
              image cache by `cargo run -p hvpatch-guest-images -- fetch`, i.e. scripts/setup)"
             )
         });
-    let mut spec = GuestSpec::new(series);
+    let mut spec = GuestSpec::new(series).file("/bpfhold", bpfhold());
     for m in &mods {
         spec = spec.file(&format!("/lib/modules/{}.ko", m.name), m.bytes.clone());
     }
@@ -342,6 +366,11 @@ fn check_symbols(series: KernelSeries, proc_text: &str, srv: &AttachServer, load
         );
     }
     assert!(
+        proc.iter()
+            .any(|l| l.ends_with("_hvpatch_test\t[bpf]") && l.contains(" t bpf_prog_")),
+        "{series}: /proc/kallsyms has no [bpf] line of bpfhold's program"
+    );
+    assert!(
         !proc.iter().any(|l| l.starts_with("0000000000000000 ")),
         "{series}: /proc/kallsyms shows zeroed module addresses: not read as root?"
     );
@@ -498,6 +527,9 @@ fn check_modules(g: &mut Guest, srv: &AttachServer, loaded: &[String]) {
 
 fn modules_match_guest(series: KernelSeries) {
     let (mut g, loaded) = boot_with_modules(series);
+    // A JITed BPF program: its `[bpf]` line follows the module lines in /proc/kallsyms.
+    g.run("chmod +x /bpfhold").expect("chmod");
+    g.spawn("/bpfhold").expect("bpfhold");
     let (rc, out) = g.run_status(EXERCISE).expect("exercise the modules");
     assert!(
         rc == 0 && out.contains("hvpatch-vfat") && out.trim_end().ends_with('1'),

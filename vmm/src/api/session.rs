@@ -285,7 +285,9 @@ impl Session {
                         Err(introspect::ModuleError::NoLayout) => Vec::new(),
                         r => r?,
                     };
-                    all.extend(mods.into_iter().map(|y| SymbolLine {
+                    // Then the JITed BPF programs, `[bpf]`, as /proc/kallsyms lists them.
+                    let bpf = k.bpf_symbols(mem)?;
+                    all.extend(mods.into_iter().chain(bpf).map(|y| SymbolLine {
                         addr: y.addr,
                         kind: y.kind,
                         name: y.name,
