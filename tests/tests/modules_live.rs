@@ -64,7 +64,9 @@ fn bpfhold() -> Vec<u8> {
         src.display(),
         String::from_utf8_lossy(&r.stderr)
     );
-    std::fs::read(&out).expect("bpfhold binary")
+    let bin = std::fs::read(&out).expect("bpfhold binary");
+    let _ = std::fs::remove_file(&out);
+    bin
 }
 
 /// Boots `series` with the stock modules in `/lib/modules/NAME.ko` and loads them all;
