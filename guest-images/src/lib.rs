@@ -10,6 +10,7 @@
 //! kernels/<6.1|6.12>/{vmlinuz,vmlinux,config,release,stamp}
 //! initramfs.cpio.gz      .initramfs.key
 //! progs/<name>           progs/.<name>.key
+//! kernels/<6.1|6.12>/modules/<release>/{index,<name>.ko}   (stock modules, extracted on demand)
 //! debs/*.deb
 //! ```
 
@@ -23,6 +24,7 @@ mod error;
 mod fsutil;
 pub mod initramfs;
 mod kernels;
+pub mod modules;
 pub mod progs;
 mod series;
 

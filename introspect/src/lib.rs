@@ -18,6 +18,7 @@
 //! # }
 //! ```
 
+pub mod bpfsyms;
 pub mod btf;
 pub mod error;
 pub mod hex;
@@ -26,6 +27,7 @@ pub mod kernel;
 pub mod live;
 pub mod memory;
 pub mod model;
+pub mod modsyms;
 pub mod modules;
 pub mod orc;
 pub mod paging;
@@ -39,6 +41,8 @@ pub mod unwind;
 pub use error::{KallsymsError, KernelError, PagingError, SlideError, SymbolError};
 pub use kernel::{Kernel, KernelInfo};
 pub use memory::{MemError, PhysMemory, SliceMemory, SliceRegion};
+pub use modsyms::ModuleSymbol;
+pub use modules::{Module, ModuleError, ModuleRegion, ModuleState, RegionKind};
 pub use paging::{PageRoot, Walk, WalkEntry};
 pub use regs::VcpuRegs;
 pub use symbols::{pick_sympos, Symbol, SymbolRef, Symbols};

@@ -369,6 +369,7 @@ pub fn run_client(socket: &Path, command: &Command) -> Result<(), CliError> {
                 InspectWhat::Tasks => crate::format::tasks,
                 InspectWhat::Stacks => crate::format::stacks,
                 InspectWhat::Vcpus => crate::format::vcpus,
+                InspectWhat::Modules => crate::format::modules,
             };
             print_result(&v, *json, f);
         }

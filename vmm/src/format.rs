@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::types::{
-    FrameLine, Patch, PatchState, PatchStatus, StackView, Stacks, Status, SymbolLine, SymbolMatch,
-    TaskResult, Unloaded, Vcpu,
+    FrameLine, ModuleResult, Patch, PatchState, PatchStatus, StackView, Stacks, Status, SymbolLine,
+    SymbolMatch, TaskResult, Unloaded, Vcpu,
 };
 
 fn pretty(v: &Value) -> String {
@@ -91,7 +91,43 @@ pub fn symbols(v: &Value) -> String {
     typed(v, |list: &Vec<SymbolLine>| {
         let mut s = String::new();
         for y in list {
-            let _ = writeln!(s, "{:016x} {} {}", y.addr, y.kind, y.name);
+            let _ = match &y.module {
+                Some(m) => writeln!(s, "{:016x} {} {}\t[{m}]", y.addr, y.kind, y.name),
+                None => writeln!(s, "{:016x} {} {}", y.addr, y.kind, y.name),
+            };
+        }
+        s
+    })
+}
+
+/// `inspect modules`: like /proc/modules (name, size, state, core text address), then each
+/// region.
+pub fn modules(v: &Value) -> String {
+    typed(v, |list: &Vec<ModuleResult>| {
+        let mut s = String::new();
+        for m in list {
+            let _ = writeln!(
+                s,
+                "{} {} {} 0x{:016x}  (struct module at {:#x})",
+                m.name,
+                m.size,
+                m.state.proc_name(),
+                m.base().unwrap_or(0),
+                m.addr
+            );
+            for r in &m.regions {
+                let _ = writeln!(
+                    s,
+                    "    {:<14} {:#x}-{:#x} ({} bytes)",
+                    serde_json::to_value(r.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    r.start,
+                    r.end,
+                    r.end - r.start
+                );
+            }
         }
         s
     })
@@ -109,6 +145,9 @@ pub fn symbol(v: &Value) -> String {
             );
             if let Some(z) = y.size {
                 let _ = write!(s, " size={z:#x}");
+            }
+            if let Some(m) = &y.module {
+                let _ = write!(s, " [{m}]");
             }
             s.push('\n');
         }
@@ -392,6 +431,33 @@ mod tests {
         assert_eq!(
             super::symbol(&one),
             "ffffffff81234560 t f  sympos=2 size=0x60\n"
+        );
+
+        // Module symbols: /proc/kallsyms's `\t[module]`.
+        let m = json!([{"addr": "0xffffffffc0a45010", "type": "t", "name": "isofs_mount",
+                        "module": "isofs"},
+                       {"addr": "0xffffffff81000000", "type": "T", "name": "_text", "module": null}]);
+        assert_eq!(
+            super::symbols(&m),
+            "ffffffffc0a45010 t isofs_mount\t[isofs]\nffffffff81000000 T _text\n"
+        );
+        let one = json!([{"addr": "0xffffffffc0a45010", "type": "t", "name": "isofs_mount",
+                          "sympos": 1, "size": 32, "module": "isofs"}]);
+        assert_eq!(
+            super::symbol(&one),
+            "ffffffffc0a45010 t isofs_mount  sympos=1 size=0x20 [isofs]\n"
+        );
+        let mods = json!([{"addr": "0xffffffffc0a4e000", "name": "isofs", "state": "coming",
+                           "size": 57344,
+                           "regions": [{"kind": "text", "start": "0xffffffffc0a45000",
+                                        "end": "0xffffffffc0a4c000"},
+                                       {"kind": "init_text", "start": "0xffffffffc0a60000",
+                                        "end": "0xffffffffc0a61000"}]}]);
+        assert_eq!(
+            super::modules(&mods),
+            "isofs 57344 Loading 0xffffffffc0a45000  (struct module at 0xffffffffc0a4e000)\n\
+             \x20   text           0xffffffffc0a45000-0xffffffffc0a4c000 (28672 bytes)\n\
+             \x20   init_text      0xffffffffc0a60000-0xffffffffc0a61000 (4096 bytes)\n"
         );
 
         let st = json!({"host": "kvm", "vcpus": 2, "paused": false,

@@ -315,7 +315,7 @@ fn variant_lists_come_from_the_types() {
         ops.contains(&"status".to_string()) && ops.contains(&"patch_unload".to_string()),
         "{ops:?}"
     );
-    assert_eq!(all_whats().len(), 6, "{:?}", all_whats());
+    assert_eq!(all_whats().len(), 7, "{:?}", all_whats());
 }
 
 /// The checker rejects what it should: each of these edits of the real doc is an error.
@@ -383,8 +383,9 @@ fn the_check_can_fail() {
         (
             "an empty array",
             edit(
-                r#"[{"addr": "0x0", "type": "A", "name": "fixed_percpu_data"},
- {"addr": "0xffffffff9a000000", "type": "T", "name": "_text"}]"#,
+                r#"[{"addr": "0x0", "type": "A", "name": "fixed_percpu_data", "module": null},
+ {"addr": "0xffffffff9a000000", "type": "T", "name": "_text", "module": null},
+ {"addr": "0xffffffffc0a45010", "type": "t", "name": "isofs_mount", "module": "isofs"}]"#,
                 "[]",
             ),
             "empty array",

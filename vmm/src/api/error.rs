@@ -43,6 +43,9 @@ pub enum ReqError {
     /// A kernel stack could not be read.
     #[error(transparent)]
     Stack(#[from] StackError),
+    /// The module list or a module's symbols could not be read.
+    #[error(transparent)]
+    Modules(#[from] introspect::ModuleError),
     /// The server stopped while the request waited.
     #[error("the server is stopping; the patch stays disabled and held in the guest")]
     Stopping,
@@ -64,7 +67,10 @@ impl ReqError {
             ReqError::Held(_) => "held",
             ReqError::Patch(_) => "patch",
             ReqError::Guest(_) | ReqError::Stopping | ReqError::KernelChanged => "guest",
-            ReqError::Kernel(_) | ReqError::Tasks(_) | ReqError::Stack(_) => "introspect",
+            ReqError::Kernel(_)
+            | ReqError::Tasks(_)
+            | ReqError::Stack(_)
+            | ReqError::Modules(_) => "introspect",
             ReqError::Internal(_) => "internal",
         }
     }

@@ -15,7 +15,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 20;
 pub enum InspectWhat {
     /// Release, KASLR slide, paging mode, table locations.
     Kernel,
-    /// The whole symbol table, in /proc/kallsyms order.
+    /// The whole symbol table, vmlinux then every loaded module, in /proc/kallsyms order.
     Symbols,
     /// The symbols with one name (every `sympos`).
     Symbol,
@@ -25,6 +25,8 @@ pub enum InspectWhat {
     Stacks,
     /// Per-vCPU registers, mode and current task.
     Vcpus,
+    /// Loaded modules: name, state, size, core and init text/data regions.
+    Modules,
 }
 
 /// One API request.

@@ -14,8 +14,8 @@ use super::error::ReqError;
 use super::protocol::{InspectWhat, Request, Response};
 use super::server::{Handler, Reply};
 use super::types::{
-    Forced, FrameLine, Patch, PatchArena, PatchStatus, StackView, Stacks, Status, SymbolLine,
-    SymbolMatch, TaskStack, Unloaded, Vcpu, VcpuStack,
+    Forced, FrameLine, ModuleResult, Patch, PatchArena, PatchStatus, StackView, Stacks, Status,
+    SymbolLine, SymbolMatch, TaskStack, Unloaded, Vcpu, VcpuStack,
 };
 
 /// Longest banner compared when checking that the cached kernel model still fits the guest.
@@ -276,40 +276,86 @@ impl Session {
             match what {
                 InspectWhat::Kernel => to_json(k.info()),
                 InspectWhat::Symbols => {
-                    let all: Vec<SymbolLine> = k
+                    let mut all: Vec<SymbolLine> = k
                         .symbols()
                         .iter()
                         .map(|y| SymbolLine {
                             addr: y.addr,
                             kind: y.kind,
                             name: y.name.to_string(),
+                            module: None,
                         })
                         .collect();
+                    // A kernel without module support (no `modules` list in BTF) has none.
+                    let mods = match k.module_symbols(mem) {
+                        Err(introspect::ModuleError::NoLayout) => Vec::new(),
+                        r => r?,
+                    };
+                    // Then the JITed BPF programs, `[bpf]`, as /proc/kallsyms lists them.
+                    let bpf = k.bpf_symbols(mem)?;
+                    all.extend(mods.into_iter().chain(bpf).map(|y| SymbolLine {
+                        addr: y.addr,
+                        kind: y.kind,
+                        name: y.name,
+                        module: Some(y.module),
+                    }));
                     to_json(&all)
                 }
+                InspectWhat::Modules => match k.modules(mem) {
+                    Err(introspect::ModuleError::NoLayout) => to_json(&Vec::<ModuleResult>::new()),
+                    r => to_json(&r?),
+                },
                 InspectWhat::Symbol => {
                     let name = name.ok_or_else(|| {
                         ReqError::BadRequest("inspect symbol needs a name".into())
                     })?;
-                    let mut all: Vec<_> = k.symbols().lookup_all(&name).collect();
-                    all.sort_by_key(|y| y.index);
-                    if all.is_empty() {
+                    // `MODULE:NAME` looks in one module only (like kallsyms_lookup_name).
+                    let (only, sym) = match name.split_once(':') {
+                        Some((m, n)) => (Some(m.to_string()), n.to_string()),
+                        None => (None, name.clone()),
+                    };
+                    let mut matches: Vec<SymbolMatch> = Vec::new();
+                    if only.is_none() || only.as_deref() == Some("vmlinux") {
+                        let mut all: Vec<_> = k.symbols().lookup_all(&sym).collect();
+                        all.sort_by_key(|y| y.index);
+                        matches.extend(all.iter().enumerate().map(|(i, y)| {
+                            SymbolMatch {
+                                addr: y.addr,
+                                kind: y.kind,
+                                name: y.name.to_string(),
+                                sympos: i + 1,
+                                size: k
+                                    .symbolize(y.addr)
+                                    .filter(|r| r.addr == y.addr)
+                                    .map(|r| r.size),
+                                module: None,
+                            }
+                        }));
+                    }
+                    let modules = match k.modules(mem) {
+                        Err(introspect::ModuleError::NoLayout) => Vec::new(),
+                        r => r?,
+                    };
+                    for m in modules {
+                        if only.as_ref().is_some_and(|o| *o != m.name) {
+                            continue;
+                        }
+                        let syms = k.symbols_of_module(mem, &m)?;
+                        let defined = syms.iter().filter(|y| y.defined && y.name == sym);
+                        for (i, y) in defined.enumerate() {
+                            matches.push(SymbolMatch {
+                                addr: y.addr,
+                                kind: y.kind,
+                                name: y.name.clone(),
+                                sympos: i + 1,
+                                size: introspect::modsyms::symbol_size(&syms, &m, y.addr),
+                                module: Some(m.name.clone()),
+                            });
+                        }
+                    }
+                    if matches.is_empty() {
                         return Err(ReqError::NoSymbol(name));
                     }
-                    let matches: Vec<SymbolMatch> = all
-                        .iter()
-                        .enumerate()
-                        .map(|(i, y)| SymbolMatch {
-                            addr: y.addr,
-                            kind: y.kind,
-                            name: y.name.to_string(),
-                            sympos: i + 1,
-                            size: k
-                                .symbolize(y.addr)
-                                .filter(|r| r.addr == y.addr)
-                                .map(|r| r.size),
-                        })
-                        .collect();
                     to_json(&matches)
                 }
                 InspectWhat::Tasks => to_json(&k.tasks(mem, regs)?),

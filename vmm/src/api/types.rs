@@ -56,18 +56,25 @@ pub struct PatchArena {
 /// `inspect kernel`.
 pub type KernelResult = introspect::KernelInfo;
 
-/// One line of `inspect symbols` (the whole table, in /proc/kallsyms order).
+/// One line of `inspect symbols` (the whole table, vmlinux then modules, in /proc/kallsyms
+/// order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SymbolLine {
     /// Runtime address.
     #[serde(with = "introspect::hex")]
     pub addr: u64,
-    /// `nm`-style type letter.
+    /// `nm`-style type letter (for module symbols upper-case when exported, as
+    /// /proc/kallsyms shows it).
     #[serde(rename = "type")]
     pub kind: char,
     /// Name.
     pub name: String,
+    /// The module, `null` for vmlinux symbols.
+    pub module: Option<String>,
 }
+
+/// `inspect modules`: one loaded module.
+pub type ModuleResult = introspect::Module;
 
 /// One match of `inspect symbol NAME`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,10 +87,13 @@ pub struct SymbolMatch {
     pub kind: char,
     /// Name.
     pub name: String,
-    /// 1-based position among the symbols of this name, in table order (livepatch's sympos).
+    /// 1-based position among the symbols of this name in the same object (vmlinux or the
+    /// module), in table order (livepatch's sympos).
     pub sympos: usize,
     /// Distance to the next symbol, when the address starts a symbol.
     pub size: Option<u64>,
+    /// The module, `null` for vmlinux.
+    pub module: Option<String>,
 }
 
 /// `inspect tasks`: one task (thread).
@@ -334,6 +344,7 @@ impl Request {
                 InspectWhat::Tasks => round_trip::<Vec<TaskResult>>(result),
                 InspectWhat::Stacks => round_trip::<Stacks>(result),
                 InspectWhat::Vcpus => round_trip::<Vec<Vcpu>>(result),
+                InspectWhat::Modules => round_trip::<Vec<ModuleResult>>(result),
             },
             Request::PatchLoad { .. }
             | Request::PatchInfo { .. }
