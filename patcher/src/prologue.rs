@@ -360,15 +360,13 @@ pub fn relocate(
         if ins.is_invalid() {
             let addr = func_start + at as u64;
             // An instruction cut by the function's end.
-            if dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
-                if addr < site + JMP_LEN {
-                    return Err(PrologueError::EndsInside {
-                        func: func_start,
-                        end: func_end,
-                        addr,
-                        insn: format!("(truncated) {}", hex(&bytes[at..])),
-                    });
-                }
+            if dec.last_error() == iced_x86::DecoderError::NoMoreBytes && addr < site + JMP_LEN {
+                return Err(PrologueError::EndsInside {
+                    func: func_start,
+                    end: func_end,
+                    addr,
+                    insn: format!("(truncated) {}", hex(&bytes[at..])),
+                });
             }
             return Err(PrologueError::Undecodable {
                 addr,
@@ -479,27 +477,7 @@ pub fn relocate(
         }
     }
     // Anything of the function landing strictly inside the moved bytes.
-    let inside = |t: u64| t > site && t < resume;
-    for i in &insns {
-        if is_direct_branch(i) && inside(i.near_branch_target()) {
-            return Err(PrologueError::BranchIntoMoved {
-                addr: i.ip(),
-                insn: gas(i),
-                target: i.near_branch_target(),
-                site,
-                end: resume,
-            });
-        }
-        if i.is_ip_rel_memory_operand() && inside(i.ip_rel_memory_address()) {
-            return Err(PrologueError::RefIntoMoved {
-                addr: i.ip(),
-                insn: gas(i),
-                target: i.ip_rel_memory_address(),
-                site,
-                end: resume,
-            });
-        }
-    }
+    refs_into(&insns, site, resume)?;
     // The moved instructions' targets from the trampoline, and the way back.
     let reach = |target: u64, i: &Instruction| {
         if in_reach(tramp_va, target) {
@@ -586,6 +564,60 @@ pub fn relocate(
         tramp,
         resume,
     })
+}
+
+/// Refuses a direct branch or RIP-relative reference of `insns` to a point strictly inside
+/// `site..resume` (the site itself is allowed).
+fn refs_into(insns: &[Instruction], site: u64, resume: u64) -> Result<(), PrologueError> {
+    let inside = |t: u64| t > site && t < resume;
+    for i in insns {
+        if is_direct_branch(i) && inside(i.near_branch_target()) {
+            return Err(PrologueError::BranchIntoMoved {
+                addr: i.ip(),
+                insn: gas(i),
+                target: i.near_branch_target(),
+                site,
+                end: resume,
+            });
+        }
+        if i.is_ip_rel_memory_operand() && inside(i.ip_rel_memory_address()) {
+            return Err(PrologueError::RefIntoMoved {
+                addr: i.ip(),
+                insn: gas(i),
+                target: i.ip_rel_memory_address(),
+                site,
+                end: resume,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Applies [`relocate`]'s branch rule to other code that may jump into the function: the
+/// bytes at `start` (e.g. its `foo.cold` part, which gcc places elsewhere and which jumps
+/// back into `foo`). Refuses what lands strictly inside `p`'s moved bytes, and undecodable
+/// bytes.
+pub fn check_other_code(p: &Prologue, start: u64, bytes: &[u8]) -> Result<(), PrologueError> {
+    if bytes.len() > MAX_FUNC_LEN || start.checked_add(bytes.len() as u64).is_none() {
+        return Err(PrologueError::BadInput {
+            func: start,
+            why: format!("{} bytes of other code", bytes.len()),
+        });
+    }
+    let mut insns = Vec::new();
+    let mut dec = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
+    while dec.can_decode() {
+        let at = dec.position();
+        let ins = dec.decode();
+        if ins.is_invalid() {
+            return Err(PrologueError::Undecodable {
+                addr: start + at as u64,
+                bytes: hex(&bytes[at..bytes.len().min(at + 15)]),
+            });
+        }
+        insns.push(ins);
+    }
+    refs_into(&insns, p.site, p.resume)
 }
 
 /// The moved instruction that iced-x86 refuses alone, or the first one.
@@ -761,6 +793,71 @@ mod tests {
             relocate(u64::MAX - 3, &b, 0, T, &[]),
             Err(PrologueError::BadInput { .. })
         ));
+    }
+
+    #[test]
+    fn synthetic_unrelocatable_and_references_are_refused() {
+        // No real prologue of the images has these: assembled with code_asm.
+        // xbegin in the moved range.
+        let b = asm(|a| {
+            let mut l = a.create_label();
+            a.xbegin(l)?;
+            a.nop()?;
+            a.set_label(&mut l)?;
+            a.ret()
+        });
+        let e = relocate(F, &b, 0, T, &[]).unwrap_err();
+        assert!(
+            matches!(e, PrologueError::Unrelocatable { addr: F, .. }),
+            "{e}"
+        );
+        // loop (short only).
+        let b = asm(|a| {
+            let mut l = a.create_label();
+            a.set_label(&mut l)?;
+            a.nop()?;
+            a.loop_(l)?;
+            a.mov(eax, 1)?;
+            a.ret()
+        });
+        let e = relocate(F, &b, 0, T, &[]).unwrap_err();
+        assert!(matches!(e, PrologueError::Unrelocatable { .. }), "{e}");
+        assert!(e.to_string().contains("loop"), "{e}");
+        // lea of an address inside the moved bytes (later in the function).
+        let mut b = vec![0x53, 0x89, 0xf8, 0x01, 0xf0]; // push rbx; mov eax,edi; add eax,esi
+        b.extend([0x48, 0x8d, 0x0d]); // lea rcx,[rip+d] at F+5, next ip F+12
+        b.extend((-(12i32 - 1)).to_le_bytes()); // -> F+1
+        b.extend([0x5b, 0xc3]);
+        let e = relocate(F, &b, 0, T, &[]).unwrap_err();
+        assert!(
+            matches!(e, PrologueError::RefIntoMoved { target, addr, .. } if target == F + 1 && addr == F + 5),
+            "{e}"
+        );
+        // Other code (a `.cold` part) jumping into the moved bytes.
+        let p = relocate(
+            F,
+            &b[..5]
+                .iter()
+                .chain(&[0x5b, 0xc3])
+                .copied()
+                .collect::<Vec<_>>(),
+            0,
+            T,
+            &[],
+        )
+        .unwrap();
+        let cold = 0xffff_ffff_8190_0000u64;
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.jmp(F + 3).unwrap();
+        let jb = a.assemble(cold).unwrap();
+        let e = check_other_code(&p, cold, &jb).unwrap_err();
+        assert!(
+            matches!(e, PrologueError::BranchIntoMoved { addr, .. } if addr == cold),
+            "{e}"
+        );
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.jmp(F).unwrap();
+        check_other_code(&p, cold, &a.assemble(cold).unwrap()).unwrap();
     }
 
     #[test]

@@ -622,3 +622,132 @@ fn sealed_endbr_6_12_relocates_like_the_kept_one() {
     }
     assert!(n > 1000, "only {n} ENDBR functions relocated");
 }
+
+/// Real `.cold` parts (gcc's out-of-line unlikely paths, separate kallsyms symbols on 6.1)
+/// jump back into their function: `check_other_code` applies the branch rule to them. (6.12's
+/// kallsyms has no `.cold` symbols; see `whole_text_branches_into_moved_bytes`.)
+#[test]
+fn real_cold_parts_are_checked_against_the_moved_bytes_6_1() {
+    {
+        let series = KernelSeries::V6_1;
+        let img = image(series);
+        let by_name: BTreeMap<&str, &Func> =
+            img.funcs.iter().map(|f| (f.name.as_str(), f)).collect();
+        let (mut pairs, mut back, mut refused) = (0, 0, Vec::new());
+        for cold in img.funcs.iter().filter(|f| f.name.ends_with(".cold")) {
+            let Some(f) = by_name.get(cold.name.trim_end_matches(".cold")) else {
+                continue;
+            };
+            let b = img.bytes(f);
+            let extra = if img.is_ftrace(f) { JMP_LEN } else { 0 };
+            let Ok(p) = relocate(f.addr, b, site_offset(b) + extra, TRAMP, &[]) else {
+                continue;
+            };
+            pairs += 1;
+            let cb = img.bytes(cold);
+            if decode(cb, cold.addr)
+                .iter()
+                .any(|i| i.near_branch_target() >= f.addr && i.near_branch_target() < f.end)
+            {
+                back += 1;
+            }
+            match patcher::prologue::check_other_code(&p, cold.addr, cb) {
+                Ok(()) => {}
+                Err(e @ PrologueError::BranchIntoMoved { .. }) => {
+                    assert!(e.to_string().contains(&format!("{:#x}", p.site)), "{e}");
+                    refused.push(format!("{}: {e}", cold.name));
+                }
+                Err(e @ PrologueError::Undecodable { .. }) => refused.push(e.to_string()),
+                Err(e) => panic!("{series} {}: {e}", cold.name),
+            }
+        }
+        eprintln!(
+            "{series}: {pairs} relocatable functions with a .cold part, {back} jump back, \
+             refused {}: {:?}",
+            refused.len(),
+            &refused[..refused.len().min(3)]
+        );
+        assert!(
+            pairs > 100 && back * 2 > pairs,
+            "{series}: {pairs} / {back}"
+        );
+    }
+}
+
+/// The comparison of the tests fails on a trampoline that copies the bytes verbatim (RIP-
+/// relative operands and branches then resolve elsewhere): the tests can fail.
+#[test]
+fn the_checker_rejects_a_verbatim_copy() {
+    for series in KernelSeries::all() {
+        let img = image(series);
+        let (f, p) = candidates(img)
+            .into_iter()
+            .find_map(|f| {
+                let b = img.bytes(f);
+                let p = relocate(f.addr, b, site_offset(b), TRAMP, &[]).ok()?;
+                let rel = decode(&p.original(), p.site)
+                    .iter()
+                    .any(|i| i.is_ip_rel_memory_operand() || i.near_branch_target() != 0);
+                rel.then_some((f, p))
+            })
+            .unwrap();
+        check(img, f, &p, p.site - f.addr);
+        let mut bad = p.clone();
+        bad.tramp = p.original();
+        bad.tramp
+            .extend(patcher::site::jmp_bytes(TRAMP + p.moved_len, p.resume).unwrap());
+        let r = std::panic::catch_unwind(|| check(img, f, &bad, p.site - f.addr));
+        assert!(r.is_err(), "{series} {}: verbatim copy passed", f.name);
+    }
+}
+
+/// Direct branches from anywhere in `.text` (each kallsyms function decoded linearly) into the
+/// moved bytes of relocated prologues: code outside the function (6.12's unnamed `.cold`
+/// parts, asm) that `relocate` alone cannot see. Reports them; the planner must scan them too.
+#[test]
+fn whole_text_branches_into_moved_bytes() {
+    for series in KernelSeries::all() {
+        let img = image(series);
+        let mut targets: Vec<(u64, u64)> = Vec::new();
+        for f in &img.funcs {
+            if f.end - f.addr > 1 << 20 {
+                continue;
+            }
+            for i in decode(img.bytes(f), f.addr) {
+                let t = i.near_branch_target();
+                if t != 0 && !(t >= f.addr && t < f.end) {
+                    targets.push((t, i.ip()));
+                }
+            }
+        }
+        targets.sort_unstable();
+        let mut hits = Vec::new();
+        let mut ok = 0;
+        for f in candidates(img) {
+            let b = img.bytes(f);
+            let Ok(p) = relocate(f.addr, b, site_offset(b), TRAMP, &[]) else {
+                continue;
+            };
+            ok += 1;
+            let lo = targets.partition_point(|&(t, _)| t <= p.site);
+            if let Some(&(t, from)) = targets.get(lo).filter(|&&(t, _)| t < p.resume) {
+                hits.push(format!("{} {t:#x} from {from:#x}", f.name));
+            }
+        }
+        eprintln!(
+            "{series}: {} branches between functions; {} of {ok} relocated prologues are \
+             entered inside their moved bytes from other code: {:?}",
+            targets.len(),
+            hits.len(),
+            &hits[..hits.len().min(8)]
+        );
+        assert!(targets.len() > 100_000, "{series}");
+        // Found on these images: only gcc's `.cold` parts (entered from their parent
+        // function's middle, never patch targets themselves).
+        assert!(
+            hits.iter()
+                .all(|h| h.split(' ').next().unwrap().ends_with(".cold")),
+            "{series}: {hits:?}"
+        );
+    }
+}
