@@ -68,6 +68,13 @@ impl SymbolSource for KernelSymbols<'_> {
             .map(|s| (s.name.to_string(), s.offset))
     }
 
+    fn size_of(&self, addr: u64) -> Option<u64> {
+        self.kernel
+            .symbolize(addr)
+            .filter(|s| s.offset == 0)
+            .map(|s| s.size)
+    }
+
     fn enum_value(&self, enum_name: &str, enumerator: &str) -> Option<i64> {
         (enum_name == "pageflags" && enumerator == "PG_reserved")
             .then_some(self.pg_reserved)

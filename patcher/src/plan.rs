@@ -91,7 +91,7 @@ pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchEr
 
 /// Names a dynamically allocated ftrace ops trampoline: ftrace copies `ftrace_caller` or
 /// `ftrace_regs_caller` into module space (`create_trampoline()`), so its first bytes match.
-fn ftrace_trampoline(mem: &dyn PhysMemory, t: &Target, addr: u64) -> Option<String> {
+pub(crate) fn ftrace_trampoline(mem: &dyn PhysMemory, t: &Target, addr: u64) -> Option<String> {
     let mut here = [0u8; 24];
     t.paging.read_virt(mem, addr, &mut here).ok()?;
     for name in ["ftrace_regs_caller", "ftrace_caller"] {

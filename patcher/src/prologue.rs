@@ -61,6 +61,9 @@ pub struct MovedInsn {
     pub bytes: Vec<u8>,
     /// Its disassembly (AT&T, as `objdump -d`; branch and RIP-relative targets absolute).
     pub text: String,
+    /// Its address in the trampoline.
+    #[serde(with = "introspect::hex")]
+    pub new_addr: u64,
 }
 
 /// A relocated prologue: what moved, and the trampoline that replaces it.
@@ -90,6 +93,55 @@ impl Prologue {
     /// The original bytes under the jump (`site..site + moved_len`).
     pub fn original(&self) -> Vec<u8> {
         self.moved.iter().flat_map(|m| m.bytes.clone()).collect()
+    }
+
+    /// Whether `ip` lies strictly inside the moved bytes: a vCPU or task that would resume
+    /// there (an interrupted RIP, a return address after a moved `call`) would land inside the
+    /// `jmp`. The writer must check that none does, with the vCPUs paused.
+    pub fn splits(&self, ip: u64) -> bool {
+        ip > self.site && ip < self.resume
+    }
+
+    /// The trampoline address equivalent to `ip`, a moved instruction's address (for moving a
+    /// paused vCPU's RIP, as optimized kprobes do); `None` between instruction boundaries.
+    pub fn to_trampoline(&self, ip: u64) -> Option<u64> {
+        self.moved.iter().find(|m| m.addr == ip).map(|m| m.new_addr)
+    }
+}
+
+/// Whether `sym` (a call target, symbolized) is ftrace's caller or a copy of it: exactly
+/// `ftrace_caller+0x0` / `ftrace_regs_caller+0x0`, or an ops trampoline named by the planner.
+fn is_ftrace_caller(sym: &str) -> bool {
+    ["ftrace_caller", "ftrace_regs_caller"].iter().any(|c| {
+        sym.strip_prefix(c)
+            .is_some_and(|rest| rest == "+0x0" || rest.starts_with(" (a copy:"))
+    })
+}
+
+/// How to patch an entry whose site holds `bytes`, classified as `owner` by
+/// [`crate::site::classify`] (call targets symbolized): the method, and what to add to
+/// [`crate::site::site_offset`] for [`relocate`]. `Err` names why the entry cannot be taken.
+///
+/// - the ftrace NOP: [`Method::FtraceSite`];
+/// - a `call` to `ftrace_caller`, `ftrace_regs_caller` or a copy of them (an ftrace ops
+///   trampoline): [`Method::AfterFtrace`], 5 bytes further, leaving ftrace's bytes alone;
+/// - any other bytes, including a `call` elsewhere (a BPF trampoline, or an ordinary call the
+///   function starts with): [`Method::Prologue`] — the call moves with the rest;
+/// - `int3` (a kprobe) and a foreign `jmp` (another patcher): refused.
+pub fn method_for(
+    bytes: &[u8; 5],
+    owner: &crate::site::SiteOwner,
+) -> Result<(Method, u64), String> {
+    use crate::site::SiteOwner;
+    if *bytes == crate::site::NOP5 {
+        return Ok((Method::FtraceSite, 0));
+    }
+    match owner {
+        SiteOwner::Ftrace {
+            symbol: Some(s), ..
+        } if is_ftrace_caller(s) => Ok((Method::AfterFtrace, JMP_LEN)),
+        SiteOwner::Kprobe | SiteOwner::ForeignJmp { .. } => Err(owner.to_string()),
+        _ => Ok((Method::Prologue, 0)),
     }
 }
 
@@ -546,12 +598,14 @@ pub fn relocate(
 
     let moved = moved
         .iter()
-        .map(|i| {
+        .zip(&enc.new_instruction_offsets)
+        .map(|(i, &new_off)| {
             let off = (i.ip() - func_start) as usize;
             MovedInsn {
                 addr: i.ip(),
                 bytes: bytes[off..off + i.len()].to_vec(),
                 text: gas(i),
+                new_addr: tramp_va + u64::from(new_off),
             }
         })
         .collect();
@@ -688,6 +742,41 @@ mod tests {
         let text = &p.moved[1].text;
         assert!(text.contains(&format!("{data:#x}")), "{text}");
         assert_eq!(p.original(), b[..8].to_vec());
+        assert_eq!(p.moved[1].new_addr, T + 1);
+        assert_eq!(p.to_trampoline(F + 1), Some(T + 1));
+        assert_eq!(p.to_trampoline(F + 2), None);
+        assert!(!p.splits(F) && p.splits(F + 1) && p.splits(F + 7) && !p.splits(F + 8));
+    }
+
+    #[test]
+    fn methods_by_site_bytes() {
+        use crate::site::{classify, NOP5};
+        let sym = |t: u64| match t {
+            0x2000 => Some("ftrace_regs_caller+0x0".to_string()),
+            0x3000 => Some("ftrace_caller (a copy: ftrace ops trampoline at 0x3000)".to_string()),
+            _ => Some("bpf_trampoline_6442".to_string()),
+        };
+        let m = |b: [u8; 5]| method_for(&b, &classify(0x1000, &b, &sym));
+        assert_eq!(m(NOP5), Ok((Method::FtraceSite, 0)));
+        let call = |t: u64| {
+            let mut b = crate::site::jmp_bytes(0x1000, t).unwrap();
+            b[0] = 0xe8;
+            b
+        };
+        assert_eq!(m(call(0x2000)), Ok((Method::AfterFtrace, 5)));
+        assert_eq!(m(call(0x3000)), Ok((Method::AfterFtrace, 5)));
+        assert_eq!(m(call(0x4000)), Ok((Method::Prologue, 0)));
+        assert!(!is_ftrace_caller("ftrace_caller+0x10") && !is_ftrace_caller("ftrace_callers+0x0"));
+        assert_eq!(m([0x55, 0x48, 0x89, 0xe5, 0x41]), Ok((Method::Prologue, 0)));
+        assert!(m([0xcc, 0x48, 0x89, 0xe5, 0x41])
+            .unwrap_err()
+            .contains("kprobe"));
+        assert!(m(crate::site::jmp_bytes(0x1000, 0x5000).unwrap()).is_err());
+        assert_eq!(Method::AfterFtrace.to_string(), "after-ftrace");
+        assert_eq!(
+            serde_json::to_string(&Method::FtraceSite).unwrap(),
+            "\"ftrace-site\""
+        );
     }
 
     #[test]

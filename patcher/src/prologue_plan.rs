@@ -1,0 +1,141 @@
+//! The guest-reading half of the prologue rewrite (issue 9): reads a function's entry and
+//! body from guest memory, picks the [`Method`] and, for the prologue and after-ftrace
+//! methods, relocates the covered instructions ([`crate::prologue::relocate`]) for a
+//! trampoline at a given address. Reads only; nothing is written, and the engine does not use
+//! it yet.
+
+use introspect::PhysMemory;
+use thiserror::Error;
+
+use crate::engine::Target;
+use crate::prologue::{method_for, relocate, Method, Prologue, PrologueError, MAX_FUNC_LEN};
+use crate::site;
+
+/// Why an entry cannot be planned.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EntryPlanError {
+    /// The address is not the start of a known symbol (its length is needed).
+    #[error("{func:#x} is not the start of a kernel symbol of known size")]
+    NoSymbol {
+        /// The address.
+        func: u64,
+    },
+    /// Guest memory could not be read.
+    #[error("reading the function at {func:#x}: {why}")]
+    Memory {
+        /// The function.
+        func: u64,
+        /// The error.
+        why: String,
+    },
+    /// The entry is owned by something that must not be touched (a kprobe, another patcher).
+    #[error("entry site {site:#x} of {name}: {why}")]
+    Owned {
+        /// The function.
+        name: String,
+        /// The site.
+        site: u64,
+        /// Who owns it.
+        why: String,
+    },
+    /// The relocator refused.
+    #[error("{name}: {source}")]
+    Prologue {
+        /// The function.
+        name: String,
+        /// The refusal.
+        source: PrologueError,
+    },
+}
+
+/// A function's entry as it would be patched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryPlan {
+    /// The function's name (kallsyms).
+    pub name: String,
+    /// Its address.
+    pub func: u64,
+    /// Its length (to the next symbol).
+    pub len: u64,
+    /// The method.
+    pub method: Method,
+    /// Where the `jmp` goes.
+    pub site: u64,
+    /// For [`Method::Prologue`] and [`Method::AfterFtrace`]: the relocation.
+    pub prologue: Option<Prologue>,
+}
+
+/// Plans the entry of the function at `func`: reads it (up to [`MAX_FUNC_LEN`] bytes), picks
+/// the method from its site bytes, and relocates for a trampoline at `tramp_va` when the
+/// method moves instructions. `forbidden` as for [`relocate`].
+pub fn plan_entry(
+    mem: &dyn PhysMemory,
+    t: &Target,
+    func: u64,
+    tramp_va: u64,
+    forbidden: &[(u64, u64, String)],
+) -> Result<EntryPlan, EntryPlanError> {
+    let len = t
+        .symbols
+        .size_of(func)
+        .ok_or(EntryPlanError::NoSymbol { func })?;
+    let name = t
+        .symbols
+        .symbolize(func)
+        .map_or_else(|| format!("{func:#x}"), |(n, _)| n);
+    let n = usize::try_from(len)
+        .ok()
+        .filter(|&n| n <= MAX_FUNC_LEN)
+        .ok_or_else(|| EntryPlanError::Prologue {
+            name: name.clone(),
+            source: PrologueError::BadInput {
+                func,
+                why: format!("{len} bytes is more than {MAX_FUNC_LEN}"),
+            },
+        })?;
+    let mut bytes = vec![0u8; n];
+    t.paging
+        .read_virt(mem, func, &mut bytes)
+        .map_err(|e| EntryPlanError::Memory {
+            func,
+            why: e.to_string(),
+        })?;
+    let off = site::site_offset(&bytes);
+    let site = func + off;
+    let refuse = |source| EntryPlanError::Prologue {
+        name: name.clone(),
+        source,
+    };
+    let Some(head) = bytes
+        .get(off as usize..off as usize + 5)
+        .and_then(|h| <[u8; 5]>::try_from(h).ok())
+    else {
+        return Err(refuse(PrologueError::TooShort { func, len, site }));
+    };
+    let sym = |a: u64| {
+        t.symbols
+            .symbolize(a)
+            .map(|(n, o)| format!("{n}+{o:#x}"))
+            .or_else(|| crate::plan::ftrace_trampoline(mem, t, a))
+    };
+    let owner = site::classify(site, &head, &sym);
+    let (method, extra) = method_for(&head, &owner).map_err(|why| EntryPlanError::Owned {
+        name: name.clone(),
+        site,
+        why,
+    })?;
+    let prologue = match method {
+        Method::FtraceSite => None,
+        Method::Prologue | Method::AfterFtrace => {
+            Some(relocate(func, &bytes, off + extra, tramp_va, forbidden).map_err(refuse)?)
+        }
+    };
+    Ok(EntryPlan {
+        name,
+        func,
+        len,
+        method,
+        site: site + extra,
+        prologue,
+    })
+}
