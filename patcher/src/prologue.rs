@@ -140,7 +140,11 @@ pub fn method_for(
         SiteOwner::Ftrace {
             symbol: Some(s), ..
         } if is_ftrace_caller(s) => Ok((Method::AfterFtrace, JMP_LEN)),
-        SiteOwner::Kprobe | SiteOwner::ForeignJmp { .. } => Err(owner.to_string()),
+        SiteOwner::Kprobe => Err(owner.to_string()),
+        // Another patcher's jmp, or a tail call the function starts with: neither can move.
+        SiteOwner::ForeignJmp { .. } => Err(format!(
+            "{owner} (or the function starts with a tail-call jmp, which cannot move either)"
+        )),
         _ => Ok((Method::Prologue, 0)),
     }
 }

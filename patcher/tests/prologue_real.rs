@@ -10,11 +10,15 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::FlowControl;
 use introspect::{SliceMemory, Symbols};
 use object::{Object, ObjectSection};
 use patcher::prologue::{relocate, Prologue, PrologueError, JMP_LEN};
 use patcher::site::site_offset;
+
+#[path = "prologue_check/mod.rs"]
+mod prologue_check;
+use prologue_check::decode;
 
 use guest_images::KernelSeries;
 
@@ -141,81 +145,6 @@ fn image(series: KernelSeries) -> &'static Image {
     }
 }
 
-fn decode(b: &[u8], ip: u64) -> Vec<Instruction> {
-    let mut d = Decoder::with_ip(64, b, ip, DecoderOptions::NONE);
-    (&mut d).into_iter().collect()
-}
-
-fn is_branch_kind(k: OpKind) -> bool {
-    matches!(
-        k,
-        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
-    )
-}
-
-/// Checks, operand by operand, that `new` (in the trampoline) does what `old` did.
-fn assert_same(old: &Instruction, new: &Instruction, ctx: &str) {
-    assert_eq!(old.mnemonic(), new.mnemonic(), "{ctx}: mnemonic");
-    assert_eq!(old.op_count(), new.op_count(), "{ctx}: operand count");
-    assert_eq!(old.has_lock_prefix(), new.has_lock_prefix(), "{ctx}: lock");
-    assert_eq!(old.has_rep_prefix(), new.has_rep_prefix(), "{ctx}: rep");
-    assert_eq!(
-        old.has_repne_prefix(),
-        new.has_repne_prefix(),
-        "{ctx}: repne"
-    );
-    assert_eq!(old.segment_prefix(), new.segment_prefix(), "{ctx}: segment");
-    for i in 0..old.op_count() {
-        let (a, b) = (old.op_kind(i), new.op_kind(i));
-        if is_branch_kind(a) {
-            assert!(is_branch_kind(b), "{ctx}: operand {i} kind {b:?}");
-            assert_eq!(
-                old.near_branch_target(),
-                new.near_branch_target(),
-                "{ctx}: branch target"
-            );
-            continue;
-        }
-        assert_eq!(a, b, "{ctx}: operand {i} kind");
-        match a {
-            OpKind::Register => {
-                assert_eq!(
-                    old.op_register(i),
-                    new.op_register(i),
-                    "{ctx}: register {i}"
-                )
-            }
-            OpKind::Memory => {
-                assert_eq!(old.memory_base(), new.memory_base(), "{ctx}: base");
-                assert_eq!(old.memory_index(), new.memory_index(), "{ctx}: index");
-                assert_eq!(old.memory_index_scale(), new.memory_index_scale(), "{ctx}");
-                assert_eq!(old.memory_size(), new.memory_size(), "{ctx}: size");
-                assert_eq!(old.memory_segment(), new.memory_segment(), "{ctx}: segment");
-                if old.memory_base() == Register::RIP {
-                    assert_eq!(
-                        old.ip_rel_memory_address(),
-                        new.ip_rel_memory_address(),
-                        "{ctx}: RIP-relative address"
-                    );
-                } else {
-                    assert_eq!(
-                        old.memory_displacement64(),
-                        new.memory_displacement64(),
-                        "{ctx}: displacement"
-                    );
-                }
-            }
-            k if format!("{k:?}").starts_with("Immediate") => {
-                assert_eq!(old.immediate(i), new.immediate(i), "{ctx}: immediate {i}")
-            }
-            _ => {}
-        }
-    }
-    if old.op_count() == 0 || !is_branch_kind(old.op0_kind()) {
-        assert_eq!(old.code(), new.code(), "{ctx}: encoding");
-    }
-}
-
 /// Independent check of a relocation of `f`: the moved bytes are the function's, and the
 /// trampoline decodes to the same instructions, then `jmp resume`.
 fn check(img: &Image, f: &Func, p: &Prologue, site_off: u64) {
@@ -227,22 +156,7 @@ fn check(img: &Image, f: &Func, p: &Prologue, site_off: u64) {
     let lo = site_off as usize;
     let hi = lo + p.moved_len as usize;
     assert_eq!(p.original(), b[lo..hi], "{ctx}: moved bytes");
-    let orig = decode(&b[lo..hi], p.site);
-    assert_eq!(orig.len(), p.moved.len(), "{ctx}");
-    let tramp = decode(&p.tramp, TRAMP);
-    assert_eq!(
-        tramp.len(),
-        orig.len() + 1,
-        "{ctx}: trampoline {:02x?}",
-        p.tramp
-    );
-    for (k, (o, n)) in orig.iter().zip(&tramp).enumerate() {
-        assert_eq!(p.moved[k].addr, o.ip(), "{ctx}");
-        assert_same(o, n, &format!("{ctx}: `{}`", p.moved[k].text));
-    }
-    let back = tramp.last().unwrap();
-    assert_eq!(back.mnemonic(), Mnemonic::Jmp, "{ctx}");
-    assert_eq!(back.near_branch_target(), p.resume, "{ctx}");
+    prologue_check::check_tramp(&b[lo..hi], p, TRAMP, &ctx);
 }
 
 #[derive(Default)]
