@@ -213,7 +213,7 @@ impl Engine {
     ) -> Result<PatchInfo, PatchError> {
         let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
         if opts.immediate || obj.flags & HVPATCH_IMMEDIATE != 0 {
-            return self.load(ctl, t, object, file_name);
+            return self.load_viewed(ctl, t, Some(view), object, file_name);
         }
         if let Some(tr) = &self.transition {
             return Err(PatchError::InTransition(tr.patch.clone()));

@@ -47,6 +47,21 @@ pub struct FuncInfo {
     /// patches).
     #[serde(default, with = "introspect::hex")]
     pub stub: Option<u64>,
+    /// How the entry is redirected: the ftrace site, or a prologue rewrite (after ftrace's
+    /// call when ftrace owns the site), see [`crate::prologue`].
+    #[serde(default)]
+    pub method: crate::prologue::Method,
+    /// For a prologue rewrite: the trampoline running the moved instructions (the original
+    /// code, for `HVPATCH_ORIG` and the unpatched path).
+    #[serde(
+        default,
+        with = "introspect::hex",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tramp: Option<u64>,
+    /// For a prologue rewrite: the instructions moved to the trampoline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<crate::prologue::MovedInsn>,
 }
 
 /// A range of the arena used by a patch.

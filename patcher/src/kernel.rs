@@ -209,6 +209,15 @@ impl crate::view::TaskView for Kernel {
         Kernel::set_frame_pointer_text(self, ranges)
     }
 
+    fn live_references(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+        ranges: &[(u64, u64)],
+    ) -> Option<Result<Vec<Reference>, String>> {
+        Some(Reachability::references(self, mem, vcpus, ranges))
+    }
+
     fn function_range(&self, addr: u64) -> Option<(u64, u64)> {
         let s = self.symbolize(addr)?;
         let start = addr - s.offset;

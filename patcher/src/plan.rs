@@ -12,6 +12,7 @@ use crate::guest::GuestControl;
 use crate::info::{FuncInfo, PatchState};
 use crate::link::{link, pick_sympos, LinkError, LinkedFunc, Resolver, RETURN_THUNK};
 use crate::patchobj::PatchObject;
+use crate::prologue::{Method, MovedInsn, Prologue, MAX_TRAMP_LEN};
 use crate::site::{self, SiteOwner, NOP5};
 use crate::txn::Write;
 use std::collections::BTreeMap;
@@ -21,6 +22,8 @@ use std::collections::BTreeMap;
 struct GuestResolver<'a> {
     t: &'a Target<'a>,
     mem: &'a dyn PhysMemory,
+    /// The engine's function stacks (to tell our own jmps and their original bytes).
+    sites: &'a BTreeMap<u64, SiteStack>,
 }
 
 impl Resolver for GuestResolver<'_> {
@@ -35,7 +38,21 @@ impl Resolver for GuestResolver<'_> {
             .paging
             .read_virt(self.mem, addr, &mut head)
             .map_err(|e| LinkError::Guest(e.to_string()))?;
-        Ok(addr + site::site_offset(&head) + 5)
+        let off = site::site_offset(&head) as usize;
+        let site = addr + off as u64;
+        // site + 5 is an instruction boundary only after the ftrace NOP or call; a prologue
+        // rewrite of ours (at the site, or after ftrace's call) would be entered there.
+        let unpatched = self
+            .sites
+            .get(&site)
+            .map_or(&head[off..off + 5], |st| &st.original);
+        if (unpatched != NOP5 && unpatched[0] != 0xe8) || self.sites.contains_key(&(site + 5)) {
+            return Err(LinkError::Guest(format!(
+                "HVPATCH_ORIG({name}): its entry has no ftrace site (a prologue rewrite); \
+                 calling its original is not supported yet"
+            )));
+        }
+        Ok(site + 5)
     }
 
     fn return_thunk(&self) -> Result<Option<u64>, LinkError> {
@@ -165,13 +182,25 @@ pub(crate) fn entry_site(
     let mut head = [0u8; 9];
     t.paging.read_virt(mem, f.old_addr, &mut head)?;
     let site = f.old_addr + site::site_offset(&head);
+    entry_site_at(sites, mem, t, f, site, NOP5)
+}
+
+/// [`entry_site`] at `site`, whose bytes are `unpatched` when no patch of ours is there.
+fn entry_site_at(
+    sites: &BTreeMap<u64, SiteStack>,
+    mem: &dyn PhysMemory,
+    t: &Target,
+    f: &LinkedFunc,
+    site: u64,
+    unpatched: [u8; 5],
+) -> Result<EntrySite, PatchError> {
     let mut s = EntrySite {
         func: f.old_name.clone(),
         addr: f.old_addr,
         site,
         site_pa: t.paging.translate(mem, site)?,
-        expect: NOP5,
-        original: NOP5,
+        expect: unpatched,
+        original: unpatched,
     };
     if t.paging.translate(mem, site + 4)? != s.site_pa + 4 {
         return Err(s.error("the 5-byte site crosses a page boundary".into()));
@@ -203,6 +232,76 @@ pub(crate) fn entry_site(
         return Err(s.error(what));
     }
     Ok(s)
+}
+
+/// Bytes reserved in the code part per prologue trampoline.
+const TRAMP_SLOT: u64 = MAX_TRAMP_LEN as u64;
+
+/// Whether the entry of the function at `addr` would need a prologue rewrite: its site holds
+/// neither the ftrace NOP nor a jmp of ours (read errors: no; `entry_site` reports them).
+fn wants_prologue(
+    sites: &BTreeMap<u64, SiteStack>,
+    mem: &dyn PhysMemory,
+    t: &Target,
+    addr: u64,
+) -> bool {
+    let mut head = [0u8; 9];
+    if t.paging.read_virt(mem, addr, &mut head).is_err() {
+        return false;
+    }
+    let off = site::site_offset(&head) as usize;
+    let site = addr + off as u64;
+    !(sites.contains_key(&site) || sites.contains_key(&(site + 5)) || head[off..off + 5] == NOP5)
+}
+
+/// The entry of `f` when [`entry_site`] refused it with `first`: a prologue rewrite
+/// ([`crate::prologue_plan::plan_entry`]) with the trampoline at `tramp_va` (`None`: no room
+/// was reserved, `first` stands), or this patch
+/// stacking on an after-ftrace rewrite of ours. `Err` adds the prologue refusal to `first`.
+fn prologue_site(
+    sites: &BTreeMap<u64, SiteStack>,
+    mem: &dyn PhysMemory,
+    t: &Target,
+    f: &LinkedFunc,
+    tramp_va: Option<u64>,
+    first: PatchError,
+) -> Result<(EntrySite, Method, Option<Prologue>), PatchError> {
+    let mut head = [0u8; 9];
+    t.paging.read_virt(mem, f.old_addr, &mut head)?;
+    let after = f.old_addr + site::site_offset(&head) + 5;
+    if sites.contains_key(&after) {
+        return Ok((
+            entry_site_at(sites, mem, t, f, after, NOP5)?,
+            Method::AfterFtrace,
+            None,
+        ));
+    }
+    let add = |why: String| match &first {
+        PatchError::Site {
+            func,
+            addr,
+            site,
+            what,
+        } => PatchError::Site {
+            func: func.clone(),
+            addr: *addr,
+            site: *site,
+            what: format!("{what}; no prologue rewrite either: {why}"),
+        },
+        other => PatchError::Changed(format!("{other}; no prologue rewrite either: {why}")),
+    };
+    let Some(tramp_va) = tramp_va else {
+        return Err(first);
+    };
+    let plan = crate::prologue_plan::plan_entry(mem, t, f.old_addr, tramp_va, &[])
+        .map_err(|e| add(e.to_string()))?;
+    let Some(p) = plan.prologue else {
+        return Err(first);
+    };
+    let mut unpatched = [0u8; 5];
+    unpatched.copy_from_slice(&p.original()[..5]);
+    let es = entry_site_at(sites, mem, t, f, p.site, unpatched)?;
+    Ok((es, plan.method, Some(p)))
 }
 
 /// A load, computed: the patch, where it goes, what it replaces, and every byte to write.
@@ -244,6 +343,9 @@ pub(crate) struct LoadPlan {
     pub(crate) code_len: u64,
     /// Bytes used in the data part (the object's data, then the stand-in `klp_patch`).
     pub(crate) data_len: u64,
+    /// The prologue rewrites among the functions (name, relocation): no vCPU or task may be
+    /// inside their moved bytes when the jmps are written.
+    pub(crate) prologues: Vec<(String, Prologue)>,
 }
 
 /// What a load for the consistency model adds: a dispatcher stub per function after the code,
@@ -273,7 +375,7 @@ pub(crate) fn plan_load(
     consistent: Option<ConsistentPlan>,
 ) -> Result<LoadPlan, PatchError> {
     let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
-    plan_parsed(engine, ctl, t, obj, consistent)
+    plan_parsed_with(engine, ctl, t, obj, consistent, consistent.is_none())
 }
 
 /// Refuses while a transition runs: its dispatcher stubs jump to the versions on the function
@@ -285,13 +387,27 @@ pub(crate) fn no_transition(engine: &Engine) -> Result<(), PatchError> {
     }
 }
 
-/// [`plan_load`] of a parsed object.
+/// [`plan_load`] of a parsed object, for the consistency model: functions without an ftrace
+/// site are refused (the prologue rewrite is wired for immediate loads only).
 pub(crate) fn plan_parsed(
     engine: &Engine,
     ctl: &mut dyn GuestControl,
     t: &Target,
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
+) -> Result<LoadPlan, PatchError> {
+    plan_parsed_with(engine, ctl, t, obj, consistent, false)
+}
+
+/// [`plan_parsed`]; `prologue_ok`: a function without an ftrace site gets a prologue rewrite
+/// (immediate loads, [`crate::prologue`]).
+fn plan_parsed_with(
+    engine: &Engine,
+    ctl: &mut dyn GuestControl,
+    t: &Target,
+    obj: PatchObject,
+    consistent: Option<ConsistentPlan>,
+    prologue_ok: bool,
 ) -> Result<LoadPlan, PatchError> {
     no_transition(engine)?;
     if engine
@@ -336,6 +452,31 @@ pub(crate) fn plan_parsed(
         ),
         None => (obj.layout.code_size, obj.layout.data_size),
     };
+    // Room for a trampoline per function needing a prologue rewrite, after the code (and
+    // stubs).
+    let resolver = GuestResolver {
+        t,
+        mem,
+        sites: &engine.sites,
+    };
+    let ntramp = if prologue_ok {
+        obj.funcs
+            .iter()
+            .filter(|f| {
+                resolver
+                    .resolve(&f.old_name, f.sympos)
+                    .is_ok_and(|a| wants_prologue(&engine.sites, mem, t, a))
+            })
+            .count() as u64
+    } else {
+        0
+    };
+    let tramp_off = align64(code_len);
+    let code_len = if ntramp > 0 {
+        tramp_off + ntramp * TRAMP_SLOT
+    } else {
+        code_len
+    };
     let ncode = code_len.div_ceil(PAGE) as usize;
     let ndata = data_len.div_ceil(PAGE) as usize;
     // Map (reusing the last slot with its old layout first; a fresh slot if the patch
@@ -366,13 +507,12 @@ pub(crate) fn plan_parsed(
     let va_of = |i: usize| mapping.va + i as u64 * PAGE;
     let (code_base, data_base) = (va_of(code_start), va_of(data_start));
 
-    let resolver = GuestResolver { t, mem };
     let mut linked =
         link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
             patch: obj.name.clone(),
             source: Box::new(source),
         })?;
-    if consistent.is_some() {
+    if consistent.is_some() || ntramp > 0 {
         linked.code.resize(code_len as usize, 0xcc);
     }
 
@@ -380,8 +520,49 @@ pub(crate) fn plan_parsed(
     let mut sites: Vec<EntrySite> = Vec::new();
     let mut site_writes = Vec::new();
     let mut functions = Vec::new();
+    let mut prologues = Vec::new();
     for f in &linked.funcs {
-        let es = entry_site(&engine.sites, mem, t, f)?;
+        let (es, method, prologue) = match entry_site(&engine.sites, mem, t, f) {
+            Ok(es) => (es, Method::FtraceSite, None),
+            Err(e) if prologue_ok => {
+                let slot = prologues.len() as u64;
+                let at = (slot < ntramp).then(|| code_base + tramp_off + slot * TRAMP_SLOT);
+                prologue_site(&engine.sites, mem, t, f, at, e)?
+            }
+            Err(e @ PatchError::Site { .. })
+                if !prologue_ok && wants_prologue(&engine.sites, mem, t, f.old_addr) =>
+            {
+                let hint = match crate::prologue_plan::plan_entry(mem, t, f.old_addr, 0xffff_ffff_c000_0000, &[]) {
+                    Ok(p) if p.prologue.is_some() => format!(
+                        " (an immediate load, `patch load --immediate`, can patch it with a {} rewrite)",
+                        p.method
+                    ),
+                    _ => String::new(),
+                };
+                return Err(match e {
+                    PatchError::Site {
+                        func,
+                        addr,
+                        site,
+                        what,
+                    } => PatchError::Site {
+                        func,
+                        addr,
+                        site,
+                        what: format!("{what}{hint}"),
+                    },
+                    other => other,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let tramp = prologue.as_ref().map(|p| p.tramp_va);
+        let moved: Vec<MovedInsn> = prologue.as_ref().map_or_else(Vec::new, |p| p.moved.clone());
+        if let Some(p) = prologue {
+            let at = (p.tramp_va - code_base) as usize;
+            linked.code[at..at + p.tramp.len()].copy_from_slice(&p.tramp);
+            prologues.push((f.old_name.clone(), p));
+        }
         if sites.iter().any(|p| p.site == es.site) {
             return Err(es.error("replaced twice by this patch".into()));
         }
@@ -411,6 +592,9 @@ pub(crate) fn plan_parsed(
             new_addr: f.new_addr,
             active: true,
             flags: f.flags,
+            method,
+            tramp,
+            moved,
         });
         sites.push(es);
     }
@@ -505,5 +689,6 @@ pub(crate) fn plan_parsed(
         pte_writes,
         low_mem_pages,
         writes,
+        prologues,
     })
 }

@@ -29,10 +29,11 @@ pub const MAX_FUNC_LEN: usize = 1 << 20;
 pub const MAX_TRAMP_LEN: usize = 128;
 
 /// How a replaced function's entry is redirected (`patch info` shows it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// The ftrace NOP5 site is overwritten; nothing moves.
+    #[default]
     FtraceSite,
     /// The instructions at the entry (after any ENDBR) move to a trampoline.
     Prologue,

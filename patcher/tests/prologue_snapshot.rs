@@ -229,3 +229,170 @@ fn traced_and_kprobed_entries_on_both_booted_guests() {
         assert!(s.syms.size_of(func).unwrap() > 5);
     }
 }
+
+/// A unique C-named function of the snapshot's core kernel with a prologue rewrite moving
+/// at least two instructions (no ftrace site at runtime).
+fn prologue_target(s: &Snapshot) -> (String, EntryPlan) {
+    let t = target(s);
+    let ram = SliceMemory::flat(&s.ram);
+    text_funcs(s)
+        .into_iter()
+        .filter(|(n, _)| {
+            n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !n.starts_with('_')
+                && s.syms.addresses(n).len() == 1
+        })
+        .find_map(|(n, a)| {
+            let p = plan_entry(&ram, &t, a, TRAMP, &[]).ok()?;
+            let pr = p.prologue.as_ref()?;
+            (p.method == Method::Prologue && pr.moved.len() >= 2).then_some((n, p))
+        })
+        .expect("a function for a prologue rewrite")
+}
+
+fn patch_of(func: &str) -> Vec<u8> {
+    common::build_c(
+        "prologue",
+        &format!(
+            "HVPATCH_NAME(\"pro\");\nstatic int n(void) {{ return 0; }}\nHVPATCH_FUNC({func}, n);"
+        ),
+    )
+}
+
+/// Immediate load and unload of a function without an ftrace site: the jmp over the first 5
+/// moved bytes, the trampoline in the arena, `patch info`'s method and moved instructions;
+/// unload restores the whole RAM byte for byte. The consistency model refuses it (with a
+/// hint), a load without a kernel view refuses it, and a vCPU inside the moved bytes makes
+/// it busy, leaving RAM unchanged.
+fn prologue_load_unload(s: &Snapshot) {
+    let (func, plan) = prologue_target(s);
+    let pr = plan.prologue.as_ref().unwrap();
+    eprintln!("{}: {func}: {:?}", s.version, pr.moved);
+    let t = target(s);
+    let kernel = common::kernel(s);
+    let obj = patch_of(&func);
+    let mut g = s.guest();
+    let before = g.ram.0.clone();
+    let mut e = patcher::Engine::new();
+
+    let err = e.load(&mut g, &t, &obj, "pro.o").unwrap_err().to_string();
+    assert!(
+        err.contains("prologue rewrite") && err.contains(&func),
+        "{err}"
+    );
+    let err = e
+        .load_consistent(&mut g, &t, &kernel, &obj, "pro.o", Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--immediate") && err.contains("prologue"),
+        "{err}"
+    );
+    let mut busy = s.guest();
+    busy.vcpus[0].rip = pr.site + pr.moved[0].bytes.len() as u64;
+    let err = e
+        .load_viewed(&mut busy, &t, Some(&kernel), &obj, "pro.o")
+        .unwrap_err();
+    assert!(matches!(err, patcher::PatchError::Busy(_)), "{err}");
+    assert!(busy.ram.0 == before, "a busy load wrote");
+    drop(busy);
+    assert!(g.ram.0 == before);
+
+    let info = e
+        .load_viewed(&mut g, &t, Some(&kernel), &obj, "pro.o")
+        .unwrap();
+    let f = &info.functions[0];
+    assert_eq!(f.method, Method::Prologue);
+    assert_eq!(f.site, pr.site);
+    let tramp = f.tramp.unwrap();
+    assert!(tramp >= info.code.va && tramp < info.code.va + info.code.len);
+    assert_eq!(f.moved.len(), pr.moved.len());
+    for (a, b) in f.moved.iter().zip(&pr.moved) {
+        assert_eq!((a.addr, &a.bytes, &a.text), (b.addr, &b.bytes, &b.text));
+    }
+    // The site jumps to the new function; the rest of the moved bytes stay.
+    let now = read(&g.ram, &t, pr.site, pr.moved_len);
+    assert_eq!(
+        now[..5],
+        patcher::site::jmp_bytes(pr.site, f.new_addr).unwrap()
+    );
+    assert_eq!(now[5..], pr.original()[5..]);
+    // The trampoline in guest memory relocates the original bytes faithfully.
+    let mut at = pr.clone();
+    at.tramp = read(&g.ram, &t, tramp, pr.tramp.len() as u64);
+    at.tramp_va = tramp;
+    for (m, o) in at.moved.iter_mut().zip(&f.moved) {
+        m.new_addr = o.new_addr;
+    }
+    prologue_check::check_tramp(&pr.original(), &at, tramp, &func);
+    let json = serde_json::to_value(&info).unwrap();
+    assert_eq!(json["functions"][0]["method"], "prologue");
+    assert!(json["functions"][0]["moved"][0]["text"].is_string());
+
+    e.unload(&mut g, "pro", &kernel, common::UNLOAD_WAIT)
+        .unwrap();
+    assert!(g.ram.0 == before, "{}: RAM differs after unload", s.version);
+}
+
+#[test]
+fn booted_6_1_prologue_load_unload() {
+    prologue_load_unload(snap_6_1());
+}
+
+#[test]
+fn booted_6_12_prologue_load_unload() {
+    prologue_load_unload(snap_6_12());
+}
+
+/// A traced function (ftrace's `call ftrace_caller` planted at its site, as ftrace writes
+/// it): the jmp goes after the call, which stays; unload restores the traced bytes.
+#[test]
+fn booted_after_ftrace_load_unload_on_both_guests() {
+    for s in [snap_6_1(), snap_6_12()] {
+        let t = target(s);
+        let kernel = common::kernel(s);
+        let func = "cmdline_proc_show";
+        let a = s.syms.addresses(func)[0];
+        let mut g = s.guest();
+        let ram = SliceMemory::flat(&s.ram);
+        let site = plan_entry(&ram, &t, a, TRAMP, &[]).unwrap().site;
+        let mut call =
+            patcher::site::jmp_bytes(site, s.syms.addresses("ftrace_caller")[0]).unwrap();
+        call[0] = 0xe8;
+        let pa = t.paging.translate(&g.ram, site).unwrap() as usize;
+        g.ram.0[pa..pa + 5].copy_from_slice(&call);
+        let traced = g.ram.0.clone();
+        let mut e = patcher::Engine::new();
+        let info = e
+            .load_viewed(&mut g, &t, Some(&kernel), &patch_of(func), "pro.o")
+            .unwrap();
+        let f = &info.functions[0];
+        assert_eq!(f.method, Method::AfterFtrace, "{}", s.version);
+        assert_eq!(f.site, site + 5);
+        assert_eq!(g.ram.0[pa..pa + 5], call, "ftrace's call untouched");
+        assert_eq!(
+            read(&g.ram, &t, site + 5, 5),
+            patcher::site::jmp_bytes(site + 5, f.new_addr).unwrap()
+        );
+        // A second patch stacks on the after-ftrace rewrite, and goes again.
+        let obj2 = common::build_c(
+            "prologue2",
+            &format!(
+                "HVPATCH_NAME(\"pro2\");\nstatic int m(void) {{ return 1; }}\nHVPATCH_FUNC({func}, m);"
+            ),
+        );
+        let info2 = e
+            .load_viewed(&mut g, &t, Some(&kernel), &obj2, "pro2.o")
+            .unwrap();
+        assert_eq!(info2.functions[0].site, site + 5);
+        assert_eq!(
+            read(&g.ram, &t, site + 5, 5),
+            patcher::site::jmp_bytes(site + 5, info2.functions[0].new_addr).unwrap()
+        );
+        e.unload(&mut g, "pro2", &kernel, common::UNLOAD_WAIT)
+            .unwrap();
+        e.unload(&mut g, "pro", &kernel, common::UNLOAD_WAIT)
+            .unwrap();
+        assert!(g.ram.0 == traced, "{}: RAM differs after unload", s.version);
+    }
+}
