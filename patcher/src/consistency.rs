@@ -428,7 +428,7 @@ impl Engine {
                     v.insert(crate::func_stack::SiteStack {
                         func: f.old_name.clone(),
                         site_pa,
-                        original: site::NOP5,
+                        original: f.unpatched(),
                         entries: vec![],
                         during: None,
                     });

@@ -332,8 +332,9 @@ impl Engine {
     /// pages are still free and every byte to overwrite is as planned, and writes
     /// ([`apply`]); then records it.
     ///
-    /// A function without an ftrace site needs a prologue rewrite, which this refuses: it must
-    /// check that no vCPU or task is inside the moved bytes ([`Engine::load_viewed`]).
+    /// A function without an ftrace site needs a prologue rewrite, which this refuses (with a
+    /// hint): it must check that no vCPU or task is inside the moved bytes
+    /// ([`Engine::load_viewed`]).
     pub fn load(
         &mut self,
         ctl: &mut dyn GuestControl,
@@ -357,7 +358,7 @@ impl Engine {
         file_name: &str,
     ) -> Result<PatchInfo, PatchError> {
         let t0 = Instant::now();
-        let mut plan = plan_load(self, ctl, t, object, file_name, None)?;
+        let mut plan = plan_load(self, ctl, t, object, file_name, None, view.is_some())?;
         let prepare = t0.elapsed();
         plan.writes.append(&mut plan.site_writes);
         let inside: Vec<(u64, u64)> = plan
@@ -365,14 +366,6 @@ impl Engine {
             .iter()
             .map(|(_, p)| (p.site + 1, p.resume))
             .collect();
-        if let (Some((name, p)), None) = (plan.prologues.first(), view) {
-            return Err(PatchError::State(format!(
-                "{name} has no ftrace site and needs a prologue rewrite at {:#x}, which needs \
-                 the guest's live contexts checked (no kernel view given)",
-                p.site
-            )));
-        }
-
         // Pause window: re-verify and write.
         let paging = t.paging;
         let ((), pause) = paused(ctl, |ctl| {

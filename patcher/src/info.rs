@@ -64,6 +64,22 @@ pub struct FuncInfo {
     pub moved: Vec<crate::prologue::MovedInsn>,
 }
 
+impl FuncInfo {
+    /// The 5 bytes at [`FuncInfo::site`] when no patch replaces the function: the ftrace NOP,
+    /// or for a prologue rewrite the start of the moved instructions.
+    pub fn unpatched(&self) -> [u8; 5] {
+        let moved: Vec<u8> = self.moved.iter().flat_map(|m| m.bytes.clone()).collect();
+        match moved.get(..5) {
+            Some(b) if self.method != crate::prologue::Method::FtraceSite => {
+                let mut a = [0u8; 5];
+                a.copy_from_slice(b);
+                a
+            }
+            _ => crate::site::NOP5,
+        }
+    }
+}
+
 /// A range of the arena used by a patch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArenaRange {

@@ -365,7 +365,8 @@ fn align64(n: u64) -> u64 {
 
 /// Computes a load of `object` (named `file_name` unless it has `HVPATCH_NAME`) into the
 /// guest, reading but never writing it: release check, arena placement, linking, entry-site
-/// checks and the writes.
+/// checks and the writes. `prologue_ok`: functions without an ftrace site get a prologue
+/// rewrite (else they are refused, with a hint when one would work).
 pub(crate) fn plan_load(
     engine: &Engine,
     ctl: &mut dyn GuestControl,
@@ -373,9 +374,10 @@ pub(crate) fn plan_load(
     object: &[u8],
     file_name: &str,
     consistent: Option<ConsistentPlan>,
+    prologue_ok: bool,
 ) -> Result<LoadPlan, PatchError> {
     let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
-    plan_parsed_with(engine, ctl, t, obj, consistent, consistent.is_none())
+    plan_parsed_with(engine, ctl, t, obj, consistent, prologue_ok)
 }
 
 /// Refuses while a transition runs: its dispatcher stubs jump to the versions on the function
@@ -532,9 +534,15 @@ fn plan_parsed_with(
             Err(e @ PatchError::Site { .. })
                 if !prologue_ok && wants_prologue(&engine.sites, mem, t, f.old_addr) =>
             {
-                let hint = match crate::prologue_plan::plan_entry(mem, t, f.old_addr, 0xffff_ffff_c000_0000, &[]) {
+                let hint = match crate::prologue_plan::plan_entry(
+                    mem,
+                    t,
+                    f.old_addr,
+                    0xffff_ffff_c000_0000,
+                    &[],
+                ) {
                     Ok(p) if p.prologue.is_some() => format!(
-                        " (an immediate load, `patch load --immediate`, can patch it with a {} rewrite)",
+                        " (a {} rewrite can patch it: an immediate load, `patch load --immediate`)",
                         p.method
                     ),
                     _ => String::new(),
@@ -556,8 +564,22 @@ fn plan_parsed_with(
             }
             Err(e) => return Err(e),
         };
+        // Stacking on a rewrite of ours: its method, and the instructions it moved.
+        let method = match engine.sites.get(&es.site) {
+            Some(st) if method == Method::FtraceSite && st.original != NOP5 => Method::Prologue,
+            _ => method,
+        };
         let tramp = prologue.as_ref().map(|p| p.tramp_va);
-        let moved: Vec<MovedInsn> = prologue.as_ref().map_or_else(Vec::new, |p| p.moved.clone());
+        let moved: Vec<MovedInsn> = match &prologue {
+            Some(p) => p.moved.clone(),
+            None if method != Method::FtraceSite => engine
+                .patches
+                .iter()
+                .flat_map(|p| &p.info.functions)
+                .find(|g| g.site == es.site && !g.moved.is_empty())
+                .map_or_else(Vec::new, |g| g.moved.clone()),
+            None => Vec::new(),
+        };
         if let Some(p) = prologue {
             let at = (p.tramp_va - code_base) as usize;
             linked.code[at..at + p.tramp.len()].copy_from_slice(&p.tramp);

@@ -277,7 +277,9 @@ fn prologue_load_unload(s: &Snapshot) {
 
     let err = e.load(&mut g, &t, &obj, "pro.o").unwrap_err().to_string();
     assert!(
-        err.contains("prologue rewrite") && err.contains(&func),
+        err.contains("unexpected bytes")
+            && err.contains("prologue rewrite can")
+            && err.contains(&func),
         "{err}"
     );
     let err = e
@@ -293,7 +295,10 @@ fn prologue_load_unload(s: &Snapshot) {
     let err = e
         .load_viewed(&mut busy, &t, Some(&kernel), &obj, "pro.o")
         .unwrap_err();
-    assert!(matches!(err, patcher::PatchError::Busy(_)), "{err}");
+    assert!(
+        matches!(&err, patcher::PatchError::Busy(m) if m.contains("points inside") && m.contains(&func)),
+        "{err}"
+    );
     assert!(busy.ram.0 == before, "a busy load wrote");
     drop(busy);
     assert!(g.ram.0 == before);
@@ -329,7 +334,38 @@ fn prologue_load_unload(s: &Snapshot) {
     assert_eq!(json["functions"][0]["method"], "prologue");
     assert!(json["functions"][0]["moved"][0]["text"].is_string());
 
+    // Disable puts the original bytes back; enable writes the jmp again.
+    e.disable(&mut g, &kernel, "pro", None).unwrap();
+    // (its pages stay: the patch is disabled, not unloaded)
+    assert_eq!(read(&g.ram, &t, pr.site, pr.moved_len), pr.original());
+    e.enable(&mut g, &kernel, "pro", None).unwrap();
+    assert_eq!(
+        read(&g.ram, &t, pr.site, 5),
+        patcher::site::jmp_bytes(pr.site, f.new_addr).unwrap()
+    );
+    // A second patch stacks on the rewrite: same method and moved instructions.
+    let obj2 = common::build_c(
+        "prologue-top",
+        &format!(
+            "HVPATCH_NAME(\"top\");\nstatic int m(void) {{ return 1; }}\nHVPATCH_FUNC({func}, m);"
+        ),
+    );
+    let top = e
+        .load_viewed(&mut g, &t, Some(&kernel), &obj2, "top.o")
+        .unwrap();
+    let f2 = &top.functions[0];
+    assert_eq!(
+        (f2.method, f2.site, f2.tramp),
+        (Method::Prologue, pr.site, None)
+    );
+    assert_eq!(f2.moved, f.moved);
+    assert_eq!(
+        read(&g.ram, &t, pr.site, 5),
+        patcher::site::jmp_bytes(pr.site, f2.new_addr).unwrap()
+    );
     e.unload(&mut g, "pro", &kernel, common::UNLOAD_WAIT)
+        .unwrap();
+    e.unload(&mut g, "top", &kernel, common::UNLOAD_WAIT)
         .unwrap();
     assert!(g.ram.0 == before, "{}: RAM differs after unload", s.version);
 }
