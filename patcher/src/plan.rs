@@ -293,7 +293,10 @@ fn prologue_site(
     let Some(tramp_va) = tramp_va else {
         return Err(first);
     };
-    let plan = crate::prologue_plan::plan_entry(mem, t, f.old_addr, tramp_va, &[])
+    // What the kernel rewrites or finds by address must not move.
+    let guest = crate::prologue_plan::GuestSites::read(mem, t).map_err(|e| add(e.to_string()))?;
+    let forbidden = guest.within(f.old_addr, f.old_addr + 128);
+    let plan = crate::prologue_plan::plan_entry(mem, t, f.old_addr, tramp_va, &forbidden)
         .map_err(|e| add(e.to_string()))?;
     let Some(p) = plan.prologue else {
         return Err(first);

@@ -1,8 +1,9 @@
 //! The guest-reading half of the prologue rewrite (issue 9): reads a function's entry and
 //! body from guest memory, picks the [`Method`] and, for the prologue and after-ftrace
 //! methods, relocates the covered instructions ([`crate::prologue::relocate`]) for a
-//! trampoline at a given address. Reads only; nothing is written, and the engine does not use
-//! it yet.
+//! trampoline at a given address. [`GuestSites`] reads the guest's tables of code the kernel
+//! rewrites or looks up by address (jump labels, static calls, exception table), whose
+//! entries the moved bytes must not hold. Reads only; nothing is written.
 
 use introspect::PhysMemory;
 use thiserror::Error;
@@ -46,6 +47,108 @@ pub enum EntryPlanError {
         /// The refusal.
         source: PrologueError,
     },
+}
+
+/// Largest table [`GuestSites::read`] accepts.
+const MAX_TABLE: u64 = 4 << 20;
+
+/// The guest's tables of code addresses that must not move: `__jump_table` (jump labels,
+/// which `static_key_enable()` rewrites after verifying their bytes), `.static_call_sites`
+/// (calls `static_call_update()` rewrites) and `__ex_table` (faulting instructions whose fixup
+/// is found by address).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestSites {
+    /// `(start, end, what)`, sorted by start.
+    ranges: Vec<(u64, u64, String)>,
+}
+
+impl GuestSites {
+    /// Reads the three tables through kallsyms' `__start_*`/`__stop_*` symbols.
+    pub fn read(mem: &dyn PhysMemory, t: &Target) -> Result<Self, EntryPlanError> {
+        // (start symbol, stop symbol, entry size, what, bytes covered)
+        let tables = [
+            (
+                "__start___jump_table",
+                "__stop___jump_table",
+                16,
+                "jump label",
+                5,
+            ),
+            (
+                "__start_static_call_sites",
+                "__stop_static_call_sites",
+                8,
+                "static call site",
+                5,
+            ),
+            (
+                "__start___ex_table",
+                "__stop___ex_table",
+                12,
+                "exception table entry",
+                1,
+            ),
+        ];
+        let mut ranges = Vec::new();
+        for (start, stop, size, what, covers) in tables {
+            let sym = |n: &str| {
+                t.symbols
+                    .addresses(n)
+                    .first()
+                    .copied()
+                    .ok_or_else(|| EntryPlanError::Memory {
+                        func: 0,
+                        why: format!("no {n} symbol: cannot tell the {what}s"),
+                    })
+            };
+            let (lo, hi) = (sym(start)?, sym(stop)?);
+            let len = hi
+                .checked_sub(lo)
+                .filter(|&l| l <= MAX_TABLE && l % size == 0);
+            let len = len.ok_or_else(|| EntryPlanError::Memory {
+                func: lo,
+                why: format!("{start}..{stop} is not a table of {size}-byte entries"),
+            })?;
+            let mut b = vec![0u8; len as usize];
+            t.paging
+                .read_virt(mem, lo, &mut b)
+                .map_err(|e| EntryPlanError::Memory {
+                    func: lo,
+                    why: format!("{start}: {e}"),
+                })?;
+            for (i, e) in b.chunks_exact(size as usize).enumerate() {
+                // The first field: a 32-bit offset from itself to the code address.
+                let rel = i32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                let field = lo + i as u64 * size;
+                let at = field.wrapping_add(rel as i64 as u64);
+                ranges.push((at, at.saturating_add(covers), format!("{what} at {at:#x}")));
+            }
+        }
+        ranges.sort();
+        Ok(GuestSites { ranges })
+    }
+
+    /// The entries intersecting `[lo, hi)`, as [`relocate`]'s forbidden ranges.
+    pub fn within(&self, lo: u64, hi: u64) -> Vec<(u64, u64, String)> {
+        // Entries cover at most 5 bytes: start from lo - 5.
+        let from = self.ranges.partition_point(|r| r.0 < lo.saturating_sub(5));
+        self.ranges[from..]
+            .iter()
+            .take_while(|r| r.0 < hi)
+            .filter(|r| r.1 > lo)
+            .cloned()
+            .collect()
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
 }
 
 /// A function's entry as it would be patched.

@@ -432,3 +432,94 @@ fn booted_after_ftrace_load_unload_on_both_guests() {
         assert!(g.ram.0 == traced, "{}: RAM differs after unload", s.version);
     }
 }
+
+/// The guest's jump labels, static call sites and exception-table entries, read from guest
+/// memory: real functions whose moved bytes hold one are refused, naming it.
+#[test]
+fn booted_guest_sites_in_moved_bytes_are_refused() {
+    for s in [snap_6_1(), snap_6_12()] {
+        let t = target(s);
+        let ram = SliceMemory::flat(&s.ram);
+        let sites = patcher::prologue_plan::GuestSites::read(&ram, &t).unwrap();
+        assert!(sites.len() > 5000, "{}: {} entries", s.version, sites.len());
+        let mut hits: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (name, a) in text_funcs(s) {
+            let Ok(p) = plan_entry(&ram, &t, a, TRAMP, &[]) else {
+                continue;
+            };
+            if p.prologue.is_none() {
+                continue;
+            }
+            let forbidden = sites.within(a, a + 128);
+            match plan_entry(&ram, &t, a, TRAMP, &forbidden) {
+                Ok(_) => {}
+                Err(EntryPlanError::Prologue {
+                    source: patcher::prologue::PrologueError::Forbidden { what, .. },
+                    ..
+                }) => {
+                    let kind = ["jump label", "static call site", "exception table entry"]
+                        .into_iter()
+                        .find(|k| what.starts_with(k))
+                        .unwrap();
+                    hits.entry(kind)
+                        .or_default()
+                        .push(format!("{name}: {what}"));
+                }
+                Err(e) => panic!("{} {name}: {e}", s.version),
+            }
+        }
+        eprintln!(
+            "{}: {} table entries; refused: {:?}",
+            s.version,
+            sites.len(),
+            hits.iter()
+                .map(|(k, v)| (k, v.len(), &v[..v.len().min(3)]))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            hits.contains_key("exception table entry"),
+            "{}: {hits:?}",
+            s.version
+        );
+        assert!(hits.contains_key("jump label"), "{}: {hits:?}", s.version);
+        // The engine refuses a load of such a function, naming the jump label.
+        let func = hits["jump label"]
+            .iter()
+            .map(|h| h.split(':').next().unwrap())
+            .find(|n| {
+                n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && s.syms.addresses(n).len() == 1
+            })
+            .unwrap();
+        let kernel = common::kernel(s);
+        let mut g = s.guest();
+        let err = patcher::Engine::new()
+            .load_viewed(&mut g, &t, Some(&kernel), &patch_of(func), "pro.o")
+            .unwrap_err()
+            .to_string();
+        eprintln!("{}: {err}", s.version);
+        assert!(err.contains("jump label") && err.contains(func), "{err}");
+        assert!(g.ram.0 == s.ram, "{}: a refused load wrote", s.version);
+    }
+}
+
+/// The ftrace-site method trusts a NOP5 at the site to be ftrace's: on both booted guests no
+/// such NOP5 is also a jump label, static call or exception-table entry.
+#[test]
+fn booted_ftrace_sites_are_never_other_guest_sites() {
+    for s in [snap_6_1(), snap_6_12()] {
+        let t = target(s);
+        let ram = SliceMemory::flat(&s.ram);
+        let sites = patcher::prologue_plan::GuestSites::read(&ram, &t).unwrap();
+        let mut v = Vec::new();
+        for (name, a) in text_funcs(s) {
+            let Ok(p) = plan_entry(&ram, &t, a, TRAMP, &[]) else {
+                continue;
+            };
+            if p.method == Method::FtraceSite && !sites.within(p.site, p.site + 5).is_empty() {
+                v.push(format!("{name}: {:?}", sites.within(p.site, p.site + 5)));
+            }
+        }
+        assert!(v.is_empty(), "{}: {v:?}", s.version);
+    }
+}
