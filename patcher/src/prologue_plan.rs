@@ -9,7 +9,9 @@ use introspect::PhysMemory;
 use thiserror::Error;
 
 use crate::engine::Target;
-use crate::prologue::{method_for, relocate, Method, Prologue, PrologueError, MAX_FUNC_LEN};
+use crate::prologue::{
+    check_other_code, method_for, relocate, Method, Prologue, PrologueError, MAX_FUNC_LEN,
+};
 use crate::site;
 
 /// Why an entry cannot be planned.
@@ -121,7 +123,7 @@ impl GuestSites {
                 let rel = i32::from_le_bytes([e[0], e[1], e[2], e[3]]);
                 let field = lo + i as u64 * size;
                 let at = field.wrapping_add(rel as i64 as u64);
-                ranges.push((at, at.saturating_add(covers), format!("{what} at {at:#x}")));
+                ranges.push((at, at.saturating_add(covers), what.to_string()));
             }
         }
         ranges.sort();
@@ -170,7 +172,8 @@ pub struct EntryPlan {
 
 /// Plans the entry of the function at `func`: reads it (up to [`MAX_FUNC_LEN`] bytes), picks
 /// the method from its site bytes, and relocates for a trampoline at `tramp_va` when the
-/// method moves instructions. `forbidden` as for [`relocate`].
+/// method moves instructions (refusing also when its `name.cold` part jumps into the moved
+/// bytes). `forbidden` as for [`relocate`] (see [`GuestSites`]).
 pub fn plan_entry(
     mem: &dyn PhysMemory,
     t: &Target,
@@ -230,7 +233,24 @@ pub fn plan_entry(
     let prologue = match method {
         Method::FtraceSite => None,
         Method::Prologue | Method::AfterFtrace => {
-            Some(relocate(func, &bytes, off + extra, tramp_va, forbidden).map_err(refuse)?)
+            let p = relocate(func, &bytes, off + extra, tramp_va, forbidden).map_err(refuse)?;
+            // gcc's out-of-line part `name.cold` jumps back into the function.
+            for cold in t.symbols.addresses(&format!("{name}.cold")) {
+                let n = t
+                    .symbols
+                    .size_of(cold)
+                    .unwrap_or(0)
+                    .min(MAX_FUNC_LEN as u64);
+                let mut code = vec![0u8; n as usize];
+                t.paging
+                    .read_virt(mem, cold, &mut code)
+                    .map_err(|e| EntryPlanError::Memory {
+                        func: cold,
+                        why: e.to_string(),
+                    })?;
+                check_other_code(&p, cold, &code).map_err(refuse)?;
+            }
+            Some(p)
         }
     };
     Ok(EntryPlan {
