@@ -55,9 +55,10 @@ pub enum EntryPlanError {
 const MAX_TABLE: u64 = 4 << 20;
 
 /// The guest's tables of code addresses that must not move: `__jump_table` (jump labels,
-/// which `static_key_enable()` rewrites after verifying their bytes), `.static_call_sites`
-/// (calls `static_call_update()` rewrites) and `__ex_table` (faulting instructions whose fixup
-/// is found by address).
+/// which `static_key_enable()` rewrites after verifying their bytes, and their targets, which
+/// they branch to), `.static_call_sites` (calls `static_call_update()` rewrites) and
+/// `__ex_table` (faulting instructions whose fixup is found by address, and the fixups they
+/// continue at).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestSites {
     /// `(start, end, what)`, sorted by start.
@@ -67,32 +68,33 @@ pub struct GuestSites {
 impl GuestSites {
     /// Reads the three tables through kallsyms' `__start_*`/`__stop_*` symbols.
     pub fn read(mem: &dyn PhysMemory, t: &Target) -> Result<Self, EntryPlanError> {
-        // (start symbol, stop symbol, entry size, what, bytes covered)
-        let tables = [
+        // (start symbol, stop symbol, entry size, [(field offset, bytes covered, what)]): each
+        // field a 32-bit offset from itself to a code address.
+        let tables: [(&str, &str, u64, &[(u64, u64, &str)]); 3] = [
             (
                 "__start___jump_table",
                 "__stop___jump_table",
                 16,
-                "jump label",
-                5,
+                &[(0, 5, "jump label"), (4, 1, "jump label target")],
             ),
             (
                 "__start_static_call_sites",
                 "__stop_static_call_sites",
                 8,
-                "static call site",
-                5,
+                &[(0, 5, "static call site")],
             ),
             (
                 "__start___ex_table",
                 "__stop___ex_table",
                 12,
-                "exception table entry",
-                1,
+                &[
+                    (0, 1, "exception table entry"),
+                    (4, 1, "exception fixup target"),
+                ],
             ),
         ];
         let mut ranges = Vec::new();
-        for (start, stop, size, what, covers) in tables {
+        for (start, stop, size, fields) in tables {
             let sym = |n: &str| {
                 t.symbols
                     .addresses(n)
@@ -100,7 +102,7 @@ impl GuestSites {
                     .copied()
                     .ok_or_else(|| EntryPlanError::Memory {
                         func: 0,
-                        why: format!("no {n} symbol: cannot tell the {what}s"),
+                        why: format!("no {n} symbol: cannot tell the code sites it lists"),
                     })
             };
             let (lo, hi) = (sym(start)?, sym(stop)?);
@@ -119,11 +121,13 @@ impl GuestSites {
                     why: format!("{start}: {e}"),
                 })?;
             for (i, e) in b.chunks_exact(size as usize).enumerate() {
-                // The first field: a 32-bit offset from itself to the code address.
-                let rel = i32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-                let field = lo + i as u64 * size;
-                let at = field.wrapping_add(rel as i64 as u64);
-                ranges.push((at, at.saturating_add(covers), what.to_string()));
+                for &(off, covers, what) in fields {
+                    let o = off as usize;
+                    let rel = i32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]);
+                    let field = lo + i as u64 * size + off;
+                    let at = field.wrapping_add(rel as i64 as u64);
+                    ranges.push((at, at.saturating_add(covers), what.to_string()));
+                }
             }
         }
         ranges.sort();

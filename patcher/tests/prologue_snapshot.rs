@@ -457,10 +457,16 @@ fn booted_guest_sites_in_moved_bytes_are_refused() {
                     source: patcher::prologue::PrologueError::Forbidden { what, .. },
                     ..
                 }) => {
-                    let kind = ["jump label", "static call site", "exception table entry"]
-                        .into_iter()
-                        .find(|k| what.starts_with(k))
-                        .unwrap();
+                    let kind = [
+                        "jump label target",
+                        "jump label",
+                        "static call site",
+                        "exception table entry",
+                        "exception fixup target",
+                    ]
+                    .into_iter()
+                    .find(|k| what.starts_with(k))
+                    .unwrap();
                     hits.entry(kind)
                         .or_default()
                         .push(format!("{name}: {what}"));
