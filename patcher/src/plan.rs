@@ -572,6 +572,13 @@ fn plan_parsed_with(
             Some(st) if method == Method::FtraceSite && st.original != NOP5 => Method::Prologue,
             _ => method,
         };
+        if method != Method::FtraceSite && !prologue_ok {
+            // Its stubs and reversals would continue the original at site + 5, mid-instruction.
+            return Err(es.error(format!(
+                "an immediate patch of ours rewrote its prologue; only immediate patches can \
+                 stack on it (`patch load --immediate`), the consistency model cannot yet ({method})"
+            )));
+        }
         let tramp = prologue.as_ref().map(|p| p.tramp_va);
         let moved: Vec<MovedInsn> = match &prologue {
             Some(p) => p.moved.clone(),

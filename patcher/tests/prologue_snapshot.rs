@@ -350,6 +350,12 @@ fn prologue_load_unload(s: &Snapshot) {
             "HVPATCH_NAME(\"top\");\nstatic int m(void) {{ return 1; }}\nHVPATCH_FUNC({func}, m);"
         ),
     );
+    // Not under the consistency model: its old path would continue at site + 5.
+    let err = e
+        .load_consistent(&mut g, &t, &kernel, &obj2, "top.o", Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only immediate patches can stack"), "{err}");
     let top = e
         .load_viewed(&mut g, &t, Some(&kernel), &obj2, "top.o")
         .unwrap();
