@@ -51,6 +51,9 @@ pub enum EntryPlanError {
     },
 }
 
+/// A field of a table entry: (offset in the entry, bytes of code it covers, what it is).
+type Field = (u64, u64, &'static str);
+
 /// Largest table [`GuestSites::read`] accepts.
 const MAX_TABLE: u64 = 4 << 20;
 
@@ -70,7 +73,7 @@ impl GuestSites {
     pub fn read(mem: &dyn PhysMemory, t: &Target) -> Result<Self, EntryPlanError> {
         // (start symbol, stop symbol, entry size, [(field offset, bytes covered, what)]): each
         // field a 32-bit offset from itself to a code address.
-        let tables: [(&str, &str, u64, &[(u64, u64, &str)]); 3] = [
+        let tables: [(&str, &str, u64, &[Field]); 3] = [
             (
                 "__start___jump_table",
                 "__stop___jump_table",
