@@ -24,6 +24,9 @@ struct GuestResolver<'a> {
     mem: &'a dyn PhysMemory,
     /// The engine's function stacks (to tell our own jmps and their original bytes).
     sites: &'a BTreeMap<u64, SiteStack>,
+    /// The trampolines of the functions this load rewrites the prologue of, by (name,
+    /// sympos): their original code.
+    tramps: &'a BTreeMap<(String, u64), u64>,
 }
 
 impl Resolver for GuestResolver<'_> {
@@ -32,6 +35,9 @@ impl Resolver for GuestResolver<'_> {
     }
 
     fn original_body(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
+        if let Some(&tramp) = self.tramps.get(&(name.to_string(), sympos)) {
+            return Ok(tramp);
+        }
         let addr = self.resolve(name, sympos)?;
         let mut head = [0u8; 9];
         self.t
@@ -48,8 +54,9 @@ impl Resolver for GuestResolver<'_> {
             .map_or(&head[off..off + 5], |st| &st.original);
         if (unpatched != NOP5 && unpatched[0] != 0xe8) || self.sites.contains_key(&(site + 5)) {
             return Err(LinkError::Guest(format!(
-                "HVPATCH_ORIG({name}): its entry has no ftrace site (a prologue rewrite); \
-                 calling its original is not supported yet"
+                "HVPATCH_ORIG({name}): its entry has no ftrace site and this patch does not \
+                 rewrite its prologue (another patch does, or a consistency-model load): calling \
+                 its original is not supported there"
             )));
         }
         Ok(site + 5)
@@ -459,23 +466,27 @@ fn plan_parsed_with(
     };
     // Room for a trampoline per function needing a prologue rewrite, after the code (and
     // stubs).
-    let resolver = GuestResolver {
+    let no_tramps = BTreeMap::new();
+    let names = GuestResolver {
         t,
         mem,
         sites: &engine.sites,
+        tramps: &no_tramps,
     };
-    let ntramp = if prologue_ok {
+    let rewrites: Vec<(String, u64)> = if prologue_ok {
         obj.funcs
             .iter()
             .filter(|f| {
-                resolver
+                names
                     .resolve(&f.old_name, f.sympos)
                     .is_ok_and(|a| wants_prologue(&engine.sites, mem, t, a))
             })
-            .count() as u64
+            .map(|f| (f.old_name.clone(), f.sympos))
+            .collect()
     } else {
-        0
+        Vec::new()
     };
+    let ntramp = rewrites.len() as u64;
     let tramp_off = align64(code_len);
     let code_len = if ntramp > 0 {
         tramp_off + ntramp * TRAMP_SLOT
@@ -512,6 +523,17 @@ fn plan_parsed_with(
     let va_of = |i: usize| mapping.va + i as u64 * PAGE;
     let (code_base, data_base) = (va_of(code_start), va_of(data_start));
 
+    let tramps: BTreeMap<(String, u64), u64> = rewrites
+        .into_iter()
+        .enumerate()
+        .map(|(k, f)| (f, code_base + tramp_off + k as u64 * TRAMP_SLOT))
+        .collect();
+    let resolver = GuestResolver {
+        t,
+        mem,
+        sites: &engine.sites,
+        tramps: &tramps,
+    };
     let mut linked =
         link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
             patch: obj.name.clone(),
@@ -530,8 +552,7 @@ fn plan_parsed_with(
         let (es, method, prologue) = match entry_site(&engine.sites, mem, t, f) {
             Ok(es) => (es, Method::FtraceSite, None),
             Err(e) if prologue_ok => {
-                let slot = prologues.len() as u64;
-                let at = (slot < ntramp).then(|| code_base + tramp_off + slot * TRAMP_SLOT);
+                let at = tramps.get(&(f.old_name.clone(), f.sympos)).copied();
                 prologue_site(&engine.sites, mem, t, f, at, e)?
             }
             Err(e @ PatchError::Site { .. })

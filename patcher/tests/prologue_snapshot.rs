@@ -369,9 +369,38 @@ fn prologue_load_unload(s: &Snapshot) {
         read(&g.ram, &t, pr.site, 5),
         patcher::site::jmp_bytes(pr.site, f2.new_addr).unwrap()
     );
+    // HVPATCH_ORIG of a function stacked on another patch's rewrite: refused (that
+    // trampoline belongs to the other patch).
+    let orig = common::build_c(
+        "prologue-orig",
+        &format!(
+            "HVPATCH_NAME(\"orig\");\nHVPATCH_ORIG(int, {func}, (void));\n\
+             static int o(void) {{ return hvpatch_orig_{func}() + 1; }}\nHVPATCH_FUNC({func}, o);"
+        ),
+    );
+    let err = e
+        .load_viewed(&mut g, &t, Some(&kernel), &orig, "orig.o")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("HVPATCH_ORIG"), "{err}");
     e.unload(&mut g, "pro", &kernel, common::UNLOAD_WAIT)
         .unwrap();
     e.unload(&mut g, "top", &kernel, common::UNLOAD_WAIT)
+        .unwrap();
+    assert!(g.ram.0 == before, "{}: RAM differs after unload", s.version);
+    // Alone, HVPATCH_ORIG calls this patch's trampoline (the original code).
+    let info = e
+        .load_viewed(&mut g, &t, Some(&kernel), &orig, "orig.o")
+        .unwrap();
+    let f = &info.functions[0];
+    let tramp = f.tramp.unwrap();
+    let code = read(&g.ram, &t, f.new_addr, f.new_size);
+    let calls: Vec<u64> = prologue_check::decode(&code, f.new_addr)
+        .iter()
+        .map(|i| i.near_branch_target())
+        .collect();
+    assert!(calls.contains(&tramp), "{calls:x?} lacks {tramp:#x}");
+    e.unload(&mut g, "orig", &kernel, common::UNLOAD_WAIT)
         .unwrap();
     assert!(g.ram.0 == before, "{}: RAM differs after unload", s.version);
 }
