@@ -648,6 +648,27 @@ fn refs_into(insns: &[Instruction], site: u64, resume: u64) -> Result<(), Prolog
                 end: resume,
             });
         }
+        // An absolute address as an immediate or a displacement (`mov $label,%rax`,
+        // `-mcmodel=kernel` code takes addresses so).
+        let absolute = (0..i.op_count()).find_map(|k| {
+            let v = match i.op_kind(k) {
+                OpKind::Immediate32to64 | OpKind::Immediate64 => i.immediate(k),
+                OpKind::Memory if i.memory_base() != iced_x86::Register::RIP => {
+                    i.memory_displacement64()
+                }
+                _ => return None,
+            };
+            inside(v).then_some(v)
+        });
+        if let Some(target) = absolute {
+            return Err(PrologueError::RefIntoMoved {
+                addr: i.ip(),
+                insn: gas(i),
+                target,
+                site,
+                end: resume,
+            });
+        }
     }
     Ok(())
 }
@@ -925,6 +946,20 @@ mod tests {
         let e = relocate(F, &b, 0, T, &[]).unwrap_err();
         assert!(
             matches!(e, PrologueError::RefIntoMoved { target, addr, .. } if target == F + 1 && addr == F + 5),
+            "{e}"
+        );
+        // mov $F+2,%rax: an absolute address inside the moved bytes.
+        let abs = asm(|a| {
+            a.push(rbx)?;
+            a.mov(eax, edi)?;
+            a.add(eax, esi)?;
+            a.mov(rcx, (F + 2) as i64)?;
+            a.pop(rbx)?;
+            a.ret()
+        });
+        let e = relocate(F, &abs, 0, T, &[]).unwrap_err();
+        assert!(
+            matches!(e, PrologueError::RefIntoMoved { target, .. } if target == F + 2),
             "{e}"
         );
         // Other code (a `.cold` part) jumping into the moved bytes.
