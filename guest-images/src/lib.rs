@@ -183,6 +183,13 @@ pub fn existing() -> Result<Images, ImagesError> {
     existing_in(&cache_dir())
 }
 
+/// The cached kernel of `series` alone, validated like [`existing`] does, without requiring
+/// the initramfs and test programs (for tests that only read the kernel image).
+pub fn existing_kernel(series: KernelSeries) -> Result<KernelImage, ImagesError> {
+    let cache = cache_dir();
+    kernels::validate(&cache, series).map(|stamp| kernels::image(&cache, series, stamp.release))
+}
+
 /// [`existing`] for an explicit cache directory.
 pub fn existing_in(cache: &Path) -> Result<Images, ImagesError> {
     let kernels = KernelSeries::all()

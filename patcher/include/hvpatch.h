@@ -20,6 +20,8 @@
  *   HVPATCH_ORIG(ssize_t, pipe_read, (struct kiocb *iocb, struct iov_iter *to));
  *   static ssize_t new_pipe_read(struct kiocb *iocb, struct iov_iter *to)
  *   { count++; return hvpatch_orig_pipe_read(iocb, to); }
+ * For a function without an ftrace site (an immediate load rewrites its prologue), the original
+ * runs from the patch's trampoline: the moved instructions, then the rest of the function.
  *
  * Consistency (like klp's): by default enabling or disabling a patch is a transition. Each
  * task switches to the new functions only when none of the functions the patch changes is on

@@ -232,7 +232,7 @@ impl Engine {
     ) -> Result<PatchInfo, PatchError> {
         let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
         if opts.immediate || obj.flags & HVPATCH_IMMEDIATE != 0 {
-            return self.load(ctl, t, object, file_name);
+            return self.load_viewed(ctl, t, Some(view), object, file_name);
         }
         if let Some(tr) = &self.transition {
             return Err(PatchError::InTransition(tr.patch.clone()));
@@ -461,7 +461,7 @@ impl Engine {
                     v.insert(crate::func_stack::SiteStack {
                         func: f.old_name.clone(),
                         site_pa,
-                        original: site::NOP5,
+                        original: f.unpatched(),
                         entries: vec![],
                         during: None,
                     });

@@ -35,6 +35,7 @@ use crate::plan::{plan_load, LoadPlan};
 use crate::site;
 use crate::symbols::SymbolSource;
 use crate::txn::{apply, paused};
+use crate::view::TaskView;
 
 pub use crate::info::{ArenaRange, FuncInfo, OpTiming, PatchInfo, PatchState};
 pub use crate::plan::guest_release;
@@ -330,6 +331,10 @@ impl Engine {
     /// the guest runs ([`plan_load`]), then, with every vCPU paused, re-verifies that the arena
     /// pages are still free and every byte to overwrite is as planned, and writes
     /// ([`apply`]); then records it.
+    ///
+    /// A function without an ftrace site needs a prologue rewrite, which this refuses (with a
+    /// hint): it must check that no vCPU or task is inside the moved bytes
+    /// ([`Engine::load_viewed`]).
     pub fn load(
         &mut self,
         ctl: &mut dyn GuestControl,
@@ -337,16 +342,54 @@ impl Engine {
         object: &[u8],
         file_name: &str,
     ) -> Result<PatchInfo, PatchError> {
+        self.load_viewed(ctl, t, None, object, file_name)
+    }
+
+    /// [`Engine::load`]; with `view`, functions without an ftrace site are patched by a
+    /// prologue rewrite ([`crate::prologue`]), after checking in the pause that no register or
+    /// live stack slot ([`TaskView::live_references`]) points strictly inside the moved bytes
+    /// (a context resuming there would land inside the `jmp`).
+    pub fn load_viewed(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        t: &Target,
+        view: Option<&dyn TaskView>,
+        object: &[u8],
+        file_name: &str,
+    ) -> Result<PatchInfo, PatchError> {
         let t0 = Instant::now();
-        let mut plan = plan_load(self, ctl, t, object, file_name, None)?;
+        let mut plan = plan_load(self, ctl, t, object, file_name, None, view.is_some())?;
         let prepare = t0.elapsed();
         plan.writes.append(&mut plan.site_writes);
-
+        let inside: Vec<(u64, u64)> = plan
+            .prologues
+            .iter()
+            .map(|(_, p)| (p.site + 1, p.resume))
+            .collect();
         // Pause window: re-verify and write.
         let paging = t.paging;
         let ((), pause) = paused(ctl, |ctl| {
             for &pa in &plan.low_mem_pages {
                 plan.arena.verify_free(ctl.memory(), &paging, pa)?;
+            }
+            if let (Some(view), false) = (view, inside.is_empty()) {
+                let vcpus = (0..ctl.vcpu_count())
+                    .map(|i| ctl.regs(i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let refs = view
+                    .live_references(ctl.memory(), &vcpus, &inside)
+                    .unwrap_or_else(|| Err("the kernel view cannot list live contexts".into()))
+                    .map_err(|e| PatchError::Busy(format!("checking the moved bytes: {e}")))?;
+                if let Some(r) = refs.first() {
+                    return Err(PatchError::Busy(format!(
+                        "{r} points inside the bytes a prologue rewrite moves ({}); retry",
+                        plan.prologues
+                            .iter()
+                            .map(|(n, p)| format!("{n} {:#x}..{:#x}", p.site, p.resume))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
             }
             apply(ctl, &mut plan.writes)
         })?;
@@ -474,6 +517,9 @@ mod state_tests {
                 flags: 1,
                 new_size: 64,
                 stub: None,
+                method: Default::default(),
+                tramp: None,
+                moved: vec![],
             }],
             code: ArenaRange {
                 va: NEW,

@@ -47,6 +47,37 @@ pub struct FuncInfo {
     /// patches).
     #[serde(default, with = "introspect::hex")]
     pub stub: Option<u64>,
+    /// How the entry is redirected: the ftrace site, or a prologue rewrite (after ftrace's
+    /// call when ftrace owns the site), see [`crate::prologue`].
+    #[serde(default)]
+    pub method: crate::prologue::Method,
+    /// For a prologue rewrite: the trampoline running the moved instructions (the original
+    /// code, for `HVPATCH_ORIG` and the unpatched path).
+    #[serde(
+        default,
+        with = "introspect::hex",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tramp: Option<u64>,
+    /// For a prologue rewrite: the instructions moved to the trampoline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<crate::prologue::MovedInsn>,
+}
+
+impl FuncInfo {
+    /// The 5 bytes at [`FuncInfo::site`] when no patch replaces the function: the ftrace NOP,
+    /// or for a prologue rewrite the start of the moved instructions.
+    pub fn unpatched(&self) -> [u8; 5] {
+        let moved: Vec<u8> = self.moved.iter().flat_map(|m| m.bytes.clone()).collect();
+        match moved.get(..5) {
+            Some(b) if self.method != crate::prologue::Method::FtraceSite => {
+                let mut a = [0u8; 5];
+                a.copy_from_slice(b);
+                a
+            }
+            _ => crate::site::NOP5,
+        }
+    }
 }
 
 /// A range of the arena used by a patch.

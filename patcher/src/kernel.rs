@@ -68,6 +68,13 @@ impl SymbolSource for KernelSymbols<'_> {
             .map(|s| (s.name.to_string(), s.offset))
     }
 
+    fn size_of(&self, addr: u64) -> Option<u64> {
+        self.kernel
+            .symbolize(addr)
+            .filter(|s| s.offset == 0)
+            .map(|s| s.size)
+    }
+
     fn enum_value(&self, enum_name: &str, enumerator: &str) -> Option<i64> {
         (enum_name == "pageflags" && enumerator == "PG_reserved")
             .then_some(self.pg_reserved)
@@ -229,6 +236,15 @@ impl crate::view::TaskView for Kernel {
 
     fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]) {
         Kernel::set_frame_pointer_text(self, ranges)
+    }
+
+    fn live_references(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+        ranges: &[(u64, u64)],
+    ) -> Option<Result<Vec<Reference>, String>> {
+        Some(Reachability::references(self, mem, vcpus, ranges))
     }
 
     fn function_range(&self, addr: u64) -> Option<(u64, u64)> {

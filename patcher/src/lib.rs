@@ -15,6 +15,8 @@ pub mod link;
 pub mod paging;
 pub mod patchobj;
 pub mod plan;
+pub mod prologue;
+pub mod prologue_plan;
 pub mod reach;
 pub mod site;
 pub mod symbols;

@@ -12,6 +12,7 @@ use crate::guest::GuestControl;
 use crate::info::{FuncInfo, PatchState};
 use crate::link::{link, pick_sympos, LinkError, LinkedFunc, Resolver, RETURN_THUNK};
 use crate::patchobj::PatchObject;
+use crate::prologue::{Method, MovedInsn, Prologue, MAX_TRAMP_LEN};
 use crate::site::{self, SiteOwner, NOP5};
 use crate::txn::Write;
 use std::collections::BTreeMap;
@@ -21,6 +22,11 @@ use std::collections::BTreeMap;
 struct GuestResolver<'a> {
     t: &'a Target<'a>,
     mem: &'a dyn PhysMemory,
+    /// The engine's function stacks (to tell our own jmps and their original bytes).
+    sites: &'a BTreeMap<u64, SiteStack>,
+    /// The trampolines of the functions this load rewrites the prologue of, by (name,
+    /// sympos): their original code.
+    tramps: &'a BTreeMap<(String, u64), u64>,
 }
 
 impl Resolver for GuestResolver<'_> {
@@ -29,13 +35,31 @@ impl Resolver for GuestResolver<'_> {
     }
 
     fn original_body(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
+        if let Some(&tramp) = self.tramps.get(&(name.to_string(), sympos)) {
+            return Ok(tramp);
+        }
         let addr = self.resolve(name, sympos)?;
         let mut head = [0u8; 9];
         self.t
             .paging
             .read_virt(self.mem, addr, &mut head)
             .map_err(|e| LinkError::Guest(e.to_string()))?;
-        Ok(addr + site::site_offset(&head) + 5)
+        let off = site::site_offset(&head) as usize;
+        let site = addr + off as u64;
+        // site + 5 is an instruction boundary only after the ftrace NOP or call; a prologue
+        // rewrite of ours (at the site, or after ftrace's call) would be entered there.
+        let unpatched = self
+            .sites
+            .get(&site)
+            .map_or(&head[off..off + 5], |st| &st.original);
+        if (unpatched != NOP5 && unpatched[0] != 0xe8) || self.sites.contains_key(&(site + 5)) {
+            return Err(LinkError::Guest(format!(
+                "HVPATCH_ORIG({name}): its entry has no ftrace site and this patch does not \
+                 rewrite its prologue (another patch does, or a consistency-model load): calling \
+                 its original is not supported there"
+            )));
+        }
+        Ok(site + 5)
     }
 
     fn return_thunk(&self) -> Result<Option<u64>, LinkError> {
@@ -91,7 +115,7 @@ pub fn guest_release(mem: &dyn PhysMemory, t: &Target) -> Result<String, PatchEr
 
 /// Names a dynamically allocated ftrace ops trampoline: ftrace copies `ftrace_caller` or
 /// `ftrace_regs_caller` into module space (`create_trampoline()`), so its first bytes match.
-fn ftrace_trampoline(mem: &dyn PhysMemory, t: &Target, addr: u64) -> Option<String> {
+pub(crate) fn ftrace_trampoline(mem: &dyn PhysMemory, t: &Target, addr: u64) -> Option<String> {
     let mut here = [0u8; 24];
     t.paging.read_virt(mem, addr, &mut here).ok()?;
     for name in ["ftrace_regs_caller", "ftrace_caller"] {
@@ -165,13 +189,25 @@ pub(crate) fn entry_site(
     let mut head = [0u8; 9];
     t.paging.read_virt(mem, f.old_addr, &mut head)?;
     let site = f.old_addr + site::site_offset(&head);
+    entry_site_at(sites, mem, t, f, site, NOP5)
+}
+
+/// [`entry_site`] at `site`, whose bytes are `unpatched` when no patch of ours is there.
+fn entry_site_at(
+    sites: &BTreeMap<u64, SiteStack>,
+    mem: &dyn PhysMemory,
+    t: &Target,
+    f: &LinkedFunc,
+    site: u64,
+    unpatched: [u8; 5],
+) -> Result<EntrySite, PatchError> {
     let mut s = EntrySite {
         func: f.old_name.clone(),
         addr: f.old_addr,
         site,
         site_pa: t.paging.translate(mem, site)?,
-        expect: NOP5,
-        original: NOP5,
+        expect: unpatched,
+        original: unpatched,
     };
     if t.paging.translate(mem, site + 4)? != s.site_pa + 4 {
         return Err(s.error("the 5-byte site crosses a page boundary".into()));
@@ -203,6 +239,79 @@ pub(crate) fn entry_site(
         return Err(s.error(what));
     }
     Ok(s)
+}
+
+/// Bytes reserved in the code part per prologue trampoline.
+const TRAMP_SLOT: u64 = MAX_TRAMP_LEN as u64;
+
+/// Whether the entry of the function at `addr` would need a prologue rewrite: its site holds
+/// neither the ftrace NOP nor a jmp of ours (read errors: no; `entry_site` reports them).
+fn wants_prologue(
+    sites: &BTreeMap<u64, SiteStack>,
+    mem: &dyn PhysMemory,
+    t: &Target,
+    addr: u64,
+) -> bool {
+    let mut head = [0u8; 9];
+    if t.paging.read_virt(mem, addr, &mut head).is_err() {
+        return false;
+    }
+    let off = site::site_offset(&head) as usize;
+    let site = addr + off as u64;
+    !(sites.contains_key(&site) || sites.contains_key(&(site + 5)) || head[off..off + 5] == NOP5)
+}
+
+/// The entry of `f` when [`entry_site`] refused it with `first`: a prologue rewrite
+/// ([`crate::prologue_plan::plan_entry`]) with the trampoline at `tramp_va` (`None`: no room
+/// was reserved, `first` stands), or this patch
+/// stacking on an after-ftrace rewrite of ours. `Err` adds the prologue refusal to `first`.
+fn prologue_site(
+    sites: &BTreeMap<u64, SiteStack>,
+    mem: &dyn PhysMemory,
+    t: &Target,
+    f: &LinkedFunc,
+    tramp_va: Option<u64>,
+    first: PatchError,
+) -> Result<(EntrySite, Method, Option<Prologue>), PatchError> {
+    let mut head = [0u8; 9];
+    t.paging.read_virt(mem, f.old_addr, &mut head)?;
+    let after = f.old_addr + site::site_offset(&head) + 5;
+    if sites.contains_key(&after) {
+        return Ok((
+            entry_site_at(sites, mem, t, f, after, NOP5)?,
+            Method::AfterFtrace,
+            None,
+        ));
+    }
+    let add = |why: String| match &first {
+        PatchError::Site {
+            func,
+            addr,
+            site,
+            what,
+        } => PatchError::Site {
+            func: func.clone(),
+            addr: *addr,
+            site: *site,
+            what: format!("{what}; no prologue rewrite either: {why}"),
+        },
+        other => PatchError::Changed(format!("{other}; no prologue rewrite either: {why}")),
+    };
+    let Some(tramp_va) = tramp_va else {
+        return Err(first);
+    };
+    // What the kernel rewrites or finds by address must not move.
+    let guest = crate::prologue_plan::GuestSites::read(mem, t).map_err(|e| add(e.to_string()))?;
+    let forbidden = guest.within(f.old_addr, f.old_addr + 128);
+    let plan = crate::prologue_plan::plan_entry(mem, t, f.old_addr, tramp_va, &forbidden)
+        .map_err(|e| add(e.to_string()))?;
+    let Some(p) = plan.prologue else {
+        return Err(first);
+    };
+    let mut unpatched = [0u8; 5];
+    unpatched.copy_from_slice(&p.original()[..5]);
+    let es = entry_site_at(sites, mem, t, f, p.site, unpatched)?;
+    Ok((es, plan.method, Some(p)))
 }
 
 /// A load, computed: the patch, where it goes, what it replaces, and every byte to write.
@@ -244,6 +353,9 @@ pub(crate) struct LoadPlan {
     pub(crate) code_len: u64,
     /// Bytes used in the data part (the object's data, then the stand-in `klp_patch`).
     pub(crate) data_len: u64,
+    /// The prologue rewrites among the functions (name, relocation): no vCPU or task may be
+    /// inside their moved bytes when the jmps are written.
+    pub(crate) prologues: Vec<(String, Prologue)>,
 }
 
 /// What a load for the consistency model adds: a dispatcher stub per function after the code,
@@ -263,7 +375,8 @@ fn align64(n: u64) -> u64 {
 
 /// Computes a load of `object` (named `file_name` unless it has `HVPATCH_NAME`) into the
 /// guest, reading but never writing it: release check, arena placement, linking, entry-site
-/// checks and the writes.
+/// checks and the writes. `prologue_ok`: functions without an ftrace site get a prologue
+/// rewrite (else they are refused, with a hint when one would work).
 pub(crate) fn plan_load(
     engine: &Engine,
     ctl: &mut dyn GuestControl,
@@ -271,9 +384,10 @@ pub(crate) fn plan_load(
     object: &[u8],
     file_name: &str,
     consistent: Option<ConsistentPlan>,
+    prologue_ok: bool,
 ) -> Result<LoadPlan, PatchError> {
     let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
-    plan_parsed(engine, ctl, t, obj, consistent)
+    plan_parsed_with(engine, ctl, t, obj, consistent, prologue_ok)
 }
 
 /// Refuses while a transition runs: its dispatcher stubs jump to the versions on the function
@@ -285,13 +399,27 @@ pub(crate) fn no_transition(engine: &Engine) -> Result<(), PatchError> {
     }
 }
 
-/// [`plan_load`] of a parsed object.
+/// [`plan_load`] of a parsed object, for the consistency model: functions without an ftrace
+/// site are refused (the prologue rewrite is wired for immediate loads only).
 pub(crate) fn plan_parsed(
     engine: &Engine,
     ctl: &mut dyn GuestControl,
     t: &Target,
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
+) -> Result<LoadPlan, PatchError> {
+    plan_parsed_with(engine, ctl, t, obj, consistent, false)
+}
+
+/// [`plan_parsed`]; `prologue_ok`: a function without an ftrace site gets a prologue rewrite
+/// (immediate loads, [`crate::prologue`]).
+fn plan_parsed_with(
+    engine: &Engine,
+    ctl: &mut dyn GuestControl,
+    t: &Target,
+    obj: PatchObject,
+    consistent: Option<ConsistentPlan>,
+    prologue_ok: bool,
 ) -> Result<LoadPlan, PatchError> {
     no_transition(engine)?;
     if engine
@@ -336,6 +464,35 @@ pub(crate) fn plan_parsed(
         ),
         None => (obj.layout.code_size, obj.layout.data_size),
     };
+    // Room for a trampoline per function needing a prologue rewrite, after the code (and
+    // stubs).
+    let no_tramps = BTreeMap::new();
+    let names = GuestResolver {
+        t,
+        mem,
+        sites: &engine.sites,
+        tramps: &no_tramps,
+    };
+    let rewrites: Vec<(String, u64)> = if prologue_ok {
+        obj.funcs
+            .iter()
+            .filter(|f| {
+                names
+                    .resolve(&f.old_name, f.sympos)
+                    .is_ok_and(|a| wants_prologue(&engine.sites, mem, t, a))
+            })
+            .map(|f| (f.old_name.clone(), f.sympos))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let ntramp = rewrites.len() as u64;
+    let tramp_off = align64(code_len);
+    let code_len = if ntramp > 0 {
+        tramp_off + ntramp * TRAMP_SLOT
+    } else {
+        code_len
+    };
     let ncode = code_len.div_ceil(PAGE) as usize;
     let ndata = data_len.div_ceil(PAGE) as usize;
     // Map (reusing the last slot with its old layout first; a fresh slot if the patch
@@ -366,13 +523,23 @@ pub(crate) fn plan_parsed(
     let va_of = |i: usize| mapping.va + i as u64 * PAGE;
     let (code_base, data_base) = (va_of(code_start), va_of(data_start));
 
-    let resolver = GuestResolver { t, mem };
+    let tramps: BTreeMap<(String, u64), u64> = rewrites
+        .into_iter()
+        .enumerate()
+        .map(|(k, f)| (f, code_base + tramp_off + k as u64 * TRAMP_SLOT))
+        .collect();
+    let resolver = GuestResolver {
+        t,
+        mem,
+        sites: &engine.sites,
+        tramps: &tramps,
+    };
     let mut linked =
         link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
             patch: obj.name.clone(),
             source: Box::new(source),
         })?;
-    if consistent.is_some() {
+    if consistent.is_some() || ntramp > 0 {
         linked.code.resize(code_len as usize, 0xcc);
     }
 
@@ -380,8 +547,75 @@ pub(crate) fn plan_parsed(
     let mut sites: Vec<EntrySite> = Vec::new();
     let mut site_writes = Vec::new();
     let mut functions = Vec::new();
+    let mut prologues = Vec::new();
     for f in &linked.funcs {
-        let es = entry_site(&engine.sites, mem, t, f)?;
+        let (es, method, prologue) = match entry_site(&engine.sites, mem, t, f) {
+            Ok(es) => (es, Method::FtraceSite, None),
+            Err(e) if prologue_ok => {
+                let at = tramps.get(&(f.old_name.clone(), f.sympos)).copied();
+                prologue_site(&engine.sites, mem, t, f, at, e)?
+            }
+            Err(e @ PatchError::Site { .. })
+                if !prologue_ok && wants_prologue(&engine.sites, mem, t, f.old_addr) =>
+            {
+                let hint = match crate::prologue_plan::plan_entry(
+                    mem,
+                    t,
+                    f.old_addr,
+                    0xffff_ffff_c000_0000,
+                    &[],
+                ) {
+                    Ok(p) if p.prologue.is_some() => format!(
+                        " (a {} rewrite can patch it: an immediate load, `patch load --immediate`)",
+                        p.method
+                    ),
+                    _ => String::new(),
+                };
+                return Err(match e {
+                    PatchError::Site {
+                        func,
+                        addr,
+                        site,
+                        what,
+                    } => PatchError::Site {
+                        func,
+                        addr,
+                        site,
+                        what: format!("{what}{hint}"),
+                    },
+                    other => other,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        // Stacking on a rewrite of ours: its method, and the instructions it moved.
+        let method = match engine.sites.get(&es.site) {
+            Some(st) if method == Method::FtraceSite && st.original != NOP5 => Method::Prologue,
+            _ => method,
+        };
+        if method != Method::FtraceSite && !prologue_ok {
+            // Its stubs and reversals would continue the original at site + 5, mid-instruction.
+            return Err(es.error(format!(
+                "an immediate patch of ours rewrote its prologue; only immediate patches can \
+                 stack on it (`patch load --immediate`), the consistency model cannot yet ({method})"
+            )));
+        }
+        let tramp = prologue.as_ref().map(|p| p.tramp_va);
+        let moved: Vec<MovedInsn> = match &prologue {
+            Some(p) => p.moved.clone(),
+            None if method != Method::FtraceSite => engine
+                .patches
+                .iter()
+                .flat_map(|p| &p.info.functions)
+                .find(|g| g.site == es.site && !g.moved.is_empty())
+                .map_or_else(Vec::new, |g| g.moved.clone()),
+            None => Vec::new(),
+        };
+        if let Some(p) = prologue {
+            let at = (p.tramp_va - code_base) as usize;
+            linked.code[at..at + p.tramp.len()].copy_from_slice(&p.tramp);
+            prologues.push((f.old_name.clone(), p));
+        }
         if sites.iter().any(|p| p.site == es.site) {
             return Err(es.error("replaced twice by this patch".into()));
         }
@@ -411,6 +645,9 @@ pub(crate) fn plan_parsed(
             new_addr: f.new_addr,
             active: true,
             flags: f.flags,
+            method,
+            tramp,
+            moved,
         });
         sites.push(es);
     }
@@ -505,5 +742,6 @@ pub(crate) fn plan_parsed(
         pte_writes,
         low_mem_pages,
         writes,
+        prologues,
     })
 }

@@ -10,6 +10,11 @@ pub trait SymbolSource {
     fn addresses(&self, name: &str) -> Vec<u64>;
     /// The symbol containing `addr`: `(name, offset)`.
     fn symbolize(&self, addr: u64) -> Option<(String, u64)>;
+    /// Length of the symbol starting at `addr`: the distance to the next higher symbol (its
+    /// kallsyms end); `None` if no symbol starts there or it is unknown.
+    fn size_of(&self, _addr: u64) -> Option<u64> {
+        None
+    }
     /// An enumerator's value from the guest's type information (BTF), e.g.
     /// `("pageflags", "PG_reserved")`; `None` if unknown.
     fn enum_value(&self, _enum_name: &str, _enumerator: &str) -> Option<i64> {
@@ -101,6 +106,12 @@ impl SymbolSource for SymbolMap {
         Some((n.clone(), addr - a))
     }
 
+    fn size_of(&self, addr: u64) -> Option<u64> {
+        self.by_addr.get(&addr)?;
+        let (next, _) = self.by_addr.range(addr + 1..).next()?;
+        Some(next - addr)
+    }
+
     fn enum_value(&self, enum_name: &str, enumerator: &str) -> Option<i64> {
         self.enums
             .get(&(enum_name.to_string(), enumerator.to_string()))
@@ -129,5 +140,7 @@ mod tests {
         );
         assert_eq!(m.symbolize(0xffffffff81000045), Some(("foo".into(), 5)));
         assert_eq!(m.duplicated_names().count(), 1);
+        assert_eq!(m.size_of(0xffffffff81000020), Some(0x20));
+        assert_eq!(m.size_of(0xffffffff81000021), None);
     }
 }

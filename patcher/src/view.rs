@@ -81,4 +81,15 @@ pub trait TaskView {
     fn symbol(&self, name: &str) -> Option<u64>;
     /// Guest-physical address of kernel virtual address `va`.
     fn translate(&self, mem: &dyn PhysMemory, va: u64) -> Option<u64>;
+    /// Every register and live stack slot holding an address in one of `ranges` (as
+    /// [`crate::Reachability::references`]); `None` when this view cannot tell. Called with all
+    /// vCPUs paused.
+    fn live_references(
+        &self,
+        _mem: &dyn PhysMemory,
+        _vcpus: &[VcpuRegs],
+        _ranges: &[(u64, u64)],
+    ) -> Option<Result<Vec<introspect::live::Reference>, String>> {
+        None
+    }
 }

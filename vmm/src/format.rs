@@ -255,9 +255,19 @@ fn patch_text(p: &Patch, unload: Option<&Unloaded>) -> String {
         };
         let _ = writeln!(
             s,
-            "    {}{pos} at {:016x} -> {:016x} ({active})",
-            f.old_name, f.old_addr, f.new_addr
+            "    {}{pos} at {:016x} -> {:016x} ({active}), {}",
+            f.old_name, f.old_addr, f.new_addr, f.method
         );
+        if let Some(tramp) = f.tramp {
+            let _ = writeln!(
+                s,
+                "        jmp at {:016x}; moved to the trampoline at {tramp:016x}:",
+                f.site
+            );
+            for m in &f.moved {
+                let _ = writeln!(s, "            {:016x}  {}", m.addr, m.text);
+            }
+        }
     }
     if let Some(h) = &p.held {
         let _ = writeln!(s, "    disabled; code and data kept because {}", h.by);
@@ -501,6 +511,22 @@ mod tests {
         assert!(
             text.contains("f at ffffffff81234560 -> ffffffffc0001000 (active)")
                 && text.contains("load took 340 µs, of which the guest was paused 12 µs"),
+            "{text}"
+        );
+        assert!(text.contains("(active), ftrace-site"), "{text}");
+        let mut pr = p.clone();
+        pr["functions"][0]["method"] = json!("prologue");
+        pr["functions"][0]["site"] = json!("0xffffffff81234560");
+        pr["functions"][0]["tramp"] = json!("0xffffffffc0001400");
+        pr["functions"][0]["moved"] = json!([{"addr": "0xffffffff81234560", "bytes": [85],
+            "text": "push %rbp", "new_addr": "0xffffffffc0001400"}]);
+        let text = super::patch(&pr);
+        assert!(
+            text.contains("(active), prologue")
+                && text.contains(
+                    "jmp at ffffffff81234560; moved to the trampoline at ffffffffc0001400:"
+                )
+                && text.contains("            ffffffff81234560  push %rbp"),
             "{text}"
         );
         let mut u = p.clone();
