@@ -335,10 +335,12 @@ fn prologue_load_unload(s: &Snapshot) {
     assert!(json["functions"][0]["moved"][0]["text"].is_string());
 
     // Disable puts the original bytes back; enable writes the jmp again.
-    e.disable(&mut g, &kernel, "pro", patcher::SwitchOptions::default()).unwrap();
+    e.disable(&mut g, &kernel, "pro", patcher::SwitchOptions::default())
+        .unwrap();
     // (its pages stay: the patch is disabled, not unloaded)
     assert_eq!(read(&g.ram, &t, pr.site, pr.moved_len), pr.original());
-    e.enable(&mut g, &kernel, "pro", patcher::SwitchOptions::default()).unwrap();
+    e.enable(&mut g, &kernel, "pro", patcher::SwitchOptions::default())
+        .unwrap();
     assert_eq!(
         read(&g.ram, &t, pr.site, 5),
         patcher::site::jmp_bytes(pr.site, f.new_addr).unwrap()

@@ -375,9 +375,15 @@ fn kvm_per_vcpu_breakpoint_stops_only_that_vcpu() {
         round += 1;
         c.resume().unwrap();
     }
-    // Now vCPU 0 gets it too, and vCPU 1's is cleared: only vCPU 0 stops.
+    // Now vCPU 0 gets it too, and vCPU 1's is cleared: only vCPU 0 stops. Changed while
+    // paused; a hit of vCPU 1 queued after the last resume is dropped.
+    c.pause().unwrap();
     c.set_vcpu_breakpoints(0, &[labels[1]]).unwrap();
     c.set_vcpu_breakpoints(1, &[]).unwrap();
+    while let Ok(Some(ev)) = c.wait_event(Duration::ZERO) {
+        assert_eq!(Some(ev), hit1, "only vCPU 1's hits can be queued");
+    }
+    c.resume().unwrap();
     let hit0 = Some(GuestEvent::Breakpoint {
         vcpu: 0,
         rip: labels[1],
@@ -387,7 +393,13 @@ fn kvm_per_vcpu_breakpoint_stops_only_that_vcpu() {
         assert_eq!(ev, hit0, "round {round}");
         c.resume().unwrap();
     }
+    // Cleared while paused (a hit after the last resume would keep the VM paused).
+    c.pause().unwrap();
     c.set_breakpoints(&[]).unwrap();
+    while let Ok(Some(ev)) = c.wait_event(Duration::ZERO) {
+        assert_eq!(Some(ev), hit0);
+    }
+    c.resume().unwrap();
     let before = counters(&c, 2);
     assert!(
         wait_until(Duration::from_secs(20), || {

@@ -44,6 +44,9 @@ pub struct Session {
     /// The operator paused the guest (`pause`): boundary breakpoint hits are not served (that
     /// would resume it) until `resume`.
     operator_paused: bool,
+    /// Boundary breakpoints were armed at the last tick: hits queued before they were removed
+    /// may still hold the guest paused (KVM), so the next tick drains them too.
+    drain_hits: bool,
 }
 
 /// What a client waits for while a transition runs.
@@ -127,6 +130,7 @@ impl Session {
             next_transition_check: Instant::now(),
             state_file: None,
             operator_paused: false,
+            drain_hits: false,
         }
     }
 
@@ -643,9 +647,13 @@ impl Session {
     /// most [`BOUNDARY_SLICE`]: each hit stopped every vCPU; the engine switches the vCPU's
     /// task, and the guest resumes.
     fn serve_boundary_hits(&mut self) {
-        if self.operator_paused || !self.engine.wants_boundary_hits() {
+        let serving = self.engine.wants_boundary_hits();
+        if self.operator_paused || !(serving || self.drain_hits) {
             return;
         }
+        // Once the transition has ended, one more pass resumes a guest that a hit queued
+        // before the breakpoints went still holds paused.
+        self.drain_hits = serving;
         let until = Instant::now() + BOUNDARY_SLICE;
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -667,7 +675,9 @@ impl Session {
             }
             let t0 = Instant::now();
             let mut check_now = false;
-            if let Some(kernel) = self.kernel.as_ref() {
+            // (A hit of a transition that has ended is only resumed.)
+            if let (true, Some(kernel)) = (self.engine.wants_boundary_hits(), self.kernel.as_ref())
+            {
                 match self
                     .engine
                     .boundary_hit(self.control.as_mut(), kernel, vcpu)
