@@ -112,9 +112,9 @@ fn frames(g: &dyn GuestAccess, ips: &[u64], first_exact: bool) -> Vec<Frame> {
 /// Most tasks whose unwinds [`crate::Kernel::task_stack`] keeps.
 const STACK_CACHE_MAX: usize = 16384;
 
-/// What the unwind of switched-out `task` depends on, hashed (see
-/// [`crate::Kernel::task_stack`]); `None` when it is not kept (running, no stack, unreadable).
-fn stack_fingerprint(g: &dyn GuestAccess, m: &Model, task: &Task) -> Option<u64> {
+/// The used part of a switched-out task's stack, `[thread.sp, stack end)`, read once; `None`
+/// when its unwind is not kept (running, no stack, implausible sp, unreadable).
+fn used_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Option<Vec<u8>> {
     if task.on_cpu || task.running_on_vcpu.is_some() || task.stack_base == 0 {
         return None;
     }
@@ -124,6 +124,12 @@ fn stack_fingerprint(g: &dyn GuestAccess, m: &Model, task: &Task) -> Option<u64>
     }
     let mut bytes = vec![0u8; (end - task.thread_sp) as usize];
     g.read_virt(task.thread_sp, &mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// What the unwind of switched-out `task` depends on, hashed (see
+/// [`crate::Kernel::task_stack`]), over `bytes` from [`used_stack`].
+fn stack_fingerprint(g: &dyn GuestAccess, m: &Model, task: &Task, bytes: &[u8]) -> u64 {
     let mut h = Fnv1a64::default();
     for v in [task.addr, task.stack_base, task.thread_sp, m.thread_size] {
         h.write(&v.to_le_bytes());
@@ -132,8 +138,45 @@ fn stack_fingerprint(g: &dyn GuestAccess, m: &Model, task: &Task) -> Option<u64>
         h.write(&a.to_le_bytes());
         h.write(&b.to_le_bytes());
     }
-    h.write(&bytes);
-    Some(h.0)
+    h.write(bytes);
+    h.0
+}
+
+/// `g` with `[base, base + bytes.len())` read from `bytes`: an unwind of exactly the stack
+/// that was fingerprinted, even while the guest runs on.
+struct Frozen<'a> {
+    g: &'a dyn GuestAccess,
+    base: u64,
+    bytes: &'a [u8],
+}
+
+impl GuestAccess for Frozen<'_> {
+    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String> {
+        let off = va.wrapping_sub(self.base);
+        match usize::try_from(off).ok().and_then(|o| {
+            self.bytes
+                .get(o..o.checked_add(buf.len())?)
+                .filter(|_| va >= self.base)
+        }) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => self.g.read_virt(va, buf),
+        }
+    }
+    fn symbol(&self, name: &str) -> Option<u64> {
+        self.g.symbol(name)
+    }
+    fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {
+        self.g.symbolize(addr)
+    }
+    fn frame_pointer_text(&self) -> Vec<(u64, u64)> {
+        self.g.frame_pointer_text()
+    }
+    fn translate(&self, va: u64) -> Option<u64> {
+        self.g.translate(va)
+    }
 }
 
 /// A word-at-a-time FNV-1a variant: fast, and good enough to notice a changed stack (a guest
@@ -382,16 +425,25 @@ impl crate::Kernel {
             .model(mem)
             .map_err(|e| StackError::Model(e.to_string()))?;
         let g = crate::model::KernelGuest { kernel: self, mem };
-        let print = stack_fingerprint(&g, m, task);
-        if let (Some(fp), Ok(cache)) = (print, self.extras().stack_cache.lock()) {
+        let Some(bytes) = used_stack(&g, m, task) else {
+            return task_stack(&g, m, task);
+        };
+        let fp = stack_fingerprint(&g, m, task, &bytes);
+        if let Ok(cache) = self.extras().stack_cache.lock() {
             if let Some((f, st)) = cache.get(&task.addr) {
                 if *f == fp {
                     return Ok(st.clone());
                 }
             }
         }
-        let st = task_stack(&g, m, task)?;
-        if let (Some(fp), Ok(mut cache)) = (print, self.extras().stack_cache.lock()) {
+        // Unwound from the very bytes that were fingerprinted.
+        let frozen = Frozen {
+            g: &g,
+            base: task.thread_sp,
+            bytes: &bytes,
+        };
+        let st = task_stack(&frozen, m, task)?;
+        if let Ok(mut cache) = self.extras().stack_cache.lock() {
             if cache.len() >= STACK_CACHE_MAX {
                 cache.clear();
             }

@@ -810,6 +810,16 @@ impl Engine {
             .is_some_and(|t| t.uses_breakpoints())
     }
 
+    /// The boundary breakpoints armed for the transition in progress (empty unless it uses
+    /// [`Switcher::Breakpoints`]).
+    pub fn boundaries(&self) -> Vec<u64> {
+        self.transition
+            .as_ref()
+            .filter(|t| t.uses_breakpoints())
+            .map(|t| t.boundaries.clone())
+            .unwrap_or_default()
+    }
+
     /// Counts vCPU pause time that the host spent on the transition outside the engine (a
     /// boundary breakpoint hit, from the VM exit to the resume).
     pub fn add_transition_pause(&mut self, d: Duration) {
@@ -857,6 +867,10 @@ impl Engine {
         }
         apply(ctl, &mut writes)?;
         tr.boundary_hits.1 += 1;
+        if t.pid == 0 {
+            // Idle tasks all have pid 0: the next check shows which one switched.
+            return Ok((true, false));
+        }
         for s in tr.tasks.iter_mut().filter(|s| s.pid == t.pid) {
             s.patch_state = tr.target;
         }
@@ -872,6 +886,12 @@ impl Engine {
         view: &dyn TaskView,
         timeout: Duration,
     ) -> Result<(), PatchError> {
+        if self.wants_boundary_hits() {
+            // Nothing here takes the breakpoint hits, and a hit keeps the guest stopped.
+            return Err(PatchError::State(
+                "transition_wait cannot serve boundary breakpoints; use the guest-hooks switcher or a host that serves the hits".into(),
+            ));
+        }
         let t0 = Instant::now();
         let mut delay = Duration::from_millis(1);
         let mut reversed_from: Option<(String, i32, Vec<Blocker>)> = None;

@@ -242,6 +242,12 @@ impl Session {
                     "guest kernel changed; forgetting {} loaded patches",
                     self.engine.list().len()
                 );
+                if self.engine.wants_boundary_hits() {
+                    // The old transition's boundary breakpoints must not fire in the new kernel.
+                    if let Err(e) = self.control.set_breakpoints(&[]) {
+                        tracing::warn!("removing the old kernel's boundary breakpoints: {e}");
+                    }
+                }
                 self.engine = Engine::new();
                 for p in self.pending.drain(..) {
                     p.reply.send(ReqError::KernelChanged.into());
@@ -252,7 +258,7 @@ impl Session {
                     }
                 }
             }
-            let k = Kernel::open(mem, regs)?;
+            let k = Kernel::open(self.control.memory(), regs)?;
             self.kernel = Some(k);
         }
         self.kernel.as_ref().ok_or_else(missing_kernel)
@@ -646,25 +652,39 @@ impl Session {
     /// Serves the boundary breakpoint hits of a transition with `Switcher::Breakpoints`, for at
     /// most [`BOUNDARY_SLICE`]: each hit stopped every vCPU; the engine switches the vCPU's
     /// task, and the guest resumes.
+    ///
+    /// Between ticks no pause is held but the operator's: a guest found paused here is held by
+    /// a breakpoint hit that nobody took (queued before its transition ended, or left by a
+    /// failed wait) and is resumed.
     fn serve_boundary_hits(&mut self) {
+        if self.operator_paused {
+            return;
+        }
         let serving = self.engine.wants_boundary_hits();
-        if self.operator_paused || !(serving || self.drain_hits) {
+        let stuck = self.control.is_paused();
+        if !(serving || self.drain_hits || stuck) {
             return;
         }
         // Once the transition has ended, one more pass resumes a guest that a hit queued
         // before the breakpoints went still holds paused.
         self.drain_hits = serving;
+        let boundaries = self.engine.boundaries();
         let until = Instant::now() + BOUNDARY_SLICE;
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            let vcpu = match self.control.wait_event(left) {
-                Ok(Some(patcher::GuestEvent::Breakpoint { vcpu, .. })) => vcpu,
+            let (vcpu, rip) = match self.control.wait_event(left) {
+                Ok(Some(patcher::GuestEvent::Breakpoint { vcpu, rip })) => (vcpu, rip),
                 Ok(Some(patcher::GuestEvent::Exited)) | Ok(None) => return,
                 Err(e) => {
                     tracing::debug!("waiting for boundary hits: {e}");
+                    if self.control.is_paused() {
+                        if let Err(e) = self.control.resume() {
+                            tracing::warn!("resuming a guest no hit holds any more: {e}");
+                        }
+                    }
                     return;
                 }
             };
@@ -676,8 +696,11 @@ impl Session {
             let t0 = Instant::now();
             let mut check_now = false;
             // (A hit of a transition that has ended is only resumed.)
-            if let (true, Some(kernel)) = (self.engine.wants_boundary_hits(), self.kernel.as_ref())
-            {
+            // (Only a stop at one of the boundaries is a boundary hit.)
+            if let (true, Some(kernel)) = (
+                self.engine.wants_boundary_hits() && boundaries.contains(&rip),
+                self.kernel.as_ref(),
+            ) {
                 match self
                     .engine
                     .boundary_hit(self.control.as_mut(), kernel, vcpu)
@@ -977,7 +1000,7 @@ impl Handler for Session {
     }
 
     fn tick_interval(&self) -> Duration {
-        if self.engine.wants_boundary_hits() {
+        if self.engine.wants_boundary_hits() && !self.operator_paused {
             // A hit keeps every vCPU stopped until it is served.
             return Duration::ZERO;
         }
