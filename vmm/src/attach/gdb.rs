@@ -144,6 +144,9 @@ pub struct GdbClient {
     stops: VecDeque<StopReply>,
     /// Console output (`O` packets) seen, bounded.
     console: Vec<u8>,
+    /// A pipelined batch failed with replies still outstanding: later replies could be taken
+    /// for the wrong command, so every later command fails.
+    desync: bool,
 }
 
 impl std::fmt::Debug for GdbClient {
@@ -170,6 +173,7 @@ impl GdbClient {
             no_ack: false,
             stops: VecDeque::new(),
             console: Vec::new(),
+            desync: false,
         }
     }
 
@@ -219,6 +223,11 @@ impl GdbClient {
 
     /// Sends a packet (payload must not need escaping: hex or plain ASCII commands).
     pub fn send(&mut self, payload: &[u8], deadline: Instant) -> Result<(), AttachError> {
+        if self.desync {
+            return Err(proto(
+                "the gdbstub's replies to a pipelined batch were lost (timeout); reconnect",
+            ));
+        }
         if payload
             .iter()
             .any(|b| matches!(b, b'$' | b'#' | b'}' | b'*'))
@@ -368,7 +377,13 @@ impl GdbClient {
         let mut replies = Vec::with_capacity(payloads.len());
         let mut stops = 0;
         while replies.len() < payloads.len() {
-            let reply = self.recv(deadline)?;
+            let reply = match self.recv(deadline) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.desync = true;
+                    return Err(e);
+                }
+            };
             if StopReply::parse(&reply).is_some() && payloads[replies.len()] != "?" {
                 stops += 1;
                 if stops > MAX_QUEUED_STOPS * 2 {
@@ -601,6 +616,23 @@ mod tests {
         // The stop reply that came in between is kept for wait_stop.
         assert!(c.wait_stop(soon(10)).unwrap().is_some());
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_batch_that_loses_its_replies_fails_every_later_command() {
+        let (mut c, mut stub) = pair();
+        stub.write_all(&framed("OK")).unwrap();
+        let cmds = ["Hg1", "g"].map(String::from);
+        assert!(matches!(
+            c.commands(&cmds, Duration::from_millis(100)),
+            Err(AttachError::Timeout)
+        ));
+        // The late `g` reply must never be taken for the next command's.
+        stub.write_all(&framed("00ff")).unwrap();
+        assert!(matches!(
+            c.command("?", Duration::from_millis(100)),
+            Err(AttachError::Protocol(_))
+        ));
     }
 
     #[test]
