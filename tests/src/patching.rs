@@ -49,6 +49,25 @@ pub fn entry_bytes(
         .collect()
 }
 
+/// A `pipe_read` wrapper counting the reads that returned (a reader blocked in it has the new
+/// function on its stack), and `/proc/cmdline` printing the count (`pipe patched N`).
+pub const PIPE_COUNT_PATCH: &str = "struct kiocb; struct iov_iter;\n\
+    HVPATCH_ORIG(ssize_t, pipe_read, (struct kiocb *iocb, struct iov_iter *to));\n\
+    static unsigned long reads;\n\
+    static ssize_t new_pipe_read(struct kiocb *iocb, struct iov_iter *to)\n\
+    { ssize_t r = hvpatch_orig_pipe_read(iocb, to); __atomic_fetch_add(&reads, 1, __ATOMIC_RELAXED); return r; }\n\
+    static int show(struct seq_file *m, void *v) { seq_printf(m, \"pipe patched %lu\\n\", reads); return 0; }\n\
+    HVPATCH_FUNC(pipe_read, new_pipe_read);\n\
+    HVPATCH_FUNC(cmdline_proc_show, show);";
+
+/// Builds the patch `name` (`HVPATCH_NAME(name)` + `body`) into a temporary file; its path.
+pub fn patch_file(name: &str, body: &str) -> String {
+    let obj = build_patch(name, &format!("HVPATCH_NAME(\"{name}\");\n{body}"));
+    let p = std::env::temp_dir().join(format!("hvpatch-{}-{name}.o", std::process::id()));
+    std::fs::write(&p, obj).expect("write patch object");
+    p.display().to_string()
+}
+
 /// Compiles a patch whose C source is `body` after `#include <hvpatch.h>`; `tag` names the
 /// files. Each call gets its own directory (tests build the same tags concurrently).
 pub fn build_patch(tag: &str, body: &str) -> Vec<u8> {

@@ -19,29 +19,13 @@
 
 use std::time::{Duration, Instant};
 
-use harness::patching::build_patch;
+use harness::patching::{patch_file, PIPE_COUNT_PATCH};
 use harness::soak::{kernel_complaints, parse_hammer};
 use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
 use serde_json::Value;
 
-fn object(name: &str, body: &str) -> String {
-    let obj = build_patch(name, &format!("HVPATCH_NAME(\"{name}\");\n{body}"));
-    let p = std::env::temp_dir().join(format!("hvpatch-cons-{}-{name}.o", std::process::id()));
-    std::fs::write(&p, obj).expect("write patch object");
-    p.display().to_string()
-}
-
 /// `pipe_read` calling the original and counting the calls that returned (so a reader blocked
 /// in it has the new function on its stack), and `/proc/cmdline` printing the count.
-const PIPE_PATCH: &str = "struct kiocb; struct iov_iter;\n\
-    HVPATCH_ORIG(ssize_t, pipe_read, (struct kiocb *iocb, struct iov_iter *to));\n\
-    static unsigned long reads;\n\
-    static ssize_t new_pipe_read(struct kiocb *iocb, struct iov_iter *to)\n\
-    { ssize_t r = hvpatch_orig_pipe_read(iocb, to); __atomic_fetch_add(&reads, 1, __ATOMIC_RELAXED); return r; }\n\
-    static int show(struct seq_file *m, void *v) { seq_printf(m, \"pipe patched %lu\\n\", reads); return 0; }\n\
-    HVPATCH_FUNC(pipe_read, new_pipe_read);\n\
-    HVPATCH_FUNC(cmdline_proc_show, show);";
-
 /// `__x64_sys_getpid` recording the tgids it returns; `/proc/cmdline` lists them.
 const GETPID_PATCH: &str = "struct pt_regs;\n\
     HVPATCH_ORIG(long, __x64_sys_getpid, (const struct pt_regs *regs));\n\
@@ -209,7 +193,7 @@ fn blocked_task(c: &mut Ctx) {
     c.g.spawn("cat /tmp/f > /tmp/out").unwrap();
     c.g.spawn("sleep 100000 > /tmp/f").unwrap();
     let reader = pid_of_stack(c, "cat", "pipe_read");
-    let obj = object("pipecount", PIPE_PATCH);
+    let obj = patch_file("pipecount", PIPE_COUNT_PATCH);
     let v = c.json(&["patch", "load", &obj, "--no-wait"]);
     assert_eq!(v["name"], "pipecount", "{v:#}");
     // The reader holds the transition, with pipe_read on its stack.
@@ -373,7 +357,7 @@ fn syscall_hammer(c: &mut Ctx) {
     let h1 = c.g.spawn("exec hammer 1 getpid > /dev/null").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let pids = c.run("pidof hammer");
-    let obj = object("getpid", GETPID_PATCH);
+    let obj = patch_file("getpid", GETPID_PATCH);
     for round in 0..3 {
         let v = c.json(&["patch", "load", &obj, "--timeout", "60"]);
         assert_eq!(v["state"], "Enabled", "{v:#}");
@@ -395,7 +379,7 @@ fn syscall_hammer(c: &mut Ctx) {
 }
 
 fn busy_target(c: &mut Ctx) {
-    let obj = object("kthreadd", KTHREADD_PATCH);
+    let obj = patch_file("kthreadd", KTHREADD_PATCH);
     c.json(&["patch", "load", &obj, "--no-wait"]);
     std::thread::sleep(Duration::from_millis(500));
     let s = c.status();
@@ -437,7 +421,7 @@ fn busy_target(c: &mut Ctx) {
         "{s:#}"
     );
     // Only one transition at a time: other loads (immediate ones too) are refused meanwhile.
-    let other = object("other", "static int show(struct seq_file *m, void *v) { return 0; }\nHVPATCH_FUNC(cmdline_proc_show, show);");
+    let other = patch_file("other", "static int show(struct seq_file *m, void *v) { return 0; }\nHVPATCH_FUNC(cmdline_proc_show, show);");
     for extra in [None, Some("--immediate")] {
         let mut args = vec!["patch", "load", other.as_str()];
         args.extend(extra);
@@ -463,7 +447,7 @@ fn busy_target(c: &mut Ctx) {
 /// line the hammers saw.
 fn pair_cycles(c: &mut Ctx, immediate: bool, cycles: usize) -> Vec<(u64, String)> {
     let name = if immediate { "pair-imm" } else { "pair" };
-    let obj = object(name, &pair(immediate));
+    let obj = patch_file(name, &pair(immediate));
     c.json(&["patch", "load", &obj, "--timeout", "60"]);
     c.json(&["patch", "disable", name, "--timeout", "60"]);
     c.run("rm -f /tmp/h0 /tmp/h1");
@@ -498,7 +482,7 @@ fn mixed(seen: &[(u64, String)]) -> Vec<String> {
 }
 
 fn function_pair(c: &mut Ctx) {
-    let base = object("pair-base", PAIR_BASE);
+    let base = patch_file("pair-base", PAIR_BASE);
     c.json(&["patch", "load", &base]);
     let consistent = pair_cycles(c, false, 10);
     assert!(

@@ -13,16 +13,9 @@
 use std::time::{Duration, Instant};
 
 use harness::klp::{build_klp_module, KLP_CMDLINE, KLP_MODULE};
-use harness::patching::build_patch;
+use harness::patching::patch_file;
 use harness::soak::kernel_complaints;
 use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
-
-fn object(name: &str, body: &str) -> String {
-    let obj = build_patch(name, &format!("HVPATCH_NAME(\"{name}\");\n{body}"));
-    let p = std::env::temp_dir().join(format!("hvpatch-klp-{}-{name}.o", std::process::id()));
-    std::fs::write(&p, obj).expect("write patch object");
-    p.display().to_string()
-}
 
 const VERSION_PATCH: &str = "static int show(struct seq_file *m, void *v) { seq_printf(m, \"hvpatch was here\\n\"); return 0; }\n\
     HVPATCH_FUNC(version_proc_show, show);";
@@ -111,7 +104,7 @@ fn scenario(series: KernelSeries, release: &str, ko: &[u8]) -> Result<(), KlpCra
     let cmdline = g.run("cat /proc/cmdline").unwrap();
     let version = g.run("cat /proc/version").unwrap();
     let srv = AttachServer::start(&g).expect("hvpatch attach");
-    let vobj = object("hvversion", VERSION_PATCH);
+    let vobj = patch_file("hvversion", VERSION_PATCH);
     // The kernel model (kallsyms, BTF, ORC) is built once per attach, by the first request
     // that needs it: here, not inside the first timed load.
     let t = Instant::now();
@@ -133,7 +126,7 @@ fn scenario(series: KernelSeries, release: &str, ko: &[u8]) -> Result<(), KlpCra
         assert_eq!(g.run("cat /proc/version").unwrap(), "hvpatch was here\n");
         assert_eq!(g.run("cat /proc/cmdline").unwrap().trim(), KLP_CMDLINE);
         let r = srv
-            .cli(&["patch", "load", &object("hvcmdline", CMDLINE_PATCH)])
+            .cli(&["patch", "load", &patch_file("hvcmdline", CMDLINE_PATCH)])
             .unwrap();
         assert!(!r.success, "a function klp owns must be refused");
         assert!(r.stderr.contains("ftrace"), "{}", r.stderr);
@@ -158,7 +151,7 @@ fn scenario(series: KernelSeries, release: &str, ko: &[u8]) -> Result<(), KlpCra
     srv.json(&[
         "patch",
         "load",
-        &object("busy", KTHREADD_PATCH),
+        &patch_file("busy", KTHREADD_PATCH),
         "--no-wait",
     ])
     .unwrap();

@@ -29,27 +29,10 @@
 
 use std::time::{Duration, Instant};
 
-use harness::patching::{build_patch, entry_bytes};
+use harness::patching::{entry_bytes, patch_file, PIPE_COUNT_PATCH};
 use harness::soak::kernel_complaints;
 use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
 use serde_json::Value;
-
-fn object(name: &str, body: &str) -> String {
-    let obj = build_patch(name, &format!("HVPATCH_NAME(\"{name}\");\n{body}"));
-    let p = std::env::temp_dir().join(format!("hvpatch-sw-{}-{name}.o", std::process::id()));
-    std::fs::write(&p, obj).expect("write patch object");
-    p.display().to_string()
-}
-
-/// `pipe_read` counting the reads that returned; `/proc/cmdline` prints the count.
-const PIPE_PATCH: &str = "struct kiocb; struct iov_iter;\n\
-    HVPATCH_ORIG(ssize_t, pipe_read, (struct kiocb *iocb, struct iov_iter *to));\n\
-    static unsigned long reads;\n\
-    static ssize_t new_pipe_read(struct kiocb *iocb, struct iov_iter *to)\n\
-    { ssize_t r = hvpatch_orig_pipe_read(iocb, to); __atomic_fetch_add(&reads, 1, __ATOMIC_RELAXED); return r; }\n\
-    static int show(struct seq_file *m, void *v) { seq_printf(m, \"pipe patched %lu\\n\", reads); return 0; }\n\
-    HVPATCH_FUNC(pipe_read, new_pipe_read);\n\
-    HVPATCH_FUNC(cmdline_proc_show, show);";
 
 /// `hrtimer_nanosleep` counting its calls; `/proc/version` prints the count.
 const SLEEP_PATCH: &str = "typedef long long ktime_t;\n\
@@ -162,7 +145,7 @@ fn reader_switches_at_its_exit(c: &mut Ctx, switcher: &str) {
     c.g.spawn("cat /tmp/f > /tmp/out").unwrap();
     c.g.spawn("sleep 100000 > /tmp/f").unwrap();
     let reader = c.pid_in("cat", "pipe_read");
-    let obj = object("pipecount", PIPE_PATCH);
+    let obj = patch_file("pipecount", PIPE_COUNT_PATCH);
     c.json(&["patch", "load", &obj, "--no-wait", "--switcher", switcher]);
     std::thread::sleep(Duration::from_millis(800));
     let s = c.status();
@@ -278,7 +261,7 @@ fn sleepers(c: &mut Ctx) -> Vec<String> {
             .unwrap();
     }
     std::thread::sleep(Duration::from_millis(500));
-    let obj = object("sleepcount", SLEEP_PATCH);
+    let obj = patch_file("sleepcount", SLEEP_PATCH);
     c.json(&["patch", "load", &obj, "--timeout", "60"]);
     let out = c.run("cat /proc/version");
     assert!(out.starts_with("sleeps "), "{out}");
@@ -332,13 +315,13 @@ fn ns_per_call(c: &mut Ctx) -> (f64, f64) {
 }
 
 fn dispatch_cost(c: &mut Ctx) -> String {
-    c.json(&["patch", "load", &object("timer", TIMER_PATCH)]);
+    c.json(&["patch", "load", &patch_file("timer", TIMER_PATCH)]);
     let unpatched = ns_per_call(c);
     c.run("rm -f /tmp/f; mkfifo /tmp/f");
     c.g.spawn("cat /tmp/f > /dev/null").unwrap();
     c.g.spawn("sleep 100000 > /tmp/f").unwrap();
     let reader = c.pid_in("cat", "pipe_read");
-    let obj = object("dispatch", DISPATCH_PATCH);
+    let obj = patch_file("dispatch", DISPATCH_PATCH);
     c.json(&["patch", "load", &obj, "--no-wait"]);
     std::thread::sleep(Duration::from_millis(500));
     let s = c.status();
@@ -375,7 +358,7 @@ fn dispatch_cost(c: &mut Ctx) -> String {
 /// Median vCPU pause of 10 immediate loads and of 10 consistent ones (their whole transition)
 /// of the same one-function patch, on a guest where no task is in the way.
 fn pause_vs_immediate(c: &mut Ctx) -> String {
-    let obj = object(
+    let obj = patch_file(
         "ver",
         "static int show(struct seq_file *m, void *v) { seq_printf(m, \"v\\n\"); return 0; }\n\
         HVPATCH_FUNC(version_proc_show, show);",
