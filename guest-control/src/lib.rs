@@ -84,6 +84,12 @@ pub trait GuestControl: Send {
         }
         Ok(())
     }
+    /// Writes guest RAM that no vCPU executes or touches (hvpatch's own journal pages), while
+    /// the guest runs or not. A backend may write it directly, without pausing the guest or
+    /// dropping code caches; by default it is [`GuestControl::write_phys`].
+    fn write_data_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.write_phys(pa, data)
+    }
     /// Sets the hardware execution breakpoints (guest virtual addresses) on every vCPU,
     /// replacing earlier ones (including per-vCPU ones). An empty slice clears them.
     fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<(), GuestError>;

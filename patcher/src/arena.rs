@@ -157,6 +157,9 @@ pub struct ArenaInfo {
     /// Slots used before and retired.
     #[serde(with = "introspect::hex")]
     pub retired_slots: Vec<u64>,
+    /// Pages of the journal in guest memory ([`crate::journal`]), if any.
+    #[serde(default, with = "introspect::hex")]
+    pub journal: Vec<u64>,
 }
 
 /// The arena: pages, their use, the mapping.
@@ -179,6 +182,10 @@ pub struct Arena {
     /// page tables.
     #[serde(default)]
     layouts: Vec<SlotLayout>,
+    /// Page indices of the journal's slots ([`crate::journal`]): never mapped, never given to
+    /// a patch.
+    #[serde(default)]
+    journal: Vec<usize>,
 }
 
 /// How a retired slot was laid out.
@@ -226,6 +233,7 @@ impl Arena {
             mapping: None,
             retired: Vec::new(),
             layouts: Vec::new(),
+            journal: Vec::new(),
         }
     }
 
@@ -380,13 +388,72 @@ impl Arena {
             used: self.used.iter().filter(|&&u| u).count(),
             mapping: self.mapping,
             retired_slots: self.retired.clone(),
+            journal: self.journal.iter().map(|&i| self.pages[i]).collect(),
         }
+    }
+
+    /// The journal's slots ([`crate::journal`]): the guest-physical start of each of
+    /// [`crate::journal::SLOTS`] runs of [`crate::journal::SLOT_PAGES`] physically contiguous
+    /// pages, taken once (from the highest indices never used in this slot, each page verified
+    /// free) and kept for the arena's life.
+    pub fn journal_slots(
+        &mut self,
+        mem: &dyn PhysMemory,
+        paging: &KernelPaging,
+    ) -> Result<Vec<u64>, ArenaError> {
+        use crate::journal::{SLOTS, SLOT_PAGES};
+        if self.journal.is_empty() {
+            let mut taken: Vec<usize> = Vec::new();
+            let mut i = self.pages.len();
+            while taken.len() < SLOTS * SLOT_PAGES && i >= SLOT_PAGES {
+                let run = i - SLOT_PAGES..i;
+                let fits = run.clone().all(|j| {
+                    !self.used[j]
+                        && self.kind[j].is_none()
+                        && self.pages[j] == self.pages[run.start] + (j - run.start) as u64 * PAGE
+                        && self.verify_free(mem, paging, self.pages[j]).is_ok()
+                });
+                if fits {
+                    taken.extend(run);
+                    i -= SLOT_PAGES;
+                } else {
+                    i -= 1;
+                }
+            }
+            if taken.len() < SLOTS * SLOT_PAGES {
+                return Err(ArenaError::Full {
+                    need: SLOTS * SLOT_PAGES,
+                    kind: "journal (contiguous runs)",
+                    free: self.used.iter().filter(|&&u| !u).count(),
+                    total: self.pages.len(),
+                });
+            }
+            taken.sort_unstable();
+            self.journal = taken;
+        }
+        Ok(self
+            .journal
+            .chunks(SLOT_PAGES)
+            .map(|c| self.pages[c[0]])
+            .collect())
+    }
+
+    /// The journal's slots, if taken.
+    pub fn journal_starts(&self) -> Vec<u64> {
+        self.journal
+            .chunks(crate::journal::SLOT_PAGES)
+            .map(|c| self.pages[c[0]])
+            .collect()
     }
 
     /// Finds `n` contiguous free page indices usable as `kind` (never used as another kind in
     /// this slot). Does not mark them.
     pub fn find_run(&self, n: usize, kind: PageKind) -> Result<usize, ArenaError> {
-        let ok = |i: usize| !self.used[i] && (self.kind[i].is_none() || self.kind[i] == Some(kind));
+        let ok = |i: usize| {
+            !self.used[i]
+                && !self.journal.contains(&i)
+                && (self.kind[i].is_none() || self.kind[i] == Some(kind))
+        };
         let total = self.pages.len();
         if n == 0 {
             return Ok(0);
@@ -580,6 +647,34 @@ mod tests {
         a.set_unmapped();
         assert_eq!(a.info().retired_slots, vec![KERNEL_MAP_END - 0x20_0000]);
         assert_eq!(a.find_run(7, PageKind::Data).unwrap(), 0);
+    }
+
+    #[test]
+    fn journal_slots_are_contiguous_free_and_never_handed_out() {
+        let mut ram = vec![0u8; 0x20_0000];
+        // Page 14 of the arena is in use by the guest (not zero): no slot may hold it.
+        ram[0x10_0000 + 14 * 4096 + 5] = 1;
+        let mem = SliceMemory::flat(&ram);
+        let p = KernelPaging {
+            pgd_pa: 0,
+            la57: false,
+            nx: true,
+        };
+        let mut a = Arena::host(0x10_0000, 16 * PAGE);
+        let slots = a.journal_slots(&mem, &p).unwrap();
+        // From the top: [15] fails (14 is busy) ... [10, 14) and [6, 10).
+        assert_eq!(slots, vec![0x10_0000 + 6 * PAGE, 0x10_0000 + 10 * PAGE]);
+        assert_eq!(a.journal_slots(&mem, &p).unwrap(), slots, "taken once");
+        assert_eq!(a.info().journal.len(), 8);
+        assert_eq!(a.find_run(6, PageKind::Code).unwrap(), 0);
+        assert!(a.find_run(7, PageKind::Code).is_err());
+        assert_eq!(a.find_run(2, PageKind::Data).unwrap(), 0);
+        // Not enough room: a clear error.
+        let mut small = Arena::host(0x10_0000, 7 * PAGE);
+        assert!(matches!(
+            small.journal_slots(&mem, &p),
+            Err(ArenaError::Full { .. })
+        ));
     }
 
     #[test]

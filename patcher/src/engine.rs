@@ -258,6 +258,47 @@ impl Engine {
         serde_json::to_string(self).unwrap_or_default()
     }
 
+    /// What the journal in guest memory keeps ([`crate::journal`]): [`Engine::state`] without
+    /// what changes at every check of a transition (the per-task states and blockers, which the
+    /// guest itself holds or the next check recomputes, and the counters, which restart from
+    /// zero), so that the journal is rewritten only when the patches, the function stacks, the
+    /// arena or a transition's course change. `None` when nothing is loaded and no transition
+    /// runs: the journal is then cleared.
+    pub fn journal_state(&self) -> Option<String> {
+        if self.patches.is_empty() && self.transition.is_none() {
+            return None;
+        }
+        let mut e = self.clone();
+        if let Some(t) = e.transition.as_mut() {
+            t.tasks.clear();
+            t.blocking.clear();
+            t.checks = 0;
+            t.pause_us = 0;
+            t.boundary_hits = (0, 0);
+        }
+        Some(serde_json::to_string(&e).unwrap_or_default())
+    }
+
+    /// The journal's slots in the arena (guest-physical starts), taken on first use
+    /// ([`Arena::journal_slots`]); empty while there is no arena.
+    pub fn journal_slots(
+        &mut self,
+        mem: &dyn introspect::PhysMemory,
+    ) -> Result<Vec<u64>, ArenaError> {
+        match (self.arena.as_mut(), self.paging.as_ref()) {
+            (Some(a), Some(p)) => a.journal_slots(mem, p),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The journal's slots already taken (guest-physical starts).
+    pub fn journal_starts(&self) -> Vec<u64> {
+        self.arena
+            .as_ref()
+            .map(Arena::journal_starts)
+            .unwrap_or_default()
+    }
+
     /// An engine continuing from [`Engine::state`]. Each later operation re-verifies the
     /// guest bytes it overwrites, so a stale state fails cleanly instead of corrupting.
     pub fn from_state(json: &str) -> Result<Engine, PatchError> {

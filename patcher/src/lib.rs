@@ -10,6 +10,7 @@ mod func_stack;
 /// The guest-control trait, from its own crate (`hvpatch-guest-control`).
 pub use guest_control as guest;
 pub mod info;
+pub mod journal;
 pub mod kernel;
 pub mod link;
 pub mod paging;

@@ -119,8 +119,15 @@ impl std::fmt::Debug for AttachServer {
 }
 
 impl AttachServer {
-    /// Starts `hvpatch attach` on `guest`'s gdbstub and RAM file.
+    /// Starts `hvpatch attach` on `guest`'s gdbstub and RAM file, with the journal key in the
+    /// guest's directory.
     pub fn start(guest: &Guest) -> Result<AttachServer, HvpatchError> {
+        Self::start_with(guest, &[])
+    }
+
+    /// [`AttachServer::start`] with more arguments for `hvpatch attach` (they come last, so
+    /// that e.g. `--journal-key` overrides the harness's own).
+    pub fn start_with(guest: &Guest, extra: &[&str]) -> Result<AttachServer, HvpatchError> {
         let bin = hvpatch_bin()?;
         let dir = guest
             .mem_file()
@@ -147,6 +154,20 @@ impl AttachServer {
             .arg(guest.mem_file())
             .arg("--api-socket")
             .arg(&socket)
+            .args(
+                if extra
+                    .iter()
+                    .any(|a| a.starts_with("--journal-key") || *a == "--no-journal")
+                {
+                    Vec::new()
+                } else {
+                    vec![
+                        "--journal-key".into(),
+                        dir.join("journal.key").display().to_string(),
+                    ]
+                },
+            )
+            .args(extra)
             .env(
                 "HVPATCH_LOG",
                 std::env::var("HVPATCH_LOG").unwrap_or_else(|_| "info".into()),
@@ -180,6 +201,11 @@ impl AttachServer {
     /// The server's PID.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The state file next to the API socket.
+    pub fn state_file(&self) -> PathBuf {
+        PathBuf::from(format!("{}.state", self.socket.display()))
     }
 
     /// The API socket.

@@ -10,7 +10,8 @@
 //!   kernel exit and the new function sees every hammer;
 //! - **busy target**: `kthreadd` sleeps in the patched function forever; hvpatch is killed
 //!   mid-transition (the guest stays consistent) and a new `hvpatch attach` continues it from its
-//!   state file; disabling reverses the transition at once and the guest is unchanged;
+//!   state file, then again with the state file gone, from the journal in guest memory (not
+//!   with another host key); disabling reverses the transition at once and the guest is unchanged;
 //! - **function pair**: two functions whose new versions are only right together never mix
 //!   within a task under repeated enable/disable with hammers; an immediate patch does mix.
 //!
@@ -420,6 +421,63 @@ fn busy_target(c: &mut Ctx) {
             .any(|b| b["pid"] == 2),
         "{s:#}"
     );
+    // Restart from guest memory alone: killed again, and this time the state file is gone too.
+    // The journal in guest memory brings the transition back, but only to a server holding
+    // the host key that authenticated it.
+    assert!(
+        !journal_records(&c.g).is_empty(),
+        "no journal record in guest memory"
+    );
+    let state = c.srv().state_file();
+    c.srv.as_mut().unwrap().kill_hard();
+    drop(c.srv.take());
+    std::fs::remove_file(&state).expect("the state file");
+    let other_key = std::env::temp_dir().join(format!("hvpatch-other-{}.key", std::process::id()));
+    let _ = std::fs::remove_file(&other_key);
+    let wrong = AttachServer::start_with(&c.g, &["--journal-key", other_key.to_str().unwrap()])
+        .expect("hvpatch attach with another key");
+    let s = wrong.json(&["patch", "status"]).unwrap();
+    assert!(
+        s["transition"].is_null(),
+        "a journal of another key was trusted: {s:#}"
+    );
+    assert!(
+        wrong
+            .log_text()
+            .contains("not authenticated by this host's key"),
+        "{}",
+        wrong.log_text()
+    );
+    drop(wrong);
+    let _ = std::fs::remove_file(&other_key);
+    // (That server left an empty state file: an empty state does not hide the journal.)
+    c.srv = Some(AttachServer::start(&c.g).expect("hvpatch attach, no state file"));
+    let s = c.status();
+    assert_eq!(
+        s["transition"]["patch"],
+        "kthreadd",
+        "the journal did not bring the transition back: {s:#}\n{}",
+        c.srv().log_text()
+    );
+    assert!(
+        c.srv()
+            .log_text()
+            .contains("continuing from the journal in guest memory"),
+        "{}",
+        c.srv().log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let s = c.status();
+    assert!(
+        s["transition"]["blocking"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["pid"] == 2),
+        "{s:#}"
+    );
+    assert_eq!(c.run("cat /proc/self/patch_state").trim(), "1");
+    assert_eq!(c.run("cat /proc/2/patch_state").trim(), "0");
     // Only one transition at a time: other loads (immediate ones too) are refused meanwhile.
     let other = patch_file("other", "static int show(struct seq_file *m, void *v) { return 0; }\nHVPATCH_FUNC(cmdline_proc_show, show);");
     for extra in [None, Some("--immediate")] {
@@ -441,6 +499,27 @@ fn busy_target(c: &mut Ctx) {
     assert!(c.proc_states().iter().all(|&(_, s)| s == -1));
     c.json(&["patch", "unload", "kthreadd"]);
     c.healthy("after the busy-target test");
+    // Nothing loaded: the journal is cleared, guest memory holds no record.
+    assert_eq!(
+        journal_records(&c.g),
+        Vec::<u64>::new(),
+        "journal left behind"
+    );
+}
+
+/// Guest-physical pages of the low-memory window that start with a journal record's magic,
+/// read from the guest's RAM file.
+fn journal_records(g: &Guest) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(g.mem_file()).expect("RAM file");
+    let (lo, hi) = patcher::arena::LOW_WINDOW;
+    let mut buf = vec![0u8; (hi - lo) as usize];
+    f.read_exact_at(&mut buf, lo).expect("read low memory");
+    buf.chunks(4096)
+        .enumerate()
+        .filter(|(_, p)| p[..8] == patcher::journal::MAGIC)
+        .map(|(i, _)| lo + i as u64 * 4096)
+        .collect()
 }
 
 /// Runs enable/disable cycles of `pair` with two hammers reading /proc/cmdline; returns every

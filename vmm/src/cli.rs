@@ -115,6 +115,15 @@ pub struct AttachArgs {
     /// stopped (default: the API socket's path + `.state`).
     #[arg(long)]
     pub state_file: Option<PathBuf>,
+    /// The host key authenticating the journal of the engine state that hvpatch keeps in guest
+    /// memory, from which a restarted `hvpatch attach` continues when the state file is gone
+    /// (made on first use, mode 0600; default `$XDG_STATE_HOME/hvpatch/journal.key`, else
+    /// `~/.local/state/hvpatch/journal.key`).
+    #[arg(long, conflicts_with = "no_journal")]
+    pub journal_key: Option<PathBuf>,
+    /// Keep no journal in guest memory (a restart then needs the state file).
+    #[arg(long)]
+    pub no_journal: bool,
 }
 
 /// Parses `flat` or `split:<SIZE>`.

@@ -21,6 +21,7 @@ fn serve_in_background(
     control: Box<dyn GuestControl>,
     host: &'static str,
     state_file: Option<PathBuf>,
+    journal_key: Option<patcher::journal::JournalKey>,
 ) -> (
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<()>,
@@ -29,7 +30,7 @@ fn serve_in_background(
     let handle = std::thread::spawn(move || {
         let mut session = Session::new(control, host);
         if let Some(p) = state_file {
-            session.keep_state_in(p);
+            session.keep_state_in(p, journal_key);
         }
         if let Err(e) = server.serve(&mut session) {
             tracing::error!("API server: {e}");
@@ -58,7 +59,7 @@ pub fn run(args: &RunArgs) -> Result<i32, CliError> {
     let mut vm = Vm::create(&cfg).map_err(other)?;
     let server = Server::bind(&args.api_socket).map_err(other)?;
     vm.start().map_err(other)?;
-    let (stop, api) = serve_in_background(server, Box::new(vm.control()), "kvm", None);
+    let (stop, api) = serve_in_background(server, Box::new(vm.control()), "kvm", None, None);
     let result = vm.wait_exit();
     stop.store(true, Ordering::Relaxed);
     let _ = api.join();
@@ -97,6 +98,19 @@ pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
     install_terminate_handler()?;
     // Claim the API socket first: a second server fails before touching QEMU's gdbstub.
     let server = Server::bind(&args.api_socket).map_err(other)?;
+    let journal_key = if args.no_journal {
+        None
+    } else {
+        let path = args
+            .journal_key
+            .clone()
+            .unwrap_or_else(crate::journal_key::default_path);
+        Some(crate::journal_key::load_or_create(&path).map_err(|e| {
+            CliError::Other(format!(
+                "{e} (--journal-key FILE picks another, --no-journal keeps no journal)"
+            ))
+        })?)
+    };
     let opts = AttachOptions {
         mem_layout: args.qemu_mem_layout,
         ..AttachOptions::default()
@@ -109,7 +123,13 @@ pub fn attach(args: &AttachArgs) -> Result<i32, CliError> {
         .state_file
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.state", args.api_socket.display())));
-    let (stop, api) = serve_in_background(server, Box::new(control), "qemu-attach", Some(state));
+    let (stop, api) = serve_in_background(
+        server,
+        Box::new(control),
+        "qemu-attach",
+        Some(state),
+        journal_key,
+    );
     while !TERMINATE.load(Ordering::Relaxed) && !api.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

@@ -5,4 +5,5 @@ pub mod attach;
 pub mod cli;
 pub mod commands;
 pub mod format;
+pub mod journal_key;
 pub mod kvm;

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use introspect::{Kernel, VcpuRegs};
+use patcher::journal::{self, JournalKey};
 use patcher::kernel::KernelSymbols;
 use patcher::{Engine, GuestControl, Target};
 use serde::Serialize;
@@ -41,12 +42,29 @@ pub struct Session {
     next_transition_check: Instant,
     /// Where the engine state is kept after every change, and what was last written there.
     state_file: Option<(std::path::PathBuf, String)>,
+    /// The journal of the engine state in guest memory, when kept ([`patcher::journal`]).
+    journal: Option<Journal>,
     /// The operator paused the guest (`pause`): boundary breakpoint hits are not served (that
     /// would resume it) until `resume`.
     operator_paused: bool,
     /// Boundary breakpoints were armed at the last tick: hits queued before they were removed
     /// may still hold the guest paused (KVM), so the next tick drains them too.
     drain_hits: bool,
+}
+
+/// The journal in guest memory ([`patcher::journal`]) and where its next record goes.
+struct Journal {
+    key: JournalKey,
+    /// What the newest record written by this process holds.
+    last: Option<String>,
+    /// Sequence number of the newest record (ours or found).
+    seq: u64,
+    /// Slot index of the next write.
+    next: usize,
+    /// Whether the slots may hold a record (cleared when nothing is loaded).
+    written: bool,
+    /// The arena had no room for the slots (said once).
+    no_room: bool,
 }
 
 /// What a client waits for while a transition runs.
@@ -129,6 +147,7 @@ impl Session {
             waiters: Vec::new(),
             next_transition_check: Instant::now(),
             state_file: None,
+            journal: None,
             operator_paused: false,
             drain_hits: false,
         }
@@ -137,8 +156,11 @@ impl Session {
     /// Keeps the engine state in `path` after every change, and continues from the state
     /// there now, if any: the patches and a transition a dead server left in the guest. A state
     /// that does not match the guest (its entry sites or arena mapping differ: another guest,
-    /// a reboot) is set aside as `<path>.stale` and the session starts empty.
-    pub fn keep_state_in(&mut self, path: std::path::PathBuf) {
+    /// a reboot) is set aside as `<path>.stale`. With `journal_key`, the state is also kept in
+    /// a journal in guest memory ([`patcher::journal`]), authenticated with that key, and the
+    /// session continues from the journal when the file is missing or does not match.
+    pub fn keep_state_in(&mut self, path: std::path::PathBuf, journal_key: Option<JournalKey>) {
+        let mut from_file = false;
         if let Ok(json) = std::fs::read_to_string(&path) {
             match Engine::from_state(&json) {
                 Ok(e) => {
@@ -151,24 +173,97 @@ impl Session {
                             path.display()
                         );
                         self.engine = e;
+                        from_file = true;
                     } else {
                         tracing::warn!(
-                            "{} does not match the guest ({}); starting empty",
+                            "{} does not match the guest ({}); set aside",
                             path.display(),
                             problems.join("; ")
                         );
                         let _ = std::fs::rename(&path, path.with_extension("state.stale"));
                     }
                 }
-                Err(e) => tracing::warn!("{}: {e}; starting empty", path.display()),
+                Err(e) => tracing::warn!("{}: {e}; set aside", path.display()),
             }
+        }
+        if let Some(key) = journal_key {
+            // An empty state (a server that never loaded anything) does not hide the journal.
+            let empty = self.engine.list().is_empty() && !self.engine.in_transition();
+            self.open_journal(key, !from_file || empty);
         }
         self.state_file = Some((path, String::new()));
         self.persist();
     }
 
-    /// Writes the engine state to the state file if it changed (write, then rename).
+    /// Finds the journal in guest memory; with `adopt`, continues from its newest record when
+    /// that matches the guest. An authenticated record that does not match is cleared.
+    fn open_journal(&mut self, key: JournalKey, adopt: bool) {
+        let window = self
+            .control
+            .patch_arena()
+            .map(|(start, len)| (start, start.saturating_add(len)))
+            .unwrap_or(patcher::arena::LOW_WINDOW);
+        let scan = journal::scan(self.control.memory(), window, &key);
+        for (pa, why) in &scan.rejected {
+            tracing::warn!("journal record at {pa:#x} ignored: {why}");
+        }
+        let mut j = Journal {
+            key,
+            last: None,
+            seq: 0,
+            next: 0,
+            written: false,
+            no_room: false,
+        };
+        if let Some((pa, rec)) = scan.newest {
+            j.seq = rec.seq;
+            let found = match Engine::from_state(&rec.state) {
+                Ok(e) => {
+                    let problems = e.check(self.control.as_ref());
+                    if problems.is_empty() {
+                        Some(e)
+                    } else {
+                        tracing::warn!(
+                            "journal record {} at {pa:#x} does not match the guest ({}); cleared",
+                            rec.seq,
+                            problems.join("; ")
+                        );
+                        None
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("journal record {} at {pa:#x}: {e}; cleared", rec.seq);
+                    None
+                }
+            };
+            match found {
+                Some(e) if adopt => {
+                    tracing::info!(
+                        patches = e.list().len(),
+                        transition = e.in_transition(),
+                        "continuing from the journal in guest memory (record {} at {pa:#x})",
+                        rec.seq
+                    );
+                    self.engine = e;
+                }
+                Some(_) => {}
+                None => {
+                    let zero = vec![0u8; journal::SLOT_BYTES.min((window.1 - pa) as usize)];
+                    if let Err(e) = self.control.write_data_phys(pa, &zero) {
+                        tracing::warn!("clearing the journal record at {pa:#x}: {e}");
+                    }
+                }
+            }
+            let slots = self.engine.journal_starts();
+            j.written = !slots.is_empty();
+            j.next = usize::from(slots.first() == Some(&pa));
+        }
+        self.journal = Some(j);
+    }
+
+    /// Writes the engine state to the journal and the state file where it changed.
     fn persist(&mut self) {
+        self.persist_journal();
         let Some((path, last)) = &mut self.state_file else {
             return;
         };
@@ -180,6 +275,67 @@ impl Session {
         match std::fs::write(&tmp, &now).and_then(|()| std::fs::rename(&tmp, &*path)) {
             Ok(()) => *last = now,
             Err(e) => tracing::warn!("saving the engine state to {}: {e}", path.display()),
+        }
+    }
+
+    /// Writes the journal record if what it keeps changed ([`Engine::journal_state`]), into
+    /// the slot not holding the newest record; clears both slots once nothing is loaded.
+    fn persist_journal(&mut self) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        if self.engine.journal_state().is_none() {
+            if j.written {
+                let zero = vec![0u8; journal::SLOT_BYTES];
+                for pa in self.engine.journal_starts() {
+                    if let Err(e) = self.control.write_data_phys(pa, &zero) {
+                        tracing::warn!("clearing the journal at {pa:#x}: {e}");
+                    }
+                }
+                j.written = false;
+                j.last = None;
+            }
+            return;
+        }
+        let slots = match self.engine.journal_slots(self.control.memory()) {
+            Ok(s) if s.len() == journal::SLOTS => s,
+            Ok(_) => return,
+            Err(e) => {
+                if !j.no_room {
+                    tracing::warn!("no room for the journal in guest memory: {e}");
+                    j.no_room = true;
+                }
+                return;
+            }
+        };
+        let Some(state) = self.engine.journal_state() else {
+            return;
+        };
+        if j.last.as_deref() == Some(state.as_str()) {
+            return;
+        }
+        let rec = match journal::encode(&state, j.seq + 1, &j.key) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("{e}; a restart needs the state file");
+                return;
+            }
+        };
+        match self.control.write_data_phys(slots[j.next], &rec) {
+            Ok(()) => {
+                tracing::debug!(
+                    seq = j.seq + 1,
+                    state = state.len(),
+                    record = rec.len(),
+                    "journal record written at {:#x}",
+                    slots[j.next]
+                );
+                j.seq += 1;
+                j.next ^= 1;
+                j.last = Some(state);
+                j.written = true;
+            }
+            Err(e) => tracing::warn!("writing the journal at {:#x}: {e}", slots[j.next]),
         }
     }
 

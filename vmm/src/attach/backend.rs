@@ -577,6 +577,18 @@ impl GuestControl for QemuAttach {
         self.write_phys_batch(&[(pa, data)])
     }
 
+    /// Straight into the RAM file when it is writable (no pause), else through the gdbstub.
+    fn write_data_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), GuestError> {
+        match self.ram.write_direct(pa, data) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.write_phys(pa, data),
+            Err(e) => {
+                tracing::debug!("direct write of {pa:#x}: {e}; through the gdbstub instead");
+                self.write_phys(pa, data)
+            }
+        }
+    }
+
     fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<(), GuestError> {
         let per = vec![sorted(addrs); self.threads.len()];
         self.insert_breakpoints(per)

@@ -33,6 +33,8 @@ pub enum MemLayout {
 /// The mapped RAM file.
 pub struct RamFile {
     map: Mmap,
+    /// The file opened for writing, when this process may ([`RamFile::write_direct`]).
+    writer: Option<File>,
     /// (guest-physical start, file offset, length), sorted by start.
     regions: Vec<(u64, u64, u64)>,
 }
@@ -102,12 +104,28 @@ impl RamFile {
                 source: e,
             }
         })?;
-        Ok(RamFile { map, regions })
+        let writer = std::fs::OpenOptions::new().write(true).open(path).ok();
+        Ok(RamFile {
+            map,
+            writer,
+            regions,
+        })
     }
 
     /// Size of the RAM file.
     pub fn size(&self) -> u64 {
         self.map.len() as u64
+    }
+
+    /// Writes `data` at `pa` straight into the RAM file (QEMU sees it at once through its shared
+    /// mapping; it does not know, so this is only for pages no vCPU executes). `Ok(false)`
+    /// when the file is not writable by this process or the range is not in one RAM region.
+    pub fn write_direct(&self, pa: u64, data: &[u8]) -> std::io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        match (&self.writer, self.file_offset(pa, data.len() as u64)) {
+            (Some(f), Some(off)) => f.write_all_at(data, off as u64).map(|()| true),
+            _ => Ok(false),
+        }
     }
 
     /// Whether `pa..pa+len` lies in one RAM region.
