@@ -71,4 +71,37 @@ fn main() {
             med.prepare, med.pause
         );
     }
+    check_cost(snap);
+}
+
+/// What one check of a transition reads in its pause (`Transition::classify`): the task list
+/// with the livepatch fields, and every task's stack, cold (first check) and with the unwinds
+/// of switched-out tasks cached (later checks).
+fn check_cost(snap: &common::Snapshot) {
+    use patcher::view::TaskView;
+    let mem = introspect::SliceMemory::flat(&snap.ram);
+    let mut rows = Vec::new();
+    for _ in 0..20 {
+        let kernel = common::kernel(snap);
+        let _ = TaskView::tasks(&kernel, &mem, &snap.vcpus).expect("tasks");
+        let t0 = Instant::now();
+        let tasks = TaskView::tasks(&kernel, &mem, &snap.vcpus).expect("tasks");
+        let t_tasks = t0.elapsed();
+        let frames: usize = tasks
+            .iter()
+            .map(|t| kernel.stack_frames(&mem, &snap.vcpus, t).frames.len())
+            .sum();
+        let t_cold = t0.elapsed() - t_tasks;
+        let t1 = Instant::now();
+        for t in &tasks {
+            let _ = kernel.stack_frames(&mem, &snap.vcpus, t);
+        }
+        rows.push((t_tasks, t_cold, t1.elapsed(), tasks.len(), frames));
+    }
+    rows.sort();
+    let (tl, cold, warm, n, frames) = rows[rows.len() / 2];
+    println!(
+        "{}: one transition check, medians: task list {tl:.1?} ({n} tasks); stacks cold {cold:.1?}, cached {warm:.1?} ({frames} frames)",
+        snap.version
+    );
 }

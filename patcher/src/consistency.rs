@@ -857,8 +857,7 @@ impl Engine {
             // nobody we know of): the checks handle it.
             return Ok((false, false));
         }
-        let st = view.stack(mem, &regs, &t);
-        if tr.judge(&st).is_err() {
+        if tr.judge(&view.stack_frames(mem, &regs, &t)).is_err() {
             return Ok((false, false));
         }
         let mut writes = Vec::new();
@@ -945,7 +944,7 @@ fn boundaries(view: &dyn TaskView, mode: Mode, switcher: Switcher) -> Result<Vec
 fn warm_stacks(view: &dyn TaskView, mem: &dyn PhysMemory) {
     if let Ok(tasks) = view.tasks(mem, &[]) {
         for t in tasks.iter().filter(|t| !t.user_mode) {
-            let _ = view.stack(mem, &[], t);
+            let _ = view.stack_frames(mem, &[], t);
         }
     }
 }
@@ -1141,6 +1140,9 @@ fn step_paused(
         // klp_synchronize_transition's job: no vCPU may be inside klp_update_patch_state,
         // which could still store the target it read after the states are reset.
         for t in tasks.iter().filter(|t| t.vcpu.is_some() && !t.user_mode) {
+            if !tr.in_klp_update(&view.stack_frames(mem, &regs, t)) {
+                continue;
+            }
             let st = view.stack(mem, &regs, t);
             if tr.in_klp_update(&st) {
                 blocking.push(Blocker {

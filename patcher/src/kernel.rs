@@ -161,12 +161,13 @@ impl crate::view::TaskView for Kernel {
                     addr: t.addr,
                     pid: t.pid,
                     tgid: t.tgid,
-                    comm: t.comm,
+                    comm: t.comm.clone(),
                     patch_state: t.patch_state.unwrap_or(-1),
                     flags,
                     vcpu: t.running_on_vcpu,
                     user_mode,
                     is_idle: t.is_idle,
+                    raw: Some(Box::new(t)),
                 })
             })
             .collect()
@@ -198,6 +199,7 @@ impl crate::view::TaskView for Kernel {
             vcpu: Some(vcpu),
             user_mode: vcpus.get(vcpu).is_some_and(|r| r.cpl() == 3),
             is_idle: t.is_idle,
+            raw: None,
         })
     }
 
@@ -207,31 +209,16 @@ impl crate::view::TaskView for Kernel {
         vcpus: &[VcpuRegs],
         task: &crate::view::TaskSnap,
     ) -> crate::view::StackSnap {
-        let st = match task.vcpu {
-            Some(v) => self.vcpu_stack(mem, vcpus, v),
-            None => match self.task_at(mem, task.addr) {
-                Ok(t) => self.task_stack(mem, &t),
-                Err(e) => {
-                    return crate::view::StackSnap {
-                        reason: Some(e.to_string()),
-                        ..Default::default()
-                    }
-                }
-            },
-        };
-        match st {
-            Ok(s) => crate::view::StackSnap {
-                frames: s.frames.iter().map(|f| f.addr).collect(),
-                first_exact: task.vcpu.is_some(),
-                rendered: s.frames.iter().map(|f| f.render()).collect(),
-                reliable: s.reliable,
-                reason: s.reason,
-            },
-            Err(e) => crate::view::StackSnap {
-                reason: Some(e.to_string()),
-                ..Default::default()
-            },
-        }
+        stack_snap(self, mem, vcpus, task, true)
+    }
+
+    fn stack_frames(
+        &self,
+        mem: &dyn PhysMemory,
+        vcpus: &[VcpuRegs],
+        task: &crate::view::TaskSnap,
+    ) -> crate::view::StackSnap {
+        stack_snap(self, mem, vcpus, task, false)
     }
 
     fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]) {
@@ -259,5 +246,46 @@ impl crate::view::TaskView for Kernel {
 
     fn translate(&self, mem: &dyn PhysMemory, va: u64) -> Option<u64> {
         Kernel::translate(self, mem, va).ok()
+    }
+}
+
+/// The stack of `task` (the one read by [`TaskView::tasks`] in this pause when it kept it, else
+/// read again), with its frames symbolized when `render`.
+fn stack_snap(
+    k: &Kernel,
+    mem: &dyn PhysMemory,
+    vcpus: &[VcpuRegs],
+    task: &crate::view::TaskSnap,
+    render: bool,
+) -> crate::view::StackSnap {
+    let st = match (task.vcpu, &task.raw) {
+        (Some(v), _) => k.vcpu_stack(mem, vcpus, v),
+        (None, Some(t)) => k.task_stack(mem, t),
+        (None, None) => match k.task_at(mem, task.addr) {
+            Ok(t) => k.task_stack(mem, &t),
+            Err(e) => {
+                return crate::view::StackSnap {
+                    reason: Some(e.to_string()),
+                    ..Default::default()
+                }
+            }
+        },
+    };
+    match st {
+        Ok(s) => crate::view::StackSnap {
+            frames: s.frames.iter().map(|f| f.addr).collect(),
+            first_exact: task.vcpu.is_some(),
+            rendered: if render {
+                s.frames.iter().map(|f| f.render()).collect()
+            } else {
+                Vec::new()
+            },
+            reliable: s.reliable,
+            reason: s.reason,
+        },
+        Err(e) => crate::view::StackSnap {
+            reason: Some(e.to_string()),
+            ..Default::default()
+        },
     }
 }

@@ -362,6 +362,12 @@ impl Transition {
                 ok.push(t);
                 continue;
             }
+            if self.judge(&view.stack_frames(mem, vcpus, t)).is_ok() {
+                ok.push(t);
+                continue;
+            }
+            // A blocker: again with its frames symbolized, for `status` (a sleeping task's
+            // unwind comes from the cache).
             let st = view.stack(mem, vcpus, t);
             match self.judge(&st) {
                 Ok(()) => ok.push(t),
@@ -560,6 +566,7 @@ mod tests {
             vcpu: None,
             user_mode: false,
             is_idle: false,
+            raw: None,
         };
         let w = p.task_writes(&t, 1, false);
         assert_eq!(w.len(), 2);

@@ -33,6 +33,10 @@ pub struct TaskSnap {
     pub user_mode: bool,
     /// A CPU's idle task.
     pub is_idle: bool,
+    /// The task as the view read it, so that [`TaskView::stack`] need not read it again in the
+    /// same pause (views that keep nothing leave it `None`).
+    #[serde(skip)]
+    pub raw: Option<Box<introspect::tasks::Task>>,
 }
 
 /// A task's kernel stack.
@@ -72,6 +76,11 @@ pub trait TaskView {
     ) -> Result<TaskSnap, String>;
     /// The reliably unwound stack of `task` (from its vCPU's registers when it is running).
     fn stack(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs], task: &TaskSnap) -> StackSnap;
+    /// [`TaskView::stack`] without the symbolized frames (`rendered` may be empty): what a
+    /// stack check needs for the many tasks that pass it.
+    fn stack_frames(&self, mem: &dyn PhysMemory, vcpus: &[VcpuRegs], task: &TaskSnap) -> StackSnap {
+        self.stack(mem, vcpus, task)
+    }
     /// Declares the patch code that keeps frame pointers (see
     /// `introspect::Kernel::set_frame_pointer_text`).
     fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]);
