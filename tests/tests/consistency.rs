@@ -478,6 +478,16 @@ fn busy_target(c: &mut Ctx) {
     );
     assert_eq!(c.run("cat /proc/self/patch_state").trim(), "1");
     assert_eq!(c.run("cat /proc/2/patch_state").trim(), "0");
+    // Interference: the guest's own livepatch variable changes under us (as if the guest's klp
+    // started a transition of its own despite the stand-in). `status` names it, and the
+    // reversal below still leaves every task and the guest's klp idle.
+    let target_pa = image_pa(c, "klp_target_state");
+    assert_eq!(read_i32(&c.g, target_pa), 1, "klp_target_state during our patching transition");
+    write_i32(&c.g, target_pa, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let s = c.status();
+    let why = s["transition"]["interference"].as_str().unwrap_or_default();
+    assert!(why.contains("klp_target_state"), "interference not reported: {s:#}");
     // Only one transition at a time: other loads (immediate ones too) are refused meanwhile.
     let other = patch_file("other", "static int show(struct seq_file *m, void *v) { return 0; }\nHVPATCH_FUNC(cmdline_proc_show, show);");
     for extra in [None, Some("--immediate")] {
@@ -497,6 +507,7 @@ fn busy_target(c: &mut Ctx) {
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(c.status()["transition"].is_null());
     assert!(c.proc_states().iter().all(|&(_, s)| s == -1));
+    assert_eq!(read_i32(&c.g, target_pa), -1, "klp_target_state after the reversal");
     c.json(&["patch", "unload", "kthreadd"]);
     c.healthy("after the busy-target test");
     // Nothing loaded: the journal is cleared, guest memory holds no record.
@@ -505,6 +516,35 @@ fn busy_target(c: &mut Ctx) {
         Vec::<u64>::new(),
         "journal left behind"
     );
+}
+
+/// Guest-physical address of a kernel-image symbol (its address from `inspect symbol`, through
+/// the image's linear mapping with `phys_base` from `inspect kernel`).
+fn image_pa(c: &Ctx, name: &str) -> u64 {
+    let hex = |v: &Value| u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    let k = c.json(&["inspect", "kernel"]);
+    let m = c.json(&["inspect", "symbol", name]);
+    hex(&m[0]["addr"]) - 0xffff_ffff_8000_0000 + hex(&k["phys_base"])
+}
+
+/// An `i32` of guest RAM, read from the guest's RAM file.
+fn read_i32(g: &Guest, pa: u64) -> i32 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 4];
+    std::fs::File::open(g.mem_file())
+        .and_then(|f| f.read_exact_at(&mut b, pa))
+        .expect("read guest RAM");
+    i32::from_le_bytes(b)
+}
+
+/// Writes an `i32` of guest RAM through the guest's RAM file (what a guest store would do).
+fn write_i32(g: &Guest, pa: u64, v: i32) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(g.mem_file())
+        .and_then(|f| f.write_all_at(&v.to_le_bytes(), pa))
+        .expect("write guest RAM");
 }
 
 /// Guest-physical pages of the low-memory window that start with a journal record's magic,
