@@ -1258,6 +1258,8 @@ fn reverse_paused(
     tr.target = 1 - tr.target;
     tr.reversed = !tr.reversed;
     tr.started_ms = now_ms();
+    // What held the old direction says nothing about the new one: the next check tells.
+    tr.blocking.clear();
     let mut writes = Vec::new();
     if tr.mode == Mode::PerTask {
         // TIF_PATCH_PENDING now means the new target: set where the state differs from it.

@@ -482,12 +482,19 @@ fn busy_target(c: &mut Ctx) {
     // started a transition of its own despite the stand-in). `status` names it, and the
     // reversal below still leaves every task and the guest's klp idle.
     let target_pa = image_pa(c, "klp_target_state");
-    assert_eq!(read_i32(&c.g, target_pa), 1, "klp_target_state during our patching transition");
+    assert_eq!(
+        read_i32(&c.g, target_pa),
+        1,
+        "klp_target_state during our patching transition"
+    );
     write_i32(&c.g, target_pa, 0);
     std::thread::sleep(Duration::from_millis(300));
     let s = c.status();
     let why = s["transition"]["interference"].as_str().unwrap_or_default();
-    assert!(why.contains("klp_target_state"), "interference not reported: {s:#}");
+    assert!(
+        why.contains("klp_target_state"),
+        "interference not reported: {s:#}"
+    );
     // Only one transition at a time: other loads (immediate ones too) are refused meanwhile.
     let other = patch_file("other", "static int show(struct seq_file *m, void *v) { return 0; }\nHVPATCH_FUNC(cmdline_proc_show, show);");
     for extra in [None, Some("--immediate")] {
@@ -507,7 +514,11 @@ fn busy_target(c: &mut Ctx) {
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(c.status()["transition"].is_null());
     assert!(c.proc_states().iter().all(|&(_, s)| s == -1));
-    assert_eq!(read_i32(&c.g, target_pa), -1, "klp_target_state after the reversal");
+    assert_eq!(
+        read_i32(&c.g, target_pa),
+        -1,
+        "klp_target_state after the reversal"
+    );
     c.json(&["patch", "unload", "kthreadd"]);
     c.healthy("after the busy-target test");
     // Nothing loaded: the journal is cleared, guest memory holds no record.
@@ -521,7 +532,8 @@ fn busy_target(c: &mut Ctx) {
 /// Guest-physical address of a kernel-image symbol (its address from `inspect symbol`, through
 /// the image's linear mapping with `phys_base` from `inspect kernel`).
 fn image_pa(c: &Ctx, name: &str) -> u64 {
-    let hex = |v: &Value| u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    let hex =
+        |v: &Value| u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
     let k = c.json(&["inspect", "kernel"]);
     let m = c.json(&["inspect", "symbol", name]);
     hex(&m[0]["addr"]) - 0xffff_ffff_8000_0000 + hex(&k["phys_base"])
