@@ -217,27 +217,30 @@ impl Session {
         };
         if let Some((pa, rec)) = scan.newest {
             j.seq = rec.seq;
-            let found = match Engine::from_state(&rec.state) {
+            // A record is cleared only where it says its slots are: a guest that copied an
+            // authentic record elsewhere must not make us zero bytes of its choosing.
+            let (found, own_slot) = match Engine::from_state(&rec.state) {
                 Ok(e) => {
+                    let own = e.journal_starts().contains(&pa);
                     let problems = e.check(self.control.as_ref());
                     if problems.is_empty() {
-                        Some(e)
+                        (Some(e), own)
                     } else {
                         tracing::warn!(
-                            "journal record {} at {pa:#x} does not match the guest ({}); cleared",
+                            "journal record {} at {pa:#x} does not match the guest ({})",
                             rec.seq,
                             problems.join("; ")
                         );
-                        None
+                        (None, own)
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("journal record {} at {pa:#x}: {e}; cleared", rec.seq);
-                    None
+                    tracing::warn!("journal record {} at {pa:#x}: {e}", rec.seq);
+                    (None, false)
                 }
             };
             match found {
-                Some(e) if adopt => {
+                Some(e) if adopt && own_slot => {
                     tracing::info!(
                         patches = e.list().len(),
                         transition = e.in_transition(),
@@ -246,13 +249,19 @@ impl Session {
                     );
                     self.engine = e;
                 }
+                Some(_) if !own_slot => tracing::warn!(
+                    "journal record {} at {pa:#x} is not in a slot it names; ignored",
+                    rec.seq
+                ),
                 Some(_) => {}
-                None => {
+                None if own_slot => {
                     let zero = vec![0u8; journal::SLOT_BYTES.min((window.1 - pa) as usize)];
-                    if let Err(e) = self.control.write_data_phys(pa, &zero) {
-                        tracing::warn!("clearing the journal record at {pa:#x}: {e}");
+                    match self.control.write_data_phys(pa, &zero) {
+                        Ok(()) => tracing::info!("stale journal record at {pa:#x} cleared"),
+                        Err(e) => tracing::warn!("clearing the journal record at {pa:#x}: {e}"),
                     }
                 }
+                None => {}
             }
             let slots = self.engine.journal_starts();
             j.written = !slots.is_empty();
