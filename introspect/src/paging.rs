@@ -179,12 +179,26 @@ pub fn read_table(
         .collect())
 }
 
-/// Walks `va`, returning either the translation or the first non-present entry.
-pub fn walk_or_hole(
+/// Where a walk ended: a leaf (translation, page size, and the permissions of every level)
+/// or a non-present entry.
+enum Ended {
+    Leaf {
+        pa: u64,
+        page_size: u64,
+        writable: bool,
+        nx: bool,
+        user: bool,
+    },
+    Hole(WalkEntry),
+}
+
+/// The page walk of `va`; `seen` gets every present entry from the top level down.
+fn walk_core(
     mem: &dyn PhysMemory,
     root: PageRoot,
     va: u64,
-) -> Result<WalkOutcome, PagingError> {
+    mut seen: impl FnMut(WalkEntry),
+) -> Result<Ended, PagingError> {
     if root.levels != 4 && root.levels != 5 {
         return Err(PagingError::Levels(root.levels));
     }
@@ -195,7 +209,7 @@ pub fn walk_or_hole(
         });
     }
     let mut table = root.pgd_pa & ENTRY_ADDR_MASK;
-    let mut entries = Vec::with_capacity(usize::from(root.levels));
+    let mut prev = root.pgd_pa;
     let (mut writable, mut user, mut nx) = (true, true, false);
     let mut level = root.levels;
     loop {
@@ -205,7 +219,7 @@ pub fn walk_or_hole(
             .map_err(|_| PagingError::OutsideRam {
                 va,
                 level: level + 1,
-                value: entries.last().map_or(root.pgd_pa, |e: &WalkEntry| e.value),
+                value: prev,
                 target: table,
             })?;
         let entry = WalkEntry {
@@ -214,12 +228,9 @@ pub fn walk_or_hole(
             value,
         };
         if value & PTE_PRESENT == 0 {
-            return Ok(WalkOutcome::Hole(Hole {
-                entries,
-                missing: entry,
-            }));
+            return Ok(Ended::Hole(entry));
         }
-        entries.push(entry);
+        seen(entry);
         writable &= value & PTE_RW != 0;
         user &= value & PTE_USER != 0;
         nx |= value & PTE_NX != 0;
@@ -241,18 +252,44 @@ pub fn walk_or_hole(
                     target: pa,
                 });
             }
-            return Ok(WalkOutcome::Mapped(Walk {
-                entries,
+            return Ok(Ended::Leaf {
                 pa,
                 page_size,
                 writable,
                 nx,
                 user,
-            }));
+            });
         }
+        prev = value;
         table = value & ENTRY_ADDR_MASK;
         level -= 1;
     }
+}
+
+/// Walks `va`, returning either the translation or the first non-present entry.
+pub fn walk_or_hole(
+    mem: &dyn PhysMemory,
+    root: PageRoot,
+    va: u64,
+) -> Result<WalkOutcome, PagingError> {
+    let mut entries = Vec::with_capacity(usize::from(root.levels));
+    Ok(match walk_core(mem, root, va, |e| entries.push(e))? {
+        Ended::Leaf {
+            pa,
+            page_size,
+            writable,
+            nx,
+            user,
+        } => WalkOutcome::Mapped(Walk {
+            entries,
+            pa,
+            page_size,
+            writable,
+            nx,
+            user,
+        }),
+        Ended::Hole(missing) => WalkOutcome::Hole(Hole { entries, missing }),
+    })
 }
 
 /// Walks `va` through the page tables at `root`. A non-present level is an error.
@@ -271,58 +308,14 @@ pub fn walk(mem: &dyn PhysMemory, root: PageRoot, va: u64) -> Result<Walk, Pagin
 /// The translation of `va` and the size of its page: [`walk`] without recording the entries
 /// (no allocation), with the same checks and the same errors. Reads of guest memory use it.
 pub fn leaf(mem: &dyn PhysMemory, root: PageRoot, va: u64) -> Result<(u64, u64), PagingError> {
-    if root.levels != 4 && root.levels != 5 {
-        return Err(PagingError::Levels(root.levels));
-    }
-    if !is_canonical(va, root.levels) {
-        return Err(PagingError::NonCanonical {
+    match walk_core(mem, root, va, |_| {})? {
+        Ended::Leaf { pa, page_size, .. } => Ok((pa, page_size)),
+        Ended::Hole(h) => Err(PagingError::NotPresent {
             va,
-            levels: root.levels,
-        });
-    }
-    let mut table = root.pgd_pa & ENTRY_ADDR_MASK;
-    let mut prev = root.pgd_pa;
-    let mut level = root.levels;
-    loop {
-        let entry_pa = table + 8 * table_index(va, level) as u64;
-        let value = mem
-            .read_u64(entry_pa)
-            .map_err(|_| PagingError::OutsideRam {
-                va,
-                level: level + 1,
-                value: prev,
-                target: table,
-            })?;
-        if value & PTE_PRESENT == 0 {
-            return Err(PagingError::NotPresent {
-                va,
-                level,
-                entry_pa,
-                value,
-            });
-        }
-        let ps = value & PTE_PS != 0;
-        if ps && level >= 4 {
-            return Err(PagingError::Reserved { va, level, value });
-        }
-        if level == 1 || ps {
-            let page_size = level_size(level);
-            let frame = value & ENTRY_ADDR_MASK & !(page_size - 1);
-            let pa = frame | (va & (page_size - 1));
-            let mut probe = [0u8; 1];
-            if mem.read_phys(pa, &mut probe).is_err() {
-                return Err(PagingError::OutsideRam {
-                    va,
-                    level,
-                    value,
-                    target: pa,
-                });
-            }
-            return Ok((pa, page_size));
-        }
-        prev = value;
-        table = value & ENTRY_ADDR_MASK;
-        level -= 1;
+            level: h.level,
+            entry_pa: h.entry_pa,
+            value: h.value,
+        }),
     }
 }
 

@@ -413,14 +413,7 @@ fn busy_target(c: &mut Ctx) {
     );
     std::thread::sleep(Duration::from_millis(500));
     let s = c.status();
-    assert!(
-        s["transition"]["blocking"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["pid"] == 2),
-        "{s:#}"
-    );
+    assert!(blocked_by(&s, 2), "{s:#}");
     // Restart from guest memory alone: killed again, and this time the state file is gone too.
     // The journal in guest memory brings the transition back, but only to a server holding
     // the host key that authenticated it.
@@ -468,14 +461,7 @@ fn busy_target(c: &mut Ctx) {
     );
     std::thread::sleep(Duration::from_millis(500));
     let s = c.status();
-    assert!(
-        s["transition"]["blocking"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["pid"] == 2),
-        "{s:#}"
-    );
+    assert!(blocked_by(&s, 2), "{s:#}");
     assert_eq!(c.run("cat /proc/self/patch_state").trim(), "1");
     assert_eq!(c.run("cat /proc/2/patch_state").trim(), "0");
     // Interference: the guest's own livepatch variable changes under us (as if the guest's klp
@@ -527,6 +513,13 @@ fn busy_target(c: &mut Ctx) {
         Vec::<u64>::new(),
         "journal left behind"
     );
+}
+
+/// Whether `pid` is among the tasks holding the transition in `status`.
+fn blocked_by(status: &Value, pid: i64) -> bool {
+    status["transition"]["blocking"]
+        .as_array()
+        .is_some_and(|b| b.iter().any(|b| b["pid"] == pid))
 }
 
 /// Guest-physical address of a kernel-image symbol (its address from `inspect symbol`, through
