@@ -399,8 +399,10 @@ pub(crate) fn no_transition(engine: &Engine) -> Result<(), PatchError> {
     }
 }
 
-/// [`plan_load`] of a parsed object, for the consistency model: functions without an ftrace
-/// site are refused (the prologue rewrite is wired for immediate loads only).
+/// [`plan_load`] of a parsed object, for the consistency model (which has the kernel view the
+/// prologue rewrite needs): functions without an ftrace site get a prologue rewrite, whose
+/// trampoline is the dispatcher's old path. Stacking under the consistency model on another
+/// patch's rewrite is refused (that trampoline is the other patch's).
 pub(crate) fn plan_parsed(
     engine: &Engine,
     ctl: &mut dyn GuestControl,
@@ -408,7 +410,7 @@ pub(crate) fn plan_parsed(
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
 ) -> Result<LoadPlan, PatchError> {
-    plan_parsed_with(engine, ctl, t, obj, consistent, false)
+    plan_parsed_with(engine, ctl, t, obj, consistent, true)
 }
 
 /// [`plan_parsed`]; `prologue_ok`: a function without an ftrace site gets a prologue rewrite
@@ -593,14 +595,17 @@ fn plan_parsed_with(
             Some(st) if method == Method::FtraceSite && st.original != NOP5 => Method::Prologue,
             _ => method,
         };
-        if method != Method::FtraceSite && !prologue_ok {
-            // Its stubs and reversals would continue the original at site + 5, mid-instruction.
+        let tramp = prologue.as_ref().map(|p| p.tramp_va);
+        if method != Method::FtraceSite && tramp.is_none() && (consistent.is_some() || !prologue_ok)
+        {
+            // Its stubs and reversals would continue the original in the other patch's
+            // trampoline, which goes with that patch.
             return Err(es.error(format!(
-                "an immediate patch of ours rewrote its prologue; only immediate patches can \
-                 stack on it (`patch load --immediate`), the consistency model cannot yet ({method})"
+                "another patch of ours rewrote its prologue ({method}); only immediate patches \
+                 can stack on it (`patch load --immediate`): the original runs in that patch's \
+                 trampoline"
             )));
         }
-        let tramp = prologue.as_ref().map(|p| p.tramp_va);
         let moved: Vec<MovedInsn> = match &prologue {
             Some(p) => p.moved.clone(),
             None if method != Method::FtraceSite => engine
@@ -624,10 +629,12 @@ fn plan_parsed_with(
             Some(c) => {
                 let at = stub_off + functions.len() as u64 * crate::dispatch::STUB_SIZE;
                 let va = code_base + at;
+                // The original: after the ftrace site, or this load's trampoline.
+                let orig = tramp.unwrap_or(es.site + 5);
                 let (old, _) = engine
                     .sites
                     .get(&es.site)
-                    .map_or((es.site + 5, None), |st| st.top(es.site));
+                    .map_or((orig, None), |st| st.top(orig));
                 let b = crate::dispatch::stub(c.layout, va, old, f.new_addr)
                     .map_err(|e| es.error(e.to_string()))?;
                 linked.code[at as usize..(at as usize + b.len())].copy_from_slice(&b);
