@@ -258,7 +258,19 @@ fn wants_prologue(
     }
     let off = site::site_offset(&head) as usize;
     let site = addr + off as u64;
+    if fresh_rewrite(sites, site) || fresh_rewrite(sites, site + 5) {
+        return true;
+    }
     !(sites.contains_key(&site) || sites.contains_key(&(site + 5)) || head[off..off + 5] == NOP5)
+}
+
+/// Whether `site` holds a function stack of ours with no patch on it (a disabled patch keeps
+/// it) whose original bytes are a prologue rewrite's moved instructions: a new load rewrites
+/// the prologue afresh, with a trampoline of its own.
+fn fresh_rewrite(sites: &BTreeMap<u64, SiteStack>, site: u64) -> bool {
+    sites
+        .get(&site)
+        .is_some_and(|st| st.entries.is_empty() && st.during.is_none() && st.original != NOP5)
 }
 
 /// The entry of `f` when [`entry_site`] refused it with `first`: a prologue rewrite
@@ -276,7 +288,7 @@ fn prologue_site(
     let mut head = [0u8; 9];
     t.paging.read_virt(mem, f.old_addr, &mut head)?;
     let after = f.old_addr + site::site_offset(&head) + 5;
-    if sites.contains_key(&after) {
+    if sites.contains_key(&after) && !fresh_rewrite(sites, after) {
         return Ok((
             entry_site_at(sites, mem, t, f, after, NOP5)?,
             Method::AfterFtrace,
@@ -552,6 +564,11 @@ fn plan_parsed_with(
     let mut prologues = Vec::new();
     for f in &linked.funcs {
         let (es, method, prologue) = match entry_site(&engine.sites, mem, t, f) {
+            Ok(es) if prologue_ok && fresh_rewrite(&engine.sites, es.site) => {
+                let at = tramps.get(&(f.old_name.clone(), f.sympos)).copied();
+                let first = es.error("a prologue rewrite of ours, no patch on it now".into());
+                prologue_site(&engine.sites, mem, t, f, at, first)?
+            }
             Ok(es) => (es, Method::FtraceSite, None),
             Err(e) if prologue_ok => {
                 let at = tramps.get(&(f.old_name.clone(), f.sympos)).copied();

@@ -12,9 +12,17 @@
 //!   tracer goes off and on again with no ftrace warning; unload restores everything and, with
 //!   the tracer off, the function's text is the original.
 //!
+//! - **consistency model** (`prologue_consistent_*`): a `cat` blocked in `trace_pipe` (inside
+//!   `tracing_read_pipe`, no ftrace site) holds the transition of a consistent patch wrapping
+//!   `tracing_read_pipe` (its `HVPATCH_ORIG` runs the trampoline) while a new process already
+//!   sees the new `tracing_on`; a `trace_marker` write lets it return and switch, and the
+//!   transition completes; the disable transition is held by the reader inside the new
+//!   function until it returns again; then 10 enable/disable transitions of a patch of
+//!   `rb_simple_read` under a `tracing_on` hammer on every vCPU.
+//!
 //! Every step fails on any oops/BUG/WARNING on the console.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use harness::soak::{assert_no_new_complaints, kernel_complaints, parse_hammer, SoakTarget};
 use harness::{AttachServer, Guest, GuestSpec, KernelSeries};
@@ -198,11 +206,6 @@ fn prologue_live(series: KernelSeries) {
     c.hammers(&format!("{TRACING}/tracing_on"), "pro");
     c.srv = Some(AttachServer::start(&c.g).expect("hvpatch attach"));
     let obj = object("noftrace", SoakTarget::Prologue, MSG_PROLOGUE);
-    let out = c.srv().cli(&["patch", "load", &obj]).unwrap();
-    assert!(
-        !out.success && out.stderr.contains("--immediate") && out.stderr.contains(NO_FTRACE),
-        "a consistent load of {NO_FTRACE}: {out:?}"
-    );
     let v = c.load_immediate(&obj);
     let f = &v["functions"][0];
     assert_eq!(f["method"], "prologue", "{v:#}");
@@ -298,6 +301,228 @@ fn prologue_live(series: KernelSeries) {
         "console: {:?}",
         kernel_complaints(&c.g.transcript())
     );
+}
+
+/// A `tracing_read_pipe` wrapper counting the reads that returned, and `tracing_on` printing
+/// the count (both functions have no ftrace site).
+const READ_PIPE_PATCH: &str = "HVPATCH_NAME(\"readpipe\");\n\
+    extern ssize_t simple_read_from_buffer(void *to, size_t count, long long *ppos, const void *from, size_t available);\n\
+    HVPATCH_ORIG(ssize_t, tracing_read_pipe, (struct file *f, char *ubuf, size_t cnt, long long *ppos));\n\
+    static unsigned long reads;\n\
+    static ssize_t new_read_pipe(struct file *f, char *ubuf, size_t cnt, long long *ppos)\n\
+    { ssize_t r = hvpatch_orig_tracing_read_pipe(f, ubuf, cnt, ppos); __atomic_fetch_add(&reads, 1, __ATOMIC_RELAXED); return r; }\n\
+    static ssize_t rd(struct file *f, char *ubuf, size_t cnt, long long *ppos)\n\
+    { char b[48]; int n = snprintf(b, sizeof(b), \"trace_pipe reads %lu\\n\", reads);\n\
+      return simple_read_from_buffer(ubuf, cnt, ppos, b, n); }\n\
+    HVPATCH_FUNC(tracing_read_pipe, new_read_pipe);\n\
+    HVPATCH_FUNC(rb_simple_read, rd);";
+
+const READ_PIPE: &str = "tracing_read_pipe";
+
+impl Live {
+    fn status(&self) -> Value {
+        self.json(&["patch", "status"])
+    }
+
+    /// Waits until no transition runs.
+    fn wait_complete(&self, within: Duration) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status();
+            if s["transition"].is_null() {
+                return s;
+            }
+            assert!(t0.elapsed() < within, "transition did not complete: {s:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs a transition-starting CLI command (`--no-wait` appended), retried while refused as
+    /// busy (a context inside the moved bytes).
+    fn start(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--no-wait", "--json"]);
+        for _ in 0..20 {
+            let out = self.srv().cli(&all).expect("hvpatch");
+            if out.success {
+                return serde_json::from_str(&out.stdout).expect("json");
+            }
+            assert!(out.stderr.contains("retry"), "{args:?}: {}", out.stderr);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{args:?}: busy 20 times");
+    }
+
+    /// The blocking entry of `pid` in a running transition (panics if it does not block).
+    fn blocked_by(&self, pid: u32, target: i64) -> Value {
+        let s = self.status();
+        let t = &s["transition"];
+        assert_eq!(t["target"], target, "{s:#}");
+        t["blocking"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["pid"] == pid)
+            .cloned()
+            .unwrap_or_else(|| panic!("{pid} does not block: {s:#}"))
+    }
+}
+
+fn prologue_consistent(series: KernelSeries) {
+    let mut g = Guest::boot(GuestSpec::new(series)).expect("boot");
+    let before = kernel_complaints(&g.run("dmesg").expect("dmesg"));
+    g.run(&format!(
+        "[ -e {TRACING}/tracing_on ] || mount -t tracefs nodev {TRACING}"
+    ))
+    .expect("tracefs");
+    for f in [READ_PIPE, NO_FTRACE] {
+        let (st, _) = g
+            .run_status(&format!(
+                "grep -qx {f} {TRACING}/available_filter_functions"
+            ))
+            .unwrap();
+        assert_eq!(st, 1, "{f} is traceable on {series:?}");
+    }
+    let text0 = texts(&g, &[READ_PIPE, NO_FTRACE]);
+    for (f, (_, t)) in [READ_PIPE, NO_FTRACE].iter().zip(&text0) {
+        let site = site_bytes(t);
+        assert!(
+            site != patcher::site::NOP5 && site[0] != 0xe8,
+            "{f} has an ftrace site: {site:02x?}"
+        );
+    }
+    let orig_on = g.run(&format!("cat {TRACING}/tracing_on")).unwrap();
+    let mut c = Live {
+        g,
+        srv: None,
+        before,
+    };
+    // A reader blocked inside tracing_read_pipe.
+    c.run("rm -f /tmp/tp.out");
+    let reader = c
+        .g
+        .spawn(&format!("exec cat {TRACING}/trace_pipe > /tmp/tp.out"))
+        .unwrap();
+    let t0 = Instant::now();
+    while !c
+        .run(&format!("cat /proc/{reader}/stack"))
+        .contains(READ_PIPE)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no reader in {READ_PIPE}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.srv = Some(AttachServer::start(&c.g).expect("hvpatch attach"));
+    let obj = {
+        let p = std::env::temp_dir().join(format!("hvpatch-{}-readpipe.o", std::process::id()));
+        std::fs::write(&p, harness::patching::build_patch("readpipe", READ_PIPE_PATCH))
+            .expect("write object");
+        p.display().to_string()
+    };
+    let v = c.start(&["patch", "load", &obj]);
+    for f in v["functions"].as_array().unwrap() {
+        assert_eq!(f["method"], "prologue", "{v:#}");
+        assert!(!f["stub"].is_null(), "no dispatcher stub: {v:#}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The reader holds the transition, with the old tracing_read_pipe on its stack.
+    let b = c.blocked_by(reader, 1);
+    assert_eq!(b["why"]["kind"], "on_stack", "{b:#}");
+    assert!(
+        b["why"]["frame"].as_str().unwrap().starts_with(READ_PIPE),
+        "{b:#}"
+    );
+    assert_eq!(
+        c.run(&format!("cat /proc/{reader}/patch_state")).trim(),
+        "0"
+    );
+    // Everyone else runs the new code.
+    assert_eq!(
+        c.run(&format!("cat {TRACING}/tracing_on")),
+        "trace_pipe reads 0\n"
+    );
+    assert_eq!(c.run("cat /proc/self/patch_state").trim(), "1");
+    c.healthy("transition held by the reader");
+    // The reader returns (the old function, run from the trampoline's way back), switches, and
+    // blocks again inside the new function, which calls the original through the trampoline.
+    c.run(&format!("echo wake1 > {TRACING}/trace_marker"));
+    c.wait_complete(Duration::from_secs(20));
+    assert_eq!(
+        c.run(&format!("cat {TRACING}/tracing_on")),
+        "trace_pipe reads 0\n"
+    );
+    c.run(&format!("echo wake2 > {TRACING}/trace_marker"));
+    let t0 = Instant::now();
+    while c.run(&format!("cat {TRACING}/tracing_on")) != "trace_pipe reads 1\n" {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the new read never returned");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Disabling: the reader, inside the new function, holds it until it returns.
+    c.start(&["patch", "disable", "readpipe"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let b = c.blocked_by(reader, 0);
+    assert_eq!(b["why"]["kind"], "on_stack", "{b:#}");
+    assert_eq!(c.run(&format!("cat {TRACING}/tracing_on")), orig_on);
+    c.run(&format!("echo wake3 > {TRACING}/trace_marker"));
+    c.wait_complete(Duration::from_secs(20));
+    assert_eq!(c.run(&format!("cat {TRACING}/tracing_on")), orig_on);
+    c.json(&["patch", "unload", "readpipe"]);
+    c.run(&format!("echo wake4 > {TRACING}/trace_marker"));
+    let t0 = Instant::now();
+    loop {
+        let out = c.run("cat /tmp/tp.out");
+        if out.contains("wake4") {
+            for w in ["wake1", "wake2", "wake3"] {
+                assert!(out.contains(w), "{w} not read: {out}");
+            }
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "wake4 not read: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.run(&format!("kill {reader}"));
+    c.healthy("after the blocked-reader transitions");
+
+    // Enable/disable transitions under a hammer on every vCPU.
+    c.hammers(&format!("{TRACING}/tracing_on"), "con");
+    let obj = object("consoak", SoakTarget::Prologue, MSG_PROLOGUE);
+    c.start(&["patch", "load", &obj]);
+    c.wait_complete(Duration::from_secs(20));
+    for i in 0..10 {
+        c.start(&["patch", "disable", "consoak"]);
+        c.wait_complete(Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50 + 37 * i));
+        c.start(&["patch", "enable", "consoak"]);
+        c.wait_complete(Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50 + 23 * i));
+    }
+    let last = c.json(&["patch", "info", "consoak"]);
+    eprintln!("{series:?}: last transition {}", last["last_transition"]);
+    c.healthy("enable/disable under load");
+    c.start(&["patch", "disable", "consoak"]);
+    c.wait_complete(Duration::from_secs(20));
+    c.json(&["patch", "unload", "consoak"]);
+    c.hammers_saw("con", &[orig_on.trim_end(), MSG_PROLOGUE]);
+    c.healthy("at the end");
+    drop(c.srv.take());
+    let text1 = texts(&c.g, &[READ_PIPE, NO_FTRACE]);
+    for ((name, (a, t0)), (_, t1)) in [READ_PIPE, NO_FTRACE].iter().zip(&text0).zip(&text1) {
+        assert!(t0 == t1, "{name} at {a:#x} differs at the end");
+    }
+    assert!(
+        kernel_complaints(&c.g.transcript()).is_empty(),
+        "console: {:?}",
+        kernel_complaints(&c.g.transcript())
+    );
+}
+
+#[test]
+fn prologue_consistent_6_1() {
+    prologue_consistent(KernelSeries::V6_1);
+}
+
+#[test]
+fn prologue_consistent_6_12() {
+    prologue_consistent(KernelSeries::V6_12);
 }
 
 #[test]
