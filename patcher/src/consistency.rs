@@ -216,7 +216,10 @@ impl Engine {
             .map(|p| {
                 let end = p.info.code.va + p.info.code.len;
                 let tramps = p.info.functions.iter().filter_map(|f| f.tramp);
-                (p.info.code.va, tramps.filter(|&t| t >= p.info.code.va).fold(end, u64::min))
+                (
+                    p.info.code.va,
+                    tramps.filter(|&t| t >= p.info.code.va).fold(end, u64::min),
+                )
             })
             .collect()
     }

@@ -307,7 +307,12 @@ fn prologue_load_unload(s: &Snapshot) {
         let code = read(&c.ram, &t, stub, patcher::dispatch::STUB_SIZE);
         let branches: Vec<(iced_x86::Mnemonic, u64)> = prologue_check::decode(&code, stub)
             .iter()
-            .filter(|i| matches!(i.mnemonic(), iced_x86::Mnemonic::Je | iced_x86::Mnemonic::Jmp))
+            .filter(|i| {
+                matches!(
+                    i.mnemonic(),
+                    iced_x86::Mnemonic::Je | iced_x86::Mnemonic::Jmp
+                )
+            })
             .map(|i| (i.mnemonic(), i.near_branch_target()))
             .collect();
         assert_eq!(
@@ -327,7 +332,10 @@ fn prologue_load_unload(s: &Snapshot) {
         assert_eq!(read(&c.ram, &t, pr.site, pr.moved_len), pr.original());
         ec.unload(&mut c, "pro", &kernel, common::UNLOAD_WAIT)
             .unwrap();
-        assert!(c.ram.0 == before, "RAM differs after the consistent load's unload");
+        assert!(
+            c.ram.0 == before,
+            "RAM differs after the consistent load's unload"
+        );
     }
     let mut busy = s.guest();
     busy.vcpus[0].rip = pr.site + pr.moved[0].bytes.len() as u64;

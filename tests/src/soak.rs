@@ -33,7 +33,8 @@ pub enum SoakTarget {
     FtraceSite,
     /// `rb_simple_read` (kernel/trace is built without `-pg`: no ftrace site), patched by a
     /// prologue rewrite and hammered through `/sys/kernel/tracing/tracing_on` (tracefs mounted
-    /// first); every cycle is immediate (the consistency model refuses prologue rewrites).
+    /// first); every other cycle runs under the consistency model (the dispatcher's old path
+    /// is the trampoline).
     Prologue,
 }
 
@@ -416,20 +417,29 @@ fn soak_on(
         Ok(())
     };
     for i in 0..cycles {
-        let consistent = target == SoakTarget::FtraceSite && i % 2 == 1;
+        let consistent = i % 2 == 1;
         let info = if consistent {
             rep.consistent_cycles += 1;
             let s0 = Instant::now();
-            let info = e
-                .load_consistent(
+            let mut tries = 0;
+            let info = loop {
+                match e.load_consistent(
                     &mut ctl,
                     &t,
                     &kernel,
                     &obj,
                     "soak.o",
                     patcher::LoadOptions::default(),
-                )
-                .map_err(|err| format!("cycle {i}: consistent load failed: {err}"))?;
+                ) {
+                    Err(patcher::PatchError::Busy(_)) if tries < BUSY_TRIES => {
+                        tries += 1;
+                        rep.busy_retries += 1;
+                        std::thread::sleep(Duration::from_micros(300));
+                    }
+                    r => break r,
+                }
+            }
+            .map_err(|err| format!("cycle {i}: consistent load failed: {err}"))?;
             transition_done(&mut e, &mut ctl, s0, &mut trans_times, &mut trans_pauses)
                 .map_err(|err| format!("cycle {i}: load: {err}"))?;
             rep.transitions += 1;
@@ -438,7 +448,7 @@ fn soak_on(
             load_immediate(&mut e, &mut ctl, &obj, "soak.o", &mut rep.busy_retries)
                 .map_err(|err| format!("cycle {i}: load failed: {err}"))?
         };
-        if i == 0 {
+        if i < 2 {
             let f = &info.functions[0];
             rep.func = format!("{} ({})", target.func(), f.method);
             let want = match target {

@@ -4,8 +4,8 @@
 //!   `available_filter_functions` does not list it, and its text has no NOP5 or call at the
 //!   site) is patched by `patch load --immediate` while a `hammer` on every vCPU reads
 //!   `/sys/kernel/tracing/tracing_on`; `patch info` shows the `prologue` method and the moved
-//!   instructions; the console shows the new output; the consistency model refuses it; unload
-//!   restores the function byte for byte;
+//!   instructions; the console shows the new output; unload restores the function byte for
+//!   byte;
 //! - **after ftrace**: `version_proc_show` traced by the guest's function tracer
 //!   (`set_ftrace_filter`, `current_tracer`) is patched (`after-ftrace`: the jmp after
 //!   ftrace's call) under a `/proc/version` hammer; the trace still records its calls; the
@@ -399,23 +399,28 @@ fn prologue_consistent(series: KernelSeries) {
     };
     // A reader blocked inside tracing_read_pipe.
     c.run("rm -f /tmp/tp.out");
-    let reader = c
-        .g
-        .spawn(&format!("exec cat {TRACING}/trace_pipe > /tmp/tp.out"))
-        .unwrap();
+    let reader =
+        c.g.spawn(&format!("exec cat {TRACING}/trace_pipe > /tmp/tp.out"))
+            .unwrap();
     let t0 = Instant::now();
     while !c
         .run(&format!("cat /proc/{reader}/stack"))
         .contains(READ_PIPE)
     {
-        assert!(t0.elapsed() < Duration::from_secs(20), "no reader in {READ_PIPE}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no reader in {READ_PIPE}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     c.srv = Some(AttachServer::start(&c.g).expect("hvpatch attach"));
     let obj = {
         let p = std::env::temp_dir().join(format!("hvpatch-{}-readpipe.o", std::process::id()));
-        std::fs::write(&p, harness::patching::build_patch("readpipe", READ_PIPE_PATCH))
-            .expect("write object");
+        std::fs::write(
+            &p,
+            harness::patching::build_patch("readpipe", READ_PIPE_PATCH),
+        )
+        .expect("write object");
         p.display().to_string()
     };
     let v = c.start(&["patch", "load", &obj]);
@@ -453,7 +458,10 @@ fn prologue_consistent(series: KernelSeries) {
     c.run(&format!("echo wake2 > {TRACING}/trace_marker"));
     let t0 = Instant::now();
     while c.run(&format!("cat {TRACING}/tracing_on")) != "trace_pipe reads 1\n" {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the new read never returned");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the new read never returned"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Disabling: the reader, inside the new function, holds it until it returns.
@@ -476,7 +484,10 @@ fn prologue_consistent(series: KernelSeries) {
             }
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "wake4 not read: {out}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "wake4 not read: {out}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     c.run(&format!("kill {reader}"));
