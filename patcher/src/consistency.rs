@@ -1410,3 +1410,160 @@ fn reverse_paused(
     apply(ctl, &mut writes)?;
     Ok(during)
 }
+
+#[cfg(test)]
+mod unwind_text_tests {
+    use super::*;
+    use crate::engine::Loaded;
+    use crate::info::{ArenaRange, FuncInfo};
+    use crate::prologue::{Method, MovedInsn};
+    use std::cell::RefCell;
+
+    /// A view that only records what the engine tells the unwinder.
+    #[derive(Default)]
+    struct Recorder {
+        fp: RefCell<Vec<(u64, u64)>>,
+        aliases: RefCell<Vec<(u64, u64)>>,
+    }
+
+    impl TaskView for Recorder {
+        fn task_state_layout(
+            &self,
+            _: &dyn PhysMemory,
+        ) -> Option<crate::dispatch::TaskStateLayout> {
+            None
+        }
+        fn klp_patch_layout(&self, _: &dyn PhysMemory) -> Option<(u64, u64, u64)> {
+            None
+        }
+        fn flags_offset(&self, _: &dyn PhysMemory) -> u64 {
+            0
+        }
+        fn tasks(&self, _: &dyn PhysMemory, _: &[VcpuRegs]) -> Result<Vec<TaskSnap>, String> {
+            Ok(vec![])
+        }
+        fn current(
+            &self,
+            _: &dyn PhysMemory,
+            _: &[VcpuRegs],
+            _: usize,
+        ) -> Result<TaskSnap, String> {
+            Err("none".into())
+        }
+        fn stack(
+            &self,
+            _: &dyn PhysMemory,
+            _: &[VcpuRegs],
+            _: &TaskSnap,
+        ) -> crate::view::StackSnap {
+            Default::default()
+        }
+        fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]) {
+            *self.fp.borrow_mut() = ranges.to_vec();
+        }
+        fn set_text_aliases(&self, aliases: &[(u64, u64)]) {
+            *self.aliases.borrow_mut() = aliases.to_vec();
+        }
+        fn function_range(&self, _: u64) -> Option<(u64, u64)> {
+            None
+        }
+        fn symbol(&self, _: &str) -> Option<u64> {
+            None
+        }
+        fn translate(&self, _: &dyn PhysMemory, _: u64) -> Option<u64> {
+            None
+        }
+    }
+
+    const F: u64 = 0xffff_ffff_8100_1000;
+    const CODE: u64 = 0xffff_ffff_c000_1000;
+
+    fn func(site: u64, method: Method, tramp: Option<u64>, moved: Vec<MovedInsn>) -> FuncInfo {
+        FuncInfo {
+            old_name: format!("f{site:x}"),
+            sympos: 0,
+            old_addr: site,
+            site,
+            new_addr: CODE,
+            active: true,
+            flags: 0,
+            new_size: 16,
+            stub: None,
+            method,
+            tramp,
+            moved,
+        }
+    }
+
+    fn insn(addr: u64, bytes: &[u8], new_addr: u64) -> MovedInsn {
+        MovedInsn {
+            addr,
+            bytes: bytes.to_vec(),
+            text: String::new(),
+            new_addr,
+        }
+    }
+
+    fn patch(id: u64, code: u64, functions: Vec<FuncInfo>) -> Loaded {
+        Loaded {
+            id,
+            info: PatchInfo {
+                name: format!("p{id}"),
+                file_name: String::new(),
+                kernel_release: None,
+                state: PatchState::Enabled,
+                functions,
+                code: ArenaRange {
+                    va: code,
+                    len: 0x200,
+                    pages: vec![],
+                },
+                data: ArenaRange {
+                    va: code + 0x1000,
+                    len: 0,
+                    pages: vec![],
+                },
+                return_sites: 0,
+                pause_us: 0,
+                load_us: 0,
+                immediate: false,
+                frame_pointers: true,
+                held: None,
+                last_transition: None,
+            },
+            code_run: (0, 1),
+            data_run: (1, 0),
+            ptes: vec![],
+        }
+    }
+
+    /// Trampolines are no frame-pointer text; the return address of a `call rel32` moved into
+    /// one stands for the same call's in the original; other moved instructions, calls that are
+    /// not `rel32` and patches stacked on another's rewrite (no trampoline) add nothing.
+    #[test]
+    fn trampolines_are_left_out_of_fp_text_and_moved_calls_aliased() {
+        let tramp = CODE + 0x100;
+        let rewrite = func(
+            F,
+            Method::Prologue,
+            Some(tramp),
+            vec![
+                insn(F, &[0xe8, 1, 2, 3, 4], tramp),
+                insn(F + 5, &[0xff, 0xd0], tramp + 5),
+                insn(F + 7, &[0x55], tramp + 7),
+            ],
+        );
+        let plain = func(F + 0x100, Method::FtraceSite, None, vec![]);
+        let stacked = func(F, Method::Prologue, None, rewrite.moved.clone());
+        let mut e = Engine::new();
+        e.patches.push(patch(1, CODE, vec![plain, rewrite]));
+        e.patches.push(patch(2, CODE + 0x2000, vec![stacked]));
+        let v = Recorder::default();
+        e.set_unwind_text(&v);
+        assert_eq!(
+            *v.fp.borrow(),
+            vec![(CODE, tramp), (CODE + 0x2000, CODE + 0x2200)]
+        );
+        assert_eq!(*v.aliases.borrow(), vec![(tramp + 5, F + 5)]);
+    }
+}

@@ -386,6 +386,19 @@ fn prologue_load_unload(s: &Snapshot) {
         .unwrap();
     // (its pages stay: the patch is disabled, not unloaded)
     assert_eq!(read(&g.ram, &t, pr.site, pr.moved_len), pr.original());
+    // Enabling writes the jmp over the moved bytes again: not while a vCPU is inside them.
+    let rip = g.vcpus[0].rip;
+    g.vcpus[0].rip = pr.site + pr.moved[0].bytes.len() as u64;
+    let disabled = g.ram.0.clone();
+    let err = e
+        .enable(&mut g, &kernel, "pro", patcher::SwitchOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, patcher::PatchError::Busy(m) if m.contains("points inside") && m.contains(&func)),
+        "{err}"
+    );
+    assert!(g.ram.0 == disabled, "a busy enable wrote");
+    g.vcpus[0].rip = rip;
     e.enable(&mut g, &kernel, "pro", patcher::SwitchOptions::default())
         .unwrap();
     assert_eq!(
