@@ -71,6 +71,10 @@ pub struct Extras {
     /// Frame-pointer code outside the kernel's ORC (hvpatch's patch functions), set by the
     /// patcher: unwinds go through it.
     pub(crate) fp_text: std::sync::RwLock<Vec<(u64, u64)>>,
+    /// Return addresses in code that runs a kernel function's instructions elsewhere
+    /// (hvpatch's prologue trampolines), with the return address in the function each stands
+    /// for; set by the patcher.
+    pub(crate) text_aliases: std::sync::RwLock<Vec<(u64, u64)>>,
     /// Unwinds of switched-out tasks by task address, each with the fingerprint of what it
     /// was computed from (stack.rs); reused while the fingerprint holds.
     pub(crate) stack_cache:
@@ -406,6 +410,25 @@ impl Kernel {
         if let Ok(mut v) = self.extras.fp_text.write() {
             *v = ranges.to_vec();
         }
+    }
+
+    /// Declares return addresses that stand for others: `(at, as_if)`, a return address `at`
+    /// in code outside the kernel's text that runs a kernel function's instructions (a call
+    /// moved into hvpatch's prologue trampoline) is unwound, and reported, as the return
+    /// address `as_if` in that function. Replaces earlier aliases.
+    pub fn set_text_aliases(&self, aliases: &[(u64, u64)]) {
+        if let Ok(mut v) = self.extras.text_aliases.write() {
+            *v = aliases.to_vec();
+        }
+    }
+
+    /// The aliases of [`Kernel::set_text_aliases`].
+    pub fn text_aliases(&self) -> Vec<(u64, u64)> {
+        self.extras
+            .text_aliases
+            .read()
+            .map(|v| v.clone())
+            .unwrap_or_default()
     }
 
     /// The ranges of [`Kernel::set_frame_pointer_text`].

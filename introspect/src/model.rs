@@ -33,6 +33,11 @@ pub trait GuestAccess {
         Vec::new()
     }
 
+    /// Return addresses that stand for others (see [`crate::unwind::UnwindEnv::aliases`]).
+    fn text_aliases(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+
     /// Guest-physical address of kernel virtual address `va`, if the view can translate.
     fn translate(&self, _va: u64) -> Option<u64> {
         None
@@ -505,6 +510,10 @@ impl GuestAccess for KernelGuest<'_> {
 
     fn frame_pointer_text(&self) -> Vec<(u64, u64)> {
         self.kernel.frame_pointer_text()
+    }
+
+    fn text_aliases(&self) -> Vec<(u64, u64)> {
+        self.kernel.text_aliases()
     }
 
     fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {

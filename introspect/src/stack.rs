@@ -78,7 +78,12 @@ impl StackReader for Reader<'_> {
     }
 }
 
-fn env<'a>(m: &'a Model, modules: &'a LazyModules<'a>, fp_text: &'a [(u64, u64)]) -> UnwindEnv<'a> {
+fn env<'a>(
+    m: &'a Model,
+    modules: &'a LazyModules<'a>,
+    fp_text: &'a [(u64, u64)],
+    aliases: &'a [(u64, u64)],
+) -> UnwindEnv<'a> {
     UnwindEnv {
         orc: &m.orc,
         orc_ranges: &m.orc_ranges,
@@ -86,6 +91,7 @@ fn env<'a>(m: &'a Model, modules: &'a LazyModules<'a>, fp_text: &'a [(u64, u64)]
         modules: Some(modules),
         regs: m.regs,
         fp_text,
+        aliases,
     }
 }
 
@@ -134,7 +140,7 @@ fn stack_fingerprint(g: &dyn GuestAccess, m: &Model, task: &Task, bytes: &[u8]) 
     for v in [task.addr, task.stack_base, task.thread_sp, m.thread_size] {
         h.write(&v.to_le_bytes());
     }
-    for (a, b) in g.frame_pointer_text() {
+    for (a, b) in g.frame_pointer_text().into_iter().chain(g.text_aliases()) {
         h.write(&a.to_le_bytes());
         h.write(&b.to_le_bytes());
     }
@@ -173,6 +179,9 @@ impl GuestAccess for Frozen<'_> {
     }
     fn frame_pointer_text(&self) -> Vec<(u64, u64)> {
         self.g.frame_pointer_text()
+    }
+    fn text_aliases(&self) -> Vec<(u64, u64)> {
+        self.g.text_aliases()
     }
     fn translate(&self, va: u64) -> Option<u64> {
         self.g.translate(va)
@@ -248,8 +257,9 @@ pub fn task_stack(g: &dyn GuestAccess, m: &Model, task: &Task) -> Result<Stack, 
         ty: StackType::Task,
     }];
     let fp = g.frame_pointer_text();
+    let aliases = g.text_aliases();
     let w = walk(
-        env(m, &LazyModules::new(g, m), &fp),
+        env(m, &LazyModules::new(g, m), &fp, &aliases),
         &stacks,
         &Reader(g),
         start,
@@ -370,8 +380,9 @@ pub fn vcpu_stack(
         signal: true,
     };
     let fp = g.frame_pointer_text();
+    let aliases = g.text_aliases();
     let w = walk(
-        env(m, &LazyModules::new(g, m), &fp),
+        env(m, &LazyModules::new(g, m), &fp, &aliases),
         &stacks,
         &Reader(g),
         start,

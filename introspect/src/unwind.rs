@@ -135,6 +135,12 @@ pub struct UnwindEnv<'a> {
     /// accepted as text and unwound through `rbp` at return addresses. An interrupted ip in it
     /// (the prologue or epilogue may be half done) makes the stack unreliable.
     pub fp_text: &'a [(u64, u64)],
+    /// Return addresses that stand for others, `(at, as_if)`: a return address `at` read from
+    /// the stack (a call moved into hvpatch's prologue trampoline) continues the walk, and is
+    /// reported, as `as_if` (the return address of the same call in the original function,
+    /// whose ORC entry describes the same frame). Code outside the kernel text that is not
+    /// listed stays not text (unreliable).
+    pub aliases: &'a [(u64, u64)],
 }
 
 impl std::fmt::Debug for UnwindEnv<'_> {
@@ -386,7 +392,14 @@ impl Walker<'_> {
             OrcType::Call => {
                 let ip_p = sp.wrapping_sub(8);
                 match self.deref(st, ip_p) {
-                    Some(ip) => st.ip = ip,
+                    Some(ip) => {
+                        st.ip = self
+                            .env
+                            .aliases
+                            .iter()
+                            .find(|a| a.0 == ip)
+                            .map_or(ip, |a| a.1)
+                    }
                     None => return self.err(st, format!("can't read return address at {ip_p:#x}")),
                 }
                 st.sp = sp;
@@ -612,6 +625,7 @@ pub(crate) mod tests {
             modules: None,
             regs: layout(),
             fp_text: &[(TEXT + 0x2000, TEXT + 0x3000)],
+            aliases: &[(TEXT + 0x5010, TEXT + 0x110)],
         };
         let stacks = [StackRange {
             start: STACK,
@@ -673,6 +687,27 @@ pub(crate) mod tests {
             },
         );
         assert!(w.unreliable.unwrap().contains("patch code"));
+    }
+
+    /// A return address in a prologue trampoline (outside the text) is unwound as the return
+    /// address of the same call in the original function; an unlisted one is not text.
+    #[test]
+    fn aliased_return_addresses_unwind_as_the_original() {
+        let sp = STACK + 0x3000;
+        let start = UnwindStart {
+            ip: TEXT + 0x10,
+            sp,
+            bp: 0,
+            signal: true,
+        };
+        // As simple_chain_to_end, with the first return address in the "trampoline".
+        let mem = HashMap::from([(sp + 8, TEXT + 0x5010), (sp + 16, TEXT + 0x201)]);
+        let w = run(&std_table(), mem, start);
+        assert_eq!(w.frames, vec![TEXT + 0x10, TEXT + 0x110, TEXT + 0x201]);
+        assert_eq!(w.unreliable, None);
+        let mem = HashMap::from([(sp + 8, TEXT + 0x5018), (sp + 16, TEXT + 0x201)]);
+        let w = run(&std_table(), mem, start);
+        assert!(w.unreliable.unwrap().contains("not kernel text"));
     }
 
     #[test]

@@ -207,13 +207,40 @@ impl Engine {
         }
     }
 
-    /// Code of loaded patches built with frame pointers (the unwinder goes through it).
+    /// Code of loaded patches built with frame pointers (the unwinder goes through it), up to
+    /// their prologue trampolines (placed last): those run the original functions' code.
     fn fp_text(&self) -> Vec<(u64, u64)> {
         self.patches
             .iter()
             .filter(|p| p.info.frame_pointers)
-            .map(|p| (p.info.code.va, p.info.code.va + p.info.code.len))
+            .map(|p| {
+                let end = p.info.code.va + p.info.code.len;
+                let tramps = p.info.functions.iter().filter_map(|f| f.tramp);
+                (
+                    p.info.code.va,
+                    tramps.filter(|&t| t >= p.info.code.va).fold(end, u64::min),
+                )
+            })
             .collect()
+    }
+
+    /// Tells the unwinder about loaded patches' code: [`Engine::fp_text`], and the return
+    /// addresses of calls moved into prologue trampolines, each standing for the return
+    /// address in the original function (a task that called out of a trampoline is inside
+    /// the old function). Only a direct `call rel32` is aliased (it keeps its 5 bytes when
+    /// relocated); any other return address in a trampoline is not text: unreliable.
+    fn set_unwind_text(&self, view: &dyn TaskView) {
+        view.set_frame_pointer_text(&self.fp_text());
+        let aliases: Vec<(u64, u64)> = self
+            .patches
+            .iter()
+            .flat_map(|p| &p.info.functions)
+            .filter(|f| f.tramp.is_some())
+            .flat_map(|f| &f.moved)
+            .filter(|m| m.bytes.len() == 5 && m.bytes[0] == 0xe8)
+            .map(|m| (m.new_addr + 5, m.addr + 5))
+            .collect();
+        view.set_text_aliases(&aliases);
     }
 
     /// Loads a patch under the consistency model: the patch's functions switch task by task
@@ -260,14 +287,25 @@ impl Engine {
         let mut funcs = Vec::new();
         let mut switches = Vec::new();
         for (es, f) in plan.sites.iter().zip(&plan.functions) {
+            // The original: after the ftrace site, or this load's trampoline (plan_parsed
+            // refuses stacking on another patch's rewrite).
+            let orig = f.original_entry().unwrap_or(es.site + 5);
             let (old_entry, prev) = self
                 .sites
                 .get(&es.site)
-                .map_or((es.site + 5, None), |st| st.top(es.site));
+                .map_or((orig, None), |st| st.top(orig));
             let old_range = prev
                 .or_else(|| view.function_range(f.old_addr))
                 .unwrap_or((f.old_addr, f.old_addr + 1));
             let immediate = f.flags & HVPATCH_IMMEDIATE != 0;
+            if mode == Mode::WholeGuest && !immediate && f.moved_inside().is_some() {
+                // Its completion would write the jmp over the moved bytes unchecked.
+                return Err(es.error(
+                    "a prologue rewrite under the whole-guest model (no task_struct.patch_state) \
+                     is not supported: load it with --immediate"
+                        .into(),
+                ));
+            }
             let jmp = |to: u64| {
                 site::jmp_bytes(es.site, to)
                     .ok_or_else(|| es.error(format!("{to:#x} is out of rel32 reach")))
@@ -327,15 +365,20 @@ impl Engine {
             }
             _ => None,
         };
-        view.set_frame_pointer_text(&self.fp_text());
+        self.set_unwind_text(view);
         warm_stacks(view, ctl.memory());
         let paging = t.paging;
+        let moved = moved_ranges(
+            plan.prologues
+                .iter()
+                .map(|(n, p)| (n.as_str(), (p.site + 1, p.resume))),
+        );
         let (done, pause) = paused(ctl, |ctl| {
             for &pa in &plan.low_mem_pages {
                 plan.arena.verify_free(ctl.memory(), &paging, pa)?;
             }
             let pre = std::mem::take(&mut plan.writes);
-            begin_paused(ctl, view, &mut tr, pre, &switches, dummy)
+            begin_paused(ctl, view, &mut tr, pre, &switches, dummy, &moved)
         })?;
         let info = self.commit(plan, t.paging, prepare, pause, t0, false);
         let p = self
@@ -485,10 +528,30 @@ impl Engine {
                 continue;
             }
             let now = st.current_bytes(f.site);
+            let immediate = info.immediate || f.flags & HVPATCH_IMMEDIATE != 0;
+            if mode == Mode::WholeGuest && !immediate && f.moved_inside().is_some() {
+                return Err(PatchError::Changed(format!(
+                    "{}: a prologue rewrite under the whole-guest model (no \
+                     task_struct.patch_state) is not supported",
+                    f.old_name
+                )));
+            }
+            // The original: after the ftrace site, or this patch's trampoline.
+            let orig = match f.original_entry() {
+                Some(o) => o,
+                None if immediate => f.site + 5,
+                None => {
+                    return Err(PatchError::Changed(format!(
+                        "{}: its prologue was rewritten by another patch; no original to \
+                         dispatch to",
+                        f.old_name
+                    )))
+                }
+            };
             let (old_entry, prev) = if target == 1 {
-                st.top(f.site)
+                st.top(orig)
             } else {
-                st.below_top(f.site)
+                st.below_top(orig)
             };
             let old_range = prev
                 .or_else(|| view.function_range(f.old_addr))
@@ -500,7 +563,6 @@ impl Engine {
             };
             let new_bytes = site::jmp_bytes(f.site, f.new_addr)
                 .ok_or_else(|| PatchError::Changed(format!("{} out of reach", f.old_name)))?;
-            let immediate = info.immediate || f.flags & HVPATCH_IMMEDIATE != 0;
             let after = if target == 1 { new_bytes } else { old_bytes };
             let during = match (mode, immediate, f.stub) {
                 (_, true, _) => after,
@@ -588,7 +650,7 @@ impl Engine {
             }
             _ => None,
         };
-        view.set_frame_pointer_text(&self.fp_text());
+        self.set_unwind_text(view);
         warm_stacks(view, ctl.memory());
         // Enabling puts the patch back on top of its functions' stacks first.
         if target == 1 {
@@ -602,8 +664,14 @@ impl Engine {
                 }
             }
         }
+        // A jmp written over a prologue rewrite's original bytes: nothing may be inside them.
+        let moved = moved_ranges(info.functions.iter().filter_map(|f| {
+            let inside = f.moved_inside()?;
+            let over = |s: &SiteSwitch| s.site == f.site && s.now == f.unpatched();
+            (target == 1 && switches.iter().any(over)).then_some((f.old_name.as_str(), inside))
+        }));
         let r = paused(ctl, |ctl| {
-            begin_paused(ctl, view, &mut tr, stub_writes, &switches, dummy)
+            begin_paused(ctl, view, &mut tr, stub_writes, &switches, dummy, &moved)
         });
         let (done, pause) = match r {
             Ok(v) => v,
@@ -698,7 +766,7 @@ impl Engine {
         let Some(mut tr) = self.transition.take() else {
             return Ok(StepOutcome::Complete);
         };
-        view.set_frame_pointer_text(&self.fp_text());
+        self.set_unwind_text(view);
         let sites = self.sites.clone();
         let r = paused(ctl, |ctl| step_paused(ctl, view, &mut tr, &sites));
         match r {
@@ -840,7 +908,9 @@ impl Engine {
         view: &dyn TaskView,
         vcpu: usize,
     ) -> Result<(bool, bool), PatchError> {
-        let fp = self.fp_text();
+        if self.transition.is_some() {
+            self.set_unwind_text(view);
+        }
         let Some(tr) = self.transition.as_mut() else {
             return Ok((false, false));
         };
@@ -848,7 +918,6 @@ impl Engine {
             return Ok((false, false));
         }
         tr.boundary_hits.0 += 1;
-        view.set_frame_pointer_text(&fp);
         let regs = vcpu_regs(ctl)?;
         let mem = ctl.memory();
         let t = view.current(mem, &regs, vcpu).map_err(PatchError::Memory)?;
@@ -1022,6 +1091,50 @@ fn dummy_bytes(layout: (u64, u64, u64), va: u64) -> Vec<u8> {
     b
 }
 
+/// The insides of the moved bytes of prologue rewrites a step writes a `jmp` over, with the
+/// functions' names (see [`check_moved`]).
+struct MovedRanges {
+    ranges: Vec<(u64, u64)>,
+    names: String,
+}
+
+fn moved_ranges<'a>(it: impl Iterator<Item = (&'a str, (u64, u64))>) -> MovedRanges {
+    let (mut ranges, mut names) = (Vec::new(), Vec::new());
+    for (n, r) in it {
+        names.push(format!("{n} {:#x}..{:#x}", r.0 - 1, r.1));
+        ranges.push(r);
+    }
+    MovedRanges {
+        ranges,
+        names: names.join(", "),
+    }
+}
+
+/// With every vCPU paused: refuses ([`PatchError::Busy`]) when a register or live stack slot
+/// points strictly inside bytes a prologue rewrite moves (a context resuming there would land
+/// inside the `jmp`), as [`Engine::load_viewed`] does.
+fn check_moved(
+    view: &dyn TaskView,
+    mem: &dyn introspect::PhysMemory,
+    regs: &[introspect::VcpuRegs],
+    moved: &MovedRanges,
+) -> Result<(), PatchError> {
+    if moved.ranges.is_empty() {
+        return Ok(());
+    }
+    let refs = view
+        .live_references(mem, regs, &moved.ranges)
+        .unwrap_or_else(|| Err("the kernel view cannot list live contexts".into()))
+        .map_err(|e| PatchError::Busy(format!("checking the moved bytes: {e}")))?;
+    match refs.first() {
+        Some(r) => Err(PatchError::Busy(format!(
+            "{r} points inside the bytes a prologue rewrite moves ({}); retry",
+            moved.names
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The first check of a transition, in the pause that starts it: when no task is in the way
 /// every site switches at once (returns `true`); else the tasks that may switch do, the others
 /// get the initial state and `TIF_PATCH_PENDING`, and the sites go to the dispatcher.
@@ -1032,11 +1145,13 @@ fn begin_paused(
     pre: Vec<Write>,
     switches: &[SiteSwitch],
     dummy: Option<((u64, u64, u64), u64, u64)>,
+    moved: &MovedRanges,
 ) -> Result<bool, PatchError> {
     let t0 = Instant::now();
     let regs = vcpu_regs(ctl)?;
     let t_regs = t0.elapsed();
     let mem = ctl.memory();
+    check_moved(view, mem, &regs, moved)?;
     let tasks = view.tasks(mem, &regs).map_err(PatchError::Memory)?;
     let t_tasks = t0.elapsed();
     if let Some(k) = &tr.klp {
@@ -1298,4 +1413,161 @@ fn reverse_paused(
     }
     apply(ctl, &mut writes)?;
     Ok(during)
+}
+
+#[cfg(test)]
+mod unwind_text_tests {
+    use super::*;
+    use crate::engine::Loaded;
+    use crate::info::{ArenaRange, FuncInfo};
+    use crate::prologue::{Method, MovedInsn};
+    use std::cell::RefCell;
+
+    /// A view that only records what the engine tells the unwinder.
+    #[derive(Default)]
+    struct Recorder {
+        fp: RefCell<Vec<(u64, u64)>>,
+        aliases: RefCell<Vec<(u64, u64)>>,
+    }
+
+    impl TaskView for Recorder {
+        fn task_state_layout(
+            &self,
+            _: &dyn PhysMemory,
+        ) -> Option<crate::dispatch::TaskStateLayout> {
+            None
+        }
+        fn klp_patch_layout(&self, _: &dyn PhysMemory) -> Option<(u64, u64, u64)> {
+            None
+        }
+        fn flags_offset(&self, _: &dyn PhysMemory) -> u64 {
+            0
+        }
+        fn tasks(&self, _: &dyn PhysMemory, _: &[VcpuRegs]) -> Result<Vec<TaskSnap>, String> {
+            Ok(vec![])
+        }
+        fn current(
+            &self,
+            _: &dyn PhysMemory,
+            _: &[VcpuRegs],
+            _: usize,
+        ) -> Result<TaskSnap, String> {
+            Err("none".into())
+        }
+        fn stack(
+            &self,
+            _: &dyn PhysMemory,
+            _: &[VcpuRegs],
+            _: &TaskSnap,
+        ) -> crate::view::StackSnap {
+            Default::default()
+        }
+        fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]) {
+            *self.fp.borrow_mut() = ranges.to_vec();
+        }
+        fn set_text_aliases(&self, aliases: &[(u64, u64)]) {
+            *self.aliases.borrow_mut() = aliases.to_vec();
+        }
+        fn function_range(&self, _: u64) -> Option<(u64, u64)> {
+            None
+        }
+        fn symbol(&self, _: &str) -> Option<u64> {
+            None
+        }
+        fn translate(&self, _: &dyn PhysMemory, _: u64) -> Option<u64> {
+            None
+        }
+    }
+
+    const F: u64 = 0xffff_ffff_8100_1000;
+    const CODE: u64 = 0xffff_ffff_c000_1000;
+
+    fn func(site: u64, method: Method, tramp: Option<u64>, moved: Vec<MovedInsn>) -> FuncInfo {
+        FuncInfo {
+            old_name: format!("f{site:x}"),
+            sympos: 0,
+            old_addr: site,
+            site,
+            new_addr: CODE,
+            active: true,
+            flags: 0,
+            new_size: 16,
+            stub: None,
+            method,
+            tramp,
+            moved,
+        }
+    }
+
+    fn insn(addr: u64, bytes: &[u8], new_addr: u64) -> MovedInsn {
+        MovedInsn {
+            addr,
+            bytes: bytes.to_vec(),
+            text: String::new(),
+            new_addr,
+        }
+    }
+
+    fn patch(id: u64, code: u64, functions: Vec<FuncInfo>) -> Loaded {
+        Loaded {
+            id,
+            info: PatchInfo {
+                name: format!("p{id}"),
+                file_name: String::new(),
+                kernel_release: None,
+                state: PatchState::Enabled,
+                functions,
+                code: ArenaRange {
+                    va: code,
+                    len: 0x200,
+                    pages: vec![],
+                },
+                data: ArenaRange {
+                    va: code + 0x1000,
+                    len: 0,
+                    pages: vec![],
+                },
+                return_sites: 0,
+                pause_us: 0,
+                load_us: 0,
+                immediate: false,
+                frame_pointers: true,
+                held: None,
+                last_transition: None,
+            },
+            code_run: (0, 1),
+            data_run: (1, 0),
+            ptes: vec![],
+        }
+    }
+
+    /// Trampolines are no frame-pointer text; the return address of a `call rel32` moved into
+    /// one stands for the same call's in the original; other moved instructions, calls that are
+    /// not `rel32` and patches stacked on another's rewrite (no trampoline) add nothing.
+    #[test]
+    fn trampolines_are_left_out_of_fp_text_and_moved_calls_aliased() {
+        let tramp = CODE + 0x100;
+        let rewrite = func(
+            F,
+            Method::Prologue,
+            Some(tramp),
+            vec![
+                insn(F, &[0xe8, 1, 2, 3, 4], tramp),
+                insn(F + 5, &[0xff, 0xd0], tramp + 5),
+                insn(F + 7, &[0x55], tramp + 7),
+            ],
+        );
+        let plain = func(F + 0x100, Method::FtraceSite, None, vec![]);
+        let stacked = func(F, Method::Prologue, None, rewrite.moved.clone());
+        let mut e = Engine::new();
+        e.patches.push(patch(1, CODE, vec![plain, rewrite]));
+        e.patches.push(patch(2, CODE + 0x2000, vec![stacked]));
+        let v = Recorder::default();
+        e.set_unwind_text(&v);
+        assert_eq!(
+            *v.fp.borrow(),
+            vec![(CODE, tramp), (CODE + 0x2000, CODE + 0x2200)]
+        );
+        assert_eq!(*v.aliases.borrow(), vec![(tramp + 5, F + 5)]);
+    }
 }

@@ -52,8 +52,9 @@ impl SiteStack {
 
 impl SiteStack {
     /// The version under the top entry: where it starts (the previous patch's function, or
-    /// the original body after the site) and, for a patch, its `[start, end)`.
-    pub(crate) fn below_top(&self, site: u64) -> (u64, Option<(u64, u64)>) {
+    /// `orig`, the original: the body after the site, or a prologue rewrite's trampoline) and,
+    /// for a patch, its `[start, end)`.
+    pub(crate) fn below_top(&self, orig: u64) -> (u64, Option<(u64, u64)>) {
         match self
             .entries
             .len()
@@ -64,7 +65,7 @@ impl SiteStack {
                 e.new_addr,
                 Some((e.new_addr, e.new_addr + e.new_size.max(1))),
             ),
-            None => (site + 5, None),
+            None => (orig, None),
         }
     }
 
@@ -83,13 +84,13 @@ impl SiteStack {
     }
 
     /// The version on top now (before pushing another entry): as [`SiteStack::below_top`].
-    pub(crate) fn top(&self, site: u64) -> (u64, Option<(u64, u64)>) {
+    pub(crate) fn top(&self, orig: u64) -> (u64, Option<(u64, u64)>) {
         match self.entries.last() {
             Some(e) => (
                 e.new_addr,
                 Some((e.new_addr, e.new_addr + e.new_size.max(1))),
             ),
-            None => (site + 5, None),
+            None => (orig, None),
         }
     }
 }

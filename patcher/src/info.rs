@@ -65,6 +65,27 @@ pub struct FuncInfo {
 }
 
 impl FuncInfo {
+    /// Where the original function runs from for a task that must not see this patch (the
+    /// dispatcher's old path, with no other patch below): the body after the ftrace site, or
+    /// for a prologue rewrite of this patch its trampoline (the moved instructions, then a
+    /// jump back after them). `None` for a patch stacked on another patch's rewrite (it has no
+    /// trampoline of its own).
+    pub fn original_entry(&self) -> Option<u64> {
+        match (self.method, self.tramp) {
+            (crate::prologue::Method::FtraceSite, _) => Some(self.site + 5),
+            (_, Some(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// For a prologue rewrite, the addresses strictly inside the moved bytes,
+    /// `(site + 1, site + moved length)`: no context may resume there when the `jmp` goes in.
+    pub fn moved_inside(&self) -> Option<(u64, u64)> {
+        let len: u64 = self.moved.iter().map(|m| m.bytes.len() as u64).sum();
+        (self.method != crate::prologue::Method::FtraceSite && len > 0)
+            .then_some((self.site + 1, self.site + len))
+    }
+
     /// The 5 bytes at [`FuncInfo::site`] when no patch replaces the function: the ftrace NOP,
     /// or for a prologue rewrite the start of the moved instructions.
     pub fn unpatched(&self) -> [u8; 5] {

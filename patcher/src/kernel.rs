@@ -225,6 +225,10 @@ impl crate::view::TaskView for Kernel {
         Kernel::set_frame_pointer_text(self, ranges)
     }
 
+    fn set_text_aliases(&self, aliases: &[(u64, u64)]) {
+        Kernel::set_text_aliases(self, aliases)
+    }
+
     fn live_references(
         &self,
         mem: &dyn PhysMemory,

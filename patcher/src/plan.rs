@@ -258,7 +258,19 @@ fn wants_prologue(
     }
     let off = site::site_offset(&head) as usize;
     let site = addr + off as u64;
+    if fresh_rewrite(sites, site) || fresh_rewrite(sites, site + 5) {
+        return true;
+    }
     !(sites.contains_key(&site) || sites.contains_key(&(site + 5)) || head[off..off + 5] == NOP5)
+}
+
+/// Whether `site` holds a function stack of ours with no patch on it (a disabled patch keeps
+/// it) whose original bytes are a prologue rewrite's moved instructions: a new load rewrites
+/// the prologue afresh, with a trampoline of its own.
+fn fresh_rewrite(sites: &BTreeMap<u64, SiteStack>, site: u64) -> bool {
+    sites
+        .get(&site)
+        .is_some_and(|st| st.entries.is_empty() && st.during.is_none() && st.original != NOP5)
 }
 
 /// The entry of `f` when [`entry_site`] refused it with `first`: a prologue rewrite
@@ -276,7 +288,7 @@ fn prologue_site(
     let mut head = [0u8; 9];
     t.paging.read_virt(mem, f.old_addr, &mut head)?;
     let after = f.old_addr + site::site_offset(&head) + 5;
-    if sites.contains_key(&after) {
+    if sites.contains_key(&after) && !fresh_rewrite(sites, after) {
         return Ok((
             entry_site_at(sites, mem, t, f, after, NOP5)?,
             Method::AfterFtrace,
@@ -399,8 +411,10 @@ pub(crate) fn no_transition(engine: &Engine) -> Result<(), PatchError> {
     }
 }
 
-/// [`plan_load`] of a parsed object, for the consistency model: functions without an ftrace
-/// site are refused (the prologue rewrite is wired for immediate loads only).
+/// [`plan_load`] of a parsed object, for the consistency model (which has the kernel view the
+/// prologue rewrite needs): functions without an ftrace site get a prologue rewrite, whose
+/// trampoline is the dispatcher's old path. Stacking under the consistency model on another
+/// patch's rewrite is refused (that trampoline is the other patch's).
 pub(crate) fn plan_parsed(
     engine: &Engine,
     ctl: &mut dyn GuestControl,
@@ -408,7 +422,7 @@ pub(crate) fn plan_parsed(
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
 ) -> Result<LoadPlan, PatchError> {
-    plan_parsed_with(engine, ctl, t, obj, consistent, false)
+    plan_parsed_with(engine, ctl, t, obj, consistent, true)
 }
 
 /// [`plan_parsed`]; `prologue_ok`: a function without an ftrace site gets a prologue rewrite
@@ -550,6 +564,11 @@ fn plan_parsed_with(
     let mut prologues = Vec::new();
     for f in &linked.funcs {
         let (es, method, prologue) = match entry_site(&engine.sites, mem, t, f) {
+            Ok(es) if prologue_ok && fresh_rewrite(&engine.sites, es.site) => {
+                let at = tramps.get(&(f.old_name.clone(), f.sympos)).copied();
+                let first = es.error("a prologue rewrite of ours, no patch on it now".into());
+                prologue_site(&engine.sites, mem, t, f, at, first)?
+            }
             Ok(es) => (es, Method::FtraceSite, None),
             Err(e) if prologue_ok => {
                 let at = tramps.get(&(f.old_name.clone(), f.sympos)).copied();
@@ -593,14 +612,17 @@ fn plan_parsed_with(
             Some(st) if method == Method::FtraceSite && st.original != NOP5 => Method::Prologue,
             _ => method,
         };
-        if method != Method::FtraceSite && !prologue_ok {
-            // Its stubs and reversals would continue the original at site + 5, mid-instruction.
+        let tramp = prologue.as_ref().map(|p| p.tramp_va);
+        if method != Method::FtraceSite && tramp.is_none() && (consistent.is_some() || !prologue_ok)
+        {
+            // Its stubs and reversals would continue the original in the other patch's
+            // trampoline, which goes with that patch.
             return Err(es.error(format!(
-                "an immediate patch of ours rewrote its prologue; only immediate patches can \
-                 stack on it (`patch load --immediate`), the consistency model cannot yet ({method})"
+                "another patch of ours rewrote its prologue ({method}); only immediate patches \
+                 can stack on it (`patch load --immediate`): the original runs in that patch's \
+                 trampoline"
             )));
         }
-        let tramp = prologue.as_ref().map(|p| p.tramp_va);
         let moved: Vec<MovedInsn> = match &prologue {
             Some(p) => p.moved.clone(),
             None if method != Method::FtraceSite => engine
@@ -624,10 +646,12 @@ fn plan_parsed_with(
             Some(c) => {
                 let at = stub_off + functions.len() as u64 * crate::dispatch::STUB_SIZE;
                 let va = code_base + at;
+                // The original: after the ftrace site, or this load's trampoline.
+                let orig = tramp.unwrap_or(es.site + 5);
                 let (old, _) = engine
                     .sites
                     .get(&es.site)
-                    .map_or((es.site + 5, None), |st| st.top(es.site));
+                    .map_or((orig, None), |st| st.top(orig));
                 let b = crate::dispatch::stub(c.layout, va, old, f.new_addr)
                     .map_err(|e| es.error(e.to_string()))?;
                 linked.code[at as usize..(at as usize + b.len())].copy_from_slice(&b);

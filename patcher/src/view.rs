@@ -84,6 +84,11 @@ pub trait TaskView {
     /// Declares the patch code that keeps frame pointers (see
     /// `introspect::Kernel::set_frame_pointer_text`).
     fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]);
+    /// Declares return addresses in prologue trampolines that stand for return addresses in
+    /// the original functions (see `introspect::Kernel::set_text_aliases`): a task that
+    /// called out of a trampoline is inside the old function. Views without an unwinder of
+    /// their own ignore it.
+    fn set_text_aliases(&self, _aliases: &[(u64, u64)]) {}
     /// `[start, end)` of the kernel function containing `addr` (kallsyms).
     fn function_range(&self, addr: u64) -> Option<(u64, u64)>;
     /// Address of a unique symbol.

@@ -282,14 +282,61 @@ fn prologue_load_unload(s: &Snapshot) {
             && err.contains(&func),
         "{err}"
     );
-    let err = e
-        .load_consistent(&mut g, &t, &kernel, &obj, "pro.o", Default::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("--immediate") && err.contains("prologue"),
-        "{err}"
-    );
+    // Under the consistency model the dispatcher's old path is the trampoline. (In a snapshot
+    // nothing runs: the transition completes at once, as the disable does.)
+    {
+        let mut c = s.guest();
+        let mut ec = patcher::Engine::new();
+        let mut busy = s.guest();
+        busy.vcpus[0].rip = pr.site + pr.moved[0].bytes.len() as u64;
+        let err = ec
+            .load_consistent(&mut busy, &t, &kernel, &obj, "pro.o", Default::default())
+            .unwrap_err();
+        assert!(
+            matches!(&err, patcher::PatchError::Busy(m) if m.contains("points inside") && m.contains(&func)),
+            "{err}"
+        );
+        assert!(busy.ram.0 == before, "a busy consistent load wrote");
+        drop(busy);
+        let info = ec
+            .load_consistent(&mut c, &t, &kernel, &obj, "pro.o", Default::default())
+            .unwrap();
+        let f = &info.functions[0];
+        assert_eq!((f.method, f.site), (Method::Prologue, pr.site));
+        let (stub, tramp) = (f.stub.unwrap(), f.tramp.unwrap());
+        let code = read(&c.ram, &t, stub, patcher::dispatch::STUB_SIZE);
+        let branches: Vec<(iced_x86::Mnemonic, u64)> = prologue_check::decode(&code, stub)
+            .iter()
+            .filter(|i| {
+                matches!(
+                    i.mnemonic(),
+                    iced_x86::Mnemonic::Je | iced_x86::Mnemonic::Jmp
+                )
+            })
+            .map(|i| (i.mnemonic(), i.near_branch_target()))
+            .collect();
+        assert_eq!(
+            branches,
+            vec![
+                (iced_x86::Mnemonic::Je, tramp),
+                (iced_x86::Mnemonic::Jmp, f.new_addr)
+            ],
+            "the stub's old path is the trampoline"
+        );
+        assert_eq!(
+            read(&c.ram, &t, pr.site, 5),
+            patcher::site::jmp_bytes(pr.site, f.new_addr).unwrap()
+        );
+        ec.disable(&mut c, &kernel, "pro", patcher::SwitchOptions::default())
+            .unwrap();
+        assert_eq!(read(&c.ram, &t, pr.site, pr.moved_len), pr.original());
+        ec.unload(&mut c, "pro", &kernel, common::UNLOAD_WAIT)
+            .unwrap();
+        assert!(
+            c.ram.0 == before,
+            "RAM differs after the consistent load's unload"
+        );
+    }
     let mut busy = s.guest();
     busy.vcpus[0].rip = pr.site + pr.moved[0].bytes.len() as u64;
     let err = e
@@ -339,6 +386,19 @@ fn prologue_load_unload(s: &Snapshot) {
         .unwrap();
     // (its pages stay: the patch is disabled, not unloaded)
     assert_eq!(read(&g.ram, &t, pr.site, pr.moved_len), pr.original());
+    // Enabling writes the jmp over the moved bytes again: not while a vCPU is inside them.
+    let rip = g.vcpus[0].rip;
+    g.vcpus[0].rip = pr.site + pr.moved[0].bytes.len() as u64;
+    let disabled = g.ram.0.clone();
+    let err = e
+        .enable(&mut g, &kernel, "pro", patcher::SwitchOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, patcher::PatchError::Busy(m) if m.contains("points inside") && m.contains(&func)),
+        "{err}"
+    );
+    assert!(g.ram.0 == disabled, "a busy enable wrote");
+    g.vcpus[0].rip = rip;
     e.enable(&mut g, &kernel, "pro", patcher::SwitchOptions::default())
         .unwrap();
     assert_eq!(

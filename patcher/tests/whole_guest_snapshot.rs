@@ -54,6 +54,9 @@ impl TaskView for NoLivepatch<'_> {
     fn set_frame_pointer_text(&self, ranges: &[(u64, u64)]) {
         self.0.set_frame_pointer_text(ranges)
     }
+    fn set_text_aliases(&self, aliases: &[(u64, u64)]) {
+        self.0.set_text_aliases(aliases)
+    }
     fn function_range(&self, addr: u64) -> Option<(u64, u64)> {
         self.0.function_range(addr)
     }

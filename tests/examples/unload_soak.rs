@@ -1,8 +1,10 @@
 //! The unload soak as a benchmark: `cargo run --release -p hvpatch-tests --example unload_soak
-//! -- [6.1|6.12|both] [CYCLES]` (default: both kernels, 1000 cycles). Prints the numbers the
-//! README records; exits non-zero on any failure (see `harness::soak`).
+//! -- [6.1|6.12|both] [CYCLES] [ftrace|prologue]` (default: both kernels, 1000 cycles, the
+//! ftrace-site function `version_proc_show`; `prologue`: `rb_simple_read`, which has no ftrace
+//! site). Prints the numbers the README records; exits non-zero on any failure (see
+//! `harness::soak`).
 
-use harness::soak::run_soak;
+use harness::soak::{run_soak_target, SoakTarget};
 use harness::KernelSeries;
 
 fn main() {
@@ -12,7 +14,7 @@ fn main() {
         None => 1000,
         Some(Ok(n)) if n > 0 => n,
         _ => {
-            eprintln!("usage: unload_soak [6.1|6.12|both] [CYCLES]");
+            eprintln!("usage: unload_soak [6.1|6.12|both] [CYCLES] [ftrace|prologue]");
             std::process::exit(2);
         }
     };
@@ -21,13 +23,21 @@ fn main() {
         "6.12" => vec![KernelSeries::V6_12],
         "both" => vec![KernelSeries::V6_1, KernelSeries::V6_12],
         _ => {
-            eprintln!("usage: unload_soak [6.1|6.12|both] [CYCLES]");
+            eprintln!("usage: unload_soak [6.1|6.12|both] [CYCLES] [ftrace|prologue]");
+            std::process::exit(2);
+        }
+    };
+    let target = match args.get(2).map(String::as_str) {
+        None | Some("ftrace") => SoakTarget::FtraceSite,
+        Some("prologue") => SoakTarget::Prologue,
+        _ => {
+            eprintln!("usage: unload_soak [6.1|6.12|both] [CYCLES] [ftrace|prologue]");
             std::process::exit(2);
         }
     };
     let mut failed = false;
     for s in series {
-        match run_soak(s, cycles, &mut |n, r| {
+        match run_soak_target(s, target, cycles, &mut |n, r| {
             eprintln!("{s:?}: {n} cycles, {} waited", r.waited)
         }) {
             Ok(rep) => print!("{rep}"),

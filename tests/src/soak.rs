@@ -25,6 +25,57 @@ pub fn soak_patch() -> Vec<u8> {
     soak_patch_named("soak", PATCHED)
 }
 
+/// What a soak patches and hammers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SoakTarget {
+    /// `version_proc_show`, which has an ftrace site, hammered through `/proc/version`; every
+    /// other cycle runs under the consistency model.
+    FtraceSite,
+    /// `rb_simple_read` (kernel/trace is built without `-pg`: no ftrace site), patched by a
+    /// prologue rewrite and hammered through `/sys/kernel/tracing/tracing_on` (tracefs mounted
+    /// first); every other cycle runs under the consistency model (the dispatcher's old path
+    /// is the trampoline).
+    Prologue,
+}
+
+impl SoakTarget {
+    /// The function patched.
+    pub fn func(self) -> &'static str {
+        match self {
+            SoakTarget::FtraceSite => "version_proc_show",
+            SoakTarget::Prologue => "rb_simple_read",
+        }
+    }
+
+    /// The file the hammers read (its read runs [`SoakTarget::func`]).
+    pub fn path(self) -> &'static str {
+        match self {
+            SoakTarget::FtraceSite => "/proc/version",
+            SoakTarget::Prologue => "/sys/kernel/tracing/tracing_on",
+        }
+    }
+
+    /// The patch `name`, whose replacement prints `msg` (one line) and counts its calls in a
+    /// static variable; its strings live in the patch's data pages.
+    pub fn patch(self, name: &str, msg: &str) -> Vec<u8> {
+        match self {
+            SoakTarget::FtraceSite => soak_patch_named(name, msg),
+            SoakTarget::Prologue => crate::patching::build_patch(
+                name,
+                &format!(
+                    "HVPATCH_NAME(\"{name}\");\n\
+                     extern ssize_t simple_read_from_buffer(void *to, size_t count, long long *ppos, const void *from, size_t available);\n\
+                     static unsigned long calls;\n\
+                     static const char msg[] = \"{msg}\\n\";\n\
+                     static ssize_t rd(struct file *f, char *ubuf, size_t cnt, long long *ppos)\n\
+                     {{ calls++; return simple_read_from_buffer(ubuf, cnt, ppos, msg, sizeof(msg) - 1); }}\n\
+                     HVPATCH_FUNC(rb_simple_read, rd);"
+                ),
+            ),
+        }
+    }
+}
+
 /// Output of the second, stacked patch.
 pub const PATCHED_TOP: &str = "hvpatch soak: stacked";
 
@@ -127,6 +178,10 @@ pub fn parse_hammer(text: &str, cpu: u32) -> Option<HammerTally> {
 pub struct SoakReport {
     /// Kernel release.
     pub release: String,
+    /// The function patched, and how its entry was redirected (`patch info`'s method).
+    pub func: String,
+    /// Loads refused as busy (a context inside the bytes a prologue rewrite moves) and retried.
+    pub busy_retries: usize,
     /// Load/unload cycles done.
     pub cycles: usize,
     /// Whole loop.
@@ -170,8 +225,8 @@ impl fmt::Display for SoakReport {
         let per = self.elapsed / self.cycles.max(1) as u32;
         writeln!(
             f,
-            "{}: {} load/unload cycles in {:.1?} ({per:.2?} per cycle); load pause median {:.2?}, unload (disable) pause median {:.2?}",
-            self.release, self.cycles, self.elapsed, self.median_load_pause, self.median_unload_pause
+            "{}: {}: {} load/unload cycles in {:.1?} ({per:.2?} per cycle); load pause median {:.2?}, unload (disable) pause median {:.2?}; {} busy load(s) retried",
+            self.release, self.func, self.cycles, self.elapsed, self.median_load_pause, self.median_unload_pause, self.busy_retries
         )?;
         let avg = if self.waited > 0 {
             self.total_wait / self.waited as u32
@@ -238,20 +293,41 @@ pub fn run_soak(
     cycles: usize,
     progress: &mut dyn FnMut(usize, &SoakReport),
 ) -> Result<SoakReport, String> {
+    run_soak_target(series, SoakTarget::FtraceSite, cycles, progress)
+}
+
+/// [`run_soak`] of `target`'s function and file.
+pub fn run_soak_target(
+    series: KernelSeries,
+    target: SoakTarget,
+    cycles: usize,
+    progress: &mut dyn FnMut(usize, &SoakReport),
+) -> Result<SoakReport, String> {
     let mut g = Guest::boot(GuestSpec::new(series))
         .map_err(|e| format!("boot (images: run `scripts/setup`): {e}"))?;
-    let r = soak_on(&mut g, cycles, progress);
+    let r = soak_on(&mut g, target, cycles, progress);
     r.map_err(|e| format!("{e}\n{}", g.tail()))
 }
 
+/// How many times a load refused as busy (see [`SoakReport::busy_retries`]) is tried again.
+const BUSY_TRIES: usize = 50;
+
 fn soak_on(
     g: &mut Guest,
+    target: SoakTarget,
     cycles: usize,
     progress: &mut dyn FnMut(usize, &SoakReport),
 ) -> Result<SoakReport, String> {
     let e2s = |e: crate::HarnessError| e.to_string();
     let dmesg_before = kernel_complaints(&g.run("dmesg").map_err(e2s)?);
-    let original = g.run("cat /proc/version").map_err(e2s)?;
+    if target == SoakTarget::Prologue {
+        g.run(
+            "[ -e /sys/kernel/tracing/tracing_on ] || mount -t tracefs nodev /sys/kernel/tracing",
+        )
+        .map_err(e2s)?;
+    }
+    let path = target.path();
+    let original = g.run(&format!("cat {path}")).map_err(e2s)?;
     // The hammer keeps the first HAMMER_LEN bytes of a line.
     let original_line: String = original
         .lines()
@@ -263,22 +339,26 @@ fn soak_on(
     let vcpus = g.vcpus();
     for cpu in 0..vcpus {
         g.spawn(&format!(
-            "exec hammer {cpu} read /proc/version > /tmp/hammer{cpu}.out 2>&1"
+            "exec hammer {cpu} read {path} > /tmp/hammer{cpu}.out 2>&1"
         ))
         .map_err(e2s)?;
     }
     let (mut ctl, kernel, regs) = crate::patching::attach_and_open(g);
-    let obj = soak_patch();
-    let top = soak_patch_named("soak-top", PATCHED_TOP);
+    let obj = target.patch("soak", PATCHED);
+    let top = target.patch("soak-top", PATCHED_TOP);
     let release = kernel.info().release.clone().unwrap_or_default();
     let func = kernel
-        .lookup("version_proc_show", None)
+        .lookup(target.func(), None)
         .map_err(|e| e.to_string())?;
+    // The whole function (the prologue rewrite moves instructions), at least 64 bytes.
+    let func_len = kernel
+        .symbolize(func)
+        .map_or(64, |s| s.size.clamp(64, 4096)) as usize;
     let read_text = |k: &Kernel, ctl: &vmm::attach::QemuAttach, n: usize| {
         let mut b = vec![0u8; n];
         k.read_virt(ctl.memory(), func, &mut b).map(|_| b)
     };
-    let text_before = read_text(&kernel, &ctl, 64).map_err(|e| e.to_string())?;
+    let text_before = read_text(&kernel, &ctl, func_len).map_err(|e| e.to_string())?;
     let ks = KernelSymbols::new(&kernel, ctl.memory());
     let t = Target {
         symbols: &ks,
@@ -287,7 +367,27 @@ fn soak_on(
     let mut e = Engine::new();
     let mut rep = SoakReport {
         release,
+        func: target.func().to_string(),
         ..Default::default()
+    };
+    // Immediate loads with the kernel view (a prologue rewrite needs it to check that no
+    // context is inside the moved bytes); a busy refusal is retried.
+    let load_immediate = |e: &mut Engine,
+                          ctl: &mut vmm::attach::QemuAttach,
+                          obj: &[u8],
+                          file: &str,
+                          busy: &mut usize|
+     -> Result<patcher::PatchInfo, String> {
+        for _ in 0..BUSY_TRIES {
+            match e.load_viewed(ctl, &t, Some(&kernel), obj, file) {
+                Err(patcher::PatchError::Busy(_)) => {
+                    *busy += 1;
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+                r => return r.map_err(|err| err.to_string()),
+            }
+        }
+        Err(format!("{file}: busy {BUSY_TRIES} times"))
     };
     let (mut load_pauses, mut unload_pauses) = (Vec::new(), Vec::new());
     let mut pages = std::collections::BTreeSet::new();
@@ -321,32 +421,55 @@ fn soak_on(
         let info = if consistent {
             rep.consistent_cycles += 1;
             let s0 = Instant::now();
-            let info = e
-                .load_consistent(
+            let mut tries = 0;
+            let info = loop {
+                match e.load_consistent(
                     &mut ctl,
                     &t,
                     &kernel,
                     &obj,
                     "soak.o",
                     patcher::LoadOptions::default(),
-                )
-                .map_err(|err| format!("cycle {i}: consistent load failed: {err}"))?;
+                ) {
+                    Err(patcher::PatchError::Busy(_)) if tries < BUSY_TRIES => {
+                        tries += 1;
+                        rep.busy_retries += 1;
+                        std::thread::sleep(Duration::from_micros(300));
+                    }
+                    r => break r,
+                }
+            }
+            .map_err(|err| format!("cycle {i}: consistent load failed: {err}"))?;
             transition_done(&mut e, &mut ctl, s0, &mut trans_times, &mut trans_pauses)
                 .map_err(|err| format!("cycle {i}: load: {err}"))?;
             rep.transitions += 1;
             info
         } else {
-            e.load(&mut ctl, &t, &obj, "soak.o")
+            load_immediate(&mut e, &mut ctl, &obj, "soak.o", &mut rep.busy_retries)
                 .map_err(|err| format!("cycle {i}: load failed: {err}"))?
         };
+        if i < 2 {
+            let f = &info.functions[0];
+            rep.func = format!("{} ({})", target.func(), f.method);
+            let want = match target {
+                SoakTarget::FtraceSite => patcher::prologue::Method::FtraceSite,
+                SoakTarget::Prologue => patcher::prologue::Method::Prologue,
+            };
+            if f.method != want {
+                return Err(format!(
+                    "{} was patched by {}, not {want}",
+                    target.func(),
+                    f.method
+                ));
+            }
+        }
         load_pauses.push(Duration::from_micros(info.pause_us));
         pages.extend(info.code.pages.iter().chain(&info.data.pages).copied());
         // Let the hammers run the patch for a varying while (0-4 ms).
         std::thread::sleep(Duration::from_micros(((i * 7919) % 5000) as u64));
         let mut unloads = Vec::new();
         if i % 4 == 3 {
-            let info = e
-                .load(&mut ctl, &t, &top, "soak-top.o")
+            let info = load_immediate(&mut e, &mut ctl, &top, "soak-top.o", &mut rep.busy_retries)
                 .map_err(|err| format!("cycle {i}: stacked load failed: {err}"))?;
             pages.extend(info.code.pages.iter().chain(&info.data.pages).copied());
             std::thread::sleep(Duration::from_micros(((i * 104_729) % 3000) as u64));
@@ -406,10 +529,11 @@ fn soak_on(
     rep.median_transition_pause = median(trans_pauses);
 
     // The guest's text and the arena are as before.
-    let text_after = read_text(&kernel, &ctl, 64).map_err(|e| e.to_string())?;
+    let text_after = read_text(&kernel, &ctl, func_len).map_err(|e| e.to_string())?;
     if text_after != text_before {
         return Err(format!(
-            "version_proc_show's first 64 bytes changed: {text_before:02x?} -> {text_after:02x?}"
+            "{}'s {func_len} bytes changed: {text_before:02x?} -> {text_after:02x?}",
+            target.func()
         ));
     }
     if !e.list().is_empty() {
@@ -467,8 +591,8 @@ fn soak_on(
             kernel_complaints(&g.transcript()).join("\n")
         ));
     }
-    if g.run("cat /proc/version").map_err(e2s)? != original {
-        return Err("/proc/version differs after the soak".into());
+    if g.run(&format!("cat {path}")).map_err(e2s)? != original {
+        return Err(format!("{path} differs after the soak"));
     }
     Ok(rep)
 }

@@ -65,6 +65,7 @@ fuzz_target!(|data: &[u8]| {
         modules: None,
         regs,
         fp_text: &[],
+        aliases: &[],
     };
     let stacks = [StackRange {
         start: STACK,
