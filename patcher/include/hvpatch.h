@@ -14,6 +14,7 @@
  *   HVPATCH_FUNC_POS(some_static_fn, 2, new_fn);    // the 2nd `some_static_fn` in kallsyms order
  *   HVPATCH_SYMPOS(dup_static_var, 1);              // which duplicate an undefined reference means
  *   HVPATCH_PATCH_FLAGS(HVPATCH_IMMEDIATE);         // optional: switch every task at once
+ *   HVPATCH_FUNC_OBJ(fat, fat_show_options, new_fn); // a function of the loaded module `fat`
  *
  * Calling the original: HVPATCH_ORIG(ret, name, args) declares `hvpatch_orig_<name>`, which
  * runs the guest's original `name` (its body after the patched entry site), e.g. a wrapper:
@@ -35,6 +36,16 @@
  * refused unless HVPATCH_SYMPOS gives its position (1-based, kallsyms = address order, as in
  * klp's sympos). Names with dots (`foo.isra.0`, `foo.constprop.0`) can be referenced through
  * an asm label: `extern int foo_isra(int) __asm__("foo.isra.0");`.
+ *
+ * Objects (klp's `klp_object.name`): HVPATCH_FUNC_OBJ(obj, old, new) replaces `old` in the
+ * loaded kernel module `obj` (`fat`, `isofs`, ...; plain HVPATCH_FUNC means vmlinux). The
+ * module must be loaded and live when the patch loads (else the load is refused, naming it).
+ * Undefined symbols resolve in the patch's modules first (a name defined in two of them is
+ * refused as ambiguous), then in vmlinux; the sympos of HVPATCH_SYMPOS counts within the
+ * object the name is found in. `extern int x(void) __asm__("fat:fat_helper");` names the
+ * object explicitly. Module functions are entered through their ftrace NOP (after ENDBR),
+ * like vmlinux functions; the module's text must be within rel32 reach of the arena (it is
+ * on x86-64 Linux: modules and the kernel image share the top 2 GiB).
  *
  * There are no kernel headers here: declare the prototypes and types you use by hand, exactly
  * as the target kernel defines them (layouts must match the guest!). A few common ones follow.
@@ -59,6 +70,16 @@ struct hvpatch_func {
 	void *new_func;
 	unsigned long sympos;
 	unsigned long flags;
+};
+
+/* One replaced function of a named object (a kernel module): `struct hvpatch_func` plus the
+ * object's name. A separate section, so objects built before it still read. */
+struct hvpatch_func_obj {
+	const char *old_name;
+	void *new_func;
+	unsigned long sympos;
+	unsigned long flags;
+	const char *object;
 };
 
 /* Whole-patch flags (HVPATCH_IMMEDIATE: every function switches at once, no transition). */
@@ -100,6 +121,17 @@ struct hvpatch_sympos {
 	static const struct hvpatch_func __HVPATCH_UNIQUE(__hvpatch_func_)                    \
 		__attribute__((section(".hvpatch.funcs"), used, aligned(8))) = {             \
 			.old_name = #old, .new_func = (void *)(new), .sympos = (pos), .flags = (fl) }
+
+/* Replace `old` in kernel module `obj` (both unquoted) by `new`. */
+#define HVPATCH_FUNC_OBJ_FLAGS_POS(obj, old, pos, new, fl)                                   \
+	static const struct hvpatch_func_obj __HVPATCH_UNIQUE(__hvpatch_func_obj_)            \
+		__attribute__((section(".hvpatch.funcs.obj"), used, aligned(8))) = {         \
+			.old_name = #old, .new_func = (void *)(new), .sympos = (pos), .flags = (fl), \
+			.object = #obj }
+
+#define HVPATCH_FUNC_OBJ(obj, old, new) HVPATCH_FUNC_OBJ_FLAGS_POS(obj, old, 0, new, 0)
+#define HVPATCH_FUNC_OBJ_POS(obj, old, pos, new) HVPATCH_FUNC_OBJ_FLAGS_POS(obj, old, pos, new, 0)
+#define HVPATCH_FUNC_OBJ_FLAGS(obj, old, new, fl) HVPATCH_FUNC_OBJ_FLAGS_POS(obj, old, 0, new, fl)
 
 #define HVPATCH_FUNC(old, new) HVPATCH_FUNC_FLAGS_POS(old, 0, new, 0)
 #define HVPATCH_FUNC_POS(old, pos, new) HVPATCH_FUNC_FLAGS_POS(old, pos, new, 0)

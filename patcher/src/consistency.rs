@@ -265,6 +265,7 @@ impl Engine {
                 .get(&es.site)
                 .map_or((es.site + 5, None), |st| st.top(es.site));
             let old_range = prev
+                .or_else(|| f.old_size.map(|n| (f.old_addr, f.old_addr + n.max(1))))
                 .or_else(|| view.function_range(f.old_addr))
                 .unwrap_or((f.old_addr, f.old_addr + 1));
             let immediate = f.flags & HVPATCH_IMMEDIATE != 0;
@@ -491,6 +492,7 @@ impl Engine {
                 st.below_top(f.site)
             };
             let old_range = prev
+                .or_else(|| f.old_size.map(|n| (f.old_addr, f.old_addr + n.max(1))))
                 .or_else(|| view.function_range(f.old_addr))
                 .unwrap_or((f.old_addr, f.old_addr + 1));
             let old_bytes = if target == 1 {

@@ -70,6 +70,16 @@ pub enum PatchError {
         /// Guest release.
         guest: String,
     },
+    /// A kernel module the patch names cannot be patched now.
+    #[error("{patch}: module {module} {what}")]
+    Module {
+        /// Patch name.
+        patch: String,
+        /// The module.
+        module: String,
+        /// Why (not loaded, being loaded or unloaded, unreadable).
+        what: String,
+    },
     /// The guest release could not be read.
     #[error("cannot read the guest's kernel release (linux_banner): {0}")]
     Release(String),
@@ -509,6 +519,8 @@ mod state_tests {
             state: PatchState::Enabled,
             functions: vec![FuncInfo {
                 old_name: "f".into(),
+                object: None,
+                old_size: None,
                 sympos: 0,
                 old_addr: OLD,
                 site: OLD + 4,

@@ -25,6 +25,13 @@ pub enum PatchState {
 pub struct FuncInfo {
     /// Replaced function.
     pub old_name: String,
+    /// The kernel module holding it (`HVPATCH_FUNC_OBJ`); `None` for vmlinux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// Size of the replaced function (module functions: from the module's symbol table, for
+    /// the stack checks; vmlinux functions take theirs from kallsyms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_size: Option<u64>,
     /// Its sympos (0 = unique).
     pub sympos: u64,
     /// Its address.

@@ -84,6 +84,25 @@ impl SymbolSource for KernelSymbols<'_> {
     fn type_size(&self, struct_name: &str) -> Option<u64> {
         (struct_name == "page").then_some(self.page_size).flatten()
     }
+
+    fn module(
+        &self,
+        mem: &dyn PhysMemory,
+        name: &str,
+    ) -> Result<Option<crate::symbols::ModuleSyms>, String> {
+        let modules = self
+            .kernel
+            .modules(mem)
+            .map_err(|e| format!("reading the module list: {e}"))?;
+        let Some(module) = modules.into_iter().find(|m| m.name == name) else {
+            return Ok(None);
+        };
+        let symbols = self
+            .kernel
+            .symbols_of_module(mem, &module)
+            .map_err(|e| format!("reading the symbols of module {name}: {e}"))?;
+        Ok(Some(crate::symbols::ModuleSyms { module, symbols }))
+    }
 }
 
 /// The guest kernel answers reachability questions from its live contexts

@@ -309,6 +309,13 @@ impl Engine {
             let Some(st) = self.sites.get(&f.site) else {
                 continue;
             };
+            if f.object.is_some() && self.module_site_gone(ctl.memory(), f.site, st.site_pa) {
+                // The module was removed (its text unmapped or mapped elsewhere): nothing of
+                // ours is left there, and the memory is no longer the module's.
+                tracing::warn!(func = %st.func, site = %format!("{:#x}", f.site),
+                    "module text gone: entry site forgotten, not written");
+                continue;
+            }
             if st.entries.last().is_some_and(|e| e.patch == name) {
                 let below = st
                     .entries
@@ -347,6 +354,13 @@ impl Engine {
         p.info.state = PatchState::Held;
         p.info.held = None;
         Ok(())
+    }
+
+    /// Whether the entry site `site` of a module function no longer maps to `site_pa` in the
+    /// kernel's page tables: the module was unloaded (and maybe loaded again elsewhere).
+    pub(crate) fn module_site_gone(&self, mem: &dyn introspect::PhysMemory, site: u64, site_pa: u64) -> bool {
+        self.paging
+            .is_some_and(|p| p.translate(mem, site).map_or(true, |pa| pa != site_pa))
     }
 
     /// Step 2 for a disabled patch: frees its pages if nothing reaches them, else records why

@@ -253,9 +253,13 @@ fn patch_text(p: &Patch, unload: Option<&Unloaded>) -> String {
         } else {
             "superseded"
         };
+        let obj = f
+            .object
+            .as_deref()
+            .map_or(String::new(), |o| format!("{o}:"));
         let _ = writeln!(
             s,
-            "    {}{pos} at {:016x} -> {:016x} ({active}), {}",
+            "    {obj}{}{pos} at {:016x} -> {:016x} ({active}), {}",
             f.old_name, f.old_addr, f.new_addr, f.method
         );
         if let Some(tramp) = f.tramp {
