@@ -452,6 +452,37 @@ impl Engine {
             Mode::WholeGuest
         };
         if target == 1 {
+            // Module functions: still the same module at the same place (a module unloaded
+            // and loaded again has its text elsewhere, or other code at the old address).
+            for f in info.functions.iter() {
+                let Some(o) = &f.object else { continue };
+                let kept_pa = self.sites.get(&f.site).map(|st| st.site_pa);
+                let moved = kept_pa.is_some_and(|pa| view.translate(mem, f.site) != Some(pa));
+                match view.module_function(mem, o, &f.old_name, f.sympos) {
+                    Ok(a) if a == f.old_addr && !moved => {}
+                    Ok(a) => {
+                        return Err(PatchError::Module {
+                            patch: name.to_string(),
+                            module: o.clone(),
+                            what: format!(
+                                "was unloaded and loaded again since the patch was loaded ({} \
+                                 is at {a:#x} now{}, was {:#x}): unload the patch and load it \
+                                 again",
+                                f.old_name,
+                                if moved { " in other pages" } else { "" },
+                                f.old_addr
+                            ),
+                        })
+                    }
+                    Err(e) => {
+                        return Err(PatchError::Module {
+                            patch: name.to_string(),
+                            module: o.clone(),
+                            what: format!("cannot be patched again: {e}"),
+                        })
+                    }
+                }
+            }
             // A function whose stack went empty meanwhile starts a new one (its site holds
             // the ftrace NOP again; `begin_paused` verifies the bytes).
             for f in &info.functions {
@@ -479,6 +510,14 @@ impl Engine {
                 PatchError::Changed(format!("no function stack for {}", f.old_name))
             })?;
             let top_is_us = st.entries.last().is_some_and(|e| e.patch == name);
+            if target == 0 && f.object.is_some() && self.module_site_gone(mem, f.site, st) {
+                // Its module was removed: nothing to restore there (the memory is not the
+                // module's any more); only leave its stack at the end.
+                tracing::warn!(func = %f.old_name, site = %format!("{:#x}", f.site),
+                    "module text gone: entry site forgotten, not written");
+                gone.push(f.site);
+                continue;
+            }
             if target == 0 && !top_is_us {
                 // A newer patch runs this function: nothing changes for it; only leave its
                 // stack at the end.

@@ -279,4 +279,26 @@ impl crate::view::TaskView for Kernel {
     fn translate(&self, mem: &dyn PhysMemory, va: u64) -> Option<u64> {
         Kernel::translate(self, mem, va).ok()
     }
+
+    fn module_function(
+        &self,
+        mem: &dyn PhysMemory,
+        module: &str,
+        name: &str,
+        sympos: u64,
+    ) -> Result<u64, String> {
+        let ks = KernelSymbols {
+            kernel: self,
+            page_size: None,
+            pg_reserved: None,
+        };
+        let m = ks
+            .module(mem, module)?
+            .ok_or_else(|| format!("module {module} is not loaded"))?;
+        if let Some(why) = m.not_live() {
+            return Err(format!("module {module} {why}"));
+        }
+        crate::link::pick_sympos(name, &m.addresses(name), sympos)
+            .map_err(|e| format!("module {module}: {e}"))
+    }
 }

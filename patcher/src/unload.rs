@@ -309,7 +309,7 @@ impl Engine {
             let Some(st) = self.sites.get(&f.site) else {
                 continue;
             };
-            if f.object.is_some() && self.module_site_gone(ctl.memory(), f.site, st.site_pa) {
+            if f.object.is_some() && self.module_site_gone(ctl.memory(), f.site, st) {
                 // The module was removed (its text unmapped or mapped elsewhere): nothing of
                 // ours is left there, and the memory is no longer the module's.
                 tracing::warn!(func = %st.func, site = %format!("{:#x}", f.site),
@@ -356,11 +356,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether the entry site `site` of a module function no longer maps to `site_pa` in the
-    /// kernel's page tables: the module was unloaded (and maybe loaded again elsewhere).
-    pub(crate) fn module_site_gone(&self, mem: &dyn introspect::PhysMemory, site: u64, site_pa: u64) -> bool {
-        self.paging
-            .is_some_and(|p| p.translate(mem, site).map_or(true, |pa| pa != site_pa))
+    /// Whether the entry site `site` of a module function (function stack `st`) is no longer
+    /// ours: it does not map to the same guest-physical address in the kernel's page tables
+    /// any more (the module was unloaded, maybe loaded again elsewhere), or it holds the
+    /// unpatched bytes where our jmp should be (loaded again into the same pages).
+    pub(crate) fn module_site_gone(
+        &self,
+        mem: &dyn introspect::PhysMemory,
+        site: u64,
+        st: &crate::func_stack::SiteStack,
+    ) -> bool {
+        let unmapped = self
+            .paging
+            .is_some_and(|p| p.translate(mem, site).map_or(true, |pa| pa != st.site_pa));
+        let mut cur = [0u8; 5];
+        let reloaded = mem.read_phys(st.site_pa, &mut cur).is_ok()
+            && cur == st.original
+            && cur != st.current_bytes(site);
+        unmapped || reloaded
     }
 
     /// Step 2 for a disabled patch: frees its pages if nothing reaches them, else records why

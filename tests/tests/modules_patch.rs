@@ -13,6 +13,9 @@
 //! - 40 load/unload cycles (every other one under the consistency model) while four `hammer`s
 //!   (two on each vCPU) read `backing_file` and `/proc/mounts` (which calls `fat_show_options`
 //!   for the vfat mount on every read): no failed read, both outputs seen, no oops/WARNING;
+//! - a patched `fat` removed by `rmmod` (and loaded again): the unload (immediate, or a
+//!   disable transition) forgets its site and restores `loop`'s; a disabled patch is refused
+//!   `enable` once its module was loaded again (it would be elsewhere);
 //! - refusals, the guest unchanged: a module that is not loaded, a function the module does
 //!   not have, a module function that ftrace traces (its site holds `call ftrace_caller`), a
 //!   module caught at `do_init_module` (state COMING).
@@ -169,11 +172,33 @@ impl Ctx {
         assert_eq!(b, self.orig_backing, "{when}");
     }
 
-    /// Ends the server; the module functions are byte for byte the original.
+    /// Ends the server; the module functions are byte for byte the original (`fat` was
+    /// loaded again, maybe elsewhere: its bytes count, not its address).
     fn text_unchanged(&mut self, when: &str) {
         drop(self.srv.take());
         let now = module_text(&mut self.g);
-        assert_eq!(now, self.text, "{when}: module text differs");
+        let bytes = |v: &[(String, u64, Vec<u8>)]| {
+            v.iter()
+                .map(|(n, _, b)| (n.clone(), b.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bytes(&now), bytes(&self.text), "{when}: module text differs");
+        assert_eq!(now[1], self.text[1], "{when}: loop's text");
+    }
+
+    /// Removes vfat and fat (unmounting /mnt first).
+    fn remove_fat(&mut self) {
+        let out = self.run("umount /mnt && rmmod vfat && rmmod fat && echo removed");
+        assert_eq!(out.trim(), "removed", "{out}");
+    }
+
+    /// Loads fat and vfat again and mounts /mnt.
+    fn insert_fat(&mut self) {
+        let out = self.run(
+            "insmod /lib/modules/fat.ko && insmod /lib/modules/vfat.ko \
+             && mount -t vfat /dev/loop0 /mnt && echo inserted",
+        );
+        assert_eq!(out.trim(), "inserted", "{out}");
     }
 }
 
@@ -332,6 +357,41 @@ fn check(series: KernelSeries) {
     );
     c.assert_unpatched("after the refusals");
     c.healthy("after the refusals");
+
+    // The patched module removed under the patch: unloads forget its site (its memory is
+    // not the module's any more) and restore the others.
+    c.json(&["patch", "load", &obj, "--immediate"]);
+    c.assert_patched("before removing fat");
+    c.remove_fat();
+    c.json(&["patch", "unload", "modpatch"]);
+    assert_eq!(
+        c.run("cat /sys/block/loop0/loop/backing_file").trim(),
+        c.orig_backing,
+        "{series}: loop after the unload"
+    );
+    c.insert_fat();
+    c.assert_unpatched("after fat came back (immediate)");
+    // The same under the consistency model (the unload is a disable transition).
+    c.json(&["patch", "load", &obj, "--timeout", "60"]);
+    c.assert_patched("consistent, before removing fat");
+    c.remove_fat();
+    c.json(&["patch", "unload", "modpatch", "--timeout", "60"]);
+    c.insert_fat();
+    c.assert_unpatched("after fat came back (consistent)");
+    // A disabled patch is not enabled again on a module loaded again.
+    c.json(&["patch", "load", &obj, "--timeout", "60"]);
+    c.json(&["patch", "disable", "modpatch", "--timeout", "60"]);
+    c.remove_fat();
+    c.insert_fat();
+    let e = c.refused(&["patch", "enable", "modpatch", "--timeout", "60"]);
+    assert!(
+        e.contains("module fat was unloaded and loaded again"),
+        "{series}: {e}"
+    );
+    c.assert_unpatched("after the refused enable");
+    c.json(&["patch", "unload", "modpatch", "--timeout", "60"]);
+    c.assert_unpatched("after the module came and went");
+    c.healthy("after the module came and went");
     c.text_unchanged("at the end");
 
     coming_refused(&mut c.g);
