@@ -42,8 +42,8 @@
  * module must be loaded and live when the patch loads (else the load is refused, naming it).
  * Undefined symbols resolve in the patch's modules first (a name defined in two of them is
  * refused as ambiguous), then in vmlinux; the sympos of HVPATCH_SYMPOS counts within the
- * object the name is found in. `extern int x(void) __asm__("fat:fat_helper");` names the
- * object explicitly. Module functions are entered through their ftrace NOP (after ENDBR),
+ * object the name is found in. `extern int x(void) HVPATCH_OBJ_SYM(fat, fat_helper);` names
+ * the object explicitly. Module functions are entered through their ftrace NOP (after ENDBR),
  * like vmlinux functions; the module's text must be within rel32 reach of the arena (it is
  * on x86-64 Linux: modules and the kernel image share the top 2 GiB).
  *
@@ -92,6 +92,10 @@ struct hvpatch_func_obj {
 static const char __hvpatch_unwind[]
 	__attribute__((section(".hvpatch.unwind"), used, aligned(1))) = "frame-pointer";
 #endif
+
+/* `extern int f(void) HVPATCH_OBJ_SYM(fat, fat_helper);` binds `f` to `fat_helper` of module `fat`
+ * (the object name `fat:fat_helper`, quoted for the assembler). */
+#define HVPATCH_OBJ_SYM(obj, sym) __asm__("\"" #obj ":" #sym "\"")
 
 /* `hvpatch_orig_<name>(args)` runs the guest's original `name`, past its patched entry. */
 #define HVPATCH_ORIG(ret, name, args) extern ret hvpatch_orig_##name args __asm__("__hvpatch_orig_" #name)

@@ -561,7 +561,9 @@ impl PatchObject {
                 if !seen.insert((f.object.clone(), f.old_name.clone(), f.sympos)) {
                     return Err(bad(format!(
                         "{}{} (sympos {}) is replaced twice",
-                        f.object.as_deref().map_or(String::new(), |o| format!("{o}:")),
+                        f.object
+                            .as_deref()
+                            .map_or(String::new(), |o| format!("{o}:")),
                         f.old_name,
                         f.sympos
                     )));

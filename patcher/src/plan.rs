@@ -305,15 +305,13 @@ fn module_objects(
             module: name.clone(),
             what,
         };
-        let m = t
-            .symbols
-            .module(mem, &name)
-            .map_err(err)?
-            .ok_or_else(|| {
-                err("is not loaded in the guest (a patch for a module that is not loaded \
+        let m = t.symbols.module(mem, &name).map_err(err)?.ok_or_else(|| {
+            err(
+                "is not loaded in the guest (a patch for a module that is not loaded \
                      is not supported yet: load the module first)"
-                    .into())
-            })?;
+                    .into(),
+            )
+        })?;
         if let Some(why) = m.not_live() {
             return Err(err(why));
         }

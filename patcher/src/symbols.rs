@@ -39,9 +39,9 @@ impl ModuleSyms {
     pub fn not_live(&self) -> Option<String> {
         match self.module.state {
             ModuleState::Live => None,
-            ModuleState::Coming => Some(
-                "is being loaded (state COMING: its init runs); retry once it is live".into(),
-            ),
+            ModuleState::Coming => {
+                Some("is being loaded (state COMING: its init runs); retry once it is live".into())
+            }
             ModuleState::Going => Some("is being unloaded (state GOING)".into()),
             ModuleState::Unknown => Some("is in an unknown state".into()),
         }

@@ -368,7 +368,7 @@ impl Engine {
     ) -> bool {
         let unmapped = self
             .paging
-            .is_some_and(|p| p.translate(mem, site).map_or(true, |pa| pa != st.site_pa));
+            .is_some_and(|p| p.translate(mem, site).ok() != Some(st.site_pa));
         let mut cur = [0u8; 5];
         let reloaded = mem.read_phys(st.site_pa, &mut cur).is_ok()
             && cur == st.original

@@ -102,6 +102,8 @@ pub trait TaskView {
         _name: &str,
         _sympos: u64,
     ) -> Result<u64, String> {
-        Err(format!("module {module}: this view has no module information"))
+        Err(format!(
+            "module {module}: this view has no module information"
+        ))
     }
 }

@@ -5,7 +5,8 @@
 //! One patch names two objects (`HVPATCH_FUNC_OBJ`): `fat_show_options` of module `fat` (a
 //! wrapper calling the original: `/proc/mounts` shows `,hvpatched` before vfat's options) and
 //! `loop_attr_do_show_backing_file` of module `loop` (`/sys/block/loop0/loop/backing_file`
-//! reads `hvpatched-loop`). Checked against the guest's own view:
+//! reads `hvpatched-loop` and the addresses of two data symbols of `loop` it references, one as
+//! `HVPATCH_OBJ_SYM(loop, …)`, one by its plain name: compared with /proc/kallsyms). Checked against the guest's own view:
 //! - the function addresses `patch info` reports are the `/proc/kallsyms` addresses of the
 //!   module symbols, with their module;
 //! - immediate and consistent loads change both outputs; unloads bring the originals back and
@@ -48,13 +49,29 @@ const MOD_PATCH: &str = "struct dentry; struct device; struct device_attribute;\
     HVPATCH_ORIG(int, fat_show_options, (struct seq_file *m, struct dentry *root));\n\
     static int new_show_options(struct seq_file *m, struct dentry *root)\n\
     { seq_printf(m, \",hvpatched\"); return hvpatch_orig_fat_show_options(m, root); }\n\
+    extern char backing_attr[] HVPATCH_OBJ_SYM(loop, loop_attr_backing_file);\n\
+    extern char loop_attr_offset[];\n\
     static ssize_t new_backing(struct device *d, struct device_attribute *a, char *b)\n\
-    { return sprintf(b, \"hvpatched-loop\\n\"); }\n\
+    { return sprintf(b, \"hvpatched-loop %lx %lx\\n\", (unsigned long)backing_attr,\n\
+                     (unsigned long)loop_attr_offset); }\n\
     HVPATCH_FUNC_OBJ(fat, fat_show_options, new_show_options);\n\
     HVPATCH_FUNC_OBJ(loop, loop_attr_do_show_backing_file, new_backing);";
 
-/// What the patched `backing_file` reads.
-const PATCHED_BACKING: &str = "hvpatched-loop";
+/// The address of `name` in `module` by the guest's /proc/kallsyms text `ksyms`.
+fn kallsyms_addr(ksyms: &str, module: &str, name: &str) -> u64 {
+    let want = format!(" {name}\t[{module}]");
+    let hits: Vec<u64> = ksyms
+        .lines()
+        .filter(|l| l.trim_end().ends_with(&want))
+        .filter_map(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "{module}:{name} in /proc/kallsyms: {hits:x?}"
+    );
+    hits[0]
+}
 
 fn boot(series: KernelSeries) -> Guest {
     let mods =
@@ -75,7 +92,9 @@ fn boot(series: KernelSeries) -> Guest {
             .expect("insmod");
         assert_eq!(rc, 0, "{series}: insmod {} failed: {out}", m.name);
     }
-    let out = g.run(SETUP).unwrap_or_else(|e| panic!("{series}: vfat on loop0: {e}"));
+    let out = g
+        .run(SETUP)
+        .unwrap_or_else(|e| panic!("{series}: vfat on loop0: {e}"));
     assert_eq!(out.trim(), "ok", "{series}: {out}");
     g
 }
@@ -86,16 +105,7 @@ fn module_text(g: &mut Guest) -> Vec<(String, u64, Vec<u8>)> {
     let ksyms = g.run_bulk("cat /proc/kallsyms").expect("kallsyms");
     let addrs: Vec<(String, u64)> = FUNCS
         .iter()
-        .map(|(m, f)| {
-            let want = format!(" {f}\t[{m}]");
-            let hits: Vec<u64> = ksyms
-                .lines()
-                .filter(|l| l.trim_end().ends_with(&want))
-                .filter_map(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
-                .collect();
-            assert_eq!(hits.len(), 1, "{m}:{f} in /proc/kallsyms: {hits:x?}");
-            (format!("{m}:{f}"), hits[0])
-        })
+        .map(|(m, f)| (format!("{m}:{f}"), kallsyms_addr(&ksyms, m, f)))
         .collect();
     let (ctl, k, _) = harness::patching::attach_and_open(g);
     addrs
@@ -115,6 +125,10 @@ struct Ctx {
     before: Vec<String>,
     text: Vec<(String, u64, Vec<u8>)>,
     orig_backing: String,
+    /// What the patched `backing_file` reads: a marker and the addresses of two data symbols
+    /// of `loop` the patch references (one named `loop:…`, one resolved in the patch's
+    /// modules first).
+    patched_backing: String,
 }
 
 impl Ctx {
@@ -131,11 +145,7 @@ impl Ctx {
     /// A refused command: its stderr (the guest must be unchanged; checked by the caller).
     fn refused(&self, args: &[&str]) -> String {
         let out = self.srv().cli(args).expect("hvpatch runs");
-        assert!(
-            !out.success,
-            "hvpatch {args:?} succeeded: {}",
-            out.stdout
-        );
+        assert!(!out.success, "hvpatch {args:?} succeeded: {}", out.stdout);
         out.stderr
     }
 
@@ -160,7 +170,7 @@ impl Ctx {
             m.contains(" rw,relatime,hvpatched,") && m.contains("fmask="),
             "{when}: /proc/mounts: {m}"
         );
-        assert_eq!(b, PATCHED_BACKING, "{when}");
+        assert_eq!(b, self.patched_backing, "{when}");
     }
 
     fn assert_unpatched(&mut self, when: &str) {
@@ -182,7 +192,11 @@ impl Ctx {
                 .map(|(n, _, b)| (n.clone(), b.clone()))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(bytes(&now), bytes(&self.text), "{when}: module text differs");
+        assert_eq!(
+            bytes(&now),
+            bytes(&self.text),
+            "{when}: module text differs"
+        );
         assert_eq!(now[1], self.text[1], "{when}: loop's text");
     }
 
@@ -214,6 +228,12 @@ fn check(series: KernelSeries) {
         .trim()
         .to_string();
     assert_eq!(orig_backing, "/tmp/fat.img", "{series}");
+    let ksyms = g.run_bulk("cat /proc/kallsyms").expect("kallsyms");
+    let patched_backing = format!(
+        "hvpatched-loop {:x} {:x}",
+        kallsyms_addr(&ksyms, "loop", "loop_attr_backing_file"),
+        kallsyms_addr(&ksyms, "loop", "loop_attr_offset")
+    );
     let srv = AttachServer::start(&g).expect("hvpatch attach");
     let mut c = Ctx {
         g,
@@ -221,6 +241,7 @@ fn check(series: KernelSeries) {
         before,
         text,
         orig_backing,
+        patched_backing,
     };
     c.assert_unpatched("before any patch");
     let obj = patch_file("modpatch", MOD_PATCH);
@@ -243,7 +264,8 @@ fn check(series: KernelSeries) {
     }
     let info = c.srv().cli_ok(&["patch", "info", "modpatch"]).unwrap();
     assert!(
-        info.contains("fat:fat_show_options") && info.contains("loop:loop_attr_do_show_backing_file"),
+        info.contains("fat:fat_show_options")
+            && info.contains("loop:loop_attr_do_show_backing_file"),
         "{info}"
     );
     c.assert_patched("after the immediate load");
@@ -299,7 +321,7 @@ fn check(series: KernelSeries) {
         assert_eq!(t.errors, 0, "{series}: hammer {i}: {out}");
         assert!(t.calls > 0, "{series}: hammer {i}: {out}");
         if i < 2 {
-            for want in [c.orig_backing.as_str(), PATCHED_BACKING] {
+            for want in [c.orig_backing.as_str(), c.patched_backing.as_str()] {
                 assert!(
                     t.seen.iter().any(|(_, s)| s == want),
                     "{series}: hammer {i} never saw {want:?}: {:?}",
@@ -459,13 +481,8 @@ fn coming_refused(g: &mut Guest) {
         .load(&mut ctl, &t, &obj, "isopatch.o")
         .unwrap_or_else(|e| panic!("{series}: load for live isofs: {e}"));
     assert_eq!(info.functions[0].object.as_deref(), Some("isofs"));
-    e.unload(
-        &mut ctl,
-        "isopatch",
-        &kernel,
-        Duration::from_secs(30),
-    )
-    .expect("unload");
+    e.unload(&mut ctl, "isopatch", &kernel, Duration::from_secs(30))
+        .expect("unload");
     drop(ctl);
 }
 
