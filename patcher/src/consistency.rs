@@ -231,6 +231,9 @@ impl Engine {
         opts: LoadOptions,
     ) -> Result<PatchInfo, PatchError> {
         let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
+        if let Some(waiting) = self.wait_for_modules(ctl, t, &obj)? {
+            return Ok(waiting);
+        }
         if opts.immediate || obj.flags & HVPATCH_IMMEDIATE != 0 {
             return self.load_viewed(ctl, t, Some(view), object, file_name);
         }
@@ -315,7 +318,7 @@ impl Engine {
             interference: None,
             tasks: vec![],
             switcher: opts.switcher,
-            boundaries: boundaries(view, mode, opts.switcher)?,
+            boundaries: boundaries(view, mode, opts.switcher, self.wants_module_hooks())?,
             boundary_hits: (0, 0),
             armed: false,
         };
@@ -615,7 +618,7 @@ impl Engine {
             interference: None,
             tasks: vec![],
             switcher: opts.switcher,
-            boundaries: boundaries(view, mode, opts.switcher)?,
+            boundaries: boundaries(view, mode, opts.switcher, self.wants_module_hooks())?,
             boundary_hits: (0, 0),
             armed: false,
         };
@@ -964,9 +967,22 @@ impl Engine {
 
 /// The boundary breakpoint addresses of a transition (none unless per-task with
 /// [`Switcher::Breakpoints`]).
-fn boundaries(view: &dyn TaskView, mode: Mode, switcher: Switcher) -> Result<Vec<u64>, PatchError> {
+fn boundaries(
+    view: &dyn TaskView,
+    mode: Mode,
+    switcher: Switcher,
+    module_hooks: bool,
+) -> Result<Vec<u64>, PatchError> {
     if mode != Mode::PerTask || switcher != Switcher::Breakpoints {
         return Ok(vec![]);
+    }
+    if module_hooks {
+        return Err(PatchError::State(
+            "the breakpoints switcher needs 3 of the 4 debug registers, and 2 watch module loads \
+             and removals for patches of modules (waiting for load, or applied at a load); use \
+             the guest-hooks switcher, or unload those patches first"
+                .into(),
+        ));
     }
     BOUNDARIES
         .iter()

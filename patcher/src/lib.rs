@@ -12,6 +12,7 @@ pub use guest_control as guest;
 pub mod info;
 pub mod kernel;
 pub mod link;
+pub mod modwait;
 pub mod paging;
 pub mod patchobj;
 pub mod plan;

@@ -292,11 +292,12 @@ fn entry_site_at(
 }
 
 /// The kernel modules `obj` names, read from the guest now: each must be loaded and live
-/// (not being loaded or unloaded), and its text within rel32 reach of the arena's region.
+/// (not being loaded or unloaded; `coming_ok`: or coming, at the module-load hook).
 fn module_objects(
     mem: &dyn PhysMemory,
     t: &Target,
     obj: &PatchObject,
+    coming_ok: bool,
 ) -> Result<BTreeMap<String, ModuleSyms>, PatchError> {
     let mut out = BTreeMap::new();
     for name in obj.modules() {
@@ -305,14 +306,13 @@ fn module_objects(
             module: name.clone(),
             what,
         };
-        let m = t.symbols.module(mem, &name).map_err(err)?.ok_or_else(|| {
-            err(
-                "is not loaded in the guest (a patch for a module that is not loaded \
-                     is not supported yet: load the module first)"
-                    .into(),
-            )
-        })?;
-        if let Some(why) = m.not_live() {
+        let m = t
+            .symbols
+            .module(mem, &name)
+            .map_err(err)?
+            .ok_or_else(|| err("is not loaded in the guest".into()))?;
+        let coming = m.module.state == introspect::ModuleState::Coming;
+        if let (Some(why), false) = (m.not_live(), coming && coming_ok) {
             return Err(err(why));
         }
         out.insert(name, m);
@@ -466,7 +466,19 @@ pub(crate) fn plan_load(
     prologue_ok: bool,
 ) -> Result<LoadPlan, PatchError> {
     let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
-    plan_parsed_with(engine, ctl, t, obj, consistent, prologue_ok)
+    plan_parsed_with(engine, ctl, t, obj, consistent, prologue_ok, false)
+}
+
+/// [`plan_load`] of a parsed object at a module's load (the guest stopped at the module-load
+/// hook, [`crate::modwait`]): its modules may be coming, and a transition of another patch may
+/// run (the module's functions are in none). Immediate, ftrace sites only.
+pub(crate) fn plan_at_module_load(
+    engine: &Engine,
+    ctl: &mut dyn GuestControl,
+    t: &Target,
+    obj: PatchObject,
+) -> Result<LoadPlan, PatchError> {
+    plan_parsed_with(engine, ctl, t, obj, None, false, true)
 }
 
 /// Refuses while a transition runs: its dispatcher stubs jump to the versions on the function
@@ -487,7 +499,7 @@ pub(crate) fn plan_parsed(
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
 ) -> Result<LoadPlan, PatchError> {
-    plan_parsed_with(engine, ctl, t, obj, consistent, false)
+    plan_parsed_with(engine, ctl, t, obj, consistent, false, false)
 }
 
 /// [`plan_parsed`]; `prologue_ok`: a function without an ftrace site gets a prologue rewrite
@@ -499,8 +511,11 @@ fn plan_parsed_with(
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
     prologue_ok: bool,
+    at_module_load: bool,
 ) -> Result<LoadPlan, PatchError> {
-    no_transition(engine)?;
+    if !at_module_load {
+        no_transition(engine)?;
+    }
     if engine
         .patches
         .iter()
@@ -519,7 +534,7 @@ fn plan_parsed_with(
         }
     }
     // The kernel modules the patch names: loaded and live now.
-    let objects = module_objects(ctl.memory(), t, &obj)?;
+    let objects = module_objects(ctl.memory(), t, &obj, at_module_load)?;
     // Arena (discovered once, state kept on success only).
     let base = match &engine.arena {
         Some(a) => a.clone(),

@@ -48,8 +48,23 @@ pub struct UnloadReport {
     pub unload_us: u64,
 }
 
+impl UnloadReport {
+    /// The report of an unload that had nothing in the guest to undo (a waiting patch).
+    pub fn nothing(name: &str) -> UnloadReport {
+        UnloadReport {
+            name: name.to_string(),
+            checks: 0,
+            waited_us: 0,
+            first_hold: None,
+            pause_us: 0,
+            total_pause_us: 0,
+            unload_us: 0,
+        }
+    }
+}
+
 /// The outcome of one check of a held patch.
-enum Check {
+pub(crate) enum Check {
     Freed,
     Held(Hold),
 }
@@ -301,7 +316,11 @@ impl Engine {
     }
 
     /// Restores the entries the patch tops and takes it off every function stack.
-    fn disable_paused(&mut self, ctl: &mut dyn GuestControl, id: u64) -> Result<(), PatchError> {
+    pub(crate) fn disable_paused(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        id: u64,
+    ) -> Result<(), PatchError> {
         let idx = self.index_of(id)?;
         let name = self.patches[idx].info.name.clone();
         let mut writes = Vec::new();
@@ -378,7 +397,7 @@ impl Engine {
 
     /// Step 2 for a disabled patch: frees its pages if nothing reaches them, else records why
     /// it is held.
-    fn check_and_free_paused(
+    pub(crate) fn check_and_free_paused(
         &mut self,
         ctl: &mut dyn GuestControl,
         id: u64,

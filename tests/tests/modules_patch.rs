@@ -57,6 +57,13 @@ const MOD_PATCH: &str = "struct dentry; struct device; struct device_attribute;\
     HVPATCH_FUNC_OBJ(fat, fat_show_options, new_show_options);\n\
     HVPATCH_FUNC_OBJ(loop, loop_attr_do_show_backing_file, new_backing);";
 
+/// `fat_show_options` alone, for a patch that waits for `fat`.
+const FAT_PATCH: &str = "struct dentry;\n\
+    HVPATCH_ORIG(int, fat_show_options, (struct seq_file *m, struct dentry *root));\n\
+    static int new_show_options(struct seq_file *m, struct dentry *root)\n\
+    { seq_printf(m, \",hvpatched\"); return hvpatch_orig_fat_show_options(m, root); }\n\
+    HVPATCH_FUNC_OBJ(fat, fat_show_options, new_show_options);";
+
 /// The address of `name` in `module` by the guest's /proc/kallsyms text `ksyms`.
 fn kallsyms_addr(ksyms: &str, module: &str, name: &str) -> u64 {
     let want = format!(" {name}\t[{module}]");
@@ -171,6 +178,14 @@ impl Ctx {
             "{when}: /proc/mounts: {m}"
         );
         assert_eq!(b, self.patched_backing, "{when}");
+    }
+
+    fn assert_patched_mounts(&mut self, when: &str) {
+        let (m, _) = self.outputs();
+        assert!(
+            m.contains(" rw,relatime,hvpatched,"),
+            "{when}: /proc/mounts: {m}"
+        );
     }
 
     fn assert_unpatched(&mut self, when: &str) {
@@ -343,11 +358,22 @@ fn check(series: KernelSeries) {
     // Refusals, each leaving the guest unchanged.
     let bad = patch_file(
         "nomod",
-        "static int f(void) { return 0; }\nHVPATCH_FUNC_OBJ(no_such_mod, foo, f);",
+        "static int f(void) { return 0; }\nHVPATCH_FUNC_OBJ(no_such_mod, foo, f);\n\
+         HVPATCH_FUNC(cmdline_proc_show, f);",
     );
     let e = c.refused(&["patch", "load", &bad, "--immediate"]);
     assert!(
-        e.contains("module no_such_mod is not loaded"),
+        e.contains("module no_such_mod is not loaded") && e.contains("vmlinux functions"),
+        "{series}: {e}"
+    );
+    let bad = patch_file(
+        "halfmod",
+        "static int f(void) { return 0; }\nHVPATCH_FUNC_OBJ(no_such_mod, foo, f);\n\
+         HVPATCH_FUNC_OBJ(loop, loop_attr_do_show_backing_file, f);",
+    );
+    let e = c.refused(&["patch", "load", &bad, "--immediate"]);
+    assert!(
+        e.contains("module no_such_mod is not loaded while loop is"),
         "{series}: {e}"
     );
     let bad = patch_file(
@@ -414,11 +440,83 @@ fn check(series: KernelSeries) {
     c.json(&["patch", "unload", "modpatch", "--timeout", "60"]);
     c.assert_unpatched("after the module came and went");
     c.healthy("after the module came and went");
+
+    waiting_for_load(&mut c);
     c.text_unchanged("at the end");
 
     coming_refused(&mut c.g);
     c.healthy("after the coming module");
     eprintln!("{series}: done in {:.1?}", t_start.elapsed());
+}
+
+/// A patch for `fat` while `fat` is not loaded: it waits; each `insmod` applies it before any
+/// of fat's code runs (the first `/proc/mounts` after the mount shows the new function), each
+/// `rmmod` withdraws it and it waits again. Meanwhile a breakpoints-switcher transition is
+/// refused (debug registers). Unloading a waiting or an applied patch works.
+fn waiting_for_load(c: &mut Ctx) {
+    let series = c.g.kernel().series;
+    c.remove_fat();
+    let obj = patch_file("fatwait", FAT_PATCH);
+    let v = c.json(&["patch", "load", &obj]);
+    assert_eq!(v["state"], "Waiting", "{series}: {v:#}");
+    assert_eq!(v["waiting_for"][0], "fat", "{series}: {v:#}");
+    assert_eq!(v["functions"][0]["object"], "fat", "{series}: {v:#}");
+    let info = c.srv().cli_ok(&["patch", "info", "fatwait"]).unwrap();
+    assert!(
+        info.contains("Waiting for module fat") && info.contains("waiting for load"),
+        "{series}: {info}"
+    );
+    // The breakpoints switcher is refused while the hooks hold 2 debug registers.
+    let vm = patch_file(
+        "cmdbp",
+        "static int s(struct seq_file *m, void *v) { seq_printf(m, \"bp\\n\"); return 0; }\n\
+         HVPATCH_FUNC(cmdline_proc_show, s);",
+    );
+    let e = c.refused(&["patch", "load", &vm, "--switcher", "breakpoints"]);
+    assert!(e.contains("debug registers"), "{series}: {e}");
+    for round in 0..3 {
+        c.insert_fat();
+        let (m, _) = c.outputs();
+        assert!(
+            m.contains(" rw,relatime,hvpatched,"),
+            "{series}: round {round}: fat loaded, /proc/mounts: {m}"
+        );
+        let v = c.json(&["patch", "info", "fatwait"]);
+        assert_eq!(v["state"], "Enabled", "{series}: round {round}: {v:#}");
+        assert_eq!(v["module_hooked"], true, "{series}: {v:#}");
+        let ksyms = c.g.run_bulk("cat /proc/kallsyms").expect("kallsyms");
+        let at = kallsyms_addr(&ksyms, "fat", "fat_show_options");
+        assert_eq!(v["functions"][0]["old_addr"], format!("{at:#x}"), "{v:#}");
+        c.remove_fat();
+        let v = c.json(&["patch", "info", "fatwait"]);
+        assert_eq!(v["state"], "Waiting", "{series}: round {round}: {v:#}");
+        c.healthy(&format!("module round {round}"));
+    }
+    // Unload while waiting; load again, apply, unload while applied.
+    c.json(&["patch", "unload", "fatwait"]);
+    c.json(&["patch", "load", &obj]);
+    c.insert_fat();
+    c.assert_patched_mounts("applied, before its unload");
+    c.json(&["patch", "unload", "fatwait"]);
+    let (m, _) = c.outputs();
+    assert!(!m.contains("hvpatched"), "{series}: after the unload: {m}");
+    let t0 = Instant::now();
+    while !c.json(&["patch", "list"]).as_array().unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "patches left");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Hooks gone: a breakpoints transition works again.
+    c.json(&[
+        "patch",
+        "load",
+        &vm,
+        "--switcher",
+        "breakpoints",
+        "--timeout",
+        "60",
+    ]);
+    c.json(&["patch", "unload", "cmdbp", "--timeout", "60"]);
+    c.healthy("after the waiting patch");
 }
 
 /// A module caught at `do_init_module` (relocated, state COMING, init not run) is refused

@@ -237,14 +237,26 @@ pub fn vcpus(v: &Value) -> String {
 
 fn patch_text(p: &Patch, unload: Option<&Unloaded>) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "patch {}: {:?}", p.name, p.state);
+    if p.waiting_for.is_empty() {
+        let _ = writeln!(s, "patch {}: {:?}", p.name, p.state);
+    } else {
+        let _ = writeln!(
+            s,
+            "patch {}: {:?} for module {} to load",
+            p.name,
+            p.state,
+            p.waiting_for.join(", ")
+        );
+    }
     for f in &p.functions {
         let pos = if f.sympos > 0 {
             format!(",{}", f.sympos)
         } else {
             String::new()
         };
-        let active = if p.state == PatchState::Disabled {
+        let active = if p.state == PatchState::Waiting {
+            "waiting for load"
+        } else if p.state == PatchState::Disabled {
             "disabled"
         } else if p.state != PatchState::Enabled {
             "removed"
