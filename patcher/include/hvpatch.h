@@ -38,8 +38,12 @@
  * an asm label: `extern int foo_isra(int) __asm__("foo.isra.0");`.
  *
  * Objects (klp's `klp_object.name`): HVPATCH_FUNC_OBJ(obj, old, new) replaces `old` in the
- * loaded kernel module `obj` (`fat`, `isofs`, ...; plain HVPATCH_FUNC means vmlinux). The
- * module must be loaded and live when the patch loads (else the load is refused, naming it).
+ * kernel module `obj` (`fat`, `isofs`, ...; plain HVPATCH_FUNC means vmlinux). If the module
+ * is loaded, it is patched at once. A patch whose functions are all in modules that are not
+ * loaded waits, and is applied when they load (before any of their code runs), withdrawn when
+ * they are removed, applied again at the next load (klp's klp_module_coming/going). A patch
+ * mixing a module that is not loaded with vmlinux functions or with a loaded module is refused:
+ * split it (one patch per module). A module being loaded or removed at that moment is refused.
  * Undefined symbols resolve in the patch's modules first (a name defined in two of them is
  * refused as ambiguous), then in vmlinux; the sympos of HVPATCH_SYMPOS counts within the
  * object the name is found in. `extern int x(void) HVPATCH_OBJ_SYM(fat, fat_helper);` names
