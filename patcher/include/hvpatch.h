@@ -14,6 +14,7 @@
  *   HVPATCH_FUNC_POS(some_static_fn, 2, new_fn);    // the 2nd `some_static_fn` in kallsyms order
  *   HVPATCH_SYMPOS(dup_static_var, 1);              // which duplicate an undefined reference means
  *   HVPATCH_PATCH_FLAGS(HVPATCH_IMMEDIATE);         // optional: switch every task at once
+ *   HVPATCH_FUNC_OBJ(fat, fat_show_options, new_fn); // a function of the loaded module `fat`
  *
  * Calling the original: HVPATCH_ORIG(ret, name, args) declares `hvpatch_orig_<name>`, which
  * runs the guest's original `name` (its body after the patched entry site), e.g. a wrapper:
@@ -35,6 +36,20 @@
  * refused unless HVPATCH_SYMPOS gives its position (1-based, kallsyms = address order, as in
  * klp's sympos). Names with dots (`foo.isra.0`, `foo.constprop.0`) can be referenced through
  * an asm label: `extern int foo_isra(int) __asm__("foo.isra.0");`.
+ *
+ * Objects (klp's `klp_object.name`): HVPATCH_FUNC_OBJ(obj, old, new) replaces `old` in the
+ * kernel module `obj` (`fat`, `isofs`, ...; plain HVPATCH_FUNC means vmlinux). If the module
+ * is loaded, it is patched at once. A patch whose functions are all in modules that are not
+ * loaded waits, and is applied when they load (before any of their code runs), withdrawn when
+ * they are removed, applied again at the next load (klp's klp_module_coming/going). A patch
+ * mixing a module that is not loaded with vmlinux functions or with a loaded module is refused:
+ * split it (one patch per module). A module being loaded or removed at that moment is refused.
+ * Undefined symbols resolve in the patch's modules first (a name defined in two of them is
+ * refused as ambiguous), then in vmlinux; the sympos of HVPATCH_SYMPOS counts within the
+ * object the name is found in. `extern int x(void) HVPATCH_OBJ_SYM(fat, fat_helper);` names
+ * the object explicitly. Module functions are entered through their ftrace NOP (after ENDBR),
+ * like vmlinux functions; the module's text must be within rel32 reach of the arena (it is
+ * on x86-64 Linux: modules and the kernel image share the top 2 GiB).
  *
  * There are no kernel headers here: declare the prototypes and types you use by hand, exactly
  * as the target kernel defines them (layouts must match the guest!). A few common ones follow.
@@ -61,6 +76,16 @@ struct hvpatch_func {
 	unsigned long flags;
 };
 
+/* One replaced function of a named object (a kernel module): `struct hvpatch_func` plus the
+ * object's name. A separate section, so objects built before it still read. */
+struct hvpatch_func_obj {
+	const char *old_name;
+	void *new_func;
+	unsigned long sympos;
+	unsigned long flags;
+	const char *object;
+};
+
 /* Whole-patch flags (HVPATCH_IMMEDIATE: every function switches at once, no transition). */
 #define HVPATCH_PATCH_FLAGS(fl)                                                              \
 	static const unsigned long __hvpatch_flags                                            \
@@ -71,6 +96,10 @@ struct hvpatch_func {
 static const char __hvpatch_unwind[]
 	__attribute__((section(".hvpatch.unwind"), used, aligned(1))) = "frame-pointer";
 #endif
+
+/* `extern int f(void) HVPATCH_OBJ_SYM(fat, fat_helper);` binds `f` to `fat_helper` of module `fat`
+ * (the object name `fat:fat_helper`, quoted for the assembler). */
+#define HVPATCH_OBJ_SYM(obj, sym) __asm__("\"" #obj ":" #sym "\"")
 
 /* `hvpatch_orig_<name>(args)` runs the guest's original `name`, past its patched entry. */
 #define HVPATCH_ORIG(ret, name, args) extern ret hvpatch_orig_##name args __asm__("__hvpatch_orig_" #name)
@@ -100,6 +129,17 @@ struct hvpatch_sympos {
 	static const struct hvpatch_func __HVPATCH_UNIQUE(__hvpatch_func_)                    \
 		__attribute__((section(".hvpatch.funcs"), used, aligned(8))) = {             \
 			.old_name = #old, .new_func = (void *)(new), .sympos = (pos), .flags = (fl) }
+
+/* Replace `old` in kernel module `obj` (both unquoted) by `new`. */
+#define HVPATCH_FUNC_OBJ_FLAGS_POS(obj, old, pos, new, fl)                                   \
+	static const struct hvpatch_func_obj __HVPATCH_UNIQUE(__hvpatch_func_obj_)            \
+		__attribute__((section(".hvpatch.funcs.obj"), used, aligned(8))) = {         \
+			.old_name = #old, .new_func = (void *)(new), .sympos = (pos), .flags = (fl), \
+			.object = #obj }
+
+#define HVPATCH_FUNC_OBJ(obj, old, new) HVPATCH_FUNC_OBJ_FLAGS_POS(obj, old, 0, new, 0)
+#define HVPATCH_FUNC_OBJ_POS(obj, old, pos, new) HVPATCH_FUNC_OBJ_FLAGS_POS(obj, old, pos, new, 0)
+#define HVPATCH_FUNC_OBJ_FLAGS(obj, old, new, fl) HVPATCH_FUNC_OBJ_FLAGS_POS(obj, old, 0, new, fl)
 
 #define HVPATCH_FUNC(old, new) HVPATCH_FUNC_FLAGS_POS(old, 0, new, 0)
 #define HVPATCH_FUNC_POS(old, pos, new) HVPATCH_FUNC_FLAGS_POS(old, pos, new, 0)

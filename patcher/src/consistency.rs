@@ -258,6 +258,9 @@ impl Engine {
         opts: LoadOptions,
     ) -> Result<PatchInfo, PatchError> {
         let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
+        if let Some(waiting) = self.wait_for_modules(ctl, t, &obj)? {
+            return Ok(waiting);
+        }
         if opts.immediate || obj.flags & HVPATCH_IMMEDIATE != 0 {
             return self.load_viewed(ctl, t, Some(view), object, file_name);
         }
@@ -295,6 +298,7 @@ impl Engine {
                 .get(&es.site)
                 .map_or((orig, None), |st| st.top(orig));
             let old_range = prev
+                .or_else(|| f.old_size.map(|n| (f.old_addr, f.old_addr + n.max(1))))
                 .or_else(|| view.function_range(f.old_addr))
                 .unwrap_or((f.old_addr, f.old_addr + 1));
             let immediate = f.flags & HVPATCH_IMMEDIATE != 0;
@@ -352,7 +356,7 @@ impl Engine {
             interference: None,
             tasks: vec![],
             switcher: opts.switcher,
-            boundaries: boundaries(view, mode, opts.switcher)?,
+            boundaries: boundaries(view, mode, opts.switcher, self.wants_module_hooks())?,
             boundary_hits: (0, 0),
             armed: false,
         };
@@ -494,6 +498,37 @@ impl Engine {
             Mode::WholeGuest
         };
         if target == 1 {
+            // Module functions: still the same module at the same place (a module unloaded
+            // and loaded again has its text elsewhere, or other code at the old address).
+            for f in info.functions.iter() {
+                let Some(o) = &f.object else { continue };
+                let kept_pa = self.sites.get(&f.site).map(|st| st.site_pa);
+                let moved = kept_pa.is_some_and(|pa| view.translate(mem, f.site) != Some(pa));
+                match view.module_function(mem, o, &f.old_name, f.sympos) {
+                    Ok(a) if a == f.old_addr && !moved => {}
+                    Ok(a) => {
+                        return Err(PatchError::Module {
+                            patch: name.to_string(),
+                            module: o.clone(),
+                            what: format!(
+                                "was unloaded and loaded again since the patch was loaded ({} \
+                                 is at {a:#x} now{}, was {:#x}): unload the patch and load it \
+                                 again",
+                                f.old_name,
+                                if moved { " in other pages" } else { "" },
+                                f.old_addr
+                            ),
+                        })
+                    }
+                    Err(e) => {
+                        return Err(PatchError::Module {
+                            patch: name.to_string(),
+                            module: o.clone(),
+                            what: format!("cannot be patched again: {e}"),
+                        })
+                    }
+                }
+            }
             // A function whose stack went empty meanwhile starts a new one (its site holds
             // the ftrace NOP again; `begin_paused` verifies the bytes).
             for f in &info.functions {
@@ -521,6 +556,14 @@ impl Engine {
                 PatchError::Changed(format!("no function stack for {}", f.old_name))
             })?;
             let top_is_us = st.entries.last().is_some_and(|e| e.patch == name);
+            if target == 0 && f.object.is_some() && self.module_site_gone(mem, f.site, st) {
+                // Its module was removed: nothing to restore there (the memory is not the
+                // module's any more); only leave its stack at the end.
+                tracing::warn!(func = %f.old_name, site = %format!("{:#x}", f.site),
+                    "module text gone: entry site forgotten, not written");
+                gone.push(f.site);
+                continue;
+            }
             if target == 0 && !top_is_us {
                 // A newer patch runs this function: nothing changes for it; only leave its
                 // stack at the end.
@@ -554,6 +597,7 @@ impl Engine {
                 st.below_top(orig)
             };
             let old_range = prev
+                .or_else(|| f.old_size.map(|n| (f.old_addr, f.old_addr + n.max(1))))
                 .or_else(|| view.function_range(f.old_addr))
                 .unwrap_or((f.old_addr, f.old_addr + 1));
             let old_bytes = if target == 1 {
@@ -636,7 +680,7 @@ impl Engine {
             interference: None,
             tasks: vec![],
             switcher: opts.switcher,
-            boundaries: boundaries(view, mode, opts.switcher)?,
+            boundaries: boundaries(view, mode, opts.switcher, self.wants_module_hooks())?,
             boundary_hits: (0, 0),
             armed: false,
         };
@@ -991,9 +1035,22 @@ impl Engine {
 
 /// The boundary breakpoint addresses of a transition (none unless per-task with
 /// [`Switcher::Breakpoints`]).
-fn boundaries(view: &dyn TaskView, mode: Mode, switcher: Switcher) -> Result<Vec<u64>, PatchError> {
+fn boundaries(
+    view: &dyn TaskView,
+    mode: Mode,
+    switcher: Switcher,
+    module_hooks: bool,
+) -> Result<Vec<u64>, PatchError> {
     if mode != Mode::PerTask || switcher != Switcher::Breakpoints {
         return Ok(vec![]);
+    }
+    if module_hooks {
+        return Err(PatchError::State(
+            "the breakpoints switcher needs 3 of the 4 debug registers, and 2 watch module loads \
+             and removals for patches of modules (waiting for load, or applied at a load); use \
+             the guest-hooks switcher, or unload those patches first"
+                .into(),
+        ));
     }
     BOUNDARIES
         .iter()
@@ -1496,6 +1553,8 @@ mod unwind_text_tests {
             method,
             tramp,
             moved,
+            object: None,
+            old_size: None,
         }
     }
 
@@ -1534,10 +1593,13 @@ mod unwind_text_tests {
                 frame_pointers: true,
                 held: None,
                 last_transition: None,
+                waiting_for: vec![],
+                module_hooked: false,
             },
             code_run: (0, 1),
             data_run: (1, 0),
             ptes: vec![],
+            rewait: None,
         }
     }
 

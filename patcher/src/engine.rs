@@ -70,6 +70,16 @@ pub enum PatchError {
         /// Guest release.
         guest: String,
     },
+    /// A kernel module the patch names cannot be patched now.
+    #[error("{patch}: module {module} {what}")]
+    Module {
+        /// Patch name.
+        patch: String,
+        /// The module.
+        module: String,
+        /// Why (not loaded, being loaded or unloaded, unreadable).
+        what: String,
+    },
     /// The guest release could not be read.
     #[error("cannot read the guest's kernel release (linux_banner): {0}")]
     Release(String),
@@ -179,6 +189,9 @@ pub(crate) struct Loaded {
     /// PTEs written at load: (page index, value).
     #[serde(with = "introspect::hex")]
     pub(crate) ptes: Vec<(usize, u64)>,
+    /// For a patch applied when its modules loaded: how it waits again when they go.
+    #[serde(default)]
+    pub(crate) rewait: Option<crate::modwait::Waiting>,
 }
 
 /// The engine. Its whole state is serde-serializable ([`Engine::state`]), so a host process
@@ -195,6 +208,9 @@ pub struct Engine {
     /// The transition in progress, if any (the consistency model, `consistency.rs`).
     #[serde(default)]
     pub(crate) transition: Option<crate::transition::Transition>,
+    /// Patches waiting for their kernel modules to load ([`crate::modwait`]).
+    #[serde(default)]
+    pub(crate) waiting: Vec<crate::modwait::Waiting>,
     #[serde(skip)]
     pub(crate) last: OpTiming,
 }
@@ -217,18 +233,25 @@ impl Engine {
         Self::default()
     }
 
-    /// Loaded patches, in load order.
+    /// Loaded patches, in load order, then the patches waiting for their modules.
     pub fn list(&self) -> Vec<PatchInfo> {
         self.patches
             .iter()
             .map(|p| self.with_active(&p.info))
+            .chain(self.waiting.iter().map(crate::modwait::Waiting::info))
             .collect()
     }
 
-    /// One loaded patch.
+    /// One loaded (or waiting) patch.
     pub fn info(&self, name: &str) -> Option<PatchInfo> {
         self.find(name)
             .map(|i| self.with_active(&self.patches[i].info))
+            .or_else(|| {
+                self.waiting
+                    .iter()
+                    .find(|w| w.name == name)
+                    .map(crate::modwait::Waiting::info)
+            })
     }
 
     /// Index of the patch named `name`: the enabled one, else the oldest held one.
@@ -504,6 +527,8 @@ impl Engine {
             frame_pointers: obj.frame_pointers,
             held: None,
             last_transition: None,
+            waiting_for: vec![],
+            module_hooked: false,
         };
         self.arena = Some(arena);
         self.paging = Some(paging);
@@ -513,6 +538,7 @@ impl Engine {
             code_run,
             data_run,
             ptes: pte_writes,
+            rewait: None,
         });
         self.last = OpTiming {
             prepare,
@@ -550,6 +576,8 @@ mod state_tests {
             state: PatchState::Enabled,
             functions: vec![FuncInfo {
                 old_name: "f".into(),
+                object: None,
+                old_size: None,
                 sympos: 0,
                 old_addr: OLD,
                 site: OLD + 4,
@@ -579,6 +607,8 @@ mod state_tests {
             frame_pointers: true,
             held: None,
             last_transition: None,
+            waiting_for: vec![],
+            module_hooked: false,
         };
         Engine {
             arena: Some(arena),
@@ -588,6 +618,7 @@ mod state_tests {
                 code_run: (1, 1),
                 data_run: (2, 0),
                 ptes: vec![(1, 0x8000_0000_7fe0_1063)],
+                rewait: None,
             }],
             sites: BTreeMap::from([(
                 OLD + 4,
@@ -609,6 +640,7 @@ mod state_tests {
                 nx: true,
             }),
             transition: None,
+            waiting: vec![],
             last: OpTiming::default(),
         }
     }

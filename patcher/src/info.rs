@@ -18,6 +18,10 @@ pub enum PatchState {
     /// `patch disable`, or a reversed enable). Its code and data stay in place; `patch enable`
     /// switches it on again and `patch unload` frees it.
     Disabled,
+    /// Accepted but not in the guest yet: every kernel module it patches is not loaded. It is
+    /// applied when its modules load, before any of their code runs, and waits again when they
+    /// are removed ([`PatchInfo::waiting_for`]).
+    Waiting,
 }
 
 /// One replaced function.
@@ -25,6 +29,13 @@ pub enum PatchState {
 pub struct FuncInfo {
     /// Replaced function.
     pub old_name: String,
+    /// The kernel module holding it (`HVPATCH_FUNC_OBJ`); `None` for vmlinux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// Size of the replaced function (module functions: from the module's symbol table, for
+    /// the stack checks; vmlinux functions take theirs from kallsyms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_size: Option<u64>,
     /// Its sympos (0 = unique).
     pub sympos: u64,
     /// Its address.
@@ -150,6 +161,12 @@ pub struct PatchInfo {
     /// The last transition of this patch that ended (completed or forced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition: Option<crate::transition::TransitionSummary>,
+    /// For a [`PatchState::Waiting`] patch: the modules not loaded yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+    /// Applied when its modules loaded (it waits again when they go).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub module_hooked: bool,
 }
 
 /// Timing of the last load/unload.

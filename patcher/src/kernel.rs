@@ -84,6 +84,25 @@ impl SymbolSource for KernelSymbols<'_> {
     fn type_size(&self, struct_name: &str) -> Option<u64> {
         (struct_name == "page").then_some(self.page_size).flatten()
     }
+
+    fn module(
+        &self,
+        mem: &dyn PhysMemory,
+        name: &str,
+    ) -> Result<Option<crate::symbols::ModuleSyms>, String> {
+        let modules = self
+            .kernel
+            .modules(mem)
+            .map_err(|e| format!("reading the module list: {e}"))?;
+        let Some(module) = modules.into_iter().find(|m| m.name == name) else {
+            return Ok(None);
+        };
+        let symbols = self
+            .kernel
+            .symbols_of_module(mem, &module)
+            .map_err(|e| format!("reading the symbols of module {name}: {e}"))?;
+        Ok(Some(crate::symbols::ModuleSyms { module, symbols }))
+    }
 }
 
 /// The guest kernel answers reachability questions from its live contexts
@@ -250,6 +269,28 @@ impl crate::view::TaskView for Kernel {
 
     fn translate(&self, mem: &dyn PhysMemory, va: u64) -> Option<u64> {
         Kernel::translate(self, mem, va).ok()
+    }
+
+    fn module_function(
+        &self,
+        mem: &dyn PhysMemory,
+        module: &str,
+        name: &str,
+        sympos: u64,
+    ) -> Result<u64, String> {
+        let ks = KernelSymbols {
+            kernel: self,
+            page_size: None,
+            pg_reserved: None,
+        };
+        let m = ks
+            .module(mem, module)?
+            .ok_or_else(|| format!("module {module} is not loaded"))?;
+        if let Some(why) = m.not_live() {
+            return Err(format!("module {module} {why}"));
+        }
+        crate::link::pick_sympos(name, &m.addresses(name), sympos)
+            .map_err(|e| format!("module {module}: {e}"))
     }
 }
 

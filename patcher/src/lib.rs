@@ -13,6 +13,7 @@ pub mod info;
 pub mod journal;
 pub mod kernel;
 pub mod link;
+pub mod modwait;
 pub mod paging;
 pub mod patchobj;
 pub mod plan;

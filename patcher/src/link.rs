@@ -74,6 +74,23 @@ pub enum LinkError {
     /// Reading the guest failed while resolving.
     #[error("reading the guest: {0}")]
     Guest(String),
+    /// A symbol cannot be resolved in a kernel module the patch names: unknown there,
+    /// ambiguous without a sympos, or its sympos out of range (counted within the module).
+    #[error("module {module}: {source}{hint}", hint = sympos_hint(source))]
+    ModuleSymbol {
+        /// The module.
+        module: String,
+        /// The error.
+        source: SymbolError,
+    },
+    /// A name is defined in more than one of the patch's modules.
+    #[error("{name} is defined in modules {modules}: name the one meant with an asm label \"MODULE:{name}\"")]
+    AmbiguousModules {
+        /// The symbol.
+        name: String,
+        /// The modules, comma separated.
+        modules: String,
+    },
 }
 
 /// Resolves names in the guest kernel.
@@ -81,6 +98,19 @@ pub trait Resolver {
     /// Address of `name` by klp's sympos rule ([`introspect::pick_sympos`]): `sympos` 0 = the
     /// name must be unique, n ≥ 1 = the n-th occurrence in kallsyms order.
     fn resolve(&self, name: &str, sympos: u64) -> Result<u64, LinkError>;
+    /// Address of `name` in `object` (a kernel module; `None` = [`Resolver::resolve`]), sympos
+    /// counted within that object. Resolvers without modules refuse any object.
+    fn resolve_in(&self, object: Option<&str>, name: &str, sympos: u64) -> Result<u64, LinkError> {
+        match object {
+            None => self.resolve(name, sympos),
+            Some(o) => Err(LinkError::ModuleSymbol {
+                module: o.to_string(),
+                source: SymbolError::Unknown {
+                    name: name.to_string(),
+                },
+            }),
+        }
+    }
     /// The guest's runtime return thunk: `None` when returns are plain `ret` (the kernel's
     /// `x86_return_thunk == __x86_return_thunk`), else the thunk to jump to.
     fn return_thunk(&self) -> Result<Option<u64>, LinkError>;
@@ -116,6 +146,9 @@ pub struct LinkedFunc {
     /// Size of the new function in bytes.
     #[serde(default)]
     pub new_size: u64,
+    /// The kernel module holding the old function (`None`: vmlinux).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 /// The linked images of a patch.
@@ -461,7 +494,7 @@ pub fn link(
 
     let mut funcs = Vec::new();
     for f in &obj.funcs {
-        let old_addr = r.resolve(&f.old_name, f.sympos)?;
+        let old_addr = r.resolve_in(f.object.as_deref(), &f.old_name, f.sympos)?;
         funcs.push(LinkedFunc {
             old_name: f.old_name.clone(),
             sympos: f.sympos,
@@ -469,6 +502,7 @@ pub fn link(
             new_addr: code_base.wrapping_add(f.new_offset),
             flags: f.flags,
             new_size: f.new_size,
+            object: f.object.clone(),
         });
     }
     Ok(Linked {

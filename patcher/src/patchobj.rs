@@ -18,6 +18,10 @@ use thiserror::Error;
 
 /// Size of one `struct hvpatch_func` record.
 const FUNC_RECORD: usize = 32;
+/// Size of one `struct hvpatch_func_obj` record (`HVPATCH_FUNC_OBJ*`, `.hvpatch.funcs.obj`).
+const FUNC_OBJ_RECORD: usize = 40;
+/// Longest module name (`MODULE_NAME_LEN - 1`).
+const MODULE_NAME_MAX: usize = 55;
 /// Size of one `struct hvpatch_sympos` record.
 const SYMPOS_RECORD: usize = 16;
 /// Cap on metadata records (hostile input).
@@ -114,6 +118,10 @@ pub struct FuncRecord {
     /// Size of the new function in bytes (its ELF symbol size; else up to the next function
     /// symbol or the end of its section).
     pub new_size: u64,
+    /// The object holding the old function: a kernel module's name (`HVPATCH_FUNC_OBJ*`), or
+    /// `None` for vmlinux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 /// Layout of the loadable sections.
@@ -153,6 +161,22 @@ pub struct PatchObject {
     pub frame_pointers: bool,
     /// The object bytes.
     pub bytes: Vec<u8>,
+}
+
+impl PatchObject {
+    /// The kernel modules the patch names (`HVPATCH_FUNC_OBJ*` records and `module:symbol`
+    /// undefined names), sorted, without duplicates.
+    pub fn modules(&self) -> Vec<String> {
+        let mut m: std::collections::BTreeSet<String> =
+            self.funcs.iter().filter_map(|f| f.object.clone()).collect();
+        m.extend(
+            self.undefined
+                .iter()
+                .filter_map(|u| u.split_once(':').map(|(o, _)| o.to_string()))
+                .filter(|o| !o.is_empty() && o != "vmlinux"),
+        );
+        m.into_iter().collect()
+    }
 }
 
 /// The relocation types the linker understands.
@@ -462,16 +486,19 @@ impl PatchObject {
         };
 
         let mut funcs = Vec::new();
-        if let Some(d) = meta_bytes(".hvpatch.funcs")? {
-            if d.len() % FUNC_RECORD != 0 || d.len() / FUNC_RECORD > MAX_RECORDS {
-                return Err(bad(format!(
-                    ".hvpatch.funcs size {} is not n*{FUNC_RECORD}",
-                    d.len()
-                )));
+        for (sec, rec) in [
+            (".hvpatch.funcs", FUNC_RECORD),
+            (".hvpatch.funcs.obj", FUNC_OBJ_RECORD),
+        ] {
+            let Some(d) = meta_bytes(sec)? else {
+                continue;
+            };
+            if d.len() % rec != 0 || d.len() / rec > MAX_RECORDS {
+                return Err(bad(format!("{sec} size {} is not n*{rec}", d.len())));
             }
-            let ptrs = pointers(".hvpatch.funcs")?;
-            for i in 0..d.len() / FUNC_RECORD {
-                let base = (i * FUNC_RECORD) as u64;
+            let ptrs = pointers(sec)?;
+            for i in 0..d.len() / rec {
+                let base = (i * rec) as u64;
                 let (ns, noff, _) = ptrs
                     .get(&base)
                     .ok_or_else(|| bad(format!("function record {i}: old_name is not a string")))?;
@@ -494,13 +521,34 @@ impl PatchObject {
                     return Err(bad(format!("function record {i}: empty old name")));
                 }
                 let new_size = func_size(&elf, *fs, *foff, pl.size);
+                let object = if rec == FUNC_OBJ_RECORD {
+                    let (os, ooff, _) = ptrs.get(&(base + 32)).ok_or_else(|| {
+                        bad(format!("record for {old_name}: object is not a string"))
+                    })?;
+                    let o = string_at(*os, *ooff)?;
+                    if o.is_empty()
+                        || o.len() > MODULE_NAME_MAX
+                        || !o
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
+                        return Err(bad(format!(
+                            "record for {old_name}: object {o:?} is not a module name \
+                             (1-{MODULE_NAME_MAX} of [A-Za-z0-9_-])"
+                        )));
+                    }
+                    (o != "vmlinux").then_some(o)
+                } else {
+                    None
+                };
                 funcs.push(FuncRecord {
                     old_name,
-                    sympos: u64_at(d, i * FUNC_RECORD + 16),
-                    flags: u64_at(d, i * FUNC_RECORD + 24),
+                    sympos: u64_at(d, i * rec + 16),
+                    flags: u64_at(d, i * rec + 24),
                     new_offset: pl.offset + foff,
                     new_name: fname.clone(),
                     new_size,
+                    object,
                 });
             }
         }
@@ -510,10 +558,14 @@ impl PatchObject {
         {
             let mut seen = std::collections::BTreeSet::new();
             for f in &funcs {
-                if !seen.insert((f.old_name.clone(), f.sympos)) {
+                if !seen.insert((f.object.clone(), f.old_name.clone(), f.sympos)) {
                     return Err(bad(format!(
-                        "{} (sympos {}) is replaced twice",
-                        f.old_name, f.sympos
+                        "{}{} (sympos {}) is replaced twice",
+                        f.object
+                            .as_deref()
+                            .map_or(String::new(), |o| format!("{o}:")),
+                        f.old_name,
+                        f.sympos
                     )));
                 }
             }

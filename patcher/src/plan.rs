@@ -14,6 +14,7 @@ use crate::link::{link, pick_sympos, LinkError, LinkedFunc, Resolver, RETURN_THU
 use crate::patchobj::PatchObject;
 use crate::prologue::{Method, MovedInsn, Prologue, MAX_TRAMP_LEN};
 use crate::site::{self, SiteOwner, NOP5};
+use crate::symbols::ModuleSyms;
 use crate::txn::Write;
 use std::collections::BTreeMap;
 
@@ -27,11 +28,60 @@ struct GuestResolver<'a> {
     /// The trampolines of the functions this load rewrites the prologue of, by (name,
     /// sympos): their original code.
     tramps: &'a BTreeMap<(String, u64), u64>,
+    /// The kernel modules the patch names, read at planning.
+    objects: &'a BTreeMap<String, ModuleSyms>,
 }
 
 impl Resolver for GuestResolver<'_> {
+    /// The patch's modules first (a name in exactly one of them), then vmlinux; `MODULE:NAME`
+    /// looks in that module only.
     fn resolve(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
-        pick_sympos(name, &self.t.symbols.addresses(name), sympos)
+        if let Some((o, n)) = name.split_once(':') {
+            return self.resolve_in((o != "vmlinux").then_some(o), n, sympos);
+        }
+        let hits: Vec<(&String, Vec<u64>)> = self
+            .objects
+            .iter()
+            .map(|(o, m)| (o, m.addresses(name)))
+            .filter(|(_, a)| !a.is_empty())
+            .collect();
+        match hits.as_slice() {
+            [] => pick_sympos(name, &self.t.symbols.addresses(name), sympos),
+            [(o, addrs)] => pick_sympos(name, addrs, sympos).map_err(|e| match e {
+                LinkError::Symbol(source) => LinkError::ModuleSymbol {
+                    module: o.to_string(),
+                    source,
+                },
+                e => e,
+            }),
+            many => Err(LinkError::AmbiguousModules {
+                name: name.to_string(),
+                modules: many
+                    .iter()
+                    .map(|(o, _)| o.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    fn resolve_in(&self, object: Option<&str>, name: &str, sympos: u64) -> Result<u64, LinkError> {
+        let Some(o) = object else {
+            return pick_sympos(name, &self.t.symbols.addresses(name), sympos);
+        };
+        let m = self.objects.get(o).ok_or_else(|| LinkError::ModuleSymbol {
+            module: o.to_string(),
+            source: introspect::SymbolError::Unknown {
+                name: name.to_string(),
+            },
+        })?;
+        pick_sympos(name, &m.addresses(name), sympos).map_err(|e| match e {
+            LinkError::Symbol(source) => LinkError::ModuleSymbol {
+                module: o.to_string(),
+                source,
+            },
+            e => e,
+        })
     }
 
     fn original_body(&self, name: &str, sympos: u64) -> Result<u64, LinkError> {
@@ -241,6 +291,35 @@ fn entry_site_at(
     Ok(s)
 }
 
+/// The kernel modules `obj` names, read from the guest now: each must be loaded and live
+/// (not being loaded or unloaded; `coming_ok`: or coming, at the module-load hook).
+fn module_objects(
+    mem: &dyn PhysMemory,
+    t: &Target,
+    obj: &PatchObject,
+    coming_ok: bool,
+) -> Result<BTreeMap<String, ModuleSyms>, PatchError> {
+    let mut out = BTreeMap::new();
+    for name in obj.modules() {
+        let err = |what: String| PatchError::Module {
+            patch: obj.name.clone(),
+            module: name.clone(),
+            what,
+        };
+        let m = t
+            .symbols
+            .module(mem, &name)
+            .map_err(err)?
+            .ok_or_else(|| err("is not loaded in the guest".into()))?;
+        let coming = m.module.state == introspect::ModuleState::Coming;
+        if let (Some(why), false) = (m.not_live(), coming && coming_ok) {
+            return Err(err(why));
+        }
+        out.insert(name, m);
+    }
+    Ok(out)
+}
+
 /// Bytes reserved in the code part per prologue trampoline.
 const TRAMP_SLOT: u64 = MAX_TRAMP_LEN as u64;
 
@@ -399,7 +478,19 @@ pub(crate) fn plan_load(
     prologue_ok: bool,
 ) -> Result<LoadPlan, PatchError> {
     let obj = PatchObject::parse(object, file_name).map_err(Box::new)?;
-    plan_parsed_with(engine, ctl, t, obj, consistent, prologue_ok)
+    plan_parsed_with(engine, ctl, t, obj, consistent, prologue_ok, false)
+}
+
+/// [`plan_load`] of a parsed object at a module's load (the guest stopped at the module-load
+/// hook, [`crate::modwait`]): its modules may be coming, and a transition of another patch may
+/// run (the module's functions are in none). Immediate, ftrace sites only.
+pub(crate) fn plan_at_module_load(
+    engine: &Engine,
+    ctl: &mut dyn GuestControl,
+    t: &Target,
+    obj: PatchObject,
+) -> Result<LoadPlan, PatchError> {
+    plan_parsed_with(engine, ctl, t, obj, None, false, true)
 }
 
 /// Refuses while a transition runs: its dispatcher stubs jump to the versions on the function
@@ -422,7 +513,7 @@ pub(crate) fn plan_parsed(
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
 ) -> Result<LoadPlan, PatchError> {
-    plan_parsed_with(engine, ctl, t, obj, consistent, true)
+    plan_parsed_with(engine, ctl, t, obj, consistent, true, false)
 }
 
 /// [`plan_parsed`]; `prologue_ok`: a function without an ftrace site gets a prologue rewrite
@@ -434,8 +525,11 @@ fn plan_parsed_with(
     obj: PatchObject,
     consistent: Option<ConsistentPlan>,
     prologue_ok: bool,
+    at_module_load: bool,
 ) -> Result<LoadPlan, PatchError> {
-    no_transition(engine)?;
+    if !at_module_load {
+        no_transition(engine)?;
+    }
     if engine
         .patches
         .iter()
@@ -453,6 +547,8 @@ fn plan_parsed_with(
             });
         }
     }
+    // The kernel modules the patch names: loaded and live now.
+    let objects = module_objects(ctl.memory(), t, &obj, at_module_load)?;
     // Arena (discovered once, state kept on success only).
     let base = match &engine.arena {
         Some(a) => a.clone(),
@@ -486,13 +582,14 @@ fn plan_parsed_with(
         mem,
         sites: &engine.sites,
         tramps: &no_tramps,
+        objects: &objects,
     };
     let rewrites: Vec<(String, u64)> = if prologue_ok {
         obj.funcs
             .iter()
             .filter(|f| {
                 names
-                    .resolve(&f.old_name, f.sympos)
+                    .resolve_in(f.object.as_deref(), &f.old_name, f.sympos)
                     .is_ok_and(|a| wants_prologue(&engine.sites, mem, t, a))
             })
             .map(|f| (f.old_name.clone(), f.sympos))
@@ -547,6 +644,7 @@ fn plan_parsed_with(
         mem,
         sites: &engine.sites,
         tramps: &tramps,
+        objects: &objects,
     };
     let mut linked =
         link(&obj, &resolver, code_base, data_base).map_err(|source| PatchError::Link {
@@ -659,7 +757,13 @@ fn plan_parsed_with(
             }
             None => None,
         };
+        let old_size = match &f.object {
+            Some(o) => objects.get(o).and_then(|m| m.size_of(f.old_addr)),
+            None => None,
+        };
         functions.push(FuncInfo {
+            object: f.object.clone(),
+            old_size,
             new_size: f.new_size,
             stub,
             old_name: f.old_name.clone(),

@@ -4,6 +4,50 @@
 
 use std::collections::BTreeMap;
 
+use introspect::{Module, ModuleState, ModuleSymbol, PhysMemory};
+
+/// A loaded kernel module as a patch object sees it: the module (name, state, regions) and
+/// its symbol table, read from guest memory at one moment.
+#[derive(Debug, Clone)]
+pub struct ModuleSyms {
+    /// The module.
+    pub module: Module,
+    /// Its symbols in `/proc/kallsyms` order (undefined ones included; only defined ones
+    /// resolve).
+    pub symbols: Vec<ModuleSymbol>,
+}
+
+impl ModuleSyms {
+    /// Addresses of the defined symbols named `name`, in the module's kallsyms order (the
+    /// order klp's sympos counts in, within one object).
+    pub fn addresses(&self, name: &str) -> Vec<u64> {
+        self.symbols
+            .iter()
+            .filter(|s| s.defined && s.name == name)
+            .map(|s| s.addr)
+            .collect()
+    }
+
+    /// Size of the symbol at `addr`: up to the next defined symbol of the module or the end of
+    /// its region (`find_kallsyms_symbol`).
+    pub fn size_of(&self, addr: u64) -> Option<u64> {
+        introspect::modsyms::symbol_size(&self.symbols, &self.module, addr)
+    }
+
+    /// Why a patch may not touch the module now, if it may not: only a live module (not
+    /// being loaded or unloaded) is patched.
+    pub fn not_live(&self) -> Option<String> {
+        match self.module.state {
+            ModuleState::Live => None,
+            ModuleState::Coming => {
+                Some("is being loaded (state COMING: its init runs); retry once it is live".into())
+            }
+            ModuleState::Going => Some("is being unloaded (state GOING)".into()),
+            ModuleState::Unknown => Some("is in an unknown state".into()),
+        }
+    }
+}
+
 /// Guest kernel symbols.
 pub trait SymbolSource {
     /// All addresses of symbols named `name`, in kallsyms (address) order. Empty if unknown.
@@ -23,6 +67,13 @@ pub trait SymbolSource {
     /// Size of `struct <name>` from the guest's type information; `None` if unknown.
     fn type_size(&self, _struct_name: &str) -> Option<u64> {
         None
+    }
+    /// The loaded kernel module `name` with its symbols, read now from `mem`: `Ok(None)` when
+    /// no module of that name is loaded, `Err` when this source cannot read modules.
+    fn module(&self, _mem: &dyn PhysMemory, name: &str) -> Result<Option<ModuleSyms>, String> {
+        Err(format!(
+            "module {name}: this symbol source has no module information"
+        ))
     }
 }
 

@@ -48,8 +48,23 @@ pub struct UnloadReport {
     pub unload_us: u64,
 }
 
+impl UnloadReport {
+    /// The report of an unload that had nothing in the guest to undo (a waiting patch).
+    pub fn nothing(name: &str) -> UnloadReport {
+        UnloadReport {
+            name: name.to_string(),
+            checks: 0,
+            waited_us: 0,
+            first_hold: None,
+            pause_us: 0,
+            total_pause_us: 0,
+            unload_us: 0,
+        }
+    }
+}
+
 /// The outcome of one check of a held patch.
-enum Check {
+pub(crate) enum Check {
     Freed,
     Held(Hold),
 }
@@ -301,7 +316,11 @@ impl Engine {
     }
 
     /// Restores the entries the patch tops and takes it off every function stack.
-    fn disable_paused(&mut self, ctl: &mut dyn GuestControl, id: u64) -> Result<(), PatchError> {
+    pub(crate) fn disable_paused(
+        &mut self,
+        ctl: &mut dyn GuestControl,
+        id: u64,
+    ) -> Result<(), PatchError> {
         let idx = self.index_of(id)?;
         let name = self.patches[idx].info.name.clone();
         let mut writes = Vec::new();
@@ -309,6 +328,13 @@ impl Engine {
             let Some(st) = self.sites.get(&f.site) else {
                 continue;
             };
+            if f.object.is_some() && self.module_site_gone(ctl.memory(), f.site, st) {
+                // The module was removed (its text unmapped or mapped elsewhere): nothing of
+                // ours is left there, and the memory is no longer the module's.
+                tracing::warn!(func = %st.func, site = %format!("{:#x}", f.site),
+                    "module text gone: entry site forgotten, not written");
+                continue;
+            }
             if st.entries.last().is_some_and(|e| e.patch == name) {
                 let below = st
                     .entries
@@ -349,9 +375,29 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether the entry site `site` of a module function (function stack `st`) is no longer
+    /// ours: it does not map to the same guest-physical address in the kernel's page tables
+    /// any more (the module was unloaded, maybe loaded again elsewhere), or it holds the
+    /// unpatched bytes where our jmp should be (loaded again into the same pages).
+    pub(crate) fn module_site_gone(
+        &self,
+        mem: &dyn introspect::PhysMemory,
+        site: u64,
+        st: &crate::func_stack::SiteStack,
+    ) -> bool {
+        let unmapped = self
+            .paging
+            .is_some_and(|p| p.translate(mem, site).ok() != Some(st.site_pa));
+        let mut cur = [0u8; 5];
+        let reloaded = mem.read_phys(st.site_pa, &mut cur).is_ok()
+            && cur == st.original
+            && cur != st.current_bytes(site);
+        unmapped || reloaded
+    }
+
     /// Step 2 for a disabled patch: frees its pages if nothing reaches them, else records why
     /// it is held.
-    fn check_and_free_paused(
+    pub(crate) fn check_and_free_paused(
         &mut self,
         ctl: &mut dyn GuestControl,
         id: u64,

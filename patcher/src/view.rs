@@ -106,4 +106,18 @@ pub trait TaskView {
     ) -> Option<Result<Vec<introspect::live::Reference>, String>> {
         None
     }
+    /// Address of function `name` (klp sympos, counted within the module) in the live kernel
+    /// module `module`, read now; `Err` says why not (not loaded, being loaded or unloaded,
+    /// unknown there, or this view knows no modules).
+    fn module_function(
+        &self,
+        _mem: &dyn PhysMemory,
+        module: &str,
+        _name: &str,
+        _sympos: u64,
+    ) -> Result<u64, String> {
+        Err(format!(
+            "module {module}: this view has no module information"
+        ))
+    }
 }

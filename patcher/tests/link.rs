@@ -325,3 +325,25 @@ fn build_command_line_has_kernel_flags() {
     let e = compile(&o).unwrap_err();
     assert!(e.to_string().contains("6.1.0-56-cloud-amd64"), "{e}");
 }
+
+#[test]
+fn objects_of_module_functions() {
+    let obj = PatchObject::parse(&build("modobj.c", None), "modobj.o").unwrap();
+    let by: BTreeMap<&str, (Option<&str>, u64)> = obj
+        .funcs
+        .iter()
+        .map(|f| (f.old_name.as_str(), (f.object.as_deref(), f.sympos)))
+        .collect();
+    assert_eq!(by["cmdline_proc_show"], (None, 0));
+    assert_eq!(by["fat_a"], (Some("fat"), 0));
+    assert_eq!(by["fat_b"], (Some("fat"), 2));
+    assert_eq!(obj.modules(), vec!["fat".to_string()]);
+    assert!(
+        obj.undefined.iter().any(|u| u == "fat:fat_helper"),
+        "{:?}",
+        obj.undefined
+    );
+    // A resolver without modules refuses the module's functions, naming the module.
+    let e = link(&obj, &map(None), CODE, DATA).unwrap_err();
+    assert!(e.to_string().contains("fat"), "{e}");
+}

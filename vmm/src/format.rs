@@ -237,14 +237,26 @@ pub fn vcpus(v: &Value) -> String {
 
 fn patch_text(p: &Patch, unload: Option<&Unloaded>) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "patch {}: {:?}", p.name, p.state);
+    if p.waiting_for.is_empty() {
+        let _ = writeln!(s, "patch {}: {:?}", p.name, p.state);
+    } else {
+        let _ = writeln!(
+            s,
+            "patch {}: {:?} for module {} to load",
+            p.name,
+            p.state,
+            p.waiting_for.join(", ")
+        );
+    }
     for f in &p.functions {
         let pos = if f.sympos > 0 {
             format!(",{}", f.sympos)
         } else {
             String::new()
         };
-        let active = if p.state == PatchState::Disabled {
+        let active = if p.state == PatchState::Waiting {
+            "waiting for load"
+        } else if p.state == PatchState::Disabled {
             "disabled"
         } else if p.state != PatchState::Enabled {
             "removed"
@@ -253,9 +265,13 @@ fn patch_text(p: &Patch, unload: Option<&Unloaded>) -> String {
         } else {
             "superseded"
         };
+        let obj = f
+            .object
+            .as_deref()
+            .map_or(String::new(), |o| format!("{o}:"));
         let _ = writeln!(
             s,
-            "    {}{pos} at {:016x} -> {:016x} ({active}), {}",
+            "    {obj}{}{pos} at {:016x} -> {:016x} ({active}), {}",
             f.old_name, f.old_addr, f.new_addr, f.method
         );
         if let Some(tramp) = f.tramp {

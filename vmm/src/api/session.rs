@@ -19,6 +19,8 @@ use super::types::{
     SymbolLine, SymbolMatch, TaskStack, Unloaded, Vcpu, VcpuStack,
 };
 
+mod module_hooks;
+
 /// Longest banner compared when checking that the cached kernel model still fits the guest.
 const BANNER_MAX: usize = 512;
 
@@ -50,6 +52,8 @@ pub struct Session {
     /// Boundary breakpoints were armed at the last tick: hits queued before they were removed
     /// may still hold the guest paused (KVM), so the next tick drains them too.
     drain_hits: bool,
+    /// The module hooks armed (`[coming, going]` breakpoint addresses), see `module_hooks.rs`.
+    module_hooks: Option<[u64; 2]>,
 }
 
 /// The journal in guest memory ([`patcher::journal`]) and where its next record goes.
@@ -150,6 +154,7 @@ impl Session {
             journal: None,
             operator_paused: false,
             drain_hits: false,
+            module_hooks: None,
         }
     }
 
@@ -822,7 +827,9 @@ impl Session {
     /// a breakpoint hit that nobody took (queued before its transition ended, or left by a
     /// failed wait) and is resumed.
     fn serve_boundary_hits(&mut self) {
-        if self.operator_paused {
+        if self.operator_paused || self.module_hooks.is_some() {
+            // (The module hooks serve every stop while armed; no breakpoints transition runs
+            // meanwhile.)
             return;
         }
         let serving = self.engine.wants_boundary_hits();
@@ -917,6 +924,12 @@ impl Session {
     /// Starts an unload: disables the patch and checks once. Freed at once: the result. Still
     /// reachable: the unload waits in [`Session::pending`], advanced by [`Handler::tick`].
     fn patch_unload(&mut self, name: &str, timeout: Duration, reply: Reply) {
+        // A patch waiting for its modules has nothing in the guest.
+        if !self.engine.is_loaded(name) {
+            if let Some(info) = self.engine.forget_waiting(name) {
+                return reply.send(unloaded(info, patcher::UnloadReport::nothing(name)));
+            }
+        }
         // A consistent patch is first disabled by a transition; the unload goes on once every
         // task runs the previous version.
         let consistent_enabled = self
@@ -1144,6 +1157,9 @@ impl Handler for Session {
                 None => Err(ReqError::NoPatch(name)),
             },
         };
+        // A load may have left a patch waiting for its module: watch for it before the
+        // client can load the module.
+        self.sync_module_hooks();
         self.persist();
         reply.send(match r {
             Ok(v) => Response::ok(v),
@@ -1152,6 +1168,8 @@ impl Handler for Session {
     }
 
     fn tick(&mut self) {
+        self.sync_module_hooks();
+        self.serve_module_hooks();
         self.serve_boundary_hits();
         if self.engine.in_transition() || !self.waiters.is_empty() {
             self.advance_transition();
@@ -1165,7 +1183,9 @@ impl Handler for Session {
     }
 
     fn tick_interval(&self) -> Duration {
-        if self.engine.wants_boundary_hits() && !self.operator_paused {
+        if (self.engine.wants_boundary_hits() || self.module_hooks.is_some())
+            && !self.operator_paused
+        {
             // A hit keeps every vCPU stopped until it is served.
             return Duration::ZERO;
         }

@@ -201,6 +201,9 @@ pub enum PatchState {
     Held,
     /// Disabled and freed.
     Unloaded,
+    /// Accepted, not in the guest yet: the kernel modules it patches are not loaded; applied
+    /// when they load (`waiting_for` names them).
+    Waiting,
 }
 
 impl From<patcher::PatchState> for PatchState {
@@ -209,6 +212,7 @@ impl From<patcher::PatchState> for PatchState {
             patcher::PatchState::Enabled => PatchState::Enabled,
             patcher::PatchState::Disabled => PatchState::Disabled,
             patcher::PatchState::Held => PatchState::Held,
+            patcher::PatchState::Waiting => PatchState::Waiting,
         }
     }
 }
@@ -249,6 +253,12 @@ pub struct Patch {
     /// tasks switched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition: Option<patcher::transition::TransitionSummary>,
+    /// A `Waiting` patch: the kernel modules it waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+    /// Applied when its modules loaded: it waits again when they are removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub module_hooked: bool,
 }
 
 impl From<PatchInfo> for Patch {
@@ -268,6 +278,8 @@ impl From<PatchInfo> for Patch {
             frame_pointers: p.frame_pointers,
             held: p.held,
             last_transition: p.last_transition,
+            waiting_for: p.waiting_for,
+            module_hooked: p.module_hooked,
         }
     }
 }
