@@ -13,7 +13,8 @@
 //!   the tracer off, the function's text is the original.
 //!
 //! - **consistency model** (`prologue_consistent_*`): a `cat` blocked in `trace_pipe` (inside
-//!   `tracing_read_pipe`, no ftrace site) holds the transition of a consistent patch wrapping
+//!   `tracing_read_pipe`, no ftrace site) holds the transition of a consistent patch (which a
+//!   disable reverses at once, and an enable starts again) wrapping
 //!   `tracing_read_pipe` (its `HVPATCH_ORIG` runs the trampoline) while a new process already
 //!   sees the new `tracing_on`; a `trace_marker` write lets it return and switch, and the
 //!   transition completes; the disable transition is held by the reader inside the new
@@ -423,11 +424,29 @@ fn prologue_consistent(series: KernelSeries) {
         .expect("write object");
         p.display().to_string()
     };
+    // A reversal first: the load's transition, held by the reader, is disabled; every task is
+    // back on the original (the trampoline's way) at once. (The patch is not unloaded here:
+    // on 6.12 a stale slot in the sleeping reader's stack can equal an address of the arena,
+    // which the conservative unload scan counts until the reader runs.)
     let v = c.start(&["patch", "load", &obj]);
     for f in v["functions"].as_array().unwrap() {
         assert_eq!(f["method"], "prologue", "{v:#}");
         assert!(!f["stub"].is_null(), "no dispatcher stub: {v:#}");
     }
+    std::thread::sleep(Duration::from_millis(500));
+    c.blocked_by(reader, 1);
+    c.start(&["patch", "disable", "readpipe"]);
+    let s = c.wait_complete(Duration::from_secs(20));
+    let last = &s["patches"][0]["last_transition"];
+    assert!(last["reversed"] == true && last["target"] == 0, "{s:#}");
+    assert_eq!(c.run(&format!("cat {TRACING}/tracing_on")), orig_on);
+    assert_eq!(
+        c.run(&format!("cat /proc/{reader}/patch_state")).trim(),
+        "-1"
+    );
+    c.healthy("reversed");
+    // Enabled again: the reader holds this transition too.
+    c.start(&["patch", "enable", "readpipe"]);
     std::thread::sleep(Duration::from_millis(500));
     // The reader holds the transition, with the old tracing_read_pipe on its stack.
     let b = c.blocked_by(reader, 1);
