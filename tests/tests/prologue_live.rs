@@ -13,7 +13,8 @@
 //!   the tracer off, the function's text is the original.
 //!
 //! - **consistency model** (`prologue_consistent_*`): a `cat` blocked in `trace_pipe` (inside
-//!   `tracing_read_pipe`, no ftrace site) holds the transition of a consistent patch wrapping
+//!   `tracing_read_pipe`, no ftrace site) holds the transition of a consistent patch (which a
+//!   disable reverses at once, and an enable starts again) wrapping
 //!   `tracing_read_pipe` (its `HVPATCH_ORIG` runs the trampoline) while a new process already
 //!   sees the new `tracing_on`; a `trace_marker` write lets it return and switch, and the
 //!   transition completes; the disable transition is held by the reader inside the new
@@ -423,11 +424,27 @@ fn prologue_consistent(series: KernelSeries) {
         .expect("write object");
         p.display().to_string()
     };
+    // A reversal first: the load's transition, held by the reader, is disabled; every task is
+    // back on the original (the trampoline's way) at once.
     let v = c.start(&["patch", "load", &obj]);
     for f in v["functions"].as_array().unwrap() {
         assert_eq!(f["method"], "prologue", "{v:#}");
         assert!(!f["stub"].is_null(), "no dispatcher stub: {v:#}");
     }
+    std::thread::sleep(Duration::from_millis(500));
+    c.blocked_by(reader, 1);
+    c.start(&["patch", "disable", "readpipe"]);
+    let s = c.wait_complete(Duration::from_secs(20));
+    let last = &s["patches"][0]["last_transition"];
+    assert!(last["reversed"] == true && last["target"] == 0, "{s:#}");
+    assert_eq!(c.run(&format!("cat {TRACING}/tracing_on")), orig_on);
+    assert_eq!(
+        c.run(&format!("cat /proc/{reader}/patch_state")).trim(),
+        "-1"
+    );
+    c.healthy("reversed");
+    // Enabled again: the reader holds this transition too.
+    c.start(&["patch", "enable", "readpipe"]);
     std::thread::sleep(Duration::from_millis(500));
     // The reader holds the transition, with the old tracing_read_pipe on its stack.
     let b = c.blocked_by(reader, 1);
@@ -473,7 +490,7 @@ fn prologue_consistent(series: KernelSeries) {
     c.run(&format!("echo wake3 > {TRACING}/trace_marker"));
     c.wait_complete(Duration::from_secs(20));
     assert_eq!(c.run(&format!("cat {TRACING}/tracing_on")), orig_on);
-    c.json(&["patch", "unload", "readpipe"]);
+    // The reader reads on in the original.
     c.run(&format!("echo wake4 > {TRACING}/trace_marker"));
     let t0 = Instant::now();
     loop {
@@ -490,7 +507,11 @@ fn prologue_consistent(series: KernelSeries) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Unloaded once the reader is gone: a slot of its sleeping stack may still hold the
+    // return address into the new function of an earlier read (the guest's own
+    // /proc/PID/stack shows no such frame), which the conservative unload scan counts.
     c.run(&format!("kill {reader}"));
+    c.json(&["patch", "unload", "readpipe"]);
     c.healthy("after the blocked-reader transitions");
 
     // Enable/disable transitions under a hammer on every vCPU.

@@ -104,6 +104,8 @@ pub fn text(ver: &str, name: &str) -> String {
 pub struct Overlay<'a> {
     pub inner: introspect::model::KernelGuest<'a>,
     pub bytes: std::collections::BTreeMap<u64, u8>,
+    /// What [`introspect::model::GuestAccess::text_aliases`] answers.
+    pub aliases: Vec<(u64, u64)>,
 }
 
 impl<'a> Overlay<'a> {
@@ -114,6 +116,7 @@ impl<'a> Overlay<'a> {
                 mem: &s.mem,
             },
             bytes: Default::default(),
+            aliases: vec![],
         }
     }
     pub fn put_u64(&mut self, va: u64, v: u64) {
@@ -150,6 +153,9 @@ impl introspect::model::GuestAccess for Overlay<'_> {
     }
     fn symbolize(&self, addr: u64) -> Option<(String, u64, u64)> {
         self.inner.symbolize(addr)
+    }
+    fn text_aliases(&self) -> Vec<(u64, u64)> {
+        self.aliases.clone()
     }
 }
 
