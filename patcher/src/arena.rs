@@ -18,7 +18,7 @@
 //!
 //! Mapping: one 2 MiB slot in the kernel image region (`0xffffffff80000000 + [0, 1 GiB)`)
 //! whose PMD entry is empty — after `_end` (entries past the image are cleared by
-//! `cleanup_highmap()`), else below `_text`. A page-table page from the arena is installed in
+//! `cleanup_highmap()`) and past the freed `.init.scratch` area there, else below `_text`. A page-table page from the arena is installed in
 //! that PMD; arena page `i` is always mapped at `slot + i * 4 KiB` (so a VA always names the same
 //! physical page), code pages RX, data pages RW+NX, never global. A page index that has been
 //! code is never reused for data and vice versa, so stale TLB entries of unloaded patches can
@@ -538,9 +538,20 @@ impl Arena {
             (lo, lo.saturating_add(0x4000_0000))
         };
         let after = end.saturating_add(SLOT - 1) & !(SLOT - 1);
+        // Past `.init.scratch` (after `_end` with CONFIG_AMD_MEM_ENCRYPT: `sme_workarea`, mapped
+        // at boot and freed since), whose old addresses may linger in stale stack slots and would
+        // hold our unloads.
+        let scratch = match (
+            syms.addresses("__init_scratch_begin").first(),
+            syms.addresses("__init_scratch_end").first(),
+        ) {
+            (Some(&b), Some(&e)) if b < e => Some((b & !(SLOT - 1), e)),
+            _ => None,
+        };
+        let in_scratch = |v: u64| scratch.is_some_and(|(b, e)| v < e && v.saturating_add(SLOT) > b);
         let mut candidates: Vec<u64> = (0..512u64)
             .map(|i| after.wrapping_add(i * SLOT))
-            .filter(|&v| v >= after && v >= lo && v < hi)
+            .filter(|&v| v >= after && v >= lo && v < hi && !in_scratch(v))
             .collect();
         let below = text & !(SLOT - 1);
         candidates.extend(
