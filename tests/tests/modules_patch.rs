@@ -17,6 +17,8 @@
 //! - a patched `fat` removed by `rmmod` (and loaded again): the unload (immediate, or a
 //!   disable transition) forgets its site and restores `loop`'s; a disabled patch is refused
 //!   `enable` once its module was loaded again (it would be elsewhere);
+//! - a `cat /proc/mounts` asleep inside the original `fat_show_options` (in a sleeping callee)
+//!   holds a consistent load of it, named by `status`, and finishes in the old function;
 //! - refusals, the guest unchanged: a module that is not loaded, a function the module does
 //!   not have, a module function that ftrace traces (its site holds `call ftrace_caller`), a
 //!   module caught at `do_init_module` (state COMING).
@@ -63,6 +65,17 @@ const FAT_PATCH: &str = "struct dentry;\n\
     static int new_show_options(struct seq_file *m, struct dentry *root)\n\
     { seq_printf(m, \",hvpatched\"); return hvpatch_orig_fat_show_options(m, root); }\n\
     HVPATCH_FUNC_OBJ(fat, fat_show_options, new_show_options);";
+
+/// `from_kuid_munged` sleeping 3 s for uid 4242 (immediate): `fat_show_options` of a vfat
+/// mounted with `uid=4242` calls it, so a `cat /proc/mounts` sleeps inside the original
+/// module function.
+const KUID_SLEEP_PATCH: &str = "HVPATCH_PATCH_FLAGS(HVPATCH_IMMEDIATE);\n\
+    struct user_namespace; typedef struct { unsigned int val; } kuid_t;\n\
+    extern void msleep(unsigned int);\n\
+    HVPATCH_ORIG(unsigned int, from_kuid_munged, (struct user_namespace *ns, kuid_t uid));\n\
+    static unsigned int n(struct user_namespace *ns, kuid_t uid)\n\
+    { if (uid.val == 4242) msleep(3000); return hvpatch_orig_from_kuid_munged(ns, uid); }\n\
+    HVPATCH_FUNC(from_kuid_munged, n);";
 
 /// The address of `name` in `module` by the guest's /proc/kallsyms text `ksyms`.
 fn kallsyms_addr(ksyms: &str, module: &str, name: &str) -> u64 {
@@ -355,6 +368,8 @@ fn check(series: KernelSeries) {
     c.healthy("after the cycles under load");
     c.assert_unpatched("after the cycles");
 
+    blocked_in_module(&mut c);
+
     // Refusals, each leaving the guest unchanged.
     let bad = patch_file(
         "nomod",
@@ -447,6 +462,81 @@ fn check(series: KernelSeries) {
     coming_refused(&mut c.g);
     c.healthy("after the coming module");
     eprintln!("{series}: done in {:.1?}", t_start.elapsed());
+}
+
+/// The consistency model with the old function in a module: a `cat /proc/mounts` asleep in a
+/// callee of the original `fat_show_options` (vfat mounted with `uid=4242`, `from_kuid_munged`
+/// sleeping for that uid) holds the transition of a consistent `fat_show_options` patch; `status`
+/// names it; it finishes in the old function (its output has no `,hvpatched`) while new readers
+/// already get the new one; then the transition completes.
+fn blocked_in_module(c: &mut Ctx) {
+    let series = c.g.kernel().series;
+    let out = c.run("umount /mnt && mount -t vfat -o uid=4242 /dev/loop0 /mnt && echo ok");
+    assert_eq!(out.trim(), "ok", "{out}");
+    let kuid = patch_file("kuidsleep", KUID_SLEEP_PATCH);
+    c.json(&["patch", "load", &kuid]);
+    c.run("rm -f /tmp/m.out");
+    c.g.spawn("cat /proc/mounts > /tmp/m.out").unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let cat: i64 = c
+        .run("pidof cat")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{series}: no sleeping cat"));
+    let obj = patch_file("fatcons", FAT_PATCH);
+    let v = c.json(&["patch", "load", &obj, "--no-wait"]);
+    assert_eq!(v["name"], "fatcons", "{v:#}");
+    std::thread::sleep(Duration::from_millis(300));
+    let s = c.json(&["patch", "status"]);
+    let t = &s["transition"];
+    assert_eq!(
+        t["patch"], "fatcons",
+        "{series}: the cat did not hold it: {s:#}"
+    );
+    let b = t["blocking"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["pid"] == cat)
+        .unwrap_or_else(|| panic!("{series}: the cat {cat} does not block: {s:#}"));
+    eprintln!("{series}: blocking: {b}");
+    assert_eq!(b["why"]["kind"], "on_stack", "{b:#}");
+    // The frame is inside the module function (by the size from the module's symbol table;
+    // kallsyms of vmlinux knows nothing there).
+    let f = &v["functions"][0];
+    let hex =
+        |x: &Value| u64::from_str_radix(x.as_str().unwrap_or("").trim_start_matches("0x"), 16);
+    let (start, size) = (
+        hex(&f["old_addr"]).unwrap(),
+        f["old_size"].as_u64().unwrap(),
+    );
+    let frame = hex(&b["why"]["frame"]).unwrap_or(0);
+    assert!(
+        frame > start && frame < start + size,
+        "{series}: frame {frame:#x} not in fat_show_options {start:#x}+{size:#x}: {b:#}"
+    );
+    // A new reader already runs the new function (it sleeps too: uid 4242).
+    let m = c.run("grep '^/dev/loop0 ' /proc/mounts");
+    assert!(m.contains(",hvpatched,"), "{series}: a new reader: {m}");
+    let t0 = Instant::now();
+    while !c.json(&["patch", "status"])["transition"].is_null() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{series}: never completed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let old = c.run("grep '^/dev/loop0 ' /tmp/m.out");
+    assert!(
+        old.contains("uid=4242") && !old.contains("hvpatched"),
+        "{series}: the blocked cat left the old function mid-way: {old}"
+    );
+    c.json(&["patch", "unload", "fatcons", "--timeout", "60"]);
+    c.json(&["patch", "unload", "kuidsleep"]);
+    let out = c.run("umount /mnt && mount -t vfat /dev/loop0 /mnt && echo ok");
+    assert_eq!(out.trim(), "ok", "{out}");
+    c.healthy("after the blocked task");
 }
 
 /// A patch for `fat` while `fat` is not loaded: it waits; each `insmod` applies it before any
