@@ -21,7 +21,7 @@
 //!   holds a consistent load of it, named by `status`, and finishes in the old function;
 //! - refusals, the guest unchanged: a module that is not loaded, a function the module does
 //!   not have, a module function that ftrace traces (its site holds `call ftrace_caller`), a
-//!   module caught at `do_init_module` (state COMING).
+//!   module caught at `do_init_module` (state COMING) or at `free_module` (GOING).
 
 use std::time::{Duration, Instant};
 
@@ -610,7 +610,8 @@ fn waiting_for_load(c: &mut Ctx) {
 }
 
 /// A module caught at `do_init_module` (relocated, state COMING, init not run) is refused
-/// by a load naming it; after its init the same load works.
+/// by a load naming it; after its init the same load works; caught at `free_module` (GOING)
+/// it is refused again.
 fn coming_refused(g: &mut Guest) {
     let series = g.kernel().series;
     g.run("rmmod isofs").expect("rmmod isofs");
@@ -671,6 +672,30 @@ fn coming_refused(g: &mut Guest) {
     assert_eq!(info.functions[0].object.as_deref(), Some("isofs"));
     e.unload(&mut ctl, "isopatch", &kernel, Duration::from_secs(30))
         .expect("unload");
+    // Caught while it is removed (at `free_module`, state GOING): refused too.
+    let free = kernel
+        .lookup("free_module", None)
+        .expect("free_module in vmlinux");
+    ctl.set_breakpoints(&[free]).expect("breakpoint");
+    g.spawn("rmmod isofs").expect("rmmod in the background");
+    let ev = ctl
+        .wait_event(Duration::from_secs(60))
+        .expect("wait for the breakpoint");
+    assert!(
+        matches!(ev, Some(patcher::GuestEvent::Breakpoint { rip, .. }) if rip == free),
+        "{series}: rmmod isofs did not stop at free_module: {ev:?}"
+    );
+    let r = e.load(&mut ctl, &t, &obj, "isopatch.o");
+    ctl.set_breakpoints(&[]).expect("clear breakpoints");
+    ctl.resume().expect("resume");
+    match r {
+        Err(PatchError::Module { module, what, .. }) => {
+            assert_eq!(module, "isofs");
+            assert!(what.contains("being unloaded"), "{series}: {what}");
+        }
+        other => panic!("{series}: a load for a going module: {other:?}"),
+    }
+    assert!(e.list().is_empty());
     drop(ctl);
 }
 
