@@ -542,7 +542,9 @@ fn blocked_in_module(c: &mut Ctx) {
 /// A patch for `fat` while `fat` is not loaded: it waits; each `insmod` applies it before any
 /// of fat's code runs (the first `/proc/mounts` after the mount shows the new function), each
 /// `rmmod` withdraws it and it waits again. Meanwhile a breakpoints-switcher transition is
-/// refused (debug registers). Unloading a waiting or an applied patch works.
+/// refused (debug registers). With hvpatch killed, a module load does not stop the guest; the
+/// restarted server applies the waiting patch to the module already there. Unloading a
+/// waiting or an applied patch works.
 fn waiting_for_load(c: &mut Ctx) {
     let series = c.g.kernel().series;
     c.remove_fat();
@@ -582,6 +584,32 @@ fn waiting_for_load(c: &mut Ctx) {
         assert_eq!(v["state"], "Waiting", "{series}: round {round}: {v:#}");
         c.healthy(&format!("module round {round}"));
     }
+    // hvpatch killed while the patch waits: the guest does not stop at the hooks (the attach
+    // guard detached), fat loads unpatched; a new `hvpatch attach` continues from its state
+    // file, arms the hooks and applies the patch to the fat already there.
+    c.srv.as_mut().unwrap().kill_hard();
+    drop(c.srv.take());
+    c.insert_fat();
+    let (m, _) = c.outputs();
+    assert!(!m.contains("hvpatched"), "{series}: with no server: {m}");
+    c.srv = Some(AttachServer::start(&c.g).expect("hvpatch attach again"));
+    let t0 = Instant::now();
+    loop {
+        let (m, _) = c.outputs();
+        if m.contains(" rw,relatime,hvpatched,") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{series}: the restarted server never applied the waiting patch: {m}\n{}",
+            c.srv().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.remove_fat();
+    let v = c.json(&["patch", "info", "fatwait"]);
+    assert_eq!(v["state"], "Waiting", "{series}: after the restart: {v:#}");
+    c.healthy("after the restart");
     // Unload while waiting; load again, apply, unload while applied.
     c.json(&["patch", "unload", "fatwait"]);
     c.json(&["patch", "load", &obj]);

@@ -43,6 +43,10 @@ impl Session {
                     Ok(()) => {
                         tracing::info!("module hooks armed");
                         self.module_hooks = Some([coming, going]);
+                        // Modules that came or went while nobody watched (a restarted server).
+                        if let Err(e) = self.catch_up_modules() {
+                            tracing::warn!("catching up with module loads: {e}");
+                        }
                     }
                     Err(e) => tracing::warn!("arming the module hooks: {e}"),
                 }
