@@ -214,6 +214,32 @@ impl Engine {
         self.find(name).is_some()
     }
 
+    /// For catching up after a missed hook stop, by `present` (whether a module is loaded):
+    /// the modules whose waiting patches could apply now (all their modules present), and the
+    /// modules of applied patches that are gone.
+    pub fn module_hook_candidates(
+        &self,
+        present: &dyn Fn(&str) -> bool,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut coming: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|w| w.modules.iter().all(|m| present(m)))
+            .filter_map(|w| w.modules.first().cloned())
+            .collect();
+        let mut going: Vec<String> = self
+            .patches
+            .iter()
+            .filter(|p| p.info.state != PatchState::Held)
+            .filter_map(|p| p.rewait.as_ref())
+            .flat_map(|w| w.modules.iter().filter(|m| !present(m)).cloned())
+            .collect();
+        coming.dedup();
+        going.sort();
+        going.dedup();
+        (coming, going)
+    }
+
     /// Forgets the waiting patch `name` (its unload: nothing of it is in the guest).
     pub fn forget_waiting(&mut self, name: &str) -> Option<PatchInfo> {
         let i = self.waiting.iter().position(|w| w.name == name)?;

@@ -587,6 +587,9 @@ fn plan_parsed_with(
     let rewrites: Vec<(String, u64)> = if prologue_ok {
         obj.funcs
             .iter()
+            // Module functions: no prologue rewrite (the module's own jump labels, static
+            // calls and exception tables are not read), only their ftrace site.
+            .filter(|f| f.object.is_none())
             .filter(|f| {
                 names
                     .resolve_in(f.object.as_deref(), &f.old_name, f.sympos)
@@ -668,12 +671,14 @@ fn plan_parsed_with(
                 prologue_site(&engine.sites, mem, t, f, at, first)?
             }
             Ok(es) => (es, Method::FtraceSite, None),
-            Err(e) if prologue_ok => {
+            Err(e) if prologue_ok && f.object.is_none() => {
                 let at = tramps.get(&(f.old_name.clone(), f.sympos)).copied();
                 prologue_site(&engine.sites, mem, t, f, at, e)?
             }
             Err(e @ PatchError::Site { .. })
-                if !prologue_ok && wants_prologue(&engine.sites, mem, t, f.old_addr) =>
+                if !prologue_ok
+                    && f.object.is_none()
+                    && wants_prologue(&engine.sites, mem, t, f.old_addr) =>
             {
                 let hint = match crate::prologue_plan::plan_entry(
                     mem,

@@ -17,9 +17,11 @@
 //! - a patched `fat` removed by `rmmod` (and loaded again): the unload (immediate, or a
 //!   disable transition) forgets its site and restores `loop`'s; a disabled patch is refused
 //!   `enable` once its module was loaded again (it would be elsewhere);
+//! - a `cat /proc/mounts` asleep inside the original `fat_show_options` (in a sleeping callee)
+//!   holds a consistent load of it, named by `status`, and finishes in the old function;
 //! - refusals, the guest unchanged: a module that is not loaded, a function the module does
 //!   not have, a module function that ftrace traces (its site holds `call ftrace_caller`), a
-//!   module caught at `do_init_module` (state COMING).
+//!   module caught at `do_init_module` (state COMING) or at `free_module` (GOING).
 
 use std::time::{Duration, Instant};
 
@@ -63,6 +65,17 @@ const FAT_PATCH: &str = "struct dentry;\n\
     static int new_show_options(struct seq_file *m, struct dentry *root)\n\
     { seq_printf(m, \",hvpatched\"); return hvpatch_orig_fat_show_options(m, root); }\n\
     HVPATCH_FUNC_OBJ(fat, fat_show_options, new_show_options);";
+
+/// `from_kuid_munged` sleeping 3 s for uid 4242 (immediate): `fat_show_options` of a vfat
+/// mounted with `uid=4242` calls it, so a `cat /proc/mounts` sleeps inside the original
+/// module function.
+const KUID_SLEEP_PATCH: &str = "HVPATCH_PATCH_FLAGS(HVPATCH_IMMEDIATE);\n\
+    struct user_namespace; typedef struct { unsigned int val; } kuid_t;\n\
+    extern void msleep(unsigned int);\n\
+    HVPATCH_ORIG(unsigned int, from_kuid_munged, (struct user_namespace *ns, kuid_t uid));\n\
+    static unsigned int n(struct user_namespace *ns, kuid_t uid)\n\
+    { if (uid.val == 4242) msleep(3000); return hvpatch_orig_from_kuid_munged(ns, uid); }\n\
+    HVPATCH_FUNC(from_kuid_munged, n);";
 
 /// The address of `name` in `module` by the guest's /proc/kallsyms text `ksyms`.
 fn kallsyms_addr(ksyms: &str, module: &str, name: &str) -> u64 {
@@ -355,6 +368,8 @@ fn check(series: KernelSeries) {
     c.healthy("after the cycles under load");
     c.assert_unpatched("after the cycles");
 
+    blocked_in_module(&mut c);
+
     // Refusals, each leaving the guest unchanged.
     let bad = patch_file(
         "nomod",
@@ -449,10 +464,87 @@ fn check(series: KernelSeries) {
     eprintln!("{series}: done in {:.1?}", t_start.elapsed());
 }
 
+/// The consistency model with the old function in a module: a `cat /proc/mounts` asleep in a
+/// callee of the original `fat_show_options` (vfat mounted with `uid=4242`, `from_kuid_munged`
+/// sleeping for that uid) holds the transition of a consistent `fat_show_options` patch; `status`
+/// names it; it finishes in the old function (its output has no `,hvpatched`) while new readers
+/// already get the new one; then the transition completes.
+fn blocked_in_module(c: &mut Ctx) {
+    let series = c.g.kernel().series;
+    let out = c.run("umount /mnt && mount -t vfat -o uid=4242 /dev/loop0 /mnt && echo ok");
+    assert_eq!(out.trim(), "ok", "{out}");
+    let kuid = patch_file("kuidsleep", KUID_SLEEP_PATCH);
+    c.json(&["patch", "load", &kuid]);
+    c.run("rm -f /tmp/m.out");
+    c.g.spawn("cat /proc/mounts > /tmp/m.out").unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let cat: i64 = c
+        .run("pidof cat")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{series}: no sleeping cat"));
+    let obj = patch_file("fatcons", FAT_PATCH);
+    let v = c.json(&["patch", "load", &obj, "--no-wait"]);
+    assert_eq!(v["name"], "fatcons", "{v:#}");
+    std::thread::sleep(Duration::from_millis(300));
+    let s = c.json(&["patch", "status"]);
+    let t = &s["transition"];
+    assert_eq!(
+        t["patch"], "fatcons",
+        "{series}: the cat did not hold it: {s:#}"
+    );
+    let b = t["blocking"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["pid"] == cat)
+        .unwrap_or_else(|| panic!("{series}: the cat {cat} does not block: {s:#}"));
+    eprintln!("{series}: blocking: {b}");
+    assert_eq!(b["why"]["kind"], "on_stack", "{b:#}");
+    // The frame is inside the module function (by the size from the module's symbol table;
+    // kallsyms of vmlinux knows nothing there).
+    let f = &v["functions"][0];
+    let hex =
+        |x: &Value| u64::from_str_radix(x.as_str().unwrap_or("").trim_start_matches("0x"), 16);
+    let (start, size) = (
+        hex(&f["old_addr"]).unwrap(),
+        f["old_size"].as_u64().unwrap(),
+    );
+    let frame = hex(&b["why"]["frame"]).unwrap_or(0);
+    assert!(
+        frame > start && frame < start + size,
+        "{series}: frame {frame:#x} not in fat_show_options {start:#x}+{size:#x}: {b:#}"
+    );
+    // A new reader already runs the new function (it sleeps too: uid 4242).
+    let m = c.run("grep '^/dev/loop0 ' /proc/mounts");
+    assert!(m.contains(",hvpatched,"), "{series}: a new reader: {m}");
+    let t0 = Instant::now();
+    while !c.json(&["patch", "status"])["transition"].is_null() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{series}: never completed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let old = c.run("grep '^/dev/loop0 ' /tmp/m.out");
+    assert!(
+        old.contains("uid=4242") && !old.contains("hvpatched"),
+        "{series}: the blocked cat left the old function mid-way: {old}"
+    );
+    c.json(&["patch", "unload", "fatcons", "--timeout", "60"]);
+    c.json(&["patch", "unload", "kuidsleep"]);
+    let out = c.run("umount /mnt && mount -t vfat /dev/loop0 /mnt && echo ok");
+    assert_eq!(out.trim(), "ok", "{out}");
+    c.healthy("after the blocked task");
+}
+
 /// A patch for `fat` while `fat` is not loaded: it waits; each `insmod` applies it before any
 /// of fat's code runs (the first `/proc/mounts` after the mount shows the new function), each
 /// `rmmod` withdraws it and it waits again. Meanwhile a breakpoints-switcher transition is
-/// refused (debug registers). Unloading a waiting or an applied patch works.
+/// refused (debug registers). With hvpatch killed, a module load does not stop the guest; the
+/// restarted server applies the waiting patch to the module already there. Unloading a
+/// waiting or an applied patch works.
 fn waiting_for_load(c: &mut Ctx) {
     let series = c.g.kernel().series;
     c.remove_fat();
@@ -492,6 +584,32 @@ fn waiting_for_load(c: &mut Ctx) {
         assert_eq!(v["state"], "Waiting", "{series}: round {round}: {v:#}");
         c.healthy(&format!("module round {round}"));
     }
+    // hvpatch killed while the patch waits: the guest does not stop at the hooks (the attach
+    // guard detached), fat loads unpatched; a new `hvpatch attach` continues from its state
+    // file, arms the hooks and applies the patch to the fat already there.
+    c.srv.as_mut().unwrap().kill_hard();
+    drop(c.srv.take());
+    c.insert_fat();
+    let (m, _) = c.outputs();
+    assert!(!m.contains("hvpatched"), "{series}: with no server: {m}");
+    c.srv = Some(AttachServer::start(&c.g).expect("hvpatch attach again"));
+    let t0 = Instant::now();
+    loop {
+        let (m, _) = c.outputs();
+        if m.contains(" rw,relatime,hvpatched,") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{series}: the restarted server never applied the waiting patch: {m}\n{}",
+            c.srv().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.remove_fat();
+    let v = c.json(&["patch", "info", "fatwait"]);
+    assert_eq!(v["state"], "Waiting", "{series}: after the restart: {v:#}");
+    c.healthy("after the restart");
     // Unload while waiting; load again, apply, unload while applied.
     c.json(&["patch", "unload", "fatwait"]);
     c.json(&["patch", "load", &obj]);
@@ -520,7 +638,8 @@ fn waiting_for_load(c: &mut Ctx) {
 }
 
 /// A module caught at `do_init_module` (relocated, state COMING, init not run) is refused
-/// by a load naming it; after its init the same load works.
+/// by a load naming it; after its init the same load works; caught at `free_module` (GOING)
+/// it is refused again.
 fn coming_refused(g: &mut Guest) {
     let series = g.kernel().series;
     g.run("rmmod isofs").expect("rmmod isofs");
@@ -581,6 +700,30 @@ fn coming_refused(g: &mut Guest) {
     assert_eq!(info.functions[0].object.as_deref(), Some("isofs"));
     e.unload(&mut ctl, "isopatch", &kernel, Duration::from_secs(30))
         .expect("unload");
+    // Caught while it is removed (at `free_module`, state GOING): refused too.
+    let free = kernel
+        .lookup("free_module", None)
+        .expect("free_module in vmlinux");
+    ctl.set_breakpoints(&[free]).expect("breakpoint");
+    g.spawn("rmmod isofs").expect("rmmod in the background");
+    let ev = ctl
+        .wait_event(Duration::from_secs(60))
+        .expect("wait for the breakpoint");
+    assert!(
+        matches!(ev, Some(patcher::GuestEvent::Breakpoint { rip, .. }) if rip == free),
+        "{series}: rmmod isofs did not stop at free_module: {ev:?}"
+    );
+    let r = e.load(&mut ctl, &t, &obj, "isopatch.o");
+    ctl.set_breakpoints(&[]).expect("clear breakpoints");
+    ctl.resume().expect("resume");
+    match r {
+        Err(PatchError::Module { module, what, .. }) => {
+            assert_eq!(module, "isofs");
+            assert!(what.contains("being unloaded"), "{series}: {what}");
+        }
+        other => panic!("{series}: a load for a going module: {other:?}"),
+    }
+    assert!(e.list().is_empty());
     drop(ctl);
 }
 

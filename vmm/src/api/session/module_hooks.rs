@@ -43,6 +43,10 @@ impl Session {
                     Ok(()) => {
                         tracing::info!("module hooks armed");
                         self.module_hooks = Some([coming, going]);
+                        // Modules that came or went while nobody watched (a restarted server).
+                        if let Err(e) = self.catch_up_modules() {
+                            tracing::warn!("catching up with module loads: {e}");
+                        }
                     }
                     Err(e) => tracing::warn!("arming the module hooks: {e}"),
                 }
@@ -88,6 +92,14 @@ impl Session {
                 }
             };
             if !self.control.is_paused() {
+                // A hit that one of our own pauses caught and its resume stepped over: the
+                // module went on. Catch up (late, but before the module is used further).
+                if rip == coming || rip == going {
+                    tracing::warn!("module hook hit at {rip:#x} taken late; catching up");
+                    if let Err(e) = self.catch_up_modules() {
+                        tracing::warn!("catching up with module loads: {e}");
+                    }
+                }
                 continue;
             }
             if rip == coming || rip == going {
@@ -100,6 +112,49 @@ impl Session {
                 return;
             }
         }
+    }
+
+    /// After a missed hook stop: in one pause, applies the waiting patches whose modules are
+    /// all there now, and withdraws the applied ones whose modules are gone or going (the
+    /// engine then forgets sites whose memory is not the module's any more).
+    fn catch_up_modules(&mut self) -> Result<(), String> {
+        self.paused(|s, regs| {
+            s.kernel(regs)?;
+            let Some(kernel) = s.kernel.as_ref() else {
+                return Ok(());
+            };
+            let mem = s.control.memory();
+            let mods = kernel
+                .modules(mem)
+                .map_err(|e| super::ReqError::Internal(format!("module list: {e}")))?;
+            let live = |m: &str| {
+                mods.iter().any(|x| {
+                    x.name == m
+                        && matches!(
+                            x.state,
+                            introspect::ModuleState::Live | introspect::ModuleState::Coming
+                        )
+                })
+            };
+            let (coming, going) = s.engine.module_hook_candidates(&live);
+            let syms = KernelSymbols::new(kernel, mem);
+            let target = Target {
+                symbols: &syms,
+                paging: syms.paging(regs.first().is_some_and(|r| r.nx_enabled())),
+            };
+            for m in coming {
+                if let Err(e) = s.engine.module_coming(s.control.as_mut(), &target, &m) {
+                    tracing::warn!(module = %m, "late apply: {e}");
+                }
+            }
+            for m in going {
+                if let Err(e) = s.engine.module_going(s.control.as_mut(), kernel, &m) {
+                    tracing::warn!(module = %m, "late withdraw: {e}");
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// The guest is stopped at a module hook on `vcpu` (`coming`: the load hook): RDI is the
