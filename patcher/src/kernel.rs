@@ -18,6 +18,34 @@ pub struct KernelSymbols<'a> {
     page_size: Option<u64>,
     /// `PG_reserved` from BTF (`enum pageflags`), if available.
     pg_reserved: Option<i64>,
+    /// The ftrace record layout and flags from BTF ([`crate::ftrace_recs`]): sizes, offsets
+    /// and enumerators found.
+    ftrace: Vec<(&'static str, &'static str, i64)>,
+}
+
+/// The BTF facts [`crate::ftrace_recs`] asks for: (struct, member) offsets, `dyn_ftrace`'s size
+/// and the `FTRACE_FL_*` enumerators.
+fn ftrace_facts(b: &introspect::btf::Btf) -> Vec<(&'static str, &'static str, i64)> {
+    let mut v = Vec::new();
+    for (st, m) in [
+        ("ftrace_page", "next"),
+        ("ftrace_page", "records"),
+        ("ftrace_page", "index"),
+        ("dyn_ftrace", "flags"),
+    ] {
+        if let Ok(o) = b.member_offset(st, m) {
+            v.push((st, m, o as i64));
+        }
+    }
+    if let Ok(sz) = b.struct_size("dyn_ftrace") {
+        v.push(("dyn_ftrace", "", sz as i64));
+    }
+    for e in ["FTRACE_FL_IPMODIFY", "FTRACE_FL_DIRECT"] {
+        if let Some(x) = b.enum_value(e) {
+            v.push(("ftrace", e, x));
+        }
+    }
+    v
 }
 
 impl std::fmt::Debug for KernelSymbols<'_> {
@@ -32,11 +60,20 @@ impl<'a> KernelSymbols<'a> {
         let btf = kernel.btf(mem).ok();
         let page_size = btf.and_then(|b| b.struct_size("page").ok());
         let pg_reserved = btf.and_then(|b| b.enum_value("PG_reserved"));
+        let ftrace = btf.map(ftrace_facts).unwrap_or_default();
         Self {
             kernel,
             page_size,
             pg_reserved,
+            ftrace,
         }
+    }
+
+    fn fact(&self, a: &str, b: &str) -> Option<i64> {
+        self.ftrace
+            .iter()
+            .find(|(x, y, _)| *x == a && *y == b)
+            .map(|f| f.2)
     }
 
     /// The kernel's paging root; `nx` from a vCPU's EFER.NXE.
@@ -76,13 +113,24 @@ impl SymbolSource for KernelSymbols<'_> {
     }
 
     fn enum_value(&self, enum_name: &str, enumerator: &str) -> Option<i64> {
-        (enum_name == "pageflags" && enumerator == "PG_reserved")
-            .then_some(self.pg_reserved)
-            .flatten()
+        if enum_name == "pageflags" && enumerator == "PG_reserved" {
+            return self.pg_reserved;
+        }
+        self.fact(enum_name, enumerator)
     }
 
     fn type_size(&self, struct_name: &str) -> Option<u64> {
-        (struct_name == "page").then_some(self.page_size).flatten()
+        if struct_name == "page" {
+            return self.page_size;
+        }
+        self.fact(struct_name, "")
+            .and_then(|v| u64::try_from(v).ok())
+    }
+
+    fn member_offset(&self, struct_name: &str, member: &str) -> Option<u64> {
+        self.fact(struct_name, member)
+            .filter(|_| !member.is_empty())
+            .and_then(|v| u64::try_from(v).ok())
     }
 
     fn module(
@@ -282,6 +330,7 @@ impl crate::view::TaskView for Kernel {
             kernel: self,
             page_size: None,
             pg_reserved: None,
+            ftrace: Vec::new(),
         };
         let m = ks
             .module(mem, module)?

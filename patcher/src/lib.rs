@@ -6,6 +6,7 @@ pub mod build;
 pub mod consistency;
 pub mod dispatch;
 pub mod engine;
+pub mod ftrace_recs;
 mod func_stack;
 /// The guest-control trait, from its own crate (`hvpatch-guest-control`).
 pub use guest_control as guest;

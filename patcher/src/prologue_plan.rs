@@ -232,11 +232,39 @@ pub fn plan_entry(
             .or_else(|| crate::plan::ftrace_trampoline(mem, t, a))
     };
     let owner = site::classify(site, &head, &sym);
-    let (method, extra) = method_for(&head, &owner).map_err(|why| EntryPlanError::Owned {
+    let owned = |why: String| EntryPlanError::Owned {
         name: name.clone(),
         site,
         why,
-    })?;
+    };
+    let (method, extra) = method_for(&head, &owner).map_err(owned)?;
+    // What the guest's ftrace says of the site: a jump after its call must not be bypassed by
+    // an ftrace user redirecting the ip (klp), and a call ftrace manages must not move.
+    if method != Method::FtraceSite {
+        match crate::ftrace_recs::record_at(mem, t, site) {
+            Ok(Some(r)) => {
+                if let Some(why) = r.refusal() {
+                    return Err(owned(format!("{owner}; {why}")));
+                }
+                if method == Method::Prologue {
+                    return Err(owned(format!(
+                        "{owner}: an ftrace location whose bytes ftrace manages; only ftrace may \
+                         change them"
+                    )));
+                }
+            }
+            Ok(None) if method == Method::AfterFtrace => {
+                return Err(owned(format!(
+                    "{owner}, but ftrace has no record of this site"
+                )))
+            }
+            Ok(None) => {}
+            Err(e) if method == Method::AfterFtrace || head[0] == 0xe8 => {
+                return Err(owned(format!("{owner}; cannot tell who owns it: {e}")))
+            }
+            Err(_) => {}
+        }
+    }
     let prologue = match method {
         Method::FtraceSite => None,
         Method::Prologue | Method::AfterFtrace => {

@@ -68,6 +68,11 @@ pub trait SymbolSource {
     fn type_size(&self, _struct_name: &str) -> Option<u64> {
         None
     }
+    /// Offset of `member` in `struct <name>` from the guest's type information; `None` if
+    /// unknown.
+    fn member_offset(&self, _struct_name: &str, _member: &str) -> Option<u64> {
+        None
+    }
     /// The loaded kernel module `name` with its symbols, read now from `mem`: `Ok(None)` when
     /// no module of that name is loaded, `Err` when this source cannot read modules.
     fn module(&self, _mem: &dyn PhysMemory, name: &str) -> Result<Option<ModuleSyms>, String> {

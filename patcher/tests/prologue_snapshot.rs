@@ -158,8 +158,9 @@ fn booted_6_12_every_entry_is_planned_and_prologues_relocate() {
 }
 
 /// What ftrace writes when it traces a function (`call ftrace_caller` over the NOP): the plan
-/// becomes after-ftrace, the call stays, the instructions after it move. A `call` elsewhere
-/// moves with the prologue; an `int3` (kprobe) is refused.
+/// becomes after-ftrace, the call stays, the instructions after it move, unless the guest's
+/// ftrace record says an ftrace user redirects the ip there (klp) or a direct trampoline is
+/// attached. Another `call` at an ftrace location, and an `int3` (kprobe), are refused.
 #[test]
 fn traced_and_kprobed_entries_on_both_booted_guests() {
     for s in [snap_6_1(), snap_6_12()] {
@@ -193,22 +194,67 @@ fn traced_and_kprobed_entries_on_both_booted_guests() {
         // The ftrace call itself is not moved.
         assert_eq!(read(&traced, &t, site, 5), call_to(caller));
 
+        // An ftrace user that redirects the ip there (the guest's livepatch, an ipmodify
+        // kprobe): the record says FTRACE_FL_IPMODIFY, and a jump after ftrace's call would
+        // never run. Refused, with the symbol table's defaults and with the guest's BTF alike.
+        let kernel = common::kernel(s);
+        let ks = patcher::kernel::KernelSymbols::new(&kernel, &ram);
+        let tk = Target {
+            symbols: &ks,
+            paging: t.paging,
+        };
+        for (t, how) in [(&t, "defaults"), (&tk, "btf")] {
+            let rec = patcher::ftrace_recs::record_at(&ram, t, site)
+                .unwrap()
+                .expect("cmdline_proc_show's site is an ftrace location");
+            assert_eq!(rec.refusal(), None, "{} {how}: {rec:?}", s.version);
+            assert_eq!(rec.ipmodify, 1 << 26, "{} {how}", s.version);
+            let flags_pa = t.paging.translate(&ram, rec.addr + 8).unwrap();
+            let redirected = Overlay {
+                ram: &traced,
+                pa: flags_pa,
+                bytes: (rec.flags | rec.ipmodify).to_le_bytes().to_vec(),
+            };
+            let e = plan_entry(&redirected, t, func, TRAMP, &[]).unwrap_err();
+            assert!(
+                matches!(&e, EntryPlanError::Owned { why, .. } if why.contains("FTRACE_FL_IPMODIFY")),
+                "{} {how}: {e}",
+                s.version
+            );
+            // A direct trampoline (BPF) is refused too.
+            let direct = Overlay {
+                ram: &traced,
+                pa: flags_pa,
+                bytes: (rec.flags | rec.direct).to_le_bytes().to_vec(),
+            };
+            let e = plan_entry(&direct, t, func, TRAMP, &[]).unwrap_err();
+            assert!(
+                e.to_string().contains("FTRACE_FL_DIRECT"),
+                "{} {how}: {e}",
+                s.version
+            );
+        }
+        // A function without an ftrace site has no record.
+        let plain = s.syms.addresses("rb_simple_read")[0];
+        let plain_site = plan_entry(&ram, &t, plain, TRAMP, &[]).unwrap().site;
+        assert_eq!(
+            patcher::ftrace_recs::record_at(&ram, &t, plain_site),
+            Ok(None)
+        );
+
+        // Any other call at an ftrace location is ftrace's (a BPF trampoline called directly):
+        // it never moves.
         let other = s.syms.addresses("seq_printf")[0];
         let calls = Overlay {
             ram: &ram,
             pa: site_pa,
             bytes: call_to(other),
         };
-        let p = plan_entry(&calls, &t, func, TRAMP, &[]).unwrap();
-        assert_eq!(p.method, Method::Prologue, "{}", s.version);
-        let pr = p.prologue.as_ref().unwrap();
-        assert_eq!(pr.site, site);
-        assert!(pr.moved[0].text.starts_with("call"), "{:?}", pr.moved);
-        check(
-            &calls,
-            &t,
-            &p,
-            &format!("{} call at cmdline_proc_show", s.version),
+        let e = plan_entry(&calls, &t, func, TRAMP, &[]).unwrap_err();
+        assert!(
+            matches!(&e, EntryPlanError::Owned { why, .. } if why.contains("ftrace location")),
+            "{}: {e}",
+            s.version
         );
 
         let kprobed = Overlay {

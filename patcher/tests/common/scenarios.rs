@@ -78,7 +78,10 @@ pub fn load_unload_roundtrip(s: &Snapshot) {
     // Within ±2 GiB of kernel text, after _end or below _text.
     assert!(f.new_addr >= 0xffff_ffff_8000_0000 && f.new_addr < 0xffff_ffff_c000_0000);
     // Never over the freed `.init.scratch` after `_end` (stale pointers to it linger).
-    let (sb, se) = (addr(s, "__init_scratch_begin"), addr(s, "__init_scratch_end"));
+    let (sb, se) = (
+        addr(s, "__init_scratch_begin"),
+        addr(s, "__init_scratch_end"),
+    );
     let slot = e.arena().unwrap().mapping.unwrap().va;
     assert!(
         slot >= se || slot + 0x20_0000 <= sb,
