@@ -515,7 +515,8 @@ impl Arena {
     ) -> Result<Mapping, ArenaError> {
         const SLOT: u64 = 0x20_0000;
         if let Some(l) = self.layouts.last().filter(|_| reuse) {
-            if l.table < self.pages.len() && !self.used[l.table] {
+            if l.table < self.pages.len() && !self.used[l.table] && !self.journal.contains(&l.table)
+            {
                 if let Some((pmd_pa, 0)) = paging.pmd_entry(mem, l.va).map_err(read_err)? {
                     return Ok(Mapping {
                         va: l.va,

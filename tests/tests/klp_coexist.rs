@@ -46,8 +46,15 @@ fn klp_timed(g: &mut Guest, action: &str) -> Result<u64, KlpCrashed> {
         Ok(out) => out,
         Err(e) => {
             let text = format!("{e:?}");
-            // Only the guest's own text-poke crash during a klp action is retried.
-            if text.contains("QemuExited") && text.contains("int3") {
+            // Only the guest's own text-poke crash during a klp action is retried: "Oops: int3"
+            // on the console (the error carries only the tail; the whole log has it).
+            let log = std::fs::read_to_string(g.serial_log()).unwrap_or_default();
+            let oops = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("Oops:"))
+                .is_some_and(|l| l.contains("int3"));
+            if text.contains("QemuExited") && (text.contains("int3") || oops) {
                 return Err(KlpCrashed(text));
             }
             panic!("klp action `{action}`: {text}");

@@ -260,7 +260,9 @@ impl Session {
                 ),
                 Some(_) => {}
                 None if own_slot => {
-                    let zero = vec![0u8; journal::SLOT_BYTES.min((window.1 - pa) as usize)];
+                    // The header is enough to invalidate it, and those bytes are known to be
+                    // ours (the pages after it may be anybody's by now).
+                    let zero = vec![0u8; journal::HEADER];
                     match self.control.write_data_phys(pa, &zero) {
                         Ok(()) => tracing::info!("stale journal record at {pa:#x} cleared"),
                         Err(e) => tracing::warn!("clearing the journal record at {pa:#x}: {e}"),
