@@ -1358,6 +1358,25 @@ fn step_paused(
     Ok(false)
 }
 
+/// Whether the entry site at `site` lies in a module's text that is gone (unmapped, or mapped
+/// elsewhere, or loaded again with the unpatched bytes where our jump was): a module removed
+/// during the transition. Its site is then not written (the unload forgets it).
+fn module_site_gone(
+    view: &dyn TaskView,
+    mem: &dyn PhysMemory,
+    site: u64,
+    st: &crate::func_stack::SiteStack,
+) -> bool {
+    if site < crate::arena::KERNEL_MAP_END {
+        return false;
+    }
+    let mut cur = [0u8; 5];
+    view.translate(mem, site) != Some(st.site_pa)
+        || (mem.read_phys(st.site_pa, &mut cur).is_ok()
+            && cur == st.original
+            && cur != st.current_bytes(site))
+}
+
 /// Completes a transition: the sites jump straight to the target version, and the guest's
 /// livepatch fields go back to idle (klp_complete_transition).
 fn complete_paused(
@@ -1373,6 +1392,10 @@ fn complete_paused(
         let Some(st) = sites.get(&f.site) else {
             continue;
         };
+        if module_site_gone(view, mem, f.site, st) {
+            // Its module went during the transition: nothing to write in freed memory.
+            continue;
+        }
         let now = st.current_bytes(f.site);
         let after = if tr.target == 1 {
             site::jmp_bytes(f.site, f.new_range.0).unwrap_or(now)
@@ -1451,6 +1474,9 @@ fn reverse_paused(
         let Some(st) = sites.get(&f.site) else {
             continue;
         };
+        if module_site_gone(view, mem, f.site, st) {
+            continue;
+        }
         let now = st.current_bytes(f.site);
         let want = if tr.target == 1 {
             site::jmp_bytes(f.site, f.new_range.0).unwrap_or(now)
