@@ -828,6 +828,29 @@ impl Session {
     /// Between ticks no pause is held but the operator's: a guest found paused here is held by
     /// a breakpoint hit that nobody took (queued before its transition ended, or left by a
     /// failed wait) and is resumed.
+    /// The next breakpoint hit before `until` (`what` names the breakpoints, for the log), or
+    /// `None` when none came, the guest exited, or waiting failed (a guest left paused by no
+    /// hit is then resumed).
+    pub(super) fn next_hit(&mut self, until: Instant, what: &str) -> Option<(usize, u64)> {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        match self.control.wait_event(left) {
+            Ok(Some(patcher::GuestEvent::Breakpoint { vcpu, rip })) => Some((vcpu, rip)),
+            Ok(Some(patcher::GuestEvent::Exited)) | Ok(None) => None,
+            Err(e) => {
+                tracing::debug!("waiting for {what}: {e}");
+                if self.control.is_paused() {
+                    if let Err(e) = self.control.resume() {
+                        tracing::warn!("resuming a guest no hit holds any more: {e}");
+                    }
+                }
+                None
+            }
+        }
+    }
+
     fn serve_boundary_hits(&mut self) {
         if self.operator_paused || self.module_hooks.is_some() {
             // (The module hooks serve every stop while armed; no breakpoints transition runs
@@ -845,22 +868,8 @@ impl Session {
         let boundaries = self.engine.boundaries();
         let until = Instant::now() + BOUNDARY_SLICE;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let Some((vcpu, rip)) = self.next_hit(until, "boundary hits") else {
                 return;
-            }
-            let (vcpu, rip) = match self.control.wait_event(left) {
-                Ok(Some(patcher::GuestEvent::Breakpoint { vcpu, rip })) => (vcpu, rip),
-                Ok(Some(patcher::GuestEvent::Exited)) | Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!("waiting for boundary hits: {e}");
-                    if self.control.is_paused() {
-                        if let Err(e) = self.control.resume() {
-                            tracing::warn!("resuming a guest no hit holds any more: {e}");
-                        }
-                    }
-                    return;
-                }
             };
             // An event taken after the guest was resumed (a hit that raced with one of our
             // own pauses) is stale: that task went on.

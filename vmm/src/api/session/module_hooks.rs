@@ -74,22 +74,8 @@ impl Session {
         }
         let until = Instant::now() + HOOK_SLICE;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let Some((vcpu, rip)) = self.next_hit(until, "module hooks") else {
                 return;
-            }
-            let (vcpu, rip) = match self.control.wait_event(left) {
-                Ok(Some(patcher::GuestEvent::Breakpoint { vcpu, rip })) => (vcpu, rip),
-                Ok(Some(patcher::GuestEvent::Exited)) | Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!("waiting for module hooks: {e}");
-                    if self.control.is_paused() {
-                        if let Err(e) = self.control.resume() {
-                            tracing::warn!("resuming a guest no hit holds any more: {e}");
-                        }
-                    }
-                    return;
-                }
             };
             if !self.control.is_paused() {
                 // A hit that one of our own pauses caught and its resume stepped over: the
